@@ -1,0 +1,93 @@
+// moa/embedding.hpp - token embedding table (with a padding index) and sinusoidal positions.
+#pragma once
+
+#include "moa/error.hpp"
+#include "moa/parameter.hpp"
+#include "moa/random.hpp"
+#include "moa/tensor.hpp"
+
+#include <cmath>
+#include <string>
+
+namespace moa {
+
+template <typename S>
+class Embedding {
+ public:
+  using Scalar = S;
+  static constexpr Index kNoPadding = -1;
+
+  // Weights ~ N(0, embedding_dim^-1/2) as in fairseq's Transformer. A padding token embeds as
+  // zeros whatever its row holds, and that row gets no gradient.
+  Embedding(Index num_embeddings, Index embedding_dim, Rng& rng, Index padding_index = kNoPadding)
+      : weight("weight", {num_embeddings, embedding_dim}), padding_index_(padding_index) {
+    MOA_CHECK(padding_index == kNoPadding || (padding_index >= 0 && padding_index < num_embeddings),
+              "Embedding", "padding_index ", padding_index, " is outside [0, ", num_embeddings, ")");
+    init_normal(weight, rng, 0.0, 1.0 / std::sqrt(static_cast<double>(embedding_dim)));
+    if (padding_index_ != kNoPadding) weight.value.row(padding_index_).setZero();
+  }
+
+  Index num_embeddings() const { return weight.shape[0]; }
+  Index embedding_dim() const { return weight.shape[1]; }
+  Index padding_index() const { return padding_index_; }
+
+  // ids: N token ids -> output: [N, embedding_dim]. Caches the ids for backward.
+  Matrix<Scalar> forward(const TokenIds& ids) {
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      MOA_CHECK(ids[i] >= 0 && ids[i] < num_embeddings(), "Embedding::forward", "ids[", i, "] = ", ids[i],
+                " is outside [0, ", num_embeddings(), ")");
+    }
+    ids_ = ids;
+    Matrix<Scalar> output(static_cast<Index>(ids.size()), embedding_dim());  // [N, D]
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      if (ids[i] == padding_index_) {
+        output.row(static_cast<Index>(i)).setZero();
+      } else {
+        output.row(static_cast<Index>(i)) = weight.value.row(ids[i]);
+      }
+    }
+    return output;
+  }
+
+  // grad_output: [N, embedding_dim]; scatters rows into the weight gradient. Ids have no gradient.
+  void backward(const Matrix<Scalar>& grad_output) {
+    MOA_CHECK(grad_output.rows() == static_cast<Index>(ids_.size()) && grad_output.cols() == embedding_dim(),
+              "Embedding::backward", "grad_output has shape ", detail::shape_of(grad_output), ", expected [",
+              ids_.size(), ", ", embedding_dim(), "] (as the last forward)");
+    for (std::size_t i = 0; i < ids_.size(); ++i) {
+      if (ids_[i] != padding_index_) weight.grad.row(ids_[i]) += grad_output.row(static_cast<Index>(i));
+    }
+  }
+
+  void collect_parameters(ParameterList<Scalar>& list, const std::string& prefix = "") { list.add(prefix, weight); }
+
+  Parameter<Scalar> weight;  // [V, D]
+
+ private:
+  Index padding_index_;
+  TokenIds ids_;  // N
+};
+
+// Sinusoidal position encodings for positions first_position .. first_position + length - 1, in
+// fairseq's layout: sin of every frequency in the first half of the columns, cos in the second
+// half (a zero last column when embedding_dim is odd). positions: [length, embedding_dim]
+template <typename Scalar>
+Matrix<Scalar> sinusoidal_positions(Index length, Index embedding_dim, Index first_position = 0) {
+  MOA_CHECK(length >= 0, "sinusoidal_positions", "length must be non-negative, got ", length);
+  MOA_CHECK(embedding_dim >= 2, "sinusoidal_positions", "embedding_dim must be at least 2, got ", embedding_dim);
+  MOA_CHECK(first_position >= 0, "sinusoidal_positions", "first_position must be non-negative, got ", first_position);
+  const Index half = embedding_dim / 2;
+  const double step = std::log(10000.0) / static_cast<double>(half > 1 ? half - 1 : 1);
+  Matrix<Scalar> positions = Matrix<Scalar>::Zero(length, embedding_dim);
+  for (Index t = 0; t < length; ++t) {
+    const double position = static_cast<double>(first_position + t);
+    for (Index i = 0; i < half; ++i) {
+      const double angle = position * std::exp(-step * static_cast<double>(i));
+      positions(t, i) = static_cast<Scalar>(std::sin(angle));
+      positions(t, half + i) = static_cast<Scalar>(std::cos(angle));
+    }
+  }
+  return positions;
+}
+
+}  // namespace moa

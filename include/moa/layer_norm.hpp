@@ -1,0 +1,82 @@
+// moa/layer_norm.hpp - layer normalisation over the feature dimension.
+#pragma once
+
+#include "moa/error.hpp"
+#include "moa/parameter.hpp"
+#include "moa/tensor.hpp"
+
+#include <cmath>
+#include <string>
+
+namespace moa {
+
+template <typename S>
+class LayerNorm {
+ public:
+  using Scalar = S;
+
+  explicit LayerNorm(Index features, double epsilon = 1e-5)
+      : weight("weight", {checked_features(features)}), bias("bias", {features}), epsilon_(epsilon) {
+    MOA_CHECK(epsilon > 0.0, "LayerNorm", "epsilon must be positive, got ", epsilon);
+    weight.value.setOnes();
+  }
+
+  Index features() const { return weight.shape[0]; }
+
+  // input: [N, D] -> output: [N, D]. Caches the normalised input and the inverse deviations.
+  Matrix<Scalar> forward(const Matrix<Scalar>& input) {
+    MOA_CHECK(input.cols() == features(), "LayerNorm::forward", "input has shape ", detail::shape_of(input),
+              ", expected [N, ", features(), "]");
+    const Index rows = input.rows();
+    normalized_.resize(rows, features());
+    inverse_std_.resize(rows);
+    for (Index i = 0; i < rows; ++i) {
+      const Scalar mean = input.row(i).mean();
+      const Scalar variance = (input.row(i).array() - mean).square().mean();
+      inverse_std_(i) = Scalar(1) / std::sqrt(variance + static_cast<Scalar>(epsilon_));
+      normalized_.row(i) = (input.row(i).array() - mean) * inverse_std_(i);
+    }
+    Matrix<Scalar> output = normalized_.array().rowwise() * weight.value.row(0).array();  // [N, D]
+    output.rowwise() += bias.value.row(0);
+    return output;
+  }
+
+  // grad_output: [N, D] -> grad_input: [N, D].
+  // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), with g = dy * weight.
+  Matrix<Scalar> backward(const Matrix<Scalar>& grad_output) {
+    MOA_CHECK(grad_output.rows() == normalized_.rows() && grad_output.cols() == features(), "LayerNorm::backward",
+              "grad_output has shape ", detail::shape_of(grad_output), ", expected [", normalized_.rows(), ", ",
+              features(), "] (as the last forward)");
+    weight.grad.row(0) += grad_output.cwiseProduct(normalized_).colwise().sum();
+    bias.grad.row(0) += grad_output.colwise().sum();
+    Matrix<Scalar> grad_input(grad_output.rows(), features());  // [N, D]
+    for (Index i = 0; i < grad_output.rows(); ++i) {
+      const RowVector<Scalar> scaled = grad_output.row(i).cwiseProduct(weight.value.row(0));  // [D]
+      const Scalar mean_scaled = scaled.mean();
+      const Scalar mean_scaled_normalized = scaled.cwiseProduct(normalized_.row(i)).mean();
+      grad_input.row(i) =
+          (scaled.array() - mean_scaled - normalized_.row(i).array() * mean_scaled_normalized) * inverse_std_(i);
+    }
+    return grad_input;
+  }
+
+  void collect_parameters(ParameterList<Scalar>& list, const std::string& prefix = "") {
+    list.add(prefix, weight);
+    list.add(prefix, bias);
+  }
+
+  Parameter<Scalar> weight;  // [D], initialised to ones
+  Parameter<Scalar> bias;    // [D], initialised to zeros
+
+ private:
+  static Index checked_features(Index features) {
+    MOA_CHECK(features > 0, "LayerNorm", "features must be positive, got ", features);
+    return features;
+  }
+
+  double epsilon_;
+  Matrix<Scalar> normalized_;          // [N, D]
+  ColumnVector<Scalar> inverse_std_;   // [N]
+};
+
+}  // namespace moa

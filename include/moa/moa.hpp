@@ -1,0 +1,18 @@
+// moa/moa.hpp - umbrella header: the core of moa, in dependency order. Needs Eigen only.
+// Optional parts with further dependencies are included on their own:
+//   moa/safetensors.hpp (nlohmann_json)
+#pragma once
+
+#include "moa/error.hpp"
+#include "moa/tensor.hpp"
+#include "moa/parameter.hpp"
+#include "moa/random.hpp"
+#include "moa/softmax.hpp"
+#include "moa/linear.hpp"
+#include "moa/embedding.hpp"
+#include "moa/layer_norm.hpp"
+#include "moa/dropout.hpp"
+#include "moa/feed_forward.hpp"
+#include "moa/loss.hpp"
+#include "moa/optimizer.hpp"
+#include "moa/gradient_check.hpp"

@@ -1,0 +1,157 @@
+// moa/softmax.hpp - row softmax and log-softmax, optionally masked, with their backward passes.
+//
+// A mask is either additive (added to the logits; -infinity removes an entry) or boolean (true =
+// keep). A masked entry gets probability 0 and gradient 0. A row with every entry masked yields
+// all zeros - never NaN - so a padded query row is harmless.
+#pragma once
+
+#include "moa/error.hpp"
+#include "moa/tensor.hpp"
+
+#include <cmath>
+#include <limits>
+
+namespace moa {
+
+namespace detail {
+
+// In-place softmax of one row of `length` values; entries equal to -inf count as masked.
+template <typename Scalar>
+void softmax_row_inplace(Scalar* row, Index length) {
+  Scalar max_value = -std::numeric_limits<Scalar>::infinity();
+  for (Index j = 0; j < length; ++j) max_value = row[j] > max_value ? row[j] : max_value;
+  if (max_value == -std::numeric_limits<Scalar>::infinity()) {
+    for (Index j = 0; j < length; ++j) row[j] = Scalar(0);
+    return;
+  }
+  Scalar sum = 0;
+  for (Index j = 0; j < length; ++j) {
+    row[j] = std::exp(row[j] - max_value);
+    sum += row[j];
+  }
+  const Scalar inverse = Scalar(1) / sum;
+  for (Index j = 0; j < length; ++j) row[j] *= inverse;
+}
+
+// In-place log-softmax of one row; masked entries stay -inf, a fully masked row becomes zeros.
+template <typename Scalar>
+void log_softmax_row_inplace(Scalar* row, Index length) {
+  const Scalar negative_infinity = -std::numeric_limits<Scalar>::infinity();
+  Scalar max_value = negative_infinity;
+  for (Index j = 0; j < length; ++j) max_value = row[j] > max_value ? row[j] : max_value;
+  if (max_value == negative_infinity) {
+    for (Index j = 0; j < length; ++j) row[j] = Scalar(0);
+    return;
+  }
+  Scalar sum = 0;
+  for (Index j = 0; j < length; ++j) sum += std::exp(row[j] - max_value);
+  const Scalar log_normaliser = max_value + std::log(sum);
+  for (Index j = 0; j < length; ++j) row[j] -= log_normaliser;
+}
+
+template <typename Scalar>
+void apply_bool_mask(Matrix<Scalar>& logits, const BoolMatrix& allowed, const char* function) {
+  MOA_CHECK(allowed.rows() == logits.rows() && allowed.cols() == logits.cols(), function, "mask has shape ",
+            shape_of(allowed), " but logits have shape ", shape_of(logits));
+  const Scalar negative_infinity = -std::numeric_limits<Scalar>::infinity();
+  for (Index i = 0; i < logits.rows(); ++i)
+    for (Index j = 0; j < logits.cols(); ++j)
+      if (!allowed(i, j)) logits(i, j) = negative_infinity;
+}
+
+template <typename Scalar>
+void apply_additive_mask(Matrix<Scalar>& logits, const Matrix<Scalar>& additive_mask, const char* function) {
+  MOA_CHECK(additive_mask.rows() == logits.rows() && additive_mask.cols() == logits.cols(), function,
+            "mask has shape ", shape_of(additive_mask), " but logits have shape ", shape_of(logits));
+  logits += additive_mask;
+}
+
+}  // namespace detail
+
+// probabilities: [N, V]
+template <typename Scalar>
+Matrix<Scalar> softmax_rows(const Matrix<Scalar>& logits) {
+  Matrix<Scalar> probabilities = logits;
+  for (Index i = 0; i < probabilities.rows(); ++i) detail::softmax_row_inplace(probabilities.row(i).data(), probabilities.cols());
+  return probabilities;
+}
+
+template <typename Scalar>
+Matrix<Scalar> softmax_rows(const Matrix<Scalar>& logits, const Matrix<Scalar>& additive_mask) {
+  Matrix<Scalar> masked = logits;
+  detail::apply_additive_mask(masked, additive_mask, "softmax_rows");
+  return softmax_rows(masked);
+}
+
+template <typename Scalar>
+Matrix<Scalar> softmax_rows(const Matrix<Scalar>& logits, const BoolMatrix& allowed) {
+  Matrix<Scalar> masked = logits;
+  detail::apply_bool_mask(masked, allowed, "softmax_rows");
+  return softmax_rows(masked);
+}
+
+// d logits = p * (d p - rowsum(d p * p)); masked entries have p = 0 and so get 0.
+template <typename Scalar>
+Matrix<Scalar> softmax_rows_backward(const Matrix<Scalar>& probabilities, const Matrix<Scalar>& grad_probabilities) {
+  MOA_CHECK(probabilities.rows() == grad_probabilities.rows() && probabilities.cols() == grad_probabilities.cols(),
+            "softmax_rows_backward", "grad_probabilities has shape ", detail::shape_of(grad_probabilities),
+            " but probabilities have shape ", detail::shape_of(probabilities));
+  const ColumnVector<Scalar> dot = probabilities.cwiseProduct(grad_probabilities).rowwise().sum();  // [N]
+  Matrix<Scalar> grad_logits = grad_probabilities;
+  grad_logits.colwise() -= dot;
+  return grad_logits.cwiseProduct(probabilities);
+}
+
+// log_probabilities: [N, V]
+template <typename Scalar>
+Matrix<Scalar> log_softmax_rows(const Matrix<Scalar>& logits) {
+  Matrix<Scalar> log_probabilities = logits;
+  for (Index i = 0; i < log_probabilities.rows(); ++i)
+    detail::log_softmax_row_inplace(log_probabilities.row(i).data(), log_probabilities.cols());
+  return log_probabilities;
+}
+
+template <typename Scalar>
+Matrix<Scalar> log_softmax_rows(const Matrix<Scalar>& logits, const Matrix<Scalar>& additive_mask) {
+  Matrix<Scalar> masked = logits;
+  detail::apply_additive_mask(masked, additive_mask, "log_softmax_rows");
+  return log_softmax_rows(masked);
+}
+
+template <typename Scalar>
+Matrix<Scalar> log_softmax_rows(const Matrix<Scalar>& logits, const BoolMatrix& allowed) {
+  Matrix<Scalar> masked = logits;
+  detail::apply_bool_mask(masked, allowed, "log_softmax_rows");
+  return log_softmax_rows(masked);
+}
+
+// d logits = d y - softmax * rowsum(d y), with 0 at masked entries (log-probability -inf) and in
+// fully masked rows.
+template <typename Scalar>
+Matrix<Scalar> log_softmax_rows_backward(const Matrix<Scalar>& log_probabilities,
+                                         const Matrix<Scalar>& grad_log_probabilities) {
+  MOA_CHECK(log_probabilities.rows() == grad_log_probabilities.rows() &&
+                log_probabilities.cols() == grad_log_probabilities.cols(),
+            "log_softmax_rows_backward", "grad_log_probabilities has shape ",
+            detail::shape_of(grad_log_probabilities), " but log_probabilities have shape ",
+            detail::shape_of(log_probabilities));
+  const Scalar negative_infinity = -std::numeric_limits<Scalar>::infinity();
+  Matrix<Scalar> grad_logits(log_probabilities.rows(), log_probabilities.cols());  // [N, V]
+  for (Index i = 0; i < log_probabilities.rows(); ++i) {
+    // A fully masked row was output as zeros, which no real log-softmax row of width > 1 is; it
+    // does not depend on the logits. (Width 1 gives gradient 0 either way.)
+    const bool fully_masked = (log_probabilities.row(i).array() == Scalar(0)).all();
+    Scalar total = 0;
+    for (Index j = 0; j < log_probabilities.cols(); ++j)
+      if (log_probabilities(i, j) != negative_infinity) total += grad_log_probabilities(i, j);
+    for (Index j = 0; j < log_probabilities.cols(); ++j) {
+      const Scalar value = log_probabilities(i, j);
+      grad_logits(i, j) = (fully_masked || value == negative_infinity)
+                              ? Scalar(0)
+                              : grad_log_probabilities(i, j) - std::exp(value) * total;
+    }
+  }
+  return grad_logits;
+}
+
+}  // namespace moa

@@ -1,0 +1,52 @@
+#include "support.hpp"
+
+using namespace moa_test;
+
+TEMPLATE_TEST_CASE("Dropout: identity in evaluation, scaled mask in training", "[dropout]", float, double) {
+  moa::Rng rng(0);
+  moa::Dropout<TestType> dropout(0.25);
+  const moa::Matrix<TestType> input = moa::Matrix<TestType>::Ones(100, 100);
+  dropout.set_training(false);
+  REQUIRE(dropout.forward(input, rng) == input);
+  REQUIRE(dropout.backward(input) == input);
+  dropout.set_training(true);
+  const auto output = dropout.forward(input, rng);
+  const double dropped = (output.array() == TestType(0)).template cast<double>().mean();
+  REQUIRE(dropped == Approx(0.25).margin(0.02));
+  for (moa::Index i = 0; i < output.size(); ++i) {
+    const TestType value = output.data()[i];
+    REQUIRE((value == TestType(0) || value == Approx(1 / 0.75)));
+  }
+}
+
+TEST_CASE("Dropout: the same seed gives the same mask", "[dropout]") {
+  moa::Dropout<float> dropout(0.5);
+  moa::Rng first(9), second(9);
+  const MatrixF input = MatrixF::Ones(8, 8);
+  REQUIRE(dropout.forward(input, first) == dropout.forward(input, second));
+}
+
+TEST_CASE("Dropout: gradient check through a fixed mask", "[dropout][gradient]") {
+  moa::Dropout<double> dropout(0.3);
+  moa::Rng rng(5);
+  MatrixD input = random_matrix(4, 6, rng);
+  const MatrixD output_weights = random_matrix(4, 6, rng);
+  moa::Rng mask_rng(77);
+  dropout.forward(input, mask_rng);
+  const MatrixD analytic = dropout.backward(output_weights);
+  REQUIRE_GRADIENTS_OK(moa::check_gradients(
+      [&] {
+        moa::Rng same(77);
+        return dropout.forward(input, same).cwiseProduct(output_weights).sum();
+      },
+      {{"input", &input, &analytic}}));
+}
+
+TEST_CASE("Dropout: bad input throws moa::Error", "[dropout][errors]") {
+  REQUIRE_MOA_ERROR(moa::Dropout<float>(1.0), "Dropout: probability must be in [0, 1), got 1");
+  REQUIRE_MOA_ERROR(moa::Dropout<float>(-0.1), "probability must be in [0, 1)");
+  moa::Dropout<float> dropout(0.5);
+  moa::Rng rng(1);
+  dropout.forward(MatrixF::Ones(2, 3), rng);
+  REQUIRE_MOA_ERROR(dropout.backward(MatrixF::Ones(3, 2)), "Dropout::backward: grad_output has shape [3, 2]");
+}

@@ -1,0 +1,97 @@
+#include "support.hpp"
+
+#include <cmath>
+#include <limits>
+
+using namespace moa_test;
+
+namespace {
+const double kInfinity = std::numeric_limits<double>::infinity();
+}
+
+TEMPLATE_TEST_CASE("softmax_rows: known values and stability", "[softmax]", float, double) {
+  moa::Matrix<TestType> logits(2, 3);
+  logits << 0, std::log(2.0), std::log(3.0), 1000, 1001, 1002;
+  const auto probabilities = moa::softmax_rows(logits);
+  REQUIRE(probabilities(0, 0) == Approx(1.0 / 6));
+  REQUIRE(probabilities(0, 1) == Approx(2.0 / 6));
+  REQUIRE(probabilities(0, 2) == Approx(3.0 / 6));
+  const double e = std::exp(1.0), normaliser = 1 + e + e * e;
+  REQUIRE(probabilities(1, 0) == Approx(1 / normaliser));
+  REQUIRE(probabilities(1, 2) == Approx(e * e / normaliser));
+  const auto log_probabilities = moa::log_softmax_rows(logits);
+  REQUIRE(log_probabilities(0, 2) == Approx(std::log(0.5)));
+  REQUIRE(log_probabilities(1, 0) == Approx(-std::log(normaliser)));
+}
+
+TEST_CASE("softmax_rows with masks: masked entries get 0, a fully masked row is all zeros", "[softmax]") {
+  MatrixD logits(3, 3);
+  logits << 1, 2, 3, 4, 5, 6, 7, 8, 9;
+  moa::BoolMatrix allowed(3, 3);
+  allowed << true, false, true, false, false, false, true, true, true;
+  const MatrixD probabilities = moa::softmax_rows(logits, allowed);
+  REQUIRE(probabilities(0, 1) == 0.0);
+  REQUIRE(probabilities(0, 0) == Approx(1 / (1 + std::exp(2.0))));
+  REQUIRE(probabilities.row(1).isZero(0));
+  REQUIRE(probabilities.row(2).sum() == Approx(1.0));
+  REQUIRE(probabilities.allFinite());
+
+  MatrixD additive = MatrixD::Zero(3, 3);
+  additive(0, 1) = -kInfinity;
+  additive.row(1).setConstant(-kInfinity);
+  REQUIRE(moa::softmax_rows(logits, additive).isApprox(probabilities));
+
+  const MatrixD log_probabilities = moa::log_softmax_rows(logits, allowed);
+  REQUIRE(log_probabilities(0, 1) == -kInfinity);
+  REQUIRE(log_probabilities.row(1).isZero(0));
+  REQUIRE(log_probabilities(0, 0) == Approx(std::log(probabilities(0, 0))));
+}
+
+TEST_CASE("softmax_rows and log_softmax_rows: gradient check with a partial and a full mask", "[softmax][gradient]") {
+  moa::Rng rng(11);
+  MatrixD logits = random_matrix(4, 5, rng);
+  moa::BoolMatrix allowed = moa::BoolMatrix::Constant(4, 5, true);
+  allowed(0, 2) = false;
+  allowed(2, 0) = allowed(2, 4) = false;
+  allowed.row(3).setConstant(false);
+  const MatrixD weights = random_matrix(4, 5, rng);
+  // The fully masked row 3 does not depend on its logits; everything else does.
+  const MatrixD probabilities = moa::softmax_rows(logits, allowed);
+  MatrixD grad_weights = weights;
+  grad_weights.row(0)(2) = 7.0;  // whatever flows into a masked entry must not come back
+  const MatrixD analytic = moa::softmax_rows_backward(probabilities, grad_weights);
+  REQUIRE(analytic(0, 2) == 0.0);
+  REQUIRE(analytic.row(3).isZero(0));
+  const MatrixD analytic_soft = moa::softmax_rows_backward(probabilities, weights);
+  REQUIRE_GRADIENTS_OK(moa::check_gradients(
+      [&] { return moa::softmax_rows(logits, allowed).cwiseProduct(weights).sum(); },
+      {{"logits", &logits, &analytic_soft}}));
+
+  MatrixD weights_finite = weights;
+  for (moa::Index i = 0; i < 4; ++i)
+    for (moa::Index j = 0; j < 5; ++j)
+      if (!allowed(i, j)) weights_finite(i, j) = 0.0;  // -inf * 0 would be NaN in the loss
+  const MatrixD log_probabilities = moa::log_softmax_rows(logits, allowed);
+  const MatrixD analytic_log = moa::log_softmax_rows_backward(log_probabilities, weights_finite);
+  REQUIRE(analytic_log.row(3).isZero(0));
+  REQUIRE_GRADIENTS_OK(moa::check_gradients(
+      [&] {
+        const MatrixD values = moa::log_softmax_rows(logits, allowed);
+        double total = 0;
+        for (moa::Index i = 0; i < 4; ++i)
+          for (moa::Index j = 0; j < 5; ++j)
+            if (allowed(i, j)) total += values(i, j) * weights_finite(i, j);
+        return total;
+      },
+      {{"logits", &logits, &analytic_log}}));
+}
+
+TEST_CASE("softmax functions reject mismatched shapes", "[softmax][errors]") {
+  const MatrixD logits = MatrixD::Zero(2, 3);
+  REQUIRE_MOA_ERROR(moa::softmax_rows(logits, moa::BoolMatrix(3, 2)), "softmax_rows: mask has shape [3, 2]");
+  REQUIRE_MOA_ERROR(moa::softmax_rows(logits, MatrixD(2, 2)), "softmax_rows: mask has shape [2, 2]");
+  REQUIRE_MOA_ERROR(moa::log_softmax_rows(logits, moa::BoolMatrix(1, 3)), "log_softmax_rows");
+  REQUIRE_MOA_ERROR(moa::log_softmax_rows(logits, MatrixD(1, 3)), "log_softmax_rows");
+  REQUIRE_MOA_ERROR(moa::softmax_rows_backward(logits, MatrixD(2, 4)), "softmax_rows_backward");
+  REQUIRE_MOA_ERROR(moa::log_softmax_rows_backward(logits, MatrixD(2, 4)), "log_softmax_rows_backward");
+}
