@@ -1,0 +1,112 @@
+// moa/kv_cache.hpp - key/value cache for incremental decoding.
+//
+// One cache per attention layer holds, for each of B sequences, up to `capacity` key rows and value
+// rows of `width` columns: width d_h for MoA (ONE shared key and value head, whatever E and k are),
+// h*d_h for multi-head attention. A self-attention cache grows by the new tokens every step; a
+// cross-attention cache is filled once from the encoder output and then only read.
+#pragma once
+
+#include "moa/error.hpp"
+#include "moa/tensor.hpp"
+
+#include <vector>
+
+namespace moa {
+
+template <typename S>
+class KVCache {
+ public:
+  using Scalar = S;
+
+  KVCache() = default;
+  KVCache(Index batch_size, Index capacity, Index width)
+      : batch_size_(batch_size), capacity_(capacity), width_(width) {
+    MOA_CHECK(batch_size > 0 && capacity > 0 && width > 0, "KVCache", "batch_size ", batch_size, ", capacity ", capacity,
+              " and width ", width, " must be positive");
+    keys_ = Matrix<Scalar>::Zero(batch_size * capacity, width);
+    values_ = Matrix<Scalar>::Zero(batch_size * capacity, width);
+    key_lengths_.assign(static_cast<std::size_t>(batch_size), 0);
+  }
+
+  Index batch_size() const { return batch_size_; }
+  Index capacity() const { return capacity_; }
+  Index width() const { return width_; }
+  Index length() const { return length_; }  // steps appended so far (self-attention)
+  bool frozen() const { return frozen_; }   // a cross-attention cache does not grow
+  Index key_length(Index sequence) const { return key_lengths_[static_cast<std::size_t>(sequence)]; }
+
+  // Rows of sequence b: [capacity, width] each.
+  auto keys(Index sequence) const { return keys_.middleRows(sequence * capacity_, capacity_); }
+  auto values(Index sequence) const { return values_.middleRows(sequence * capacity_, capacity_); }
+
+  // new_keys, new_values: [B*n, width], n new tokens per sequence, sequence-major.
+  void append(const Matrix<Scalar>& new_keys, const Matrix<Scalar>& new_values) {
+    const char* function = "KVCache::append";
+    MOA_CHECK(!frozen_, function, "the cache holds cross-attention keys and cannot grow");
+    MOA_CHECK(new_keys.rows() == new_values.rows() && new_keys.cols() == width_ && new_values.cols() == width_ &&
+                  new_keys.rows() % batch_size_ == 0,
+              function, "new_keys ", detail::shape_of(new_keys), " and new_values ", detail::shape_of(new_values),
+              " must both be [batch_size * n, ", width_, "] with batch_size ", batch_size_);
+    const Index steps = new_keys.rows() / batch_size_;
+    MOA_CHECK(length_ + steps <= capacity_, function, "appending ", steps, " steps to ", length_,
+              " cached would exceed the capacity of ", capacity_);
+    for (Index b = 0; b < batch_size_; ++b) {
+      keys_.middleRows(b * capacity_ + length_, steps) = new_keys.middleRows(b * steps, steps);
+      values_.middleRows(b * capacity_ + length_, steps) = new_values.middleRows(b * steps, steps);
+    }
+    length_ += steps;
+    key_lengths_.assign(static_cast<std::size_t>(batch_size_), length_);
+  }
+
+  // Fills a cross-attention cache: keys, values [B*S, width] with S = capacity, and the true
+  // length of each sequence. The cache is then frozen.
+  void fill(const Matrix<Scalar>& keys, const Matrix<Scalar>& values, const std::vector<Index>& key_lengths) {
+    const char* function = "KVCache::fill";
+    MOA_CHECK(keys.rows() == batch_size_ * capacity_ && keys.cols() == width_ && values.rows() == keys.rows() &&
+                  values.cols() == width_,
+              function, "keys ", detail::shape_of(keys), " and values ", detail::shape_of(values), " must be [",
+              batch_size_ * capacity_, ", ", width_, "]");
+    MOA_CHECK(static_cast<Index>(key_lengths.size()) == batch_size_, function, "key_lengths has ", key_lengths.size(),
+              " entries for batch_size ", batch_size_);
+    for (Index length : key_lengths)
+      MOA_CHECK(length >= 0 && length <= capacity_, function, "key length ", length, " is outside [0, ", capacity_, "]");
+    keys_ = keys;
+    values_ = values;
+    key_lengths_ = key_lengths;
+    length_ = capacity_;
+    frozen_ = true;
+  }
+
+  // Beam reordering: the new sequence i is the old sequence order[i]. The batch size becomes
+  // order.size(), so this also selects (drops or duplicates) sequences.
+  void reorder(const std::vector<Index>& order) {
+    MOA_CHECK(!order.empty(), "KVCache::reorder", "order is empty");
+    for (std::size_t i = 0; i < order.size(); ++i)
+      MOA_CHECK(order[i] >= 0 && order[i] < batch_size_, "KVCache::reorder", "order[", i, "] = ", order[i],
+                " is outside [0, ", batch_size_, ")");
+    const Index new_batch = static_cast<Index>(order.size());
+    Matrix<Scalar> keys(new_batch * capacity_, width_), values(new_batch * capacity_, width_);  // [B'*cap, width]
+    std::vector<Index> key_lengths(order.size());
+    for (Index i = 0; i < new_batch; ++i) {
+      keys.middleRows(i * capacity_, capacity_) = keys_.middleRows(order[i] * capacity_, capacity_);
+      values.middleRows(i * capacity_, capacity_) = values_.middleRows(order[i] * capacity_, capacity_);
+      key_lengths[static_cast<std::size_t>(i)] = key_lengths_[static_cast<std::size_t>(order[i])];
+    }
+    keys_.swap(keys);
+    values_.swap(values);
+    key_lengths_.swap(key_lengths);
+    batch_size_ = new_batch;
+  }
+
+ private:
+  Index batch_size_ = 0;
+  Index capacity_ = 0;
+  Index width_ = 0;
+  Index length_ = 0;
+  bool frozen_ = false;
+  Matrix<Scalar> keys_;             // [B*capacity, width]
+  Matrix<Scalar> values_;           // [B*capacity, width]
+  std::vector<Index> key_lengths_;  // [B]
+};
+
+}  // namespace moa

@@ -1,0 +1,355 @@
+// moa/mixture_of_attention.hpp - the Mixture-of-Attention-Heads layer (Zhang et al., 2022).
+//
+//     K = Z Wk^T, V = Z Wv^T                                one key and one value head for all experts
+//     y_t = sum_{i in G(t)} gate_{i,t} softmax(x_t Wq_i^T K^T / sqrt(d_h) + mask) V Wo_i^T
+//
+// Computed as MOA.md describes: route; group the N*k assignments by expert (DispatchPlan); one GEMM
+// per chosen expert for the query projection, scattered to a [N*k, d_h] buffer in token order (the
+// k queries of a token adjacent); per sequence, the N*k query rows attend to the one shared K and
+// V as GEMMs (causal: block by block, skipping the upper triangle); one GEMM per expert for the
+// output projection, scaled by the gates and added into the token rows. Experts no token chose
+// cost nothing, so the cost grows with k and not with E. Backward mirrors each step.
+//
+// Parameters (PyTorch names and [out, in] shapes, so a PyTorch-trained layer loads unchanged):
+//     router.weight [E, d_model], q_proj.weight [E, d_h, d_model], o_proj.weight [E, d_model, d_h],
+//     k_proj.weight [d_h, d_model], v_proj.weight [d_h, d_model]
+//     (+ router.noise_weight [E, d_model] with noisy gating)
+#pragma once
+
+#include "moa/attention.hpp"
+#include "moa/error.hpp"
+#include "moa/kv_cache.hpp"
+#include "moa/parameter.hpp"
+#include "moa/random.hpp"
+#include "moa/router.hpp"
+#include "moa/tensor.hpp"
+#include "moa/top_k.hpp"
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace moa {
+
+struct MixtureOfAttentionConfig : RouterConfig {
+  Index head_dim = 0;
+  Index causal_block = 32;  // query positions per block of causal attention
+
+  void validate(const char* function) const {
+    RouterConfig::validate(function);
+    MOA_CHECK(head_dim > 0, function, "head_dim must be positive, got ", head_dim);
+    MOA_CHECK(causal_block > 0, function, "causal_block must be positive, got ", causal_block);
+  }
+};
+
+template <typename S>
+class MixtureOfAttention {
+ public:
+  using Scalar = S;
+
+  MixtureOfAttention(const MixtureOfAttentionConfig& config, Rng& rng)
+      : router((config.validate("MixtureOfAttention"), config), rng),
+        q_proj("weight", {config.num_experts, config.head_dim, config.model_dim}),
+        o_proj("weight", {config.num_experts, config.model_dim, config.head_dim}),
+        k_proj("weight", {config.head_dim, config.model_dim}),
+        v_proj("weight", {config.head_dim, config.model_dim}),
+        config_(config) {
+    // As fairseq's attention: Xavier uniform, gain 1/sqrt(2) for the input projections.
+    const double input_gain = 1.0 / std::sqrt(2.0);
+    init_xavier_uniform(q_proj, rng, input_gain);
+    init_xavier_uniform(k_proj, rng, input_gain);
+    init_xavier_uniform(v_proj, rng, input_gain);
+    init_xavier_uniform(o_proj, rng);
+  }
+
+  const MixtureOfAttentionConfig& config() const { return config_; }
+  Index model_dim() const { return config_.model_dim; }
+  bool training() const { return router.training(); }
+  void set_training(bool training) { router.set_training(training); }
+
+  // query: [B*Tq, d_model], key_value: [B*Tk, d_model] -> output: [B*Tq, d_model]. Padding query
+  // rows get zeros and are not routed; padding keys are never attended to. `rng` is needed in
+  // training with noisy gating or sampled experts.
+  Matrix<Scalar> forward(const Matrix<Scalar>& query, const SequenceBatch& query_batch,
+                         const Matrix<Scalar>& key_value, const SequenceBatch& key_batch, bool causal,
+                         Rng* rng = nullptr) {
+    detail::validate_attention_batches("MixtureOfAttention::forward", model_dim(), query.rows(), query.cols(),
+                                       query_batch, key_value.rows(), key_value.cols(), key_batch, causal);
+    const Index k = config_.top_k;
+    query_ = query;
+    key_value_ = key_value;
+    query_batch_ = query_batch;
+    key_batch_ = key_batch;
+    causal_ = causal;
+    router.forward(query, detail::token_flags(query_batch), rng);
+    plan_ = DispatchPlan::build(router.experts(), config_.num_experts, k);
+
+    keys_.noalias() = key_value * k_proj.value.transpose();    // [B*Tk, d_h]
+    values_.noalias() = key_value * v_proj.value.transpose();  // [B*Tk, d_h]
+    project_queries(query, plan_, queries_);                   // [B*Tq*k, d_h]
+    probabilities_.resize(query.rows() * k, key_batch.length);  // [B*Tq*k, Tk]
+    attended_ = Matrix<Scalar>::Zero(query.rows() * k, config_.head_dim);  // [B*Tq*k, d_h]
+    last_flops_ = projection_flops(query.rows(), key_value.rows(), plan_.assignments());
+    for (Index b = 0; b < query_batch.batch_size; ++b) {
+      const AttentionLayout layout = layout_of(b);
+      const Index query_rows = query_batch.length * k, first_query = b * query_rows;
+      attention_forward<Scalar>(queries_.middleRows(first_query, query_rows),
+                                keys_.middleRows(b * key_batch.length, key_batch.length),
+                                values_.middleRows(b * key_batch.length, key_batch.length), layout,
+                                probabilities_.middleRows(first_query, query_rows),
+                                attended_.middleRows(first_query, query_rows));
+      last_flops_ += 4.0 * static_cast<double>(visible_pairs(layout) * config_.head_dim);
+    }
+    return project_outputs(attended_, router.gates(), plan_, query.rows());
+  }
+
+  Matrix<Scalar> forward_self(const Matrix<Scalar>& input, const SequenceBatch& batch, bool causal,
+                              Rng* rng = nullptr) {
+    return forward(input, batch, input, batch, causal, rng);
+  }
+
+  // grad_output: [B*Tq, d_model]. Accumulates every parameter gradient (the aux loss's scaled by
+  // aux_scale) and returns the gradients of both inputs.
+  AttentionGradients<Scalar> backward(const Matrix<Scalar>& grad_output, Scalar aux_scale = Scalar(1)) {
+    const Index k = config_.top_k, head_dim = config_.head_dim, model = model_dim();
+    MOA_CHECK(grad_output.rows() == query_.rows() && grad_output.cols() == model, "MixtureOfAttention::backward",
+              "grad_output has shape ", detail::shape_of(grad_output), ", expected ", detail::shape_of(query_),
+              " (as the last forward)");
+    const Matrix<Scalar>& gates = router.gates();                       // [N, k]
+    Matrix<Scalar> grad_gates = Matrix<Scalar>::Zero(query_.rows(), k);  // [N, k]
+    Matrix<Scalar> grad_attended = Matrix<Scalar>::Zero(attended_.rows(), head_dim);  // [N*k, d_h]
+    Matrix<Scalar> gathered_grad, gathered, scaled, grad_unscaled;
+    // Output side: y_t += gate * a Wo_e^T.
+    for (Index e = 0; e < config_.num_experts; ++e) {
+      const Index count = plan_.count(e);
+      if (count == 0) continue;
+      const Index* ids = plan_.order.data() + plan_.offsets[e];
+      const auto weight = o_proj.value.middleRows(e * model, model);  // [d_model, d_h]
+      gather_rows(attended_, ids, count, 1, gathered);                // [c, d_h]
+      scaled = gathered;                                              // [c, d_h] gate * a
+      for (Index i = 0; i < count; ++i) scaled.row(i) *= gates.data()[ids[i]];
+      const bool dense = count == query_.rows();
+      if (!dense) gather_rows(grad_output, ids, count, k, gathered_grad);  // [c, d_model]
+      const Matrix<Scalar>& grad_rows = dense ? grad_output : gathered_grad;
+      o_proj.grad.middleRows(e * model, model).noalias() += grad_rows.transpose() * scaled;
+      grad_unscaled.noalias() = grad_rows * weight;  // [c, d_h]
+      for (Index i = 0; i < count; ++i) {
+        grad_gates.data()[ids[i]] = grad_unscaled.row(i).dot(gathered.row(i));
+        grad_attended.row(ids[i]) = gates.data()[ids[i]] * grad_unscaled.row(i);
+      }
+    }
+    // Attention, per sequence, against the shared K and V.
+    Matrix<Scalar> grad_queries = Matrix<Scalar>::Zero(queries_.rows(), head_dim);  // [N*k, d_h]
+    Matrix<Scalar> grad_keys = Matrix<Scalar>::Zero(keys_.rows(), head_dim);        // [B*Tk, d_h]
+    Matrix<Scalar> grad_values = Matrix<Scalar>::Zero(values_.rows(), head_dim);    // [B*Tk, d_h]
+    for (Index b = 0; b < query_batch_.batch_size; ++b) {
+      const Index query_rows = query_batch_.length * k, first_query = b * query_rows;
+      const Index key_rows = key_batch_.length, first_key = b * key_rows;
+      attention_backward<Scalar>(queries_.middleRows(first_query, query_rows), keys_.middleRows(first_key, key_rows),
+                                 values_.middleRows(first_key, key_rows),
+                                 probabilities_.middleRows(first_query, query_rows),
+                                 grad_attended.middleRows(first_query, query_rows), layout_of(b),
+                                 grad_queries.middleRows(first_query, query_rows),
+                                 grad_keys.middleRows(first_key, key_rows), grad_values.middleRows(first_key, key_rows));
+    }
+    // Query side: q = x Wq_e^T.
+    AttentionGradients<Scalar> grads;
+    grads.query = router.backward(grad_gates, aux_scale);  // [N, d_model]
+    for (Index e = 0; e < config_.num_experts; ++e) {
+      const Index count = plan_.count(e);
+      if (count == 0) continue;
+      const Index* ids = plan_.order.data() + plan_.offsets[e];
+      const auto weight = q_proj.value.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
+      gather_rows(grad_queries, ids, count, 1, gathered_grad);              // [c, d_h]
+      if (count == query_.rows()) {
+        q_proj.grad.middleRows(e * head_dim, head_dim).noalias() += gathered_grad.transpose() * query_;
+        grads.query.noalias() += gathered_grad * weight;
+        continue;
+      }
+      gather_rows(query_, ids, count, k, gathered);  // [c, d_model]
+      q_proj.grad.middleRows(e * head_dim, head_dim).noalias() += gathered_grad.transpose() * gathered;
+      scaled.noalias() = gathered_grad * weight;  // [c, d_model]
+      for (Index i = 0; i < count; ++i) grads.query.row(ids[i] / k) += scaled.row(i);
+    }
+    // The shared key and value heads.
+    k_proj.grad.noalias() += grad_keys.transpose() * key_value_;
+    v_proj.grad.noalias() += grad_values.transpose() * key_value_;
+    grads.key_value.noalias() = grad_keys * k_proj.value;
+    grads.key_value.noalias() += grad_values * v_proj.value;
+    return grads;
+  }
+
+  Matrix<Scalar> backward_self(const Matrix<Scalar>& grad_output, Scalar aux_scale = Scalar(1)) {
+    AttentionGradients<Scalar> grads = backward(grad_output, aux_scale);
+    grads.query += grads.key_value;
+    return std::move(grads.query);
+  }
+
+  // alpha * L_a + beta * L_z of the last forward (0 without routed tokens).
+  Scalar aux_loss() const { return router.aux_loss(); }
+  RoutingStatistics routing_statistics() const { return router.statistics(); }
+  // FLOPs of the last forward or step: router, projections, and attention over the visible keys.
+  double last_forward_flops() const { return last_flops_; }
+
+  // Incremental decoding. A self-attention cache holds ONE key row and value row of width d_h per
+  // past token per sequence; a cross-attention cache is filled once from the encoder output.
+  KVCache<Scalar> make_self_cache(Index batch_size, Index capacity) const {
+    return KVCache<Scalar>(batch_size, capacity, config_.head_dim);
+  }
+  KVCache<Scalar> make_cross_cache(const Matrix<Scalar>& memory, const SequenceBatch& memory_batch) const {
+    const char* function = "MixtureOfAttention::make_cross_cache";
+    MOA_CHECK(memory.cols() == model_dim(), function, "memory has shape ", detail::shape_of(memory), ", expected [N, ",
+              model_dim(), "]");
+    memory_batch.validate(function, "memory", memory.rows());
+    KVCache<Scalar> cache(memory_batch.batch_size, memory_batch.length, config_.head_dim);
+    std::vector<Index> lengths;
+    for (Index b = 0; b < memory_batch.batch_size; ++b) lengths.push_back(memory_batch.length_of(b));
+    cache.fill(memory * k_proj.value.transpose(), memory * v_proj.value.transpose(), lengths);
+    return cache;
+  }
+
+  // input: [B*n, d_model], n new tokens of each of the cache's B sequences (sequence-major).
+  // Routes only these tokens (as in evaluation: no noise, no sampling), appends their keys and
+  // values to a self-attention cache (causal among themselves and after the cached ones) or reads
+  // a cross-attention cache, and returns output: [B*n, d_model]. It replaces what forward cached
+  // for backward.
+  Matrix<Scalar> step(const Matrix<Scalar>& input, KVCache<Scalar>& cache) {
+    const char* function = "MixtureOfAttention::step";
+    MOA_CHECK(cache.width() == config_.head_dim, function, "cache has width ", cache.width(), ", expected head_dim ",
+              config_.head_dim);
+    MOA_CHECK(input.cols() == model_dim() && input.rows() > 0 && input.rows() % cache.batch_size() == 0, function,
+              "input has shape ", detail::shape_of(input), ", expected [batch_size * n, ", model_dim(),
+              "] with batch_size ", cache.batch_size());
+    const Index k = config_.top_k, steps = input.rows() / cache.batch_size();
+    const Index offset = cache.frozen() ? 0 : cache.length();
+    if (!cache.frozen()) cache.append(input * k_proj.value.transpose(), input * v_proj.value.transpose());
+    const bool was_training = router.training();
+    router.set_training(false);
+    router.forward(input, std::vector<char>(static_cast<std::size_t>(input.rows()), 1), nullptr);
+    router.set_training(was_training);
+    const DispatchPlan plan = DispatchPlan::build(router.experts(), config_.num_experts, k);
+    Matrix<Scalar> queries;                                                     // [B*n*k, d_h]
+    project_queries(input, plan, queries);
+    Matrix<Scalar> attended(input.rows() * k, config_.head_dim);                // [B*n*k, d_h]
+    Matrix<Scalar> probabilities(steps * k, cache.capacity());                  // [n*k, capacity]
+    last_flops_ = projection_flops(input.rows(), cache.frozen() ? 0 : input.rows(), plan.assignments());
+    for (Index b = 0; b < cache.batch_size(); ++b) {
+      AttentionLayout layout;
+      layout.positions = steps;
+      layout.rows_per_position = k;
+      layout.key_length = cache.key_length(b);
+      layout.causal = !cache.frozen();
+      layout.position_offset = offset;
+      layout.block_positions = config_.causal_block;
+      attention_forward<Scalar>(queries.middleRows(b * steps * k, steps * k), cache.keys(b), cache.values(b), layout,
+                                probabilities, attended.middleRows(b * steps * k, steps * k));
+      last_flops_ += 4.0 * static_cast<double>(visible_pairs(layout) * config_.head_dim);
+    }
+    return project_outputs(attended, router.gates(), plan, input.rows());
+  }
+
+  void collect_parameters(ParameterList<Scalar>& list, const std::string& prefix = "") {
+    router.collect_parameters(list, prefix + "router.");
+    list.add(prefix + "q_proj.", q_proj);
+    list.add(prefix + "o_proj.", o_proj);
+    list.add(prefix + "k_proj.", k_proj);
+    list.add(prefix + "v_proj.", v_proj);
+  }
+
+  Router<Scalar> router;
+  Parameter<Scalar> q_proj;  // [E, d_h, d_model]
+  Parameter<Scalar> o_proj;  // [E, d_model, d_h]
+  Parameter<Scalar> k_proj;  // [d_h, d_model]
+  Parameter<Scalar> v_proj;  // [d_h, d_model]
+
+ private:
+  // destination.row(i) = source.row(ids[i] / divisor) for i < count.
+  static void gather_rows(const Matrix<Scalar>& source, const Index* ids, Index count, Index divisor,
+                          Matrix<Scalar>& destination) {
+    destination.resize(count, source.cols());
+    for (Index i = 0; i < count; ++i) destination.row(i) = source.row(ids[i] / divisor);
+  }
+
+  // queries: [N*k, d_h]; row t*k + j = x_t Wq_e^T for the expert e of slot j (zero for padding).
+  void project_queries(const Matrix<Scalar>& input, const DispatchPlan& plan, Matrix<Scalar>& queries) const {
+    const Index k = config_.top_k, head_dim = config_.head_dim;
+    queries = Matrix<Scalar>::Zero(input.rows() * k, head_dim);
+    Matrix<Scalar> gathered, projected;  // [c, d_model], [c, d_h]
+    for (Index e = 0; e < config_.num_experts; ++e) {
+      const Index count = plan.count(e);
+      if (count == 0) continue;
+      const Index* ids = plan.order.data() + plan.offsets[e];
+      const auto weight = q_proj.value.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
+      // Every token chose e (so in token order): no gather needed.
+      if (count == input.rows()) {
+        projected.noalias() = input * weight.transpose();
+      } else {
+        gather_rows(input, ids, count, k, gathered);
+        projected.noalias() = gathered * weight.transpose();
+      }
+      for (Index i = 0; i < count; ++i) queries.row(ids[i]) = projected.row(i);
+    }
+  }
+
+  // output: [N, d_model]; row t = sum_j gate_{t,j} attended_{t*k+j} Wo_e^T.
+  Matrix<Scalar> project_outputs(const Matrix<Scalar>& attended, const Matrix<Scalar>& gates, const DispatchPlan& plan,
+                                 Index rows) const {
+    const Index k = config_.top_k, model = model_dim();
+    Matrix<Scalar> output = Matrix<Scalar>::Zero(rows, model);  // [N, d_model]
+    Matrix<Scalar> scaled, projected;                           // [c, d_h], [c, d_model]
+    for (Index e = 0; e < config_.num_experts; ++e) {
+      const Index count = plan.count(e);
+      if (count == 0) continue;
+      const Index* ids = plan.order.data() + plan.offsets[e];
+      const auto weight = o_proj.value.middleRows(e * model, model);  // [d_model, d_h]
+      gather_rows(attended, ids, count, 1, scaled);
+      for (Index i = 0; i < count; ++i) scaled.row(i) *= gates.data()[ids[i]];
+      if (count == rows) {
+        output.noalias() += scaled * weight.transpose();
+        continue;
+      }
+      projected.noalias() = scaled * weight.transpose();
+      for (Index i = 0; i < count; ++i) output.row(ids[i] / k) += projected.row(i);
+    }
+    return output;
+  }
+
+  AttentionLayout layout_of(Index sequence) const {
+    AttentionLayout layout;
+    layout.positions = query_batch_.length_of(sequence);
+    layout.rows_per_position = config_.top_k;
+    layout.key_length = key_batch_.length_of(sequence);
+    layout.causal = causal_;
+    layout.block_positions = config_.causal_block;
+    return layout;
+  }
+
+  // (query row, key) pairs that are actually attended, for the FLOP count.
+  static Index visible_pairs(const AttentionLayout& layout) {
+    Index pairs = 0;
+    for (Index p = 0; p < layout.positions; ++p) pairs += layout.visible_keys(p);
+    return pairs * layout.rows_per_position;
+  }
+
+  double projection_flops(Index query_rows, Index key_rows, Index assignments) const {
+    const double model = static_cast<double>(model_dim()), head = static_cast<double>(config_.head_dim);
+    return 2.0 * query_rows * model * config_.num_experts  // router
+           + 2.0 * 2.0 * key_rows * model * head          // shared K and V
+           + 2.0 * 2.0 * assignments * model * head;      // per-expert Q and O
+  }
+
+  MixtureOfAttentionConfig config_;
+  bool causal_ = false;
+  SequenceBatch query_batch_, key_batch_;
+  DispatchPlan plan_;
+  Matrix<Scalar> query_;          // [B*Tq, d_model]
+  Matrix<Scalar> key_value_;      // [B*Tk, d_model]
+  Matrix<Scalar> keys_;           // [B*Tk, d_h]
+  Matrix<Scalar> values_;         // [B*Tk, d_h]
+  Matrix<Scalar> queries_;        // [B*Tq*k, d_h]
+  Matrix<Scalar> probabilities_;  // [B*Tq*k, Tk]
+  Matrix<Scalar> attended_;       // [B*Tq*k, d_h], before the gates
+  double last_flops_ = 0.0;
+};
+
+}  // namespace moa

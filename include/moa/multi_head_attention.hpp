@@ -1,0 +1,244 @@
+// moa/multi_head_attention.hpp - standard multi-head attention, the baseline MoA is compared with.
+//
+// h heads, each with its own query, key and value projection, and one output projection:
+//     Q = X Wq^T, K = Z Wk^T, V = Z Wv^T (each [N, h*d_h]);  A_h = softmax(Q_h K_h^T / sqrt(d_h)) V_h
+//     y = [A_1 .. A_h] Wo^T
+// Same interface as MixtureOfAttention (forward/backward, masks, cache, step), so a model picks
+// either by a template argument. Parameters: q_proj.weight, k_proj.weight, v_proj.weight
+// [h*d_h, d_model] and o_proj.weight [d_model, h*d_h], without biases as in MoA.
+#pragma once
+
+#include "moa/attention.hpp"
+#include "moa/error.hpp"
+#include "moa/kv_cache.hpp"
+#include "moa/parameter.hpp"
+#include "moa/random.hpp"
+#include "moa/tensor.hpp"
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace moa {
+
+struct MultiHeadAttentionConfig {
+  Index model_dim = 0;
+  Index num_heads = 0;
+  Index head_dim = 0;
+  Index causal_block = 32;  // query positions per block of causal attention
+
+  void validate(const char* function) const {
+    MOA_CHECK(model_dim > 0, function, "model_dim must be positive, got ", model_dim);
+    MOA_CHECK(num_heads > 0, function, "num_heads must be positive, got ", num_heads);
+    MOA_CHECK(head_dim > 0, function, "head_dim must be positive, got ", head_dim);
+    MOA_CHECK(causal_block > 0, function, "causal_block must be positive, got ", causal_block);
+  }
+};
+
+template <typename S>
+class MultiHeadAttention {
+ public:
+  using Scalar = S;
+
+  MultiHeadAttention(const MultiHeadAttentionConfig& config, Rng& rng)
+      : q_proj("weight", {(config.validate("MultiHeadAttention"), config.num_heads * config.head_dim), config.model_dim}),
+        k_proj("weight", {config.num_heads * config.head_dim, config.model_dim}),
+        v_proj("weight", {config.num_heads * config.head_dim, config.model_dim}),
+        o_proj("weight", {config.model_dim, config.num_heads * config.head_dim}),
+        config_(config) {
+    const double input_gain = 1.0 / std::sqrt(2.0);
+    init_xavier_uniform(q_proj, rng, input_gain);
+    init_xavier_uniform(k_proj, rng, input_gain);
+    init_xavier_uniform(v_proj, rng, input_gain);
+    init_xavier_uniform(o_proj, rng);
+  }
+
+  const MultiHeadAttentionConfig& config() const { return config_; }
+  Index model_dim() const { return config_.model_dim; }
+  Index width() const { return config_.num_heads * config_.head_dim; }
+  bool training() const { return training_; }
+  void set_training(bool training) { training_ = training; }
+
+  // query: [B*Tq, d_model], key_value: [B*Tk, d_model] -> output: [B*Tq, d_model]; padding query
+  // rows get zeros, padding keys are never attended to. rng is unused (the interface is MoA's).
+  Matrix<Scalar> forward(const Matrix<Scalar>& query, const SequenceBatch& query_batch,
+                         const Matrix<Scalar>& key_value, const SequenceBatch& key_batch, bool causal,
+                         Rng* /*rng*/ = nullptr) {
+    detail::validate_attention_batches("MultiHeadAttention::forward", model_dim(), query.rows(), query.cols(),
+                                       query_batch, key_value.rows(), key_value.cols(), key_batch, causal);
+    query_ = query;
+    key_value_ = key_value;
+    query_batch_ = query_batch;
+    key_batch_ = key_batch;
+    causal_ = causal;
+    queries_.noalias() = query * q_proj.value.transpose();     // [B*Tq, h*d_h]
+    keys_.noalias() = key_value * k_proj.value.transpose();    // [B*Tk, h*d_h]
+    values_.noalias() = key_value * v_proj.value.transpose();  // [B*Tk, h*d_h]
+    const Index heads = config_.num_heads, head_dim = config_.head_dim;
+    probabilities_.resize(query_batch.batch_size * heads * query_batch.length, key_batch.length);  // [B*h*Tq, Tk]
+    attended_ = Matrix<Scalar>::Zero(query.rows(), width());  // [B*Tq, h*d_h]
+    last_flops_ = projection_flops(query.rows(), key_value.rows());
+    for (Index b = 0; b < query_batch.batch_size; ++b) {
+      const AttentionLayout layout = layout_of(b);
+      for (Index h = 0; h < heads; ++h) {
+        attention_forward<Scalar>(
+            queries_.block(b * query_batch.length, h * head_dim, query_batch.length, head_dim),
+            keys_.block(b * key_batch.length, h * head_dim, key_batch.length, head_dim),
+            values_.block(b * key_batch.length, h * head_dim, key_batch.length, head_dim), layout,
+            probabilities_.middleRows((b * heads + h) * query_batch.length, query_batch.length),
+            attended_.block(b * query_batch.length, h * head_dim, query_batch.length, head_dim));
+      }
+      last_flops_ += 4.0 * static_cast<double>(visible_pairs(layout) * heads * head_dim);
+    }
+    return attended_ * o_proj.value.transpose();
+  }
+
+  Matrix<Scalar> forward_self(const Matrix<Scalar>& input, const SequenceBatch& batch, bool causal,
+                              Rng* rng = nullptr) {
+    return forward(input, batch, input, batch, causal, rng);
+  }
+
+  // grad_output: [B*Tq, d_model]; aux_scale is unused (no aux loss).
+  AttentionGradients<Scalar> backward(const Matrix<Scalar>& grad_output, Scalar /*aux_scale*/ = Scalar(1)) {
+    MOA_CHECK(grad_output.rows() == query_.rows() && grad_output.cols() == model_dim(), "MultiHeadAttention::backward",
+              "grad_output has shape ", detail::shape_of(grad_output), ", expected ", detail::shape_of(query_),
+              " (as the last forward)");
+    const Index heads = config_.num_heads, head_dim = config_.head_dim;
+    o_proj.grad.noalias() += grad_output.transpose() * attended_;
+    const Matrix<Scalar> grad_attended = grad_output * o_proj.value;          // [B*Tq, h*d_h]
+    Matrix<Scalar> grad_queries = Matrix<Scalar>::Zero(queries_.rows(), width());  // [B*Tq, h*d_h]
+    Matrix<Scalar> grad_keys = Matrix<Scalar>::Zero(keys_.rows(), width());        // [B*Tk, h*d_h]
+    Matrix<Scalar> grad_values = Matrix<Scalar>::Zero(values_.rows(), width());    // [B*Tk, h*d_h]
+    const Index query_length = query_batch_.length, key_length = key_batch_.length;
+    for (Index b = 0; b < query_batch_.batch_size; ++b) {
+      const AttentionLayout layout = layout_of(b);
+      for (Index h = 0; h < heads; ++h) {
+        attention_backward<Scalar>(
+            queries_.block(b * query_length, h * head_dim, query_length, head_dim),
+            keys_.block(b * key_length, h * head_dim, key_length, head_dim),
+            values_.block(b * key_length, h * head_dim, key_length, head_dim),
+            probabilities_.middleRows((b * heads + h) * query_length, query_length),
+            grad_attended.block(b * query_length, h * head_dim, query_length, head_dim), layout,
+            grad_queries.block(b * query_length, h * head_dim, query_length, head_dim),
+            grad_keys.block(b * key_length, h * head_dim, key_length, head_dim),
+            grad_values.block(b * key_length, h * head_dim, key_length, head_dim));
+      }
+    }
+    q_proj.grad.noalias() += grad_queries.transpose() * query_;
+    k_proj.grad.noalias() += grad_keys.transpose() * key_value_;
+    v_proj.grad.noalias() += grad_values.transpose() * key_value_;
+    AttentionGradients<Scalar> grads;
+    grads.query.noalias() = grad_queries * q_proj.value;
+    grads.key_value.noalias() = grad_keys * k_proj.value;
+    grads.key_value.noalias() += grad_values * v_proj.value;
+    return grads;
+  }
+
+  Matrix<Scalar> backward_self(const Matrix<Scalar>& grad_output, Scalar aux_scale = Scalar(1)) {
+    AttentionGradients<Scalar> grads = backward(grad_output, aux_scale);
+    grads.query += grads.key_value;
+    return std::move(grads.query);
+  }
+
+  Scalar aux_loss() const { return Scalar(0); }
+  double last_forward_flops() const { return last_flops_; }
+
+  // A self-attention cache holds h key rows and value rows of width d_h per past token (stored as
+  // one row of width h*d_h); a cross-attention cache is filled once from the encoder output.
+  KVCache<Scalar> make_self_cache(Index batch_size, Index capacity) const {
+    return KVCache<Scalar>(batch_size, capacity, width());
+  }
+  KVCache<Scalar> make_cross_cache(const Matrix<Scalar>& memory, const SequenceBatch& memory_batch) const {
+    const char* function = "MultiHeadAttention::make_cross_cache";
+    MOA_CHECK(memory.cols() == model_dim(), function, "memory has shape ", detail::shape_of(memory), ", expected [N, ",
+              model_dim(), "]");
+    memory_batch.validate(function, "memory", memory.rows());
+    KVCache<Scalar> cache(memory_batch.batch_size, memory_batch.length, width());
+    std::vector<Index> lengths;
+    for (Index b = 0; b < memory_batch.batch_size; ++b) lengths.push_back(memory_batch.length_of(b));
+    cache.fill(memory * k_proj.value.transpose(), memory * v_proj.value.transpose(), lengths);
+    return cache;
+  }
+
+  // input: [B*n, d_model], n new tokens of each sequence; see MixtureOfAttention::step.
+  Matrix<Scalar> step(const Matrix<Scalar>& input, KVCache<Scalar>& cache) {
+    const char* function = "MultiHeadAttention::step";
+    MOA_CHECK(cache.width() == width(), function, "cache has width ", cache.width(), ", expected num_heads * head_dim = ",
+              width());
+    MOA_CHECK(input.cols() == model_dim() && input.rows() > 0 && input.rows() % cache.batch_size() == 0, function,
+              "input has shape ", detail::shape_of(input), ", expected [batch_size * n, ", model_dim(),
+              "] with batch_size ", cache.batch_size());
+    const Index steps = input.rows() / cache.batch_size(), heads = config_.num_heads, head_dim = config_.head_dim;
+    const Index offset = cache.frozen() ? 0 : cache.length();
+    if (!cache.frozen()) cache.append(input * k_proj.value.transpose(), input * v_proj.value.transpose());
+    const Matrix<Scalar> queries = input * q_proj.value.transpose();  // [B*n, h*d_h]
+    Matrix<Scalar> attended(input.rows(), width());                   // [B*n, h*d_h]
+    Matrix<Scalar> probabilities(steps, cache.capacity());            // [n, capacity]
+    last_flops_ = projection_flops(input.rows(), cache.frozen() ? 0 : input.rows());
+    for (Index b = 0; b < cache.batch_size(); ++b) {
+      AttentionLayout layout;
+      layout.positions = steps;
+      layout.key_length = cache.key_length(b);
+      layout.causal = !cache.frozen();
+      layout.position_offset = offset;
+      layout.block_positions = config_.causal_block;
+      for (Index h = 0; h < heads; ++h) {
+        attention_forward<Scalar>(queries.block(b * steps, h * head_dim, steps, head_dim),
+                                  cache.keys(b).middleCols(h * head_dim, head_dim),
+                                  cache.values(b).middleCols(h * head_dim, head_dim), layout, probabilities,
+                                  attended.block(b * steps, h * head_dim, steps, head_dim));
+      }
+      last_flops_ += 4.0 * static_cast<double>(visible_pairs(layout) * heads * head_dim);
+    }
+    return attended * o_proj.value.transpose();
+  }
+
+  void collect_parameters(ParameterList<Scalar>& list, const std::string& prefix = "") {
+    list.add(prefix + "q_proj.", q_proj);
+    list.add(prefix + "k_proj.", k_proj);
+    list.add(prefix + "v_proj.", v_proj);
+    list.add(prefix + "o_proj.", o_proj);
+  }
+
+  Parameter<Scalar> q_proj;  // [h*d_h, d_model]
+  Parameter<Scalar> k_proj;  // [h*d_h, d_model]
+  Parameter<Scalar> v_proj;  // [h*d_h, d_model]
+  Parameter<Scalar> o_proj;  // [d_model, h*d_h]
+
+ private:
+  AttentionLayout layout_of(Index sequence) const {
+    AttentionLayout layout;
+    layout.positions = query_batch_.length_of(sequence);
+    layout.key_length = key_batch_.length_of(sequence);
+    layout.causal = causal_;
+    layout.block_positions = config_.causal_block;
+    return layout;
+  }
+
+  static Index visible_pairs(const AttentionLayout& layout) {
+    Index pairs = 0;
+    for (Index p = 0; p < layout.positions; ++p) pairs += layout.visible_keys(p);
+    return pairs;
+  }
+
+  double projection_flops(Index query_rows, Index key_rows) const {
+    const double model = static_cast<double>(model_dim()), total_width = static_cast<double>(width());
+    return 2.0 * 2.0 * query_rows * model * total_width  // Q and O
+           + 2.0 * 2.0 * key_rows * model * total_width;  // K and V
+  }
+
+  MultiHeadAttentionConfig config_;
+  bool training_ = true;
+  bool causal_ = false;
+  SequenceBatch query_batch_, key_batch_;
+  Matrix<Scalar> query_;          // [B*Tq, d_model]
+  Matrix<Scalar> key_value_;      // [B*Tk, d_model]
+  Matrix<Scalar> queries_;        // [B*Tq, h*d_h]
+  Matrix<Scalar> keys_;           // [B*Tk, h*d_h]
+  Matrix<Scalar> values_;         // [B*Tk, h*d_h]
+  Matrix<Scalar> probabilities_;  // [B*h*Tq, Tk]
+  Matrix<Scalar> attended_;       // [B*Tq, h*d_h]
+  double last_flops_ = 0.0;
+};
+
+}  // namespace moa

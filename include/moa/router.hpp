@@ -1,0 +1,278 @@
+// moa/router.hpp - the token router of a Mixture-of-Attention layer, with its auxiliary losses.
+//
+//     logits_t = x_t Wg^T (+ N(0,1) * (softplus(x_t Wn^T) + 0.01) with noisy gating, training only)
+//     p_t = softmax(logits_t);  G(t) = top-k(p_t)
+//     gate_{t,j} = p_{e_j,t} / sum_{m in G(t)} p_{m,t}   (renormalised, the paper's default)
+//                = p_{e_j,t}                             (raw, as the authors' code)
+//     L_a = E * sum_i f_i P_i   (f_i: share of the assignments to expert i, no gradient;
+//                                P_i: mean router probability of expert i)
+//     L_z = mean_t (logsumexp logits_t)^2
+//     aux = load_balance_coefficient * L_a + z_loss_coefficient * L_z
+// Padding tokens are not routed and count in neither loss.
+#pragma once
+
+#include "moa/error.hpp"
+#include "moa/parameter.hpp"
+#include "moa/random.hpp"
+#include "moa/softmax.hpp"
+#include "moa/tensor.hpp"
+#include "moa/top_k.hpp"
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace moa {
+
+enum class GateNormalization { renormalized, raw };
+
+struct RouterConfig {
+  Index model_dim = 0;
+  Index num_experts = 0;
+  Index top_k = 0;
+  GateNormalization gate_normalization = GateNormalization::renormalized;
+  bool noisy_gating = false;     // training only
+  Index sampled_experts = 0;     // of the k, how many are sampled from p instead of taken from the top (training only)
+  double load_balance_coefficient = 0.01;
+  double z_loss_coefficient = 0.001;
+
+  void validate(const char* function) const {
+    MOA_CHECK(model_dim > 0, function, "model_dim must be positive, got ", model_dim);
+    MOA_CHECK(num_experts > 0, function, "num_experts must be positive, got ", num_experts);
+    MOA_CHECK(top_k > 0 && top_k <= num_experts, function, "top_k must be in [1, num_experts = ", num_experts,
+              "], got ", top_k);
+    MOA_CHECK(sampled_experts >= 0 && sampled_experts <= top_k, function, "sampled_experts must be in [0, top_k = ",
+              top_k, "], got ", sampled_experts);
+    MOA_CHECK(load_balance_coefficient >= 0.0 && z_loss_coefficient >= 0.0, function,
+              "aux coefficients must be non-negative, got ", load_balance_coefficient, " and ", z_loss_coefficient);
+  }
+};
+
+struct RoutingStatistics {
+  std::vector<Index> counts;   // [E] assignments per expert
+  std::vector<double> load;    // [E] counts / all assignments
+  double load_entropy = 0.0;   // entropy of `load` (log E when perfectly balanced)
+  double mean_token_entropy = 0.0;  // mean over tokens of the entropy of p_t
+};
+
+template <typename S>
+class Router {
+ public:
+  using Scalar = S;
+
+  Router(const RouterConfig& config, Rng& rng) : config_((config.validate("Router"), config)) {
+    weight = Parameter<Scalar>("weight", {config.num_experts, config.model_dim});  // zero: uniform routing at start
+    if (config.noisy_gating) {
+      noise_weight = Parameter<Scalar>("noise_weight", {config.num_experts, config.model_dim});
+      init_xavier_uniform(noise_weight, rng);
+    }
+  }
+
+  const RouterConfig& config() const { return config_; }
+  bool training() const { return training_; }
+  void set_training(bool training) { training_ = training; }
+
+  // input: [N, d_model]; routed: N flags, false for padding. rng is needed in training with noisy
+  // gating or sampled experts. Results: experts(), gates(), probabilities(), aux_loss().
+  void forward(const Matrix<Scalar>& input, const std::vector<char>& routed, Rng* rng) {
+    const char* function = "Router::forward";
+    const Index experts_count = config_.num_experts, top_k = config_.top_k;
+    MOA_CHECK(input.cols() == config_.model_dim, function, "input has shape ", detail::shape_of(input),
+              ", expected [N, ", config_.model_dim, "]");
+    MOA_CHECK(static_cast<Index>(routed.size()) == input.rows(), function, "routed has ", routed.size(),
+              " flags for ", input.rows(), " input rows");
+    const bool noisy = training_ && config_.noisy_gating;
+    const bool sampling = training_ && config_.sampled_experts > 0;
+    MOA_CHECK(rng != nullptr || !(noisy || sampling), function,
+              "noisy gating and sampled experts need an Rng in training");
+    input_ = input;
+    routed_ = routed;
+    const Index rows = input.rows();
+    logits_.noalias() = input * weight.value.transpose();  // [N, E]
+    if (noisy) {
+      noise_pre_.noalias() = input * noise_weight.value.transpose();  // [N, E]
+      noise_.resize(rows, experts_count);                              // [N, E] standard normal draws
+      for (Index i = 0; i < noise_.size(); ++i) noise_.data()[i] = static_cast<Scalar>(rng->normal());
+      logits_.array() += noise_.array() * (softplus(noise_pre_.array()) + Scalar(0.01));
+    }
+    noisy_ = noisy;
+    probabilities_ = softmax_rows(logits_);  // [N, E]
+
+    experts_.assign(static_cast<std::size_t>(rows * top_k), -1);
+    gates_ = Matrix<Scalar>::Zero(rows, top_k);       // [N, k]
+    gate_sums_ = ColumnVector<Scalar>::Ones(rows);    // [N]
+    routed_tokens_ = 0;
+    for (Index t = 0; t < rows; ++t) {
+      if (!routed_[t]) continue;
+      ++routed_tokens_;
+      Index* chosen = experts_.data() + t * top_k;
+      const Scalar* p = probabilities_.row(t).data();
+      top_k_indices(p, experts_count, top_k - (sampling ? config_.sampled_experts : 0), chosen);
+      if (sampling) sample_remaining(p, chosen, *rng);
+      Scalar sum = 0;
+      for (Index j = 0; j < top_k; ++j) sum += p[chosen[j]];
+      gate_sums_(t) = config_.gate_normalization == GateNormalization::renormalized ? sum : Scalar(1);
+      for (Index j = 0; j < top_k; ++j) gates_(t, j) = p[chosen[j]] / gate_sums_(t);
+    }
+    compute_aux_losses();
+  }
+
+  // grad_gates: [N, k]; aux_scale weighs the aux loss's gradient (1 for task + aux).
+  // Accumulates into the router weights; returns grad_input: [N, d_model].
+  Matrix<Scalar> backward(const Matrix<Scalar>& grad_gates, Scalar aux_scale = Scalar(1)) {
+    const Index rows = input_.rows(), experts_count = config_.num_experts, top_k = config_.top_k;
+    MOA_CHECK(grad_gates.rows() == rows && grad_gates.cols() == top_k, "Router::backward", "grad_gates has shape ",
+              detail::shape_of(grad_gates), ", expected [", rows, ", ", top_k, "] (as the last forward)");
+    Matrix<Scalar> grad_probabilities = Matrix<Scalar>::Zero(rows, experts_count);  // [N, E]
+    Matrix<Scalar> grad_logits_extra = Matrix<Scalar>::Zero(rows, experts_count);   // [N, E] z-loss term
+    if (routed_tokens_ > 0) {
+      const Scalar per_token = Scalar(1) / static_cast<Scalar>(routed_tokens_);
+      const Scalar balance = aux_scale * static_cast<Scalar>(config_.load_balance_coefficient) *
+                             static_cast<Scalar>(experts_count) * per_token;
+      const Scalar z_scale = aux_scale * static_cast<Scalar>(config_.z_loss_coefficient) * Scalar(2) * per_token;
+      for (Index t = 0; t < rows; ++t) {
+        if (!routed_[t]) continue;
+        const Index* chosen = experts_.data() + t * top_k;
+        if (config_.gate_normalization == GateNormalization::renormalized) {
+          // gate_j = p_j / S: dp_i = (dgate_i - sum_j dgate_j gate_j) / S
+          const Scalar dot = grad_gates.row(t).dot(gates_.row(t));
+          for (Index j = 0; j < top_k; ++j) grad_probabilities(t, chosen[j]) += (grad_gates(t, j) - dot) / gate_sums_(t);
+        } else {
+          for (Index j = 0; j < top_k; ++j) grad_probabilities(t, chosen[j]) += grad_gates(t, j);
+        }
+        for (Index e = 0; e < experts_count; ++e) grad_probabilities(t, e) += balance * fractions_[e];
+        grad_logits_extra.row(t) = z_scale * log_normalizers_(t) * probabilities_.row(t);
+      }
+    }
+    Matrix<Scalar> grad_logits = softmax_rows_backward(probabilities_, grad_probabilities) + grad_logits_extra;
+    weight.grad.noalias() += grad_logits.transpose() * input_;
+    Matrix<Scalar> grad_input = grad_logits * weight.value;  // [N, d_model]
+    if (noisy_) {
+      // d logits / d noise_pre = noise * sigmoid(noise_pre)
+      const Matrix<Scalar> grad_noise_pre =
+          (grad_logits.array() * noise_.array() / (Scalar(1) + (-noise_pre_.array()).exp())).matrix();  // [N, E]
+      noise_weight.grad.noalias() += grad_noise_pre.transpose() * input_;
+      grad_input.noalias() += grad_noise_pre * noise_weight.value;
+    }
+    return grad_input;
+  }
+
+  // [N*k] expert of assignment t*k + j, -1 for unrouted tokens; slot 0 is the most probable.
+  const std::vector<Index>& experts() const { return experts_; }
+  const Matrix<Scalar>& gates() const { return gates_; }                  // [N, k]
+  const Matrix<Scalar>& probabilities() const { return probabilities_; }  // [N, E]
+  const Matrix<Scalar>& logits() const { return logits_; }                // [N, E]
+  Index routed_tokens() const { return routed_tokens_; }
+  Scalar load_balance_loss() const { return load_balance_loss_; }
+  Scalar z_loss() const { return z_loss_; }
+  Scalar aux_loss() const {
+    return static_cast<Scalar>(config_.load_balance_coefficient) * load_balance_loss_ +
+           static_cast<Scalar>(config_.z_loss_coefficient) * z_loss_;
+  }
+
+  RoutingStatistics statistics() const {
+    RoutingStatistics stats;
+    stats.counts.assign(static_cast<std::size_t>(config_.num_experts), 0);
+    for (Index expert : experts_)
+      if (expert >= 0) ++stats.counts[static_cast<std::size_t>(expert)];
+    const double total = static_cast<double>(routed_tokens_ * config_.top_k);
+    for (Index count : stats.counts) {
+      const double share = total > 0 ? static_cast<double>(count) / total : 0.0;
+      stats.load.push_back(share);
+      if (share > 0) stats.load_entropy -= share * std::log(share);
+    }
+    for (Index t = 0; t < probabilities_.rows(); ++t) {
+      if (!routed_[t]) continue;
+      for (Index e = 0; e < config_.num_experts; ++e) {
+        const double p = static_cast<double>(probabilities_(t, e));
+        if (p > 0) stats.mean_token_entropy -= p * std::log(p);
+      }
+    }
+    if (routed_tokens_ > 0) stats.mean_token_entropy /= static_cast<double>(routed_tokens_);
+    return stats;
+  }
+
+  void collect_parameters(ParameterList<Scalar>& list, const std::string& prefix = "") {
+    list.add(prefix, weight);
+    if (config_.noisy_gating) list.add(prefix, noise_weight);
+  }
+
+  Parameter<Scalar> weight;        // [E, d_model]
+  Parameter<Scalar> noise_weight;  // [E, d_model], only with noisy gating
+
+ private:
+  template <typename ArrayLike>
+  static auto softplus(const ArrayLike& x) {
+    // log(1 + e^x) without overflow: max(x, 0) + log(1 + e^-|x|)
+    return x.max(Scalar(0)) + (Scalar(1) + (-x.abs()).exp()).log();
+  }
+
+  // Fills the last sampled_experts slots by sampling without replacement from the probabilities
+  // of the experts not yet chosen.
+  void sample_remaining(const Scalar* p, Index* chosen, Rng& rng) const {
+    const Index fixed = config_.top_k - config_.sampled_experts;
+    for (Index slot = fixed; slot < config_.top_k; ++slot) {
+      double remaining = 0.0;
+      auto is_chosen = [&](Index e) {
+        for (Index s = 0; s < slot; ++s)
+          if (chosen[s] == e) return true;
+        return false;
+      };
+      for (Index e = 0; e < config_.num_experts; ++e)
+        if (!is_chosen(e)) remaining += static_cast<double>(p[e]);
+      double draw = rng.uniform() * remaining;
+      Index pick = -1;
+      for (Index e = 0; e < config_.num_experts; ++e) {
+        if (is_chosen(e)) continue;
+        pick = e;  // the last free expert absorbs rounding
+        draw -= static_cast<double>(p[e]);
+        if (draw < 0.0) break;
+      }
+      chosen[slot] = pick;
+    }
+  }
+
+  void compute_aux_losses() {
+    const Index experts_count = config_.num_experts;
+    fractions_.assign(static_cast<std::size_t>(experts_count), Scalar(0));
+    log_normalizers_ = ColumnVector<Scalar>::Zero(logits_.rows());  // [N]
+    load_balance_loss_ = 0;
+    z_loss_ = 0;
+    if (routed_tokens_ == 0) return;
+    for (Index expert : experts_)
+      if (expert >= 0) fractions_[static_cast<std::size_t>(expert)] += Scalar(1);
+    for (Scalar& fraction : fractions_) fraction /= static_cast<Scalar>(routed_tokens_ * config_.top_k);
+    RowVector<Scalar> mean_probability = RowVector<Scalar>::Zero(experts_count);  // [E]
+    for (Index t = 0; t < logits_.rows(); ++t) {
+      if (!routed_[t]) continue;
+      mean_probability += probabilities_.row(t);
+      const Scalar max_logit = logits_.row(t).maxCoeff();
+      log_normalizers_(t) = max_logit + std::log((logits_.row(t).array() - max_logit).exp().sum());
+      z_loss_ += log_normalizers_(t) * log_normalizers_(t);
+    }
+    mean_probability /= static_cast<Scalar>(routed_tokens_);
+    z_loss_ /= static_cast<Scalar>(routed_tokens_);
+    for (Index e = 0; e < experts_count; ++e) load_balance_loss_ += fractions_[e] * mean_probability(e);
+    load_balance_loss_ *= static_cast<Scalar>(experts_count);
+  }
+
+  RouterConfig config_;
+  bool training_ = true;
+  bool noisy_ = false;
+  Matrix<Scalar> input_;                // [N, d_model]
+  std::vector<char> routed_;            // N
+  Matrix<Scalar> logits_;               // [N, E] (noisy in training with noisy gating)
+  Matrix<Scalar> noise_pre_;            // [N, E] x Wn^T
+  Matrix<Scalar> noise_;                // [N, E] the N(0,1) draws
+  Matrix<Scalar> probabilities_;        // [N, E]
+  std::vector<Index> experts_;          // [N*k]
+  Matrix<Scalar> gates_;                // [N, k]
+  ColumnVector<Scalar> gate_sums_;      // [N] the renormaliser S (1 for raw gates)
+  ColumnVector<Scalar> log_normalizers_;  // [N] logsumexp of the logits
+  std::vector<Scalar> fractions_;       // [E] f_i
+  Index routed_tokens_ = 0;
+  Scalar load_balance_loss_ = 0;
+  Scalar z_loss_ = 0;
+};
+
+}  // namespace moa

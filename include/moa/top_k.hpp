@@ -1,0 +1,67 @@
+// moa/top_k.hpp - top-k selection and the dispatch plan of a routed layer.
+//
+// A routed layer makes N*k assignments (token t, slot j) -> expert; assignment id t*k + j. The
+// dispatch plan groups the ids by expert (token order kept within an expert) with per-expert
+// counts and offsets, so each expert's work is one gathered GEMM and experts no token chose cost
+// nothing. It is shared by every routed layer (MoA now; MoH heads or MoE feed-forwards later).
+#pragma once
+
+#include "moa/error.hpp"
+#include "moa/tensor.hpp"
+
+#include <vector>
+
+namespace moa {
+
+// Writes the indices of the k largest of values[0..length) to chosen[0..k), largest first; ties
+// go to the lower index, so the choice is reproducible.
+template <typename Scalar>
+void top_k_indices(const Scalar* values, Index length, Index k, Index* chosen) {
+  MOA_CHECK(k > 0 && k <= length, "top_k_indices", "k = ", k, " must be in [1, ", length, "]");
+  for (Index slot = 0; slot < k; ++slot) {
+    Index best = -1;
+    for (Index i = 0; i < length; ++i) {
+      bool taken = false;
+      for (Index s = 0; s < slot; ++s) taken = taken || chosen[s] == i;
+      if (!taken && (best < 0 || values[i] > values[best])) best = i;
+    }
+    chosen[slot] = best;
+  }
+}
+
+struct DispatchPlan {
+  Index num_experts = 0;
+  Index top_k = 0;
+  std::vector<Index> order;    // assignment ids t*k + j grouped by expert
+  std::vector<Index> offsets;  // [E + 1]: expert e's ids are order[offsets[e] .. offsets[e + 1])
+
+  Index count(Index expert) const { return offsets[expert + 1] - offsets[expert]; }
+  Index assignments() const { return static_cast<Index>(order.size()); }
+  static Index token_of(Index id, Index top_k) { return id / top_k; }
+
+  // experts: [N*k], the expert of each assignment, or -1 for an unrouted (padding) token.
+  static DispatchPlan build(const std::vector<Index>& experts, Index num_experts, Index top_k) {
+    MOA_CHECK(num_experts > 0 && top_k > 0, "DispatchPlan::build", "num_experts = ", num_experts, " and top_k = ",
+              top_k, " must be positive");
+    MOA_CHECK(static_cast<Index>(experts.size()) % top_k == 0, "DispatchPlan::build", "experts has ", experts.size(),
+              " entries, not a multiple of top_k = ", top_k);
+    DispatchPlan plan;
+    plan.num_experts = num_experts;
+    plan.top_k = top_k;
+    plan.offsets.assign(static_cast<std::size_t>(num_experts + 1), 0);
+    for (Index expert : experts) {
+      MOA_CHECK(expert >= -1 && expert < num_experts, "DispatchPlan::build", "expert ", expert, " is outside [0, ",
+                num_experts, ")");
+      if (expert >= 0) ++plan.offsets[static_cast<std::size_t>(expert + 1)];
+    }
+    for (Index e = 0; e < num_experts; ++e) plan.offsets[e + 1] += plan.offsets[e];
+    plan.order.resize(static_cast<std::size_t>(plan.offsets[num_experts]));
+    std::vector<Index> next(plan.offsets.begin(), plan.offsets.end() - 1);
+    for (Index id = 0; id < static_cast<Index>(experts.size()); ++id) {
+      if (experts[id] >= 0) plan.order[static_cast<std::size_t>(next[experts[id]]++)] = id;
+    }
+    return plan;
+  }
+};
+
+}  // namespace moa
