@@ -58,6 +58,14 @@ class KVCache {
     key_lengths_.assign(static_cast<std::size_t>(batch_size_), length_);
   }
 
+  // Forgets the steps after the first `length` (e.g. to retry a step, or drop rejected tokens).
+  void truncate(Index length) {
+    MOA_CHECK(!frozen_, "KVCache::truncate", "the cache holds cross-attention keys");
+    MOA_CHECK(length >= 0 && length <= length_, "KVCache::truncate", "length ", length, " is outside [0, ", length_, "]");
+    length_ = length;
+    key_lengths_.assign(static_cast<std::size_t>(batch_size_), length_);
+  }
+
   // Fills a cross-attention cache: keys, values [B*S, width] with S = capacity, and the true
   // length of each sequence. The cache is then frozen.
   void fill(const Matrix<Scalar>& keys, const Matrix<Scalar>& values, const std::vector<Index>& key_lengths) {

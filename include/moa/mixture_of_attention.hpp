@@ -25,6 +25,7 @@
 #include "moa/tensor.hpp"
 #include "moa/top_k.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -76,8 +77,10 @@ class MixtureOfAttention {
     detail::validate_attention_batches("MixtureOfAttention::forward", model_dim(), query.rows(), query.cols(),
                                        query_batch, key_value.rows(), key_value.cols(), key_batch, causal);
     const Index k = config_.top_k;
+    // forward_self passes one matrix twice; keep one copy of it.
+    self_attention_ = &query == &key_value;
     query_ = query;
-    key_value_ = key_value;
+    if (!self_attention_) key_value_ = key_value;
     query_batch_ = query_batch;
     key_batch_ = key_batch;
     causal_ = causal;
@@ -88,7 +91,7 @@ class MixtureOfAttention {
     values_.noalias() = key_value * v_proj.value.transpose();  // [B*Tk, d_h]
     project_queries(query, plan_, queries_);                   // [B*Tq*k, d_h]
     probabilities_.resize(query.rows() * k, key_batch.length);  // [B*Tq*k, Tk]
-    attended_ = Matrix<Scalar>::Zero(query.rows() * k, config_.head_dim);  // [B*Tq*k, d_h]
+    attended_.resize(query.rows() * k, config_.head_dim);        // [B*Tq*k, d_h], rows of routed tokens written
     last_flops_ = projection_flops(query.rows(), key_value.rows(), plan_.assignments());
     for (Index b = 0; b < query_batch.batch_size; ++b) {
       const AttentionLayout layout = layout_of(b);
@@ -118,23 +121,26 @@ class MixtureOfAttention {
     const Matrix<Scalar>& gates = router.gates();                       // [N, k]
     Matrix<Scalar> grad_gates = Matrix<Scalar>::Zero(query_.rows(), k);  // [N, k]
     Matrix<Scalar> grad_attended = Matrix<Scalar>::Zero(attended_.rows(), head_dim);  // [N*k, d_h]
-    Matrix<Scalar> gathered_grad, gathered, scaled, grad_unscaled;
     // Output side: y_t += gate * a Wo_e^T.
     for (Index e = 0; e < config_.num_experts; ++e) {
       const Index count = plan_.count(e);
       if (count == 0) continue;
       const Index* ids = plan_.order.data() + plan_.offsets[e];
       const auto weight = o_proj.value.middleRows(e * model, model);  // [d_model, d_h]
-      gather_rows(attended_, ids, count, 1, gathered);                // [c, d_h]
-      scaled = gathered;                                              // [c, d_h] gate * a
-      for (Index i = 0; i < count; ++i) scaled.row(i) *= gates.data()[ids[i]];
-      const bool dense = count == query_.rows();
-      if (!dense) gather_rows(grad_output, ids, count, k, gathered_grad);  // [c, d_model]
-      const Matrix<Scalar>& grad_rows = dense ? grad_output : gathered_grad;
-      o_proj.grad.middleRows(e * model, model).noalias() += grad_rows.transpose() * scaled;
-      grad_unscaled.noalias() = grad_rows * weight;  // [c, d_h]
+      const auto attended = gather_rows(attended_, ids, count, 1, attended_rows_);  // [c, d_h]
+      auto scaled = rows_of(scaled_, count, head_dim);                        // [c, d_h] gate * a
+      for (Index i = 0; i < count; ++i) scaled.row(i) = gates.data()[ids[i]] * attended.row(i);
+      auto grad_unscaled = rows_of(projected_, count, head_dim);  // [c, d_h] d(gate * a) before the gate
+      if (count == query_.rows()) {  // every token chose e: grad_output is already in order
+        o_proj.grad.middleRows(e * model, model).noalias() += grad_output.transpose() * scaled;
+        grad_unscaled.noalias() = grad_output * weight;
+      } else {
+        const auto grad_rows = gather_rows(grad_output, ids, count, k, gathered_grad_);  // [c, d_model]
+        o_proj.grad.middleRows(e * model, model).noalias() += grad_rows.transpose() * scaled;
+        grad_unscaled.noalias() = grad_rows * weight;
+      }
       for (Index i = 0; i < count; ++i) {
-        grad_gates.data()[ids[i]] = grad_unscaled.row(i).dot(gathered.row(i));
+        grad_gates.data()[ids[i]] = grad_unscaled.row(i).dot(attended.row(i));
         grad_attended.row(ids[i]) = gates.data()[ids[i]] * grad_unscaled.row(i);
       }
     }
@@ -159,21 +165,23 @@ class MixtureOfAttention {
       const Index count = plan_.count(e);
       if (count == 0) continue;
       const Index* ids = plan_.order.data() + plan_.offsets[e];
-      const auto weight = q_proj.value.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
-      gather_rows(grad_queries, ids, count, 1, gathered_grad);              // [c, d_h]
+      const auto weight = q_proj.value.middleRows(e * head_dim, head_dim);            // [d_h, d_model]
+      const auto grad_rows = gather_rows(grad_queries, ids, count, 1, gathered_grad_);  // [c, d_h]
       if (count == query_.rows()) {
-        q_proj.grad.middleRows(e * head_dim, head_dim).noalias() += gathered_grad.transpose() * query_;
-        grads.query.noalias() += gathered_grad * weight;
+        q_proj.grad.middleRows(e * head_dim, head_dim).noalias() += grad_rows.transpose() * query_;
+        grads.query.noalias() += grad_rows * weight;
         continue;
       }
-      gather_rows(query_, ids, count, k, gathered);  // [c, d_model]
-      q_proj.grad.middleRows(e * head_dim, head_dim).noalias() += gathered_grad.transpose() * gathered;
-      scaled.noalias() = gathered_grad * weight;  // [c, d_model]
-      for (Index i = 0; i < count; ++i) grads.query.row(ids[i] / k) += scaled.row(i);
+      const auto inputs = gather_rows(query_, ids, count, k, gathered_);  // [c, d_model]
+      q_proj.grad.middleRows(e * head_dim, head_dim).noalias() += grad_rows.transpose() * inputs;
+      auto grad_inputs = rows_of(projected_, count, model);  // [c, d_model]
+      grad_inputs.noalias() = grad_rows * weight;
+      for (Index i = 0; i < count; ++i) grads.query.row(ids[i] / k) += grad_inputs.row(i);
     }
     // The shared key and value heads.
-    k_proj.grad.noalias() += grad_keys.transpose() * key_value_;
-    v_proj.grad.noalias() += grad_values.transpose() * key_value_;
+    const Matrix<Scalar>& key_value = self_attention_ ? query_ : key_value_;
+    k_proj.grad.noalias() += grad_keys.transpose() * key_value;
+    v_proj.grad.noalias() += grad_values.transpose() * key_value;
     grads.key_value.noalias() = grad_keys * k_proj.value;
     grads.key_value.noalias() += grad_values * v_proj.value;
     return grads;
@@ -263,29 +271,34 @@ class MixtureOfAttention {
   Parameter<Scalar> v_proj;  // [d_h, d_model]
 
  private:
-  // destination.row(i) = source.row(ids[i] / divisor) for i < count.
-  static void gather_rows(const Matrix<Scalar>& source, const Index* ids, Index count, Index divisor,
-                          Matrix<Scalar>& destination) {
-    destination.resize(count, source.cols());
-    for (Index i = 0; i < count; ++i) destination.row(i) = source.row(ids[i] / divisor);
+  // The first `rows` rows of a scratch buffer, grown (never shrunk) to fit.
+  static auto rows_of(Matrix<Scalar>& buffer, Index rows, Index cols) {
+    if (buffer.rows() < rows || buffer.cols() != cols) buffer.resize(std::max(rows, buffer.rows()), cols);
+    return buffer.topRows(rows);
   }
 
-  // queries: [N*k, d_h]; row t*k + j = x_t Wq_e^T for the expert e of slot j (zero for padding).
-  void project_queries(const Matrix<Scalar>& input, const DispatchPlan& plan, Matrix<Scalar>& queries) const {
+  // The first `count` rows of `buffer` set to source.row(ids[i] / divisor).
+  static auto gather_rows(const Matrix<Scalar>& source, const Index* ids, Index count, Index divisor,
+                          Matrix<Scalar>& buffer) {
+    auto rows = rows_of(buffer, count, source.cols());
+    for (Index i = 0; i < count; ++i) rows.row(i) = source.row(ids[i] / divisor);
+    return rows;
+  }
+
+  // queries: [N*k, d_h]; row t*k + j = x_t Wq_e^T for the expert e of slot j.
+  void project_queries(const Matrix<Scalar>& input, const DispatchPlan& plan, Matrix<Scalar>& queries) {
     const Index k = config_.top_k, head_dim = config_.head_dim;
-    queries = Matrix<Scalar>::Zero(input.rows() * k, head_dim);
-    Matrix<Scalar> gathered, projected;  // [c, d_model], [c, d_h]
+    queries.resize(input.rows() * k, head_dim);  // rows of unrouted tokens are never read
     for (Index e = 0; e < config_.num_experts; ++e) {
       const Index count = plan.count(e);
       if (count == 0) continue;
       const Index* ids = plan.order.data() + plan.offsets[e];
       const auto weight = q_proj.value.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
-      // Every token chose e (so in token order): no gather needed.
-      if (count == input.rows()) {
+      auto projected = rows_of(projected_, count, head_dim);                // [c, d_h]
+      if (count == input.rows()) {  // every token chose e (so in token order): no gather
         projected.noalias() = input * weight.transpose();
       } else {
-        gather_rows(input, ids, count, k, gathered);
-        projected.noalias() = gathered * weight.transpose();
+        projected.noalias() = gather_rows(input, ids, count, k, gathered_) * weight.transpose();
       }
       for (Index i = 0; i < count; ++i) queries.row(ids[i]) = projected.row(i);
     }
@@ -293,21 +306,21 @@ class MixtureOfAttention {
 
   // output: [N, d_model]; row t = sum_j gate_{t,j} attended_{t*k+j} Wo_e^T.
   Matrix<Scalar> project_outputs(const Matrix<Scalar>& attended, const Matrix<Scalar>& gates, const DispatchPlan& plan,
-                                 Index rows) const {
-    const Index k = config_.top_k, model = model_dim();
+                                 Index rows) {
+    const Index k = config_.top_k, model = model_dim(), head_dim = config_.head_dim;
     Matrix<Scalar> output = Matrix<Scalar>::Zero(rows, model);  // [N, d_model]
-    Matrix<Scalar> scaled, projected;                           // [c, d_h], [c, d_model]
     for (Index e = 0; e < config_.num_experts; ++e) {
       const Index count = plan.count(e);
       if (count == 0) continue;
       const Index* ids = plan.order.data() + plan.offsets[e];
       const auto weight = o_proj.value.middleRows(e * model, model);  // [d_model, d_h]
-      gather_rows(attended, ids, count, 1, scaled);
-      for (Index i = 0; i < count; ++i) scaled.row(i) *= gates.data()[ids[i]];
+      auto scaled = rows_of(scaled_, count, head_dim);                // [c, d_h] gate * a
+      for (Index i = 0; i < count; ++i) scaled.row(i) = gates.data()[ids[i]] * attended.row(ids[i]);
       if (count == rows) {
         output.noalias() += scaled * weight.transpose();
         continue;
       }
+      auto projected = rows_of(projected_, count, model);  // [c, d_model]
       projected.noalias() = scaled * weight.transpose();
       for (Index i = 0; i < count; ++i) output.row(ids[i] / k) += projected.row(i);
     }
@@ -340,16 +353,19 @@ class MixtureOfAttention {
 
   MixtureOfAttentionConfig config_;
   bool causal_ = false;
+  bool self_attention_ = false;
   SequenceBatch query_batch_, key_batch_;
   DispatchPlan plan_;
   Matrix<Scalar> query_;          // [B*Tq, d_model]
-  Matrix<Scalar> key_value_;      // [B*Tk, d_model]
+  Matrix<Scalar> key_value_;      // [B*Tk, d_model], empty for self-attention (query_ is both)
   Matrix<Scalar> keys_;           // [B*Tk, d_h]
   Matrix<Scalar> values_;         // [B*Tk, d_h]
   Matrix<Scalar> queries_;        // [B*Tq*k, d_h]
   Matrix<Scalar> probabilities_;  // [B*Tq*k, Tk]
   Matrix<Scalar> attended_;       // [B*Tq*k, d_h], before the gates
   double last_flops_ = 0.0;
+  // Scratch reused across experts and calls, so a forward does not allocate per expert.
+  Matrix<Scalar> gathered_, gathered_grad_, attended_rows_, scaled_, projected_;
 };
 
 }  // namespace moa

@@ -18,14 +18,17 @@ namespace moa {
 template <typename Scalar>
 void top_k_indices(const Scalar* values, Index length, Index k, Index* chosen) {
   MOA_CHECK(k > 0 && k <= length, "top_k_indices", "k = ", k, " must be in [1, ", length, "]");
-  for (Index slot = 0; slot < k; ++slot) {
-    Index best = -1;
-    for (Index i = 0; i < length; ++i) {
-      bool taken = false;
-      for (Index s = 0; s < slot; ++s) taken = taken || chosen[s] == i;
-      if (!taken && (best < 0 || values[i] > values[best])) best = i;
+  // Insertion into a sorted list of k: one pass, and only strictly larger values move ahead, so
+  // among equal values the earlier index stays first.
+  Index filled = 0;
+  for (Index i = 0; i < length; ++i) {
+    if (filled == k && !(values[i] > values[chosen[k - 1]])) continue;
+    Index slot = filled < k ? filled++ : k - 1;
+    while (slot > 0 && values[i] > values[chosen[slot - 1]]) {
+      chosen[slot] = chosen[slot - 1];
+      --slot;
     }
-    chosen[slot] = best;
+    chosen[slot] = i;
   }
 }
 

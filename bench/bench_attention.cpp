@@ -1,0 +1,161 @@
+// MoA and MHA forward, forward+backward and decoding, one thread, float, at the shapes of the
+// project's targets; BM_Sgemm (bench_layers.cpp, same binary) is the yardstick.
+//
+// FLOPs are counted by the layers (last_forward_flops: router, projections, and attention over
+// the keys each query really sees); forward+backward counts 3x the forward, the usual estimate
+// (backward computes two products for each one of the forward).
+#include "moa/moa.hpp"
+
+#include <benchmark/benchmark.h>
+
+#include <cmath>
+
+namespace {
+
+using MatrixF = moa::Matrix<float>;
+
+struct Shape {
+  moa::Index batch, length, model, experts, top_k, head_dim;
+};
+
+// (B, T=S, d_model, E, k, d_h)
+const Shape kToy{32, 32, 256, 8, 2, 64};
+const Shape kBase{8, 128, 512, 8, 8, 128};
+const Shape kWide8{8, 128, 512, 8, 4, 64};
+const Shape kWide{8, 128, 512, 32, 4, 64};
+const Shape kWide64{8, 128, 512, 64, 4, 64};
+const Shape kCausal{8, 256, 512, 16, 4, 64};
+
+MatrixF random_matrix(moa::Index rows, moa::Index cols, moa::Rng& rng) {
+  MatrixF matrix(rows, cols);
+  moa::init_normal(matrix, rng, 0.0, 1.0);
+  return matrix;
+}
+
+moa::MixtureOfAttention<float> make_moa(const Shape& shape, moa::Rng& rng) {
+  moa::MixtureOfAttentionConfig config;
+  config.model_dim = shape.model;
+  config.num_experts = shape.experts;
+  config.top_k = shape.top_k;
+  config.head_dim = shape.head_dim;
+  moa::MixtureOfAttention<float> layer(config, rng);
+  // A trained router spreads tokens over the experts; a zero one would send all to the first k.
+  moa::init_normal(layer.router.weight, rng, 0.0, 1.0 / std::sqrt(static_cast<double>(shape.model)));
+  return layer;
+}
+
+// The MHA of the same attention compute: k heads of width d_h.
+moa::MultiHeadAttention<float> make_mha(const Shape& shape, moa::Rng& rng) {
+  return moa::MultiHeadAttention<float>({shape.model, shape.top_k, shape.head_dim}, rng);
+}
+
+template <typename Layer>
+void run_layer(benchmark::State& state, Layer& layer, const Shape& shape, bool causal, bool with_backward) {
+  moa::Rng rng(7);
+  const auto batch = moa::SequenceBatch::full(shape.batch, shape.length);
+  const MatrixF input = random_matrix(batch.rows(), shape.model, rng);
+  const MatrixF grad_output = random_matrix(batch.rows(), shape.model, rng);
+  layer.set_training(with_backward);
+  for (auto _ : state) {
+    MatrixF output = layer.forward_self(input, batch, causal);
+    benchmark::DoNotOptimize(output.data());
+    if (with_backward) {
+      MatrixF grad_input = layer.backward_self(grad_output);
+      benchmark::DoNotOptimize(grad_input.data());
+    }
+  }
+  const double flops = layer.last_forward_flops() * (with_backward ? 3.0 : 1.0);
+  state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["tokens/s"] =
+      benchmark::Counter(static_cast<double>(batch.rows()), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_MoA(benchmark::State& state, Shape shape, bool causal, bool with_backward) {
+  moa::Rng rng(1);
+  auto layer = make_moa(shape, rng);
+  run_layer(state, layer, shape, causal, with_backward);
+}
+
+void BM_MHA(benchmark::State& state, Shape shape, bool causal, bool with_backward) {
+  moa::Rng rng(1);
+  auto layer = make_mha(shape, rng);
+  run_layer(state, layer, shape, causal, with_backward);
+}
+
+// One decoding step of every sequence against a cache of `cached` tokens.
+template <typename Layer>
+void run_decode(benchmark::State& state, Layer& layer, const Shape& shape, moa::Index cached) {
+  moa::Rng rng(7);
+  layer.set_training(false);
+  auto cache = layer.make_self_cache(shape.batch, cached + 1);
+  layer.step(random_matrix(shape.batch * cached, shape.model, rng), cache);
+  const MatrixF token = random_matrix(shape.batch, shape.model, rng);
+  for (auto _ : state) {
+    MatrixF output = layer.step(token, cache);
+    benchmark::DoNotOptimize(output.data());
+    cache.truncate(cached);
+  }
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(layer.last_forward_flops() * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["tokens/s"] =
+      benchmark::Counter(static_cast<double>(shape.batch), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_MoADecode(benchmark::State& state, Shape shape) {
+  moa::Rng rng(1);
+  auto layer = make_moa(shape, rng);
+  run_decode(state, layer, shape, 256);
+}
+
+void BM_MHADecode(benchmark::State& state, Shape shape) {
+  moa::Rng rng(1);
+  auto layer = make_mha(shape, rng);
+  run_decode(state, layer, shape, 256);
+}
+
+// The attention kernel alone for one sequence of the causal shape: T*k query rows against one
+// shared K and V. Causal masking skips the upper triangle block by block, so only this part of
+// the layer gets cheaper; the projections cost the same either way.
+void BM_AttentionKernel(benchmark::State& state, bool causal) {
+  const Shape shape = kCausal;
+  moa::Rng rng(3);
+  const MatrixF queries = random_matrix(shape.length * shape.top_k, shape.head_dim, rng);
+  const MatrixF keys = random_matrix(shape.length, shape.head_dim, rng);
+  const MatrixF values = random_matrix(shape.length, shape.head_dim, rng);
+  MatrixF probabilities(queries.rows(), shape.length), output(queries.rows(), shape.head_dim);
+  moa::AttentionLayout layout;
+  layout.positions = shape.length;
+  layout.rows_per_position = shape.top_k;
+  layout.key_length = shape.length;
+  layout.causal = causal;
+  for (auto _ : state) {
+    moa::attention_forward<float>(queries, keys, values, layout, probabilities, output);
+    benchmark::DoNotOptimize(output.data());
+  }
+  double pairs = 0;
+  for (moa::Index p = 0; p < shape.length; ++p) pairs += static_cast<double>(layout.visible_keys(p) * shape.top_k);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(4.0 * pairs * shape.head_dim * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["tokens/s"] =
+      benchmark::Counter(static_cast<double>(shape.length), benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK_CAPTURE(BM_AttentionKernel, causal, true)->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_AttentionKernel, noncausal, false)->Unit(benchmark::kMicrosecond);
+
+#define MOA_SHAPE_BENCHMARKS(name, shape, causal)                                                        \
+  BENCHMARK_CAPTURE(BM_MoA, name##_forward, shape, causal, false)->Unit(benchmark::kMillisecond);         \
+  BENCHMARK_CAPTURE(BM_MoA, name##_forward_backward, shape, causal, true)->Unit(benchmark::kMillisecond); \
+  BENCHMARK_CAPTURE(BM_MHA, name##_forward, shape, causal, false)->Unit(benchmark::kMillisecond);         \
+  BENCHMARK_CAPTURE(BM_MHA, name##_forward_backward, shape, causal, true)->Unit(benchmark::kMillisecond)
+
+MOA_SHAPE_BENCHMARKS(toy, kToy, false);
+MOA_SHAPE_BENCHMARKS(base, kBase, false);
+MOA_SHAPE_BENCHMARKS(wide8, kWide8, false);
+MOA_SHAPE_BENCHMARKS(wide, kWide, false);
+MOA_SHAPE_BENCHMARKS(wide64, kWide64, false);
+MOA_SHAPE_BENCHMARKS(causal, kCausal, true);
+MOA_SHAPE_BENCHMARKS(noncausal, kCausal, false);
+BENCHMARK_CAPTURE(BM_MoADecode, wide_cache256, kWide)->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_MHADecode, wide_cache256, kWide)->Unit(benchmark::kMicrosecond);
+
+}  // namespace
