@@ -33,11 +33,21 @@ class Embedding {
 
   // ids: N token ids -> output: [N, embedding_dim]. Caches the ids for backward.
   Matrix<Scalar> forward(const TokenIds& ids) {
+    Matrix<Scalar> output = lookup(ids);
+    ids_ = ids;
+    return output;
+  }
+
+  // grad_output: [N, embedding_dim]; scatters rows into the weight gradient. Ids have no gradient.
+  void backward(const Matrix<Scalar>& grad_output) { accumulate_grad(ids_, grad_output); }
+
+  // The rows of `ids` without caching anything, for a table used in several places (shared
+  // source and target embeddings); pair with accumulate_grad. output: [N, embedding_dim]
+  Matrix<Scalar> lookup(const TokenIds& ids) const {
     for (std::size_t i = 0; i < ids.size(); ++i) {
       MOA_CHECK(ids[i] >= 0 && ids[i] < num_embeddings(), "Embedding::forward", "ids[", i, "] = ", ids[i],
                 " is outside [0, ", num_embeddings(), ")");
     }
-    ids_ = ids;
     Matrix<Scalar> output(static_cast<Index>(ids.size()), embedding_dim());  // [N, D]
     for (std::size_t i = 0; i < ids.size(); ++i) {
       if (ids[i] == padding_index_) {
@@ -49,14 +59,29 @@ class Embedding {
     return output;
   }
 
-  // grad_output: [N, embedding_dim]; scatters rows into the weight gradient. Ids have no gradient.
-  void backward(const Matrix<Scalar>& grad_output) {
-    MOA_CHECK(grad_output.rows() == static_cast<Index>(ids_.size()) && grad_output.cols() == embedding_dim(),
+  void accumulate_grad(const TokenIds& ids, const Matrix<Scalar>& grad_output) {
+    MOA_CHECK(grad_output.rows() == static_cast<Index>(ids.size()) && grad_output.cols() == embedding_dim(),
               "Embedding::backward", "grad_output has shape ", detail::shape_of(grad_output), ", expected [",
-              ids_.size(), ", ", embedding_dim(), "] (as the last forward)");
-    for (std::size_t i = 0; i < ids_.size(); ++i) {
-      if (ids_[i] != padding_index_) weight.grad.row(ids_[i]) += grad_output.row(static_cast<Index>(i));
+              ids.size(), ", ", embedding_dim(), "] (as the ids)");
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      if (ids[i] != padding_index_) weight.grad.row(ids[i]) += grad_output.row(static_cast<Index>(i));
     }
+  }
+
+  // Output projection tied to the table: logits = x W^T. input: [N, D] -> logits: [N, V]
+  Matrix<Scalar> project(const Matrix<Scalar>& input) const {
+    MOA_CHECK(input.cols() == embedding_dim(), "Embedding::project", "input has shape ", detail::shape_of(input),
+              ", expected [N, ", embedding_dim(), "]");
+    return input * weight.value.transpose();
+  }
+
+  // Backward of project: accumulates dW += dlogits^T x and returns dx: [N, D].
+  Matrix<Scalar> project_backward(const Matrix<Scalar>& input, const Matrix<Scalar>& grad_logits) {
+    MOA_CHECK(grad_logits.rows() == input.rows() && grad_logits.cols() == num_embeddings(),
+              "Embedding::project_backward", "grad_logits has shape ", detail::shape_of(grad_logits), ", expected [",
+              input.rows(), ", ", num_embeddings(), "]");
+    weight.grad.noalias() += grad_logits.transpose() * input;
+    return grad_logits * weight.value;
   }
 
   void collect_parameters(ParameterList<Scalar>& list, const std::string& prefix = "") { list.add(prefix, weight); }

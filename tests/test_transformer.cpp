@@ -1,0 +1,189 @@
+#include "support.hpp"
+
+#include "moa/seq2seq_data.hpp"
+#include "moa/transformer.hpp"
+
+using namespace moa_test;
+
+namespace {
+
+using MoA = moa::MixtureOfAttention<double>;
+using MHA = moa::MultiHeadAttention<double>;
+
+moa::TransformerConfig tiny_config(const std::string& spec, moa::NormPlacement norm, double dropout = 0.0) {
+  moa::TransformerConfig config;
+  config.vocab_size = 9;
+  config.model_dim = 8;
+  config.ffn_dim = 12;
+  config.encoder_layers = 1;
+  config.decoder_layers = 1;
+  config.dropout = dropout;
+  config.norm = norm;
+  config.activation = moa::Activation::gelu;  // smooth, for finite differences
+  config.attention = moa::AttentionSpec::parse(spec);
+  return config;
+}
+
+// A fresh router ties all experts; finite differences need a clear top-k.
+template <typename Scalar>
+void randomize_routers(const moa::ParameterList<Scalar>& parameters, moa::Rng& rng) {
+  for (const auto& entry : parameters)
+    if (entry.name.find("router.weight") != std::string::npos) moa::init_normal(*entry.parameter, rng, 0.0, 1.0);
+}
+
+// Gradient check of cross-entropy + aux loss over every parameter of a model.
+template <typename Model, typename Forward>
+moa::GradientCheckResult check_model(Model& model, Forward&& forward, const moa::TokenIds& targets, moa::Index ignore) {
+  auto parameters = moa::parameters_of(model);
+  moa::CrossEntropyLoss<double> loss(0.1, ignore);
+  loss.forward(forward(), targets);
+  parameters.zero_grad();
+  model.backward(loss.backward());
+  std::vector<MatrixD> analytic;
+  std::vector<moa::GradientCheckTensor> tensors;
+  for (const auto& entry : parameters) analytic.push_back(entry.parameter->grad);
+  for (std::size_t i = 0; i < parameters.size(); ++i)
+    tensors.push_back({parameters[i].name, &parameters[i].parameter->value, &analytic[i]});
+  return moa::check_gradients([&] { return loss.forward(forward(), targets) + model.aux_loss(); }, tensors);
+}
+
+}  // namespace
+
+TEST_CASE("AttentionSpec parses moa:kKeEdD and mha:hHdD and rejects anything else", "[transformer]") {
+  const auto moa_spec = moa::AttentionSpec::parse("moa:4K8E64D");
+  REQUIRE(moa_spec.kind == moa::AttentionSpec::Kind::moa);
+  REQUIRE(moa_spec.top_k == 4);
+  REQUIRE(moa_spec.num_experts == 8);
+  REQUIRE(moa_spec.head_dim == 64);
+  REQUIRE(moa_spec.to_string() == "moa:4K8E64D");
+  const auto mha_spec = moa::AttentionSpec::parse("mha:8H128D");
+  REQUIRE(mha_spec.num_heads == 8);
+  REQUIRE(mha_spec.head_dim == 128);
+  // Equal multiply-adds but for the key/value heads: MoA has one, MHA k.
+  REQUIRE(moa::AttentionSpec::parse("moa:4K8E64D").macs_per_token(512, 0) ==
+          512.0 * 8 + 2.0 * 4 * 512 * 64 + 2.0 * 512 * 64);
+  for (const char* bad : {"moa:4K8E", "mha:4H64", "foo:4H64D", "moa:9K8E64D", "moa:0K8E64D", "moa:4K8E64Dx", "mha:H64D",
+                          "moa:4k8e64d", ""}) {
+    INFO(bad);
+    REQUIRE_MOA_ERROR(moa::AttentionSpec::parse(bad), "AttentionSpec::parse");
+  }
+  moa::Rng rng(0);
+  REQUIRE_MOA_ERROR(moa::Seq2Seq<MoA>(tiny_config("mha:2H4D", moa::NormPlacement::post), rng),
+                    "a MixtureOfAttention model needs a moa: spec");
+}
+
+TEST_CASE("Seq2Seq: parameter names follow fairseq", "[transformer]") {
+  moa::Rng rng(1);
+  moa::Seq2Seq<MoA> model(tiny_config("moa:2K3E4D", moa::NormPlacement::pre), rng);
+  const auto parameters = moa::parameters_of(model);
+  for (const char* name : {"embed_tokens.weight", "encoder.layers.0.self_attn.router.weight",
+                           "encoder.layers.0.self_attn_layer_norm.weight", "encoder.layers.0.fc1.weight",
+                           "encoder.layers.0.final_layer_norm.bias", "decoder.layers.0.encoder_attn.q_proj.weight",
+                           "decoder.layers.0.encoder_attn_layer_norm.weight", "decoder.layer_norm.weight"}) {
+    INFO(name);
+    REQUIRE(parameters.find(name) != nullptr);
+  }
+}
+
+TEST_CASE("Seq2Seq: gradient check end to end, MoA and MHA, post-LN and pre-LN, with dropout", "[transformer][gradient]") {
+  moa::Rng rng(2);
+  const std::vector<moa::TokenPair> pairs{{{4, 5, 6}, {7, 8}}, {{5}, {4, 6, 7}}};
+  const moa::Seq2SeqBatch batch = moa::make_seq2seq_batch(pairs, {0, 1});
+  for (const char* spec : {"moa:2K3E4D", "mha:2H4D"}) {
+    for (auto norm : {moa::NormPlacement::post, moa::NormPlacement::pre}) {
+      for (double dropout : {0.0, 0.1}) {
+        INFO(spec << (norm == moa::NormPlacement::pre ? " pre-LN" : " post-LN") << ", dropout " << dropout);
+        auto check = [&](auto& model) {
+          randomize_routers(moa::parameters_of(model), rng);
+          auto forward = [&] {
+            moa::Rng dropout_rng(17);  // the same masks in every evaluation
+            return model.forward(batch.source, batch.source_batch, batch.target_input, batch.target_batch, dropout_rng);
+          };
+          REQUIRE_GRADIENTS_OK(check_model(model, forward, batch.target_output, moa::kPadId));
+        };
+        const auto config = tiny_config(spec, norm, dropout);
+        if (config.attention.kind == moa::AttentionSpec::Kind::moa) {
+          moa::Seq2Seq<MoA> model(config, rng);
+          check(model);
+        } else {
+          moa::Seq2Seq<MHA> model(config, rng);
+          check(model);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("MaskedLM: gradient check end to end", "[transformer][gradient]") {
+  moa::Rng rng(3);
+  for (auto norm : {moa::NormPlacement::post, moa::NormPlacement::pre}) {
+    moa::MaskedLM<MoA> model(tiny_config("moa:2K3E4D", norm), rng);
+    randomize_routers(moa::parameters_of(model), rng);
+    const moa::TokenIds ids{4, 5, 3, 6, 7, 8, 3, 0};
+    const auto batch = moa::SequenceBatch::padded(4, {4, 3});
+    const moa::TokenIds targets{-1, -1, 6, -1, -1, -1, 5, -1};
+    moa::Rng none(0);
+    REQUIRE_GRADIENTS_OK(check_model(model, [&] { return model.forward(ids, batch, none); }, targets, -1));
+  }
+}
+
+TEST_CASE("Seq2Seq: the synthetic reverse task is learned by MoA and by MHA", "[transformer][convergence]") {
+  for (const char* spec : {"moa:2K4E16D", "mha:2H16D"}) {
+    INFO(spec);
+    moa::Rng rng(4);
+    moa::TransformerConfig config;
+    config.vocab_size = 12;
+    config.model_dim = 32;
+    config.ffn_dim = 64;
+    config.encoder_layers = 1;
+    config.decoder_layers = 1;
+    config.norm = moa::NormPlacement::pre;
+    config.attention = moa::AttentionSpec::parse(spec);
+    const auto pairs = moa::synthetic_reverse_task(2000, 12, 2, 6, rng);
+    auto run = [&](auto& model) {
+      auto parameters = moa::parameters_of(model);
+      moa::Adam<float> adam(parameters, {0.9, 0.98, 1e-9, 0.0, false});
+      moa::CrossEntropyLoss<float> loss(0.0, moa::kPadId);
+      float last = 0;
+      for (int step = 0; step < 400; ++step) {
+        std::vector<std::size_t> indices;
+        for (int i = 0; i < 32; ++i) indices.push_back(rng.below(pairs.size()));
+        const auto batch = moa::make_seq2seq_batch(pairs, indices);
+        const auto logits =
+            model.forward(batch.source, batch.source_batch, batch.target_input, batch.target_batch, rng);
+        last = loss.forward(logits, batch.target_output);
+        parameters.zero_grad();
+        model.backward(loss.backward());
+        adam.step(step < 50 ? 3e-3 * (step + 1) / 50 : 3e-3);
+      }
+      return last;
+    };
+    float final_loss = 0;
+    if (config.attention.kind == moa::AttentionSpec::Kind::moa) {
+      moa::Seq2Seq<moa::MixtureOfAttention<float>> model(config, rng);
+      final_loss = run(model);
+    } else {
+      moa::Seq2Seq<moa::MultiHeadAttention<float>> model(config, rng);
+      final_loss = run(model);
+    }
+    INFO("final loss " << final_loss << " (chance: log 9 = 2.2)");
+    REQUIRE(final_loss < 0.3f);
+  }
+}
+
+TEST_CASE("Transformer models reject bad configurations and inputs", "[transformer][errors]") {
+  moa::Rng rng(5);
+  auto config = tiny_config("moa:2K3E4D", moa::NormPlacement::post);
+  config.encoder_layers = 0;
+  REQUIRE_MOA_ERROR(moa::Seq2Seq<MoA>(config, rng), "Seq2Seq: needs encoder and decoder layers");
+  config = tiny_config("moa:2K3E4D", moa::NormPlacement::post);
+  config.padding_index = 9;
+  REQUIRE_MOA_ERROR(moa::Seq2Seq<MoA>(config, rng), "padding_index 9 is outside [0, 9)");
+  moa::Seq2Seq<MoA> model(tiny_config("moa:2K3E4D", moa::NormPlacement::post), rng);
+  REQUIRE_MOA_ERROR(model.forward({4, 5}, moa::SequenceBatch::full(1, 3), {1, 4}, moa::SequenceBatch::full(1, 2), rng),
+                    "Seq2Seq::forward: source has 2 rows but its batch describes 1 x 3");
+  REQUIRE_MOA_ERROR(model.forward({4, 5}, moa::SequenceBatch::full(1, 2), {1, 4}, moa::SequenceBatch::full(2, 1), rng),
+                    "source has 1 sequences but target_input has 2");
+  REQUIRE_MOA_ERROR(model.forward({4, 50}, moa::SequenceBatch::full(1, 2), {1, 4}, moa::SequenceBatch::full(1, 2), rng),
+                    "ids[1] = 50 is outside [0, 9)");
+}
