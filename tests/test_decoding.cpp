@@ -1,0 +1,72 @@
+#include "support.hpp"
+
+#include "moa/decoding.hpp"
+#include "moa/transformer.hpp"
+
+using namespace moa_test;
+
+namespace {
+
+template <typename Attention>
+moa::Seq2Seq<Attention> trained_reverser(const std::string& spec, moa::Rng& rng) {
+  moa::TransformerConfig config;
+  config.vocab_size = 10;
+  config.model_dim = 16;
+  config.ffn_dim = 32;
+  config.encoder_layers = 1;
+  config.decoder_layers = 2;
+  config.attention = moa::AttentionSpec::parse(spec);
+  moa::Seq2Seq<Attention> model(config, rng);
+  for (const auto& entry : moa::parameters_of(model))
+    if (entry.name.find("router.weight") != std::string::npos) moa::init_normal(*entry.parameter, rng, 0.0, 0.5);
+  // A few steps, so that the outputs are neither constant nor all EOS.
+  const auto pairs = moa::synthetic_reverse_task(200, 10, 2, 5, rng);
+  auto parameters = moa::parameters_of(model);
+  moa::Adam<double> adam(parameters);
+  moa::CrossEntropyLoss<double> loss(0.0, moa::kPadId);
+  for (int step = 0; step < 30; ++step) {
+    const auto batch = moa::make_seq2seq_batch(pairs, {std::size_t(step % 100), std::size_t(step % 100 + 100)});
+    loss.forward(model.forward(batch.source, batch.source_batch, batch.target_input, batch.target_batch, rng),
+                 batch.target_output);
+    parameters.zero_grad();
+    model.backward(loss.backward());
+    adam.step(1e-2);
+  }
+  model.set_training(false);
+  return model;
+}
+
+template <typename Attention>
+void check_decoders(const std::string& spec) {
+  moa::Rng rng(1);
+  auto model = trained_reverser<Attention>(spec, rng);
+  const std::vector<moa::TokenPair> pairs{{{4, 5, 6}, {}}, {{7, 8, 9, 4, 5}, {}}, {{6}, {}}};
+  const auto batch = moa::make_seq2seq_batch(pairs, {0, 1, 2});
+  const auto cached = moa::greedy_decode(model, batch.source, batch.source_batch, 8, rng);
+  const auto uncached = moa::greedy_decode_uncached(model, batch.source, batch.source_batch, 8, rng);
+  REQUIRE(cached == uncached);
+  std::size_t produced = 0;
+  for (const auto& output : cached) produced += output.size();
+  REQUIRE(produced > 0);
+  moa::BeamSearchOptions one;
+  one.beam_size = 1;
+  one.max_length = 8;
+  REQUIRE(moa::beam_search(model, batch.source, batch.source_batch, one, rng) == cached);
+  moa::BeamSearchOptions four;
+  four.max_length = 8;
+  const auto beams = moa::beam_search(model, batch.source, batch.source_batch, four, rng);
+  REQUIRE(beams.size() == 3);
+  REQUIRE_MOA_ERROR(moa::greedy_decode(model, batch.source, batch.source_batch, 0, rng), "max_length must be positive");
+  four.beam_size = 0;
+  REQUIRE_MOA_ERROR(moa::beam_search(model, batch.source, batch.source_batch, four, rng), "beam_size must be positive");
+}
+
+}  // namespace
+
+TEST_CASE("Decoding: cached greedy equals uncached, beam 1 equals greedy (MoA)", "[decoding]") {
+  check_decoders<moa::MixtureOfAttention<double>>("moa:2K4E8D");
+}
+
+TEST_CASE("Decoding: cached greedy equals uncached, beam 1 equals greedy (MHA)", "[decoding]") {
+  check_decoders<moa::MultiHeadAttention<double>>("mha:2H8D");
+}

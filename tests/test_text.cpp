@@ -1,0 +1,80 @@
+#include "support.hpp"
+
+#include "moa/ding.hpp"
+#include "moa/metrics.hpp"
+
+#include <cmath>
+#include <fstream>
+
+using namespace moa_test;
+
+TEST_CASE("Ding: alternatives align, the first synonym is taken, annotations dropped", "[ding]") {
+  const auto pairs = moa::parse_ding_line(
+      "Aalleiter {f}; Aaltreppe {f} (Wasserbau) | Aalleitern {pl}; Aaltreppen {pl} :: eel ladder (water engineering) | "
+      "eel ladders");
+  REQUIRE(pairs.size() == 2);
+  REQUIRE(pairs[0].source == "Aalleiter");
+  REQUIRE(pairs[0].target == "eel ladder");
+  REQUIRE(pairs[1].source == "Aalleitern");
+  REQUIRE(pairs[1].target == "eel ladders");
+  const auto annotated = moa::parse_ding_line("Haben Sie etwas gegen Sonnenbrand? [med.] /Abk./ :: Have you anything "
+                                              "for sunburn? <sunburn> {adj}");
+  REQUIRE(annotated.size() == 1);
+  REQUIRE(annotated[0].source == "Haben Sie etwas gegen Sonnenbrand?");
+  REQUIRE(annotated[0].target == "Have you anything for sunburn?");
+  REQUIRE(moa::is_sentence(annotated[0]));
+  REQUIRE_FALSE(moa::is_sentence(pairs[0]));
+  REQUIRE(moa::parse_ding_line("und/oder :: and/or")[0].source == "und/oder");  // a lone slash is text
+  // Sides that do not align, comments and lines without a separator are skipped.
+  REQUIRE(moa::parse_ding_line("eins | zwei :: one").empty());
+  REQUIRE(moa::parse_ding_line("# Version :: devel").empty());
+  REQUIRE(moa::parse_ding_line("no separator here").empty());
+  REQUIRE(moa::parse_ding_line("{f} :: only annotation").empty());
+}
+
+TEST_CASE("Ding: loading filters phrases, sentences and length and drops duplicates", "[ding]") {
+  const std::string path = temporary_path("ding.txt");
+  {
+    std::ofstream file(path);
+    file << "# comment\n"
+         << "Hund {m} | Hunde {pl} :: dog | dogs\n"
+         << "Hund {m} :: dog\n"
+         << "Der Hund bellt. :: The dog barks.\n"
+         << "ein sehr langer deutscher Ausdruck hier :: a very long English expression here\n";
+  }
+  REQUIRE(moa::load_ding(path).size() == 4);
+  moa::DingOptions sentences_only;
+  sentences_only.phrases = false;
+  REQUIRE(moa::load_ding(path, sentences_only).size() == 1);
+  moa::DingOptions short_ones;
+  short_ones.max_words = 3;
+  REQUIRE(moa::load_ding(path, short_ones).size() == 3);
+  REQUIRE_MOA_ERROR(moa::load_ding(temporary_path("missing.txt")), "trans-de-en");
+}
+
+TEST_CASE("Ding: the split is a fixed function of the pair", "[ding]") {
+  REQUIRE(moa::split_of({"Hund", "dog"}) == moa::split_of({"Hund", "dog"}));
+  int counts[3] = {0, 0, 0};
+  for (int i = 0; i < 10000; ++i) counts[static_cast<int>(moa::split_of({"w" + std::to_string(i), "x"}))]++;
+  REQUIRE(counts[1] == Approx(100).margin(40));
+  REQUIRE(counts[2] == Approx(100).margin(40));
+}
+
+TEST_CASE("BLEU: hand-computed case, identity and brevity penalty", "[metrics]") {
+  // precisions 5/6, 3/5, 2/4, 1/3; equal lengths: BLEU = (1/12)^(1/4)
+  REQUIRE(moa::corpus_bleu({"the cat sat on the mat"}, {"the cat sat on a mat"}) ==
+          Approx(100 * std::pow(1.0 / 12, 0.25)));
+  REQUIRE(moa::corpus_bleu({"a b c d e", "x y z w"}, {"a b c d e", "x y z w"}) == Approx(100.0));
+  // hypothesis 4 words of a 5-word reference: all precisions 1, BP = exp(1 - 5/4)
+  REQUIRE(moa::corpus_bleu({"a b c d"}, {"a b c d e"}) == Approx(100 * std::exp(1 - 5.0 / 4)));
+  REQUIRE(moa::corpus_bleu({"x y z"}, {"a b c"}) == 0.0);
+  REQUIRE_MOA_ERROR(moa::corpus_bleu({"a"}, {}), "got 1 hypotheses and 0 references");
+}
+
+TEST_CASE("chrF: hand-computed case and identity", "[metrics]") {
+  // n=1: P = R = 1/2; n=2: P = R = 0; n>2: none. Averages 1/4: F2 = 5 (1/16) / (4/4 + 1/4) = 1/4.
+  REQUIRE(moa::corpus_chrf({"ab"}, {"ac"}) == Approx(25.0));
+  REQUIRE(moa::corpus_chrf({"Grüße aus Köln"}, {"Grüße aus Köln"}) == Approx(100.0));
+  REQUIRE(moa::corpus_chrf({"a b"}, {"ab"}) == Approx(100.0));  // spaces do not count
+  REQUIRE(moa::corpus_chrf({"xyz"}, {"abc"}) == 0.0);
+}
