@@ -1,0 +1,533 @@
+// German-to-English translation on the Ding dictionary (Debian's trans-de-en): trains a Transformer
+// whose attention is MoA or multi-head attention, evaluates BLEU and chrF with beam search and the
+// KV cache, and reports which tokens each expert prefers. With --baseline it trains a second model
+// (usually MHA at the same multiply-adds) and prints the two side by side.
+//
+//     translate --attention moa:4K8E48D --baseline mha:4H32D --steps 600 --output runs/demo
+//     translate --synthetic --steps 200          (no corpus needed: learn to reverse token strings)
+#include "moa/checkpoint.hpp"
+#include "moa/decoding.hpp"
+#include "moa/ding.hpp"
+#include "moa/metrics.hpp"
+#include "moa/moa.hpp"
+#include "moa/plot.hpp"
+#include "moa/seq2seq_data.hpp"
+#include "moa/tokenizer.hpp"
+#include "moa/training.hpp"
+#include "moa/transformer.hpp"
+
+#include <CLI/CLI.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+namespace fs = std::filesystem;
+using Index = moa::Index;
+
+struct Options {
+  std::string attention = "moa:4K8E48D";
+  std::string baseline;
+  std::string output = "runs/translate";
+  std::string corpus = "/usr/share/trans/de-en";
+  std::string data = "sentences";
+  std::size_t max_words = 12;
+  bool synthetic = false;
+  std::uint64_t seed = 1;
+  long long steps = 1000;
+  Index batch_tokens = 1536;
+  double learning_rate = 1e-3;
+  long long warmup = 200;
+  double label_smoothing = 0.1;
+  double dropout = 0.1;
+  double clip_norm = 1.0;
+  int threads = 1;
+  Index model_dim = 128;
+  Index ffn_dim = 256;
+  Index layers = 2;
+  bool pre_norm = false;
+  Index vocab_size = 2000;
+  std::string tokenizer_type = "unigram";
+  Index max_tokens = 40;
+  bool resume = false;
+  long long valid_every = 100;
+  long long checkpoint_every = 100;
+  Index eval_sentences = 200;
+  Index beam = 4;
+  double length_penalty = 0.6;
+};
+
+// Tokenised splits, plus the test split's text for BLEU.
+struct Data {
+  std::vector<moa::TokenPair> train, valid, test;
+  std::vector<std::string> test_sources, test_references;
+  std::unique_ptr<moa::SentencePieceTokenizer> tokenizer;  // none for the synthetic task
+  Index vocab_size = 0;
+
+  std::string detokenize(const moa::TokenIds& ids) const {
+    if (tokenizer) return tokenizer->decode(ids);
+    std::string text;
+    for (Index id : ids) text += (text.empty() ? "" : " ") + std::to_string(id);
+    return text;
+  }
+  std::string piece(Index id) const { return tokenizer ? tokenizer->piece(id) : std::to_string(id); }
+};
+
+Data load_data(const Options& options) {
+  Data data;
+  if (options.synthetic) {
+    moa::Rng rng(options.seed + 7);
+    data.vocab_size = 24;
+    data.train = moa::synthetic_reverse_task(4000, data.vocab_size, 3, 10, rng);
+    data.valid = moa::synthetic_reverse_task(100, data.vocab_size, 3, 10, rng);
+    data.test = moa::synthetic_reverse_task(100, data.vocab_size, 3, 10, rng);
+    for (const auto& pair : data.test) {
+      data.test_sources.push_back(data.detokenize(pair.source));
+      data.test_references.push_back(data.detokenize(pair.target));
+    }
+    return data;
+  }
+  moa::DingOptions ding;
+  MOA_CHECK(options.data == "phrases" || options.data == "sentences" || options.data == "both", "translate",
+            "--data must be phrases, sentences or both, got '", options.data, "'");
+  ding.phrases = options.data != "sentences";
+  ding.sentences = options.data != "phrases";
+  ding.max_words = options.max_words;
+  std::vector<moa::SentencePair> splits[3];
+  for (auto& pair : moa::load_ding(options.corpus, ding)) splits[static_cast<int>(moa::split_of(pair))].push_back(pair);
+  const char* names[3] = {"train", "valid", "test"};
+  for (int s = 0; s < 3; ++s)
+    MOA_CHECK(!splits[s].empty(), "translate", "the ", names[s], " split of '", options.corpus,
+              "' is empty (try --data both or a larger --max-words)");
+
+  // One vocabulary for both languages (the embeddings are shared), trained on the train split
+  // only, kept in the output folder and reused by later runs and resumes.
+  const std::string model_prefix = options.output + "/spm";
+  if (!fs::exists(model_prefix + ".model")) {
+    std::vector<std::string> text;
+    for (const auto& pair : splits[0]) {
+      text.push_back(pair.source);
+      text.push_back(pair.target);
+    }
+    std::fprintf(stderr, "training a %s SentencePiece model (vocabulary %lld) on %zu lines\n",
+                 options.tokenizer_type.c_str(), static_cast<long long>(options.vocab_size), text.size());
+    moa::SentencePieceTokenizer::train(text, model_prefix, options.vocab_size, options.tokenizer_type);
+  }
+  data.tokenizer = std::make_unique<moa::SentencePieceTokenizer>(model_prefix + ".model");
+  data.vocab_size = data.tokenizer->vocab_size();
+  auto tokenize = [&](const std::vector<moa::SentencePair>& pairs, std::vector<moa::TokenPair>& out, bool keep_text) {
+    for (const auto& pair : pairs) {
+      moa::TokenPair tokens{data.tokenizer->encode(pair.source), data.tokenizer->encode(pair.target)};
+      if (tokens.source.empty() || tokens.target.empty()) continue;
+      if (static_cast<Index>(std::max(tokens.source.size(), tokens.target.size())) >= options.max_tokens) continue;
+      out.push_back(std::move(tokens));
+      if (keep_text) {
+        data.test_sources.push_back(pair.source);
+        data.test_references.push_back(pair.target);
+      }
+    }
+  };
+  tokenize(splits[0], data.train, false);
+  tokenize(splits[1], data.valid, false);
+  tokenize(splits[2], data.test, true);
+  return data;
+}
+
+moa::TransformerConfig model_config(const Options& options, const std::string& spec, Index vocab_size) {
+  moa::TransformerConfig config;
+  config.vocab_size = vocab_size;
+  config.model_dim = options.model_dim;
+  config.ffn_dim = options.ffn_dim;
+  config.encoder_layers = options.layers;
+  config.decoder_layers = options.layers;
+  config.dropout = options.dropout;
+  config.norm = options.pre_norm ? moa::NormPlacement::pre : moa::NormPlacement::post;
+  config.attention = moa::AttentionSpec::parse(spec);
+  return config;
+}
+
+std::string describe(const moa::TransformerConfig& config) {
+  return config.attention.to_string() + " d" + std::to_string(config.model_dim) + " ffn" + std::to_string(config.ffn_dim) +
+         " layers" + std::to_string(config.encoder_layers) + "+" + std::to_string(config.decoder_layers) + " vocab" +
+         std::to_string(config.vocab_size) + (config.norm == moa::NormPlacement::pre ? " pre-LN" : " post-LN");
+}
+
+// Multiply-adds per target token: encoder layers (per source token; equal lengths assumed),
+// decoder layers and the output projection.
+double macs_per_token(const moa::TransformerConfig& config, Index length) {
+  const double ffn = 2.0 * config.model_dim * config.ffn_dim;
+  const double attention = config.attention.macs_per_token(config.model_dim, length);
+  return config.encoder_layers * (attention + ffn) + config.decoder_layers * (2 * attention + ffn) +
+         static_cast<double>(config.model_dim) * config.vocab_size;
+}
+
+struct RunResult {
+  std::string name, spec;
+  Index parameters = 0;
+  double macs = 0, tokens_per_second = 0, valid_loss = 0, bleu_beam = 0, bleu_greedy = 0, chrf = 0;
+  std::vector<double> steps, train_losses, valid_steps, valid_losses;
+  std::string folder;
+};
+
+template <typename Attention>
+class Run {
+ public:
+  using Model = moa::Seq2Seq<Attention>;
+
+  Run(const Options& options, const Data& data, const std::string& spec, const std::string& folder)
+      : options_(options), data_(data), folder_(folder), config_(model_config(options, spec, data.vocab_size)),
+        init_rng_(options.seed), model_(config_, init_rng_), parameters_(moa::parameters_of(model_)),
+        adam_(parameters_, {0.9, 0.98, 1e-9, 0.0, false}), schedule_(options.learning_rate, options.warmup),
+        dropout_rng_(options.seed + 1) {
+    fs::create_directories(folder_);
+    result_.name = config_.attention.kind == moa::AttentionSpec::Kind::moa ? "MoA" : "MHA";
+    result_.spec = spec;
+    result_.parameters = parameters_.numel();
+    result_.folder = folder_;
+    Index average = 0;
+    for (const auto& pair : data_.train) average += static_cast<Index>(pair.target.size()) + 1;
+    result_.macs = macs_per_token(config_, data_.train.empty() ? 1 : average / static_cast<Index>(data_.train.size()));
+  }
+
+  RunResult train_and_evaluate() {
+    const std::string checkpoint = folder_ + "/checkpoint.safetensors";
+    long long step = 0;
+    if (options_.resume && fs::exists(checkpoint)) {
+      const auto metadata = moa::load_checkpoint(checkpoint, parameters_, adam_, {{"config", describe(config_)}});
+      step = std::stoll(metadata.at("step"));
+      dropout_rng_.set_state(std::stoull(metadata.at("dropout_rng")));
+      std::fprintf(stderr, "[%s] resumed from %s at step %lld\n", result_.name.c_str(), checkpoint.c_str(), step);
+      truncate_metrics(step);
+    }
+    std::fprintf(stderr, "[%s] %s: %lld parameters, %zu train / %zu valid / %zu test pairs\n", result_.name.c_str(),
+                 describe(config_).c_str(), static_cast<long long>(result_.parameters), data_.train.size(),
+                 data_.valid.size(), data_.test.size());
+    moa::MetricsLog log(folder_ + "/metrics.jsonl", step > 0);
+    moa::ProgressLine progress(options_.steps);
+    moa::CrossEntropyLoss<float> loss_function(options_.label_smoothing, moa::kPadId);
+    const long long first_step = step;
+    double tokens = 0;
+    while (step < options_.steps) {
+      const moa::Seq2SeqBatch batch = batch_for_step(step);
+      ++step;
+      model_.set_training(true);
+      const moa::Matrix<float> logits =
+          model_.forward(batch.source, batch.source_batch, batch.target_input, batch.target_batch, dropout_rng_);
+      const double loss = loss_function.forward(logits, batch.target_output);
+      const double aux = model_.aux_loss();
+      parameters_.zero_grad();
+      model_.backward(loss_function.backward());
+      if (options_.clip_norm > 0) moa::clip_grad_norm(parameters_, options_.clip_norm);
+      const double learning_rate = schedule_(step);
+      adam_.step(learning_rate);
+      tokens += static_cast<double>(batch.target_tokens);
+      const double tokens_per_second = tokens / std::max(progress.seconds(), 1e-9);
+      progress.update(step, step - first_step, loss, tokens_per_second, learning_rate);
+      std::vector<std::pair<std::string, double>> values{{"train_loss", loss},
+                                                         {"train_nll", loss_function.nll()},
+                                                         {"aux_loss", aux},
+                                                         {"lr", learning_rate},
+                                                         {"tokens_per_second", tokens_per_second}};
+      if (step % options_.valid_every == 0 || step == options_.steps) {
+        result_.valid_loss = validation_loss();
+        values.push_back({"valid_loss", result_.valid_loss});
+      }
+      log.write(step, values);
+      if (step % options_.checkpoint_every == 0 || step == options_.steps) save(checkpoint, step);
+      result_.tokens_per_second = tokens_per_second;
+    }
+    read_curves();
+    evaluate();
+    if constexpr (std::is_same_v<Attention, moa::MixtureOfAttention<float>>) analyse_experts();
+    moa::write_line_chart(folder_ + "/loss.svg", result_.name + " " + result_.spec + ": loss", "step", "loss (nats/token)",
+                          {{"train", result_.steps, result_.train_losses, "#1f77b4", false},
+                           {"valid", result_.valid_steps, result_.valid_losses, "#d62728", false}});
+    return result_;
+  }
+
+ private:
+  // The batches of an epoch are fixed by the seed and the epoch number, so step s always sees the
+  // same batch: a resumed run continues exactly where it stopped.
+  moa::Seq2SeqBatch batch_for_step(long long step) {
+    if (epoch_batches_.empty()) {
+      moa::Rng probe(0);
+      batches_per_epoch_ = static_cast<long long>(moa::make_token_batches(data_.train, options_.batch_tokens, probe).size());
+    }
+    const long long epoch = step / batches_per_epoch_;
+    if (epoch != current_epoch_) {
+      moa::Rng order(options_.seed * 1000003ULL + static_cast<std::uint64_t>(epoch));
+      epoch_batches_ = moa::make_token_batches(data_.train, options_.batch_tokens, order);
+      current_epoch_ = epoch;
+    }
+    return moa::make_seq2seq_batch(data_.train, epoch_batches_[static_cast<std::size_t>(step % batches_per_epoch_)]);
+  }
+
+  double validation_loss() {
+    model_.set_training(false);
+    moa::CrossEntropyLoss<float> loss_function(0.0, moa::kPadId);
+    moa::Rng order(0);
+    double total = 0, count = 0;
+    for (const auto& indices : moa::make_token_batches(data_.valid, options_.batch_tokens, order)) {
+      const auto batch = moa::make_seq2seq_batch(data_.valid, indices);
+      loss_function.forward(model_.forward(batch.source, batch.source_batch, batch.target_input, batch.target_batch,
+                                           dropout_rng_),
+                            batch.target_output);
+      total += loss_function.nll() * static_cast<double>(loss_function.counted());
+      count += static_cast<double>(loss_function.counted());
+    }
+    return count > 0 ? total / count : 0.0;
+  }
+
+  void save(const std::string& path, long long step) {
+    moa::save_checkpoint(path, parameters_, adam_,
+                         {{"config", describe(config_)},
+                          {"step", std::to_string(step)},
+                          {"dropout_rng", std::to_string(dropout_rng_.state())}});
+  }
+
+  // Drops logged steps after `step`, which a resumed run computes again.
+  void truncate_metrics(long long step) {
+    const std::string path = folder_ + "/metrics.jsonl";
+    std::vector<std::string> kept;
+    std::ifstream log(path);
+    for (std::string line; std::getline(log, line);)
+      if (std::strtoll(line.c_str() + line.find(':') + 1, nullptr, 10) <= step) kept.push_back(line);
+    log.close();
+    std::ofstream rewritten(path, std::ios::trunc);
+    for (const auto& line : kept) rewritten << line << '\n';
+  }
+
+  void read_curves() {
+    std::ifstream log(folder_ + "/metrics.jsonl");
+    for (std::string line; std::getline(log, line);) {
+      auto number = [&](const std::string& key) {
+        const auto at = line.find("\"" + key + "\": ");
+        return at == std::string::npos ? std::nan("") : std::strtod(line.c_str() + at + key.size() + 4, nullptr);
+      };
+      result_.steps.push_back(number("step"));
+      result_.train_losses.push_back(number("train_loss"));
+      if (!std::isnan(number("valid_loss"))) {
+        result_.valid_steps.push_back(number("step"));
+        result_.valid_losses.push_back(number("valid_loss"));
+      }
+    }
+  }
+
+  // BLEU and chrF on (a prefix of) the test split, beam search and greedy, both with the cache.
+  void evaluate() {
+    model_.set_training(false);
+    const std::size_t count = std::min<std::size_t>(data_.test.size(), static_cast<std::size_t>(options_.eval_sentences));
+    std::vector<std::string> beam_outputs(count), greedy_outputs(count);
+    moa::BeamSearchOptions beam;
+    beam.beam_size = options_.beam;
+    beam.length_penalty = options_.length_penalty;
+    beam.max_length = options_.max_tokens + 8;
+    for (std::size_t first = 0; first < count; first += 16) {
+      std::vector<std::size_t> indices;
+      for (std::size_t i = first; i < std::min(count, first + 16); ++i) indices.push_back(i);
+      const auto batch = moa::make_seq2seq_batch(data_.test, indices);
+      const auto beams = moa::beam_search(model_, batch.source, batch.source_batch, beam, dropout_rng_);
+      const auto greedy = moa::greedy_decode(model_, batch.source, batch.source_batch, beam.max_length, dropout_rng_);
+      for (std::size_t i = 0; i < indices.size(); ++i) {
+        beam_outputs[indices[i]] = data_.detokenize(beams[i]);
+        greedy_outputs[indices[i]] = data_.detokenize(greedy[i]);
+      }
+    }
+    const std::vector<std::string> references(data_.test_references.begin(),
+                                              data_.test_references.begin() + static_cast<std::ptrdiff_t>(count));
+    result_.bleu_beam = moa::corpus_bleu(beam_outputs, references);
+    result_.bleu_greedy = moa::corpus_bleu(greedy_outputs, references);
+    result_.chrf = moa::corpus_chrf(beam_outputs, references);
+    std::ofstream hypotheses(folder_ + "/test.hyp"), refs(folder_ + "/test.ref"), sources(folder_ + "/test.src");
+    for (std::size_t i = 0; i < count; ++i) {
+      hypotheses << beam_outputs[i] << '\n';
+      refs << references[i] << '\n';
+      sources << data_.test_sources[i] << '\n';
+    }
+    std::fprintf(stderr, "[%s] test (%zu sentences): BLEU %.2f (beam %lld), %.2f (greedy), chrF %.2f\n",
+                 result_.name.c_str(), count, result_.bleu_beam, static_cast<long long>(options_.beam),
+                 result_.bleu_greedy, result_.chrf);
+    for (std::size_t i = 0; i < std::min<std::size_t>(count, 3); ++i)
+      std::fprintf(stderr, "  %s\n  -> %s\n  (reference: %s)\n", data_.test_sources[i].c_str(), beam_outputs[i].c_str(),
+                   references[i].c_str());
+  }
+
+  // Expert loads per layer and the tokens each expert prefers (PMI), over the validation split.
+  void analyse_experts() {
+    model_.set_training(false);
+    struct Site {
+      std::string name;
+      const moa::MixtureOfAttention<float>* attention;
+      bool encoder;
+    };
+    std::vector<Site> sites;
+    for (std::size_t i = 0; i < model_.encoder_layers.size(); ++i)
+      sites.push_back({"encoder." + std::to_string(i) + ".self", &model_.encoder_layers[i].self_attn, true});
+    for (std::size_t i = 0; i < model_.decoder_layers.size(); ++i) {
+      sites.push_back({"decoder." + std::to_string(i) + ".self", &model_.decoder_layers[i].self_attn, false});
+      sites.push_back({"decoder." + std::to_string(i) + ".cross", &model_.decoder_layers[i].encoder_attn, false});
+    }
+    const Index experts = config_.attention.num_experts, k = config_.attention.top_k;
+    std::vector<moa::ExpertTokenStatistics> statistics(sites.size(), moa::ExpertTokenStatistics(experts));
+    moa::Rng order(0);
+    for (const auto& indices : moa::make_token_batches(data_.valid, options_.batch_tokens, order)) {
+      const auto batch = moa::make_seq2seq_batch(data_.valid, indices);
+      model_.forward(batch.source, batch.source_batch, batch.target_input, batch.target_batch, dropout_rng_);
+      for (std::size_t s = 0; s < sites.size(); ++s)
+        statistics[s].add(sites[s].encoder ? batch.source : batch.target_input, sites[s].attention->router.experts(), k);
+    }
+    std::ofstream report(folder_ + "/experts.txt");
+    report << "Expert analysis of " << result_.spec << " on the validation split\n"
+           << "PMI(token, expert) = log p(token, expert) / (p(token) p(expert)); tokens seen at least 5 times\n";
+    std::vector<std::string> rows, columns;
+    std::vector<std::vector<double>> loads;
+    for (Index e = 0; e < experts; ++e) columns.push_back("E" + std::to_string(e));
+    for (std::size_t s = 0; s < sites.size(); ++s) {
+      rows.push_back(sites[s].name);
+      loads.push_back(statistics[s].loads());
+      report << "\n== " << sites[s].name << " (" << statistics[s].total() << " assignments)\n";
+      for (Index e = 0; e < experts; ++e) {
+        char load[32];
+        std::snprintf(load, sizeof load, "%5.1f%%", 100.0 * loads.back()[static_cast<std::size_t>(e)]);
+        report << "expert " << e << " load " << load << ":";
+        for (const auto& entry : statistics[s].top_tokens(e, 8, 5)) {
+          char pmi[32];
+          std::snprintf(pmi, sizeof pmi, "%.2f", entry.pmi);
+          report << "  " << data_.piece(entry.token) << " (" << pmi << ")";
+        }
+        report << "\n";
+      }
+    }
+    for (auto& row : loads)
+      for (double& value : row) value = std::round(1000.0 * value) / 10.0;  // percent, one decimal
+    moa::write_heatmap(folder_ + "/expert_load.svg", "Expert load (% of assignments) on valid, " + result_.spec, rows,
+                       columns, loads);
+    std::fprintf(stderr, "[%s] expert report: %s/experts.txt, heatmap: %s/expert_load.svg\n", result_.name.c_str(),
+                 folder_.c_str(), folder_.c_str());
+  }
+
+  const Options& options_;
+  const Data& data_;
+  std::string folder_;
+  moa::TransformerConfig config_;
+  moa::Rng init_rng_;
+  Model model_;
+  moa::ParameterList<float> parameters_;
+  moa::Adam<float> adam_;
+  moa::InverseSqrtSchedule schedule_;
+  moa::Rng dropout_rng_;
+  long long batches_per_epoch_ = 0;
+  long long current_epoch_ = -1;
+  std::vector<std::vector<std::size_t>> epoch_batches_;
+  RunResult result_;
+};
+
+RunResult run_one(const Options& options, const Data& data, const std::string& spec, const std::string& folder) {
+  if (moa::AttentionSpec::parse(spec).kind == moa::AttentionSpec::Kind::moa)
+    return Run<moa::MixtureOfAttention<float>>(options, data, spec, folder).train_and_evaluate();
+  return Run<moa::MultiHeadAttention<float>>(options, data, spec, folder).train_and_evaluate();
+}
+
+void print_table(const std::vector<RunResult>& results, const std::string& chart) {
+  std::printf("\n%-5s %-14s %11s %12s %9s %11s %10s %11s %7s\n", "model", "attention", "parameters", "MACs/token",
+              "tokens/s", "valid loss", "BLEU beam", "BLEU greedy", "chrF");
+  for (const auto& r : results)
+    std::printf("%-5s %-14s %11lld %11.2fM %9.0f %11.3f %10.2f %11.2f %7.2f\n", r.name.c_str(), r.spec.c_str(),
+                static_cast<long long>(r.parameters), r.macs / 1e6, r.tokens_per_second, r.valid_loss, r.bleu_beam,
+                r.bleu_greedy, r.chrf);
+  std::printf("\nplots: %s", chart.c_str());
+  for (const auto& r : results) {
+    std::printf(", %s/loss.svg", r.folder.c_str());
+    if (r.name == "MoA") std::printf(", %s/expert_load.svg", r.folder.c_str());
+  }
+  std::printf("\nhypotheses: ");
+  for (const auto& r : results) std::printf("%s/test.hyp ", r.folder.c_str());
+  std::printf("\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options options;
+  CLI::App app{"Train MoA (and an MHA baseline) on German-to-English translation"};
+  app.add_option("--attention", options.attention, "attention spec: moa:<k>K<E>E<d_h>D or mha:<h>H<d_h>D")
+      ->capture_default_str();
+  app.add_option("--baseline", options.baseline, "a second spec to train and compare (e.g. mha:4H32D)");
+  app.add_option("--output", options.output, "output folder")->capture_default_str();
+  app.add_option("--corpus", options.corpus, "Ding dictionary file (Debian package trans-de-en)")->capture_default_str();
+  app.add_option("--data", options.data, "phrases, sentences or both")->capture_default_str();
+  app.add_option("--max-words", options.max_words, "longest pair in words, 0 for any")->capture_default_str();
+  app.add_flag("--synthetic", options.synthetic, "the built-in reverse-a-sequence task instead of the corpus");
+  app.add_option("--seed", options.seed, "random seed")->capture_default_str();
+  app.add_option("--steps", options.steps, "training steps")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--batch-tokens", options.batch_tokens, "padded tokens per batch")->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--lr", options.learning_rate, "peak learning rate")->capture_default_str();
+  app.add_option("--warmup", options.warmup, "linear warm-up steps")->capture_default_str();
+  app.add_option("--label-smoothing", options.label_smoothing, "label smoothing")->capture_default_str();
+  app.add_option("--dropout", options.dropout, "dropout")->capture_default_str();
+  app.add_option("--clip-norm", options.clip_norm, "gradient clipping by global norm, 0 for none")->capture_default_str();
+  app.add_option("--threads", options.threads, "threads for Eigen (needs a build with MOA_OPENMP)")->capture_default_str();
+  app.add_option("--model-dim", options.model_dim, "d_model")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--ffn-dim", options.ffn_dim, "feed-forward width")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--layers", options.layers, "encoder and decoder layers (each)")->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_flag("--pre-norm", options.pre_norm, "pre-LN instead of post-LN");
+  app.add_option("--vocab-size", options.vocab_size, "SentencePiece vocabulary")->capture_default_str();
+  app.add_option("--tokenizer", options.tokenizer_type, "unigram or bpe")->capture_default_str();
+  app.add_option("--max-tokens", options.max_tokens, "drop pairs with a side this long or longer")->capture_default_str();
+  app.add_flag("--resume", options.resume, "continue from the checkpoints in the output folder");
+  app.add_option("--valid-every", options.valid_every, "validation loss every N steps")->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--checkpoint-every", options.checkpoint_every, "checkpoint every N steps")->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--eval-sentences", options.eval_sentences, "test sentences to translate")->capture_default_str();
+  app.add_option("--beam", options.beam, "beam size")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--length-penalty", options.length_penalty, "beam length penalty")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    moa::AttentionSpec::parse(options.attention);
+    if (!options.baseline.empty()) moa::AttentionSpec::parse(options.baseline);
+#ifdef _OPENMP
+    Eigen::setNbThreads(options.threads);
+#else
+    if (options.threads != 1) std::fprintf(stderr, "note: built without OpenMP (MOA_OPENMP), running on one thread\n");
+#endif
+    fs::create_directories(options.output);
+    const Data data = load_data(options);
+    std::vector<RunResult> results;
+    auto folder_of = [&](const std::string& spec) {
+      std::string name = spec;
+      std::replace(name.begin(), name.end(), ':', '_');
+      return options.output + "/" + name;
+    };
+    results.push_back(run_one(options, data, options.attention, folder_of(options.attention)));
+    if (!options.baseline.empty())
+      results.push_back(run_one(options, data, options.baseline, folder_of(options.baseline)));
+    std::vector<moa::PlotSeries> curves;
+    const char* colors[2] = {"#1f77b4", "#d62728"};
+    for (std::size_t i = 0; i < results.size(); ++i) {
+      curves.push_back({results[i].name + " train", results[i].steps, results[i].train_losses, colors[i], true});
+      curves.push_back({results[i].name + " valid", results[i].valid_steps, results[i].valid_losses, colors[i], false});
+    }
+    const std::string chart = options.output + "/loss.svg";
+    moa::write_line_chart(chart, "Translation loss: " + options.attention + (options.baseline.empty() ? "" : " vs " + options.baseline),
+                          "step", "loss (nats/token)", curves);
+    print_table(results, chart);
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "translate: error: %s\n", error.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,147 @@
+// moa/training.hpp - pieces of a training program: a live progress line, a JSON-lines metrics log,
+// and per-expert token statistics with pointwise mutual information. Standard library only.
+#pragma once
+
+#include "moa/error.hpp"
+#include "moa/tensor.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#if __has_include(<unistd.h>)
+#include <unistd.h>
+#endif
+
+namespace moa {
+
+// "step 120/2000 | loss 4.213 | 8.1k tok/s | lr 3.0e-04 | ETA 3m52s", redrawn in place on a
+// terminal and printed as a plain line every `plain_every` steps otherwise (logs, CI).
+class ProgressLine {
+ public:
+  ProgressLine(long long total_steps, long long plain_every = 100)
+      : total_(total_steps), plain_every_(plain_every), start_(std::chrono::steady_clock::now()) {
+#if __has_include(<unistd.h>)
+    terminal_ = ::isatty(::fileno(stderr)) != 0;
+#endif
+  }
+
+  void update(long long step, long long steps_this_run, double loss, double tokens_per_second, double learning_rate) {
+    const double elapsed = seconds();
+    const double per_step = steps_this_run > 0 ? elapsed / static_cast<double>(steps_this_run) : 0.0;
+    const long long eta = static_cast<long long>(per_step * static_cast<double>(total_ - step));
+    char line[200];
+    std::snprintf(line, sizeof line, "step %lld/%lld | loss %.3f | %.1fk tok/s | lr %.1e | ETA %lldm%02llds", step,
+                  total_, loss, tokens_per_second / 1000.0, learning_rate, eta / 60, eta % 60);
+    if (terminal_) {
+      std::fprintf(stderr, "\r%-90s", line);
+      if (step == total_) std::fprintf(stderr, "\n");
+    } else if (step % plain_every_ == 0 || step == total_) {
+      std::fprintf(stderr, "%s\n", line);
+    }
+    std::fflush(stderr);
+  }
+
+  double seconds() const {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  }
+
+ private:
+  long long total_;
+  long long plain_every_;
+  bool terminal_ = false;
+  std::chrono::steady_clock::time_point start_;
+};
+
+// One JSON object per line: {"step": 100, "train_loss": 3.2, ...}. Appends, so a resumed run
+// continues its file.
+class MetricsLog {
+ public:
+  explicit MetricsLog(const std::string& path, bool append) : file_(path, append ? std::ios::app : std::ios::trunc) {
+    MOA_CHECK(file_.good(), "MetricsLog", "cannot write '", path, "'");
+  }
+
+  void write(long long step, const std::vector<std::pair<std::string, double>>& values) {
+    file_ << "{\"step\": " << step;
+    for (const auto& [name, value] : values) {
+      char number[40];
+      std::snprintf(number, sizeof number, "%.9g", value);
+      file_ << ", \"" << name << "\": " << (std::isfinite(value) ? number : "null");
+    }
+    file_ << "}\n";
+    file_.flush();
+  }
+
+ private:
+  std::ofstream file_;
+};
+
+// Counts of (token, expert) assignments for one routed layer, and the PMI table of the paper:
+// PMI(token, expert) = log p(token, expert) / (p(token) p(expert)).
+class ExpertTokenStatistics {
+ public:
+  explicit ExpertTokenStatistics(Index num_experts) : expert_totals_(static_cast<std::size_t>(num_experts), 0) {}
+
+  // tokens: one id per query row; experts: [rows * k], -1 for unrouted rows.
+  void add(const TokenIds& tokens, const std::vector<Index>& experts, Index top_k) {
+    MOA_CHECK(experts.size() == tokens.size() * static_cast<std::size_t>(top_k), "ExpertTokenStatistics::add", "got ",
+              experts.size(), " assignments for ", tokens.size(), " tokens and top_k ", top_k);
+    for (std::size_t row = 0; row < tokens.size(); ++row) {
+      for (Index j = 0; j < top_k; ++j) {
+        const Index expert = experts[row * static_cast<std::size_t>(top_k) + static_cast<std::size_t>(j)];
+        if (expert < 0) continue;
+        MOA_CHECK(expert < static_cast<Index>(expert_totals_.size()), "ExpertTokenStatistics::add", "expert ", expert,
+                  " is outside [0, ", expert_totals_.size(), ")");
+        ++joint_[{tokens[row], expert}];
+        ++token_totals_[tokens[row]];
+        ++expert_totals_[static_cast<std::size_t>(expert)];
+        ++total_;
+      }
+    }
+  }
+
+  long long total() const { return total_; }
+  // Share of the assignments that went to each expert.
+  std::vector<double> loads() const {
+    std::vector<double> loads;
+    for (long long count : expert_totals_) loads.push_back(total_ > 0 ? static_cast<double>(count) / total_ : 0.0);
+    return loads;
+  }
+
+  struct Entry {
+    Index token;
+    double pmi;
+    long long count;
+  };
+
+  // The `top` tokens with the highest PMI for `expert`, among tokens seen at least min_count times.
+  std::vector<Entry> top_tokens(Index expert, std::size_t top, long long min_count) const {
+    std::vector<Entry> entries;
+    const double expert_share = static_cast<double>(expert_totals_[static_cast<std::size_t>(expert)]) / total_;
+    for (const auto& [key, count] : joint_) {
+      if (key.second != expert || token_totals_.at(key.first) < min_count) continue;
+      const double joint = static_cast<double>(count) / total_;
+      const double token_share = static_cast<double>(token_totals_.at(key.first)) / total_;
+      entries.push_back({key.first, std::log(joint / (token_share * expert_share)), count});
+    }
+    std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
+      return a.pmi != b.pmi ? a.pmi > b.pmi : a.token < b.token;
+    });
+    if (entries.size() > top) entries.resize(top);
+    return entries;
+  }
+
+ private:
+  std::map<std::pair<Index, Index>, long long> joint_;
+  std::map<Index, long long> token_totals_;
+  std::vector<long long> expert_totals_;
+  long long total_ = 0;
+};
+
+}  // namespace moa
