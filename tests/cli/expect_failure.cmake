@@ -1,0 +1,15 @@
+cmake_minimum_required(VERSION 3.19)
+# Runs PROGRAM with ARGS ('|'-separated) and passes when it exits non-zero with output matching
+# EXPECT: bad input must give a clear error and a failing exit status, never a crash or a success.
+string(REPLACE "|" ";" arguments "${ARGS}")
+execute_process(COMMAND ${PROGRAM} ${arguments} RESULT_VARIABLE status OUTPUT_VARIABLE output ERROR_VARIABLE errors)
+message("exit status: ${status}\n${output}${errors}")
+if(status EQUAL 0)
+  message(FATAL_ERROR "expected a failure, the program succeeded")
+endif()
+if(NOT status MATCHES "^[0-9]+$")
+  message(FATAL_ERROR "the program did not exit normally: ${status}")
+endif()
+if(NOT "${output}${errors}" MATCHES "${EXPECT}")
+  message(FATAL_ERROR "the output does not match '${EXPECT}'")
+endif()
