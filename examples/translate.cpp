@@ -26,7 +26,9 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <exception>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -65,6 +67,7 @@ struct Options {
   Index eval_sentences = 200;
   Index beam = 4;
   double length_penalty = 0.6;
+  int jobs = 2;
 };
 
 // Tokenised splits, plus the test split's text for BLEU.
@@ -140,6 +143,10 @@ Data load_data(const Options& options) {
   tokenize(splits[0], data.train, false);
   tokenize(splits[1], data.valid, false);
   tokenize(splits[2], data.test, true);
+  const std::vector<moa::TokenPair>* tokenized[3] = {&data.train, &data.valid, &data.test};
+  for (int s = 0; s < 3; ++s)
+    MOA_CHECK(!tokenized[s]->empty(), "translate", "no ", names[s], " pair is shorter than --max-tokens ",
+              options.max_tokens, " tokens");
   return data;
 }
 
@@ -495,6 +502,8 @@ int main(int argc, char** argv) {
   app.add_option("--eval-sentences", options.eval_sentences, "test sentences to translate")->capture_default_str();
   app.add_option("--beam", options.beam, "beam size")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--length-penalty", options.length_penalty, "beam length penalty")->capture_default_str();
+  app.add_option("--jobs", options.jobs, "models trained at once (each on one thread)")->capture_default_str()
+      ->check(CLI::PositiveNumber);
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -513,9 +522,27 @@ int main(int argc, char** argv) {
       std::replace(name.begin(), name.end(), ':', '_');
       return options.output + "/" + name;
     };
-    results.push_back(run_one(options, data, options.attention, folder_of(options.attention)));
-    if (!options.baseline.empty())
-      results.push_back(run_one(options, data, options.baseline, folder_of(options.baseline)));
+    // The runs share nothing but the read-only data, so training them at once changes no number.
+    std::vector<std::string> specs{options.attention};
+    if (!options.baseline.empty()) specs.push_back(options.baseline);
+    results.resize(specs.size());
+    std::vector<std::exception_ptr> failures(specs.size());
+    auto run_at = [&](std::size_t i) {
+      try {
+        results[i] = run_one(options, data, specs[i], folder_of(specs[i]));
+      } catch (...) {
+        failures[i] = std::current_exception();
+      }
+    };
+    if (options.jobs > 1 && specs.size() > 1) {
+      std::thread baseline(run_at, 1);
+      run_at(0);
+      baseline.join();
+    } else {
+      for (std::size_t i = 0; i < specs.size(); ++i) run_at(i);
+    }
+    for (const auto& failure : failures)
+      if (failure) std::rethrow_exception(failure);
     std::vector<moa::PlotSeries> curves;
     const char* colors[2] = {"#1f77b4", "#d62728"};
     for (std::size_t i = 0; i < results.size(); ++i) {

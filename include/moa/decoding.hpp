@@ -19,6 +19,32 @@
 
 namespace moa {
 
+namespace detail {
+
+// One greedy step: row_of(b) is sequence b's row of logits. Appends each unfinished sequence's
+// argmax (ties to the lower id) to its output unless it is EOS, which finishes it; writes the
+// chosen ids to `chosen`. Returns whether every sequence has finished.
+template <typename Logits, typename RowOf>
+bool greedy_step(const Logits& logits, RowOf&& row_of, std::vector<TokenIds>& outputs, std::vector<char>& finished,
+                 TokenIds& chosen) {
+  bool all_finished = true;
+  for (std::size_t b = 0; b < outputs.size(); ++b) {
+    Index next = 0;
+    logits.row(row_of(static_cast<Index>(b))).maxCoeff(&next);
+    chosen[b] = next;
+    if (finished[b]) continue;
+    if (next == kEosId) {
+      finished[b] = 1;
+    } else {
+      outputs[b].push_back(next);
+      all_finished = false;
+    }
+  }
+  return all_finished;
+}
+
+}  // namespace detail
+
 template <typename Model>
 std::vector<TokenIds> greedy_decode(Model& model, const TokenIds& source, const SequenceBatch& source_batch,
                                     Index max_length, Rng& rng) {
@@ -31,20 +57,7 @@ std::vector<TokenIds> greedy_decode(Model& model, const TokenIds& source, const 
   TokenIds tokens(static_cast<std::size_t>(batch_size), kBosId);
   for (Index t = 0; t < max_length; ++t) {
     const auto logits = model.step(tokens, state, rng);  // [B, V]
-    bool all_finished = true;
-    for (Index b = 0; b < batch_size; ++b) {
-      Index next = 0;
-      logits.row(b).maxCoeff(&next);  // the first maximum: ties go to the lower id
-      tokens[b] = next;
-      if (finished[b]) continue;
-      if (next == kEosId) {
-        finished[b] = 1;
-      } else {
-        outputs[b].push_back(next);
-        all_finished = false;
-      }
-    }
-    if (all_finished) break;
+    if (detail::greedy_step(logits, [](Index b) { return b; }, outputs, finished, tokens)) break;
   }
   return outputs;
 }
@@ -61,19 +74,10 @@ std::vector<TokenIds> greedy_decode_uncached(Model& model, const TokenIds& sourc
     TokenIds input;
     for (const auto& prefix : prefixes) input.insert(input.end(), prefix.begin(), prefix.end());
     const auto logits = model.forward(source, source_batch, input, SequenceBatch::full(batch_size, t + 1), rng);
-    bool all_finished = true;
-    for (Index b = 0; b < batch_size; ++b) {
-      Index next = 0;
-      logits.row(b * (t + 1) + t).maxCoeff(&next);
-      prefixes[b].push_back(next);
-      if (finished[b]) continue;
-      if (next == kEosId) {
-        finished[b] = 1;
-      } else {
-        outputs[b].push_back(next);
-        all_finished = false;
-      }
-    }
+    TokenIds next(static_cast<std::size_t>(batch_size));
+    const bool all_finished =
+        detail::greedy_step(logits, [t](Index b) { return b * (t + 1) + t; }, outputs, finished, next);
+    for (Index b = 0; b < batch_size; ++b) prefixes[b].push_back(next[b]);
     if (all_finished) break;
   }
   return outputs;

@@ -6,6 +6,7 @@
 // cross-attention cache is filled once from the encoder output and then only read.
 #pragma once
 
+#include "moa/attention.hpp"
 #include "moa/error.hpp"
 #include "moa/tensor.hpp"
 
@@ -116,5 +117,21 @@ class KVCache {
   Matrix<Scalar> values_;           // [B*capacity, width]
   std::vector<Index> key_lengths_;  // [B]
 };
+
+// A frozen cross-attention cache of memory: [B*S, d_model] projected by key_weight and
+// value_weight ([width, d_model] each), with memory_batch's true lengths.
+template <typename Scalar>
+KVCache<Scalar> make_cross_attention_cache(const Matrix<Scalar>& memory, const SequenceBatch& memory_batch,
+                                           const Matrix<Scalar>& key_weight, const Matrix<Scalar>& value_weight,
+                                           const char* function) {
+  MOA_CHECK(memory.cols() == key_weight.cols(), function, "memory has shape ", detail::shape_of(memory),
+            ", expected [N, ", key_weight.cols(), "]");
+  memory_batch.validate(function, "memory", memory.rows());
+  KVCache<Scalar> cache(memory_batch.batch_size, memory_batch.length, key_weight.rows());
+  std::vector<Index> lengths;
+  for (Index b = 0; b < memory_batch.batch_size; ++b) lengths.push_back(memory_batch.length_of(b));
+  cache.fill(memory * key_weight.transpose(), memory * value_weight.transpose(), lengths);
+  return cache;
+}
 
 }  // namespace moa

@@ -205,15 +205,8 @@ class MixtureOfAttention {
     return KVCache<Scalar>(batch_size, capacity, config_.head_dim);
   }
   KVCache<Scalar> make_cross_cache(const Matrix<Scalar>& memory, const SequenceBatch& memory_batch) const {
-    const char* function = "MixtureOfAttention::make_cross_cache";
-    MOA_CHECK(memory.cols() == model_dim(), function, "memory has shape ", detail::shape_of(memory), ", expected [N, ",
-              model_dim(), "]");
-    memory_batch.validate(function, "memory", memory.rows());
-    KVCache<Scalar> cache(memory_batch.batch_size, memory_batch.length, config_.head_dim);
-    std::vector<Index> lengths;
-    for (Index b = 0; b < memory_batch.batch_size; ++b) lengths.push_back(memory_batch.length_of(b));
-    cache.fill(memory * k_proj.value.transpose(), memory * v_proj.value.transpose(), lengths);
-    return cache;
+    return make_cross_attention_cache(memory, memory_batch, k_proj.value, v_proj.value,
+                                      "MixtureOfAttention::make_cross_cache");
   }
 
   // input: [B*n, d_model], n new tokens of each of the cache's B sequences (sequence-major).

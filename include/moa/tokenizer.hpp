@@ -23,9 +23,9 @@ class SentencePieceTokenizer {
  public:
   // Trains a model on `sentences` and writes model_prefix.model and model_prefix.vocab. The text
   // goes through model_prefix.train.txt. model_type: "unigram" or "bpe". One thread, so the same
-  // sentences give the same model.
+  // sentences give the same model. extra_symbols (e.g. "<mask>") get the ids right after unknown.
   static void train(const std::vector<std::string>& sentences, const std::string& model_prefix, Index vocab_size,
-                    const std::string& model_type = "unigram") {
+                    const std::string& model_type = "unigram", const std::vector<std::string>& extra_symbols = {}) {
     const char* function = "SentencePieceTokenizer::train";
     MOA_CHECK(!sentences.empty(), function, "no sentences to train on");
     MOA_CHECK(vocab_size > kFirstRegularId, function, "vocab_size must exceed ", kFirstRegularId, ", got ", vocab_size);
@@ -37,7 +37,9 @@ class SentencePieceTokenizer {
       MOA_CHECK(text.good(), function, "cannot write '", text_path, "'");
       for (const std::string& sentence : sentences) text << sentence << '\n';
     }
-    const std::unordered_map<std::string, std::string> arguments{
+    std::string symbols;
+    for (const std::string& symbol : extra_symbols) symbols += (symbols.empty() ? "" : ",") + symbol;
+    std::unordered_map<std::string, std::string> arguments{
         {"input", text_path},       {"model_prefix", model_prefix},
         {"vocab_size", std::to_string(vocab_size)},
         {"model_type", model_type}, {"character_coverage", "1.0"},
@@ -45,6 +47,7 @@ class SentencePieceTokenizer {
         {"eos_id", "2"},            {"unk_id", "3"},
         {"num_threads", "1"},       {"hard_vocab_limit", "false"},
         {"minloglevel", "1"}};
+    if (!symbols.empty()) arguments["user_defined_symbols"] = symbols;
     const auto status = sentencepiece::SentencePieceTrainer::Train(arguments);
     MOA_CHECK(status.ok(), function, "training failed: ", status.ToString());
   }
@@ -77,6 +80,13 @@ class SentencePieceTokenizer {
     const auto status = processor_.Decode(values, &text);
     MOA_CHECK(status.ok(), "SentencePieceTokenizer::decode", status.ToString());
     return text;
+  }
+
+  // The id of a piece (e.g. a symbol given to train), or throws if the model lacks it.
+  Index id_of(const std::string& piece) const {
+    const int id = processor_.PieceToId(piece);
+    MOA_CHECK(id != processor_.unk_id() || piece == "<unk>", "SentencePieceTokenizer::id_of", "no piece '", piece, "'");
+    return id;
   }
 
   std::string piece(Index id) const {
