@@ -257,8 +257,8 @@ class Run {
     evaluate();
     if constexpr (std::is_same_v<Attention, moa::MixtureOfAttention<float>>) analyse_experts();
     moa::write_line_chart(folder_ + "/loss.svg", result_.name + " " + result_.spec + ": loss", "step", "loss (nats/token)",
-                          {{"train", result_.steps, result_.train_losses, "#1f77b4", false},
-                           {"valid", result_.valid_steps, result_.valid_losses, "#d62728", false}});
+                          {{"train (moving average)", result_.steps, result_.train_losses, "#1f77b4", true},
+                           {"valid", result_.valid_steps, result_.valid_losses, "#1f77b4", false}});
     return result_;
   }
 
@@ -328,6 +328,7 @@ class Run {
         result_.valid_losses.push_back(number("valid_loss"));
       }
     }
+    result_.train_losses = moa::moving_average(result_.train_losses, std::max<std::size_t>(1, result_.steps.size() / 40));
   }
 
   // BLEU and chrF on (a prefix of) the test split, beam search and greedy, both with the cache.
@@ -395,7 +396,9 @@ class Run {
     }
     std::ofstream report(folder_ + "/experts.txt");
     report << "Expert analysis of " << result_.spec << " on the validation split\n"
-           << "PMI(token, expert) = log p(token, expert) / (p(token) p(expert)); tokens seen at least 5 times\n";
+           << "PMI(token, expert) = log p(token, expert) / (p(token) p(expert)), over the k assignments of each token;\n"
+           << "a token always routed to an expert has the largest PMI, log 1 / (k p(expert)); ties list frequent\n"
+           << "tokens first; tokens seen at least 5 times; (PMI, count) after each token\n";
     std::vector<std::string> rows, columns;
     std::vector<std::vector<double>> loads;
     for (Index e = 0; e < experts; ++e) columns.push_back("E" + std::to_string(e));
@@ -410,7 +413,7 @@ class Run {
         for (const auto& entry : statistics[s].top_tokens(e, 8, 5)) {
           char pmi[32];
           std::snprintf(pmi, sizeof pmi, "%.2f", entry.pmi);
-          report << "  " << data_.piece(entry.token) << " (" << pmi << ")";
+          report << "  " << data_.piece(entry.token) << " (" << pmi << ", " << entry.count << ")";
         }
         report << "\n";
       }
@@ -546,7 +549,8 @@ int main(int argc, char** argv) {
     std::vector<moa::PlotSeries> curves;
     const char* colors[2] = {"#1f77b4", "#d62728"};
     for (std::size_t i = 0; i < results.size(); ++i) {
-      curves.push_back({results[i].name + " train", results[i].steps, results[i].train_losses, colors[i], true});
+      curves.push_back({results[i].name + " train (moving average)", results[i].steps, results[i].train_losses, colors[i],
+                        true});
       curves.push_back({results[i].name + " valid", results[i].valid_steps, results[i].valid_losses, colors[i], false});
     }
     const std::string chart = options.output + "/loss.svg";

@@ -34,7 +34,30 @@ inline std::string svg_escape(const std::string& text) {
   return escaped;
 }
 
+// Round tick positions covering [low, high]: steps of 1, 2 or 5 times a power of ten.
+inline std::vector<double> nice_ticks(double low, double high, int target = 6) {
+  const double raw = (high - low) / target;
+  const double magnitude = std::pow(10.0, std::floor(std::log10(raw)));
+  const double step = raw / magnitude < 1.5 ? magnitude : raw / magnitude < 3.5 ? 2 * magnitude
+                      : raw / magnitude < 7.5 ? 5 * magnitude : 10 * magnitude;
+  std::vector<double> ticks;
+  for (double tick = std::ceil(low / step) * step; tick <= high + 1e-9 * step; tick += step) ticks.push_back(tick);
+  return ticks;
+}
+
 }  // namespace detail
+
+// Trailing moving average over `window` points, for noisy per-step curves.
+inline std::vector<double> moving_average(const std::vector<double>& values, std::size_t window) {
+  std::vector<double> averaged;
+  double sum = 0;
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    sum += values[i];
+    if (i >= window) sum -= values[i - window];
+    averaged.push_back(sum / static_cast<double>(std::min(i + 1, window)));
+  }
+  return averaged;
+}
 
 // Writes a line chart of the series to `path` (800x480 SVG) with axes, ticks and a legend.
 inline void write_line_chart(const std::string& path, const std::string& title, const std::string& x_label,
@@ -64,15 +87,14 @@ inline void write_line_chart(const std::string& path, const std::string& title, 
       << "<text x='425' y='465' text-anchor='middle'>" << detail::svg_escape(x_label) << "</text>\n"
       << "<text x='18' y='230' text-anchor='middle' transform='rotate(-90 18 230)'>" << detail::svg_escape(y_label)
       << "</text>\n";
-  for (int tick = 0; tick <= 5; ++tick) {
-    const double x = x_min + (x_max - x_min) * tick / 5, y = y_min + (y_max - y_min) * tick / 5;
+  for (double x : detail::nice_ticks(x_min, x_max))
     svg << "<line x1='" << px(x) << "' y1='" << top << "' x2='" << px(x) << "' y2='" << bottom
         << "' stroke='#e4e4e4'/><text x='" << px(x) << "' y='" << bottom + 16 << "' text-anchor='middle'>"
-        << detail::svg_number(x) << "</text>\n"
-        << "<line x1='" << left << "' y1='" << py(y) << "' x2='" << right << "' y2='" << py(y)
+        << detail::svg_number(x) << "</text>\n";
+  for (double y : detail::nice_ticks(y_min, y_max))
+    svg << "<line x1='" << left << "' y1='" << py(y) << "' x2='" << right << "' y2='" << py(y)
         << "' stroke='#e4e4e4'/><text x='" << left - 6 << "' y='" << py(y) + 4 << "' text-anchor='end'>"
         << detail::svg_number(y) << "</text>\n";
-  }
   svg << "<rect x='" << left << "' y='" << top << "' width='" << right - left << "' height='" << bottom - top
       << "' fill='none' stroke='black'/>\n";
   for (std::size_t k = 0; k < series.size(); ++k) {
@@ -90,16 +112,17 @@ inline void write_line_chart(const std::string& path, const std::string& title, 
   svg << "</svg>\n";
 }
 
-// Writes a heatmap of values[row][column] in [0, max] (white to dark blue) with labels.
+// Writes a heatmap of values[row][column], white at the smallest value to dark blue at the largest,
+// with the values written in the cells.
 inline void write_heatmap(const std::string& path, const std::string& title, const std::vector<std::string>& row_labels,
                           const std::vector<std::string>& column_labels, const std::vector<std::vector<double>>& values) {
   MOA_CHECK(values.size() == row_labels.size(), "write_heatmap", "got ", values.size(), " rows and ", row_labels.size(),
             " row labels");
-  double max_value = 0;
+  double max_value = -std::numeric_limits<double>::infinity(), min_value = -max_value;
   for (const auto& row : values) {
     MOA_CHECK(row.size() == column_labels.size(), "write_heatmap", "a row has ", row.size(), " values for ",
               column_labels.size(), " columns");
-    for (double v : row) max_value = std::max(max_value, v);
+    for (double v : row) max_value = std::max(max_value, v), min_value = std::min(min_value, v);
   }
   const double cell = 36, left = 150, top = 60;
   const double width = left + cell * static_cast<double>(column_labels.size()) + 30;
@@ -118,7 +141,7 @@ inline void write_heatmap(const std::string& path, const std::string& title, con
     svg << "<text x='" << left - 8 << "' y='" << y + cell / 2 + 4 << "' text-anchor='end'>"
         << detail::svg_escape(row_labels[r]) << "</text>\n";
     for (std::size_t c = 0; c < column_labels.size(); ++c) {
-      const double share = max_value > 0 ? values[r][c] / max_value : 0;
+      const double share = max_value > min_value ? (values[r][c] - min_value) / (max_value - min_value) : 0;
       const int shade = static_cast<int>(255 - 200 * share);
       svg << "<rect x='" << left + cell * static_cast<double>(c) << "' y='" << y << "' width='" << cell << "' height='"
           << cell << "' fill='rgb(" << shade << "," << shade << ",255)' stroke='white'/>"

@@ -130,8 +130,11 @@ class ExpertTokenStatistics {
       const double token_share = static_cast<double>(token_totals_.at(key.first)) / total_;
       entries.push_back({key.first, std::log(joint / (token_share * expert_share)), count});
     }
+    // A token always routed to the expert reaches the largest PMI, log 1 / (k p(expert)); among
+    // equal PMI the more frequent token is the more telling.
     std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
-      return a.pmi != b.pmi ? a.pmi > b.pmi : a.token < b.token;
+      if (a.pmi != b.pmi) return a.pmi > b.pmi;
+      return a.count != b.count ? a.count > b.count : a.token < b.token;
     });
     if (entries.size() > top) entries.resize(top);
     return entries;
