@@ -22,8 +22,8 @@ namespace moa {
 class SentencePieceTokenizer {
  public:
   // Trains a model on `sentences` and writes model_prefix.model and model_prefix.vocab. The text
-  // goes through model_prefix.train.txt. model_type: "unigram" or "bpe". One thread, so the same
-  // sentences give the same model. extra_symbols (e.g. "<mask>") get the ids right after unknown.
+  // goes through model_prefix.train.txt. model_type: "unigram" or "bpe". One thread: the same
+  // sentences give the same pieces and scores (the model file also records the paths it used). extra_symbols (e.g. "<mask>") get the ids right after unknown.
   static void train(const std::vector<std::string>& sentences, const std::string& model_prefix, Index vocab_size,
                     const std::string& model_type = "unigram", const std::vector<std::string>& extra_symbols = {}) {
     const char* function = "SentencePieceTokenizer::train";
