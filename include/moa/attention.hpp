@@ -123,14 +123,17 @@ void attention_forward(const ConstMatrixRef<Scalar>& queries, const ConstMatrixR
 }
 
 // Mirrors attention_forward. grad_queries: [R, d_h] (overwritten); grad_keys and grad_values:
-// [S, d_h] (accumulated).
+// [S, d_h] (accumulated). `workspace` (optional) is reused for the score gradients, so repeated
+// calls need not allocate.
 template <typename Scalar>
 void attention_backward(const ConstMatrixRef<Scalar>& queries, const ConstMatrixRef<Scalar>& keys,
                         const ConstMatrixRef<Scalar>& values, const ConstMatrixRef<Scalar>& probabilities,
                         const ConstMatrixRef<Scalar>& grad_output, const AttentionLayout& layout,
-                        MatrixRef<Scalar> grad_queries, MatrixRef<Scalar> grad_keys, MatrixRef<Scalar> grad_values) {
+                        MatrixRef<Scalar> grad_queries, MatrixRef<Scalar> grad_keys, MatrixRef<Scalar> grad_values,
+                        Matrix<Scalar>* workspace = nullptr) {
   const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(queries.cols()));
-  Matrix<Scalar> grad_scores;  // [rows, extent]
+  Matrix<Scalar> local;
+  Matrix<Scalar>& grad_scores = workspace != nullptr ? *workspace : local;  // [rows, extent]
   layout.for_each_block([&](Index first, Index count, Index extent) {
     const Index first_row = first * layout.rows_per_position, rows = count * layout.rows_per_position;
     if (extent == 0) {

@@ -120,7 +120,9 @@ class MixtureOfAttention {
               " (as the last forward)");
     const Matrix<Scalar>& gates = router.gates();                       // [N, k]
     Matrix<Scalar> grad_gates = Matrix<Scalar>::Zero(query_.rows(), k);  // [N, k]
-    Matrix<Scalar> grad_attended = Matrix<Scalar>::Zero(attended_.rows(), head_dim);  // [N*k, d_h]
+    // Large buffers are members, reused by every call: fresh ones would page-fault each time.
+    Matrix<Scalar>& grad_attended = grad_attended_;  // [N*k, d_h]
+    grad_attended.setZero(attended_.rows(), head_dim);
     // Output side: y_t += gate * a Wo_e^T.
     for (Index e = 0; e < config_.num_experts; ++e) {
       const Index count = plan_.count(e);
@@ -145,9 +147,12 @@ class MixtureOfAttention {
       }
     }
     // Attention, per sequence, against the shared K and V.
-    Matrix<Scalar> grad_queries = Matrix<Scalar>::Zero(queries_.rows(), head_dim);  // [N*k, d_h]
-    Matrix<Scalar> grad_keys = Matrix<Scalar>::Zero(keys_.rows(), head_dim);        // [B*Tk, d_h]
-    Matrix<Scalar> grad_values = Matrix<Scalar>::Zero(values_.rows(), head_dim);    // [B*Tk, d_h]
+    Matrix<Scalar>& grad_queries = grad_queries_;  // [N*k, d_h]
+    Matrix<Scalar>& grad_keys = grad_keys_;        // [B*Tk, d_h]
+    Matrix<Scalar>& grad_values = grad_values_;    // [B*Tk, d_h]
+    grad_queries.setZero(queries_.rows(), head_dim);
+    grad_keys.setZero(keys_.rows(), head_dim);
+    grad_values.setZero(values_.rows(), head_dim);
     for (Index b = 0; b < query_batch_.batch_size; ++b) {
       const Index query_rows = query_batch_.length * k, first_query = b * query_rows;
       const Index key_rows = key_batch_.length, first_key = b * key_rows;
@@ -156,7 +161,8 @@ class MixtureOfAttention {
                                  probabilities_.middleRows(first_query, query_rows),
                                  grad_attended.middleRows(first_query, query_rows), layout_of(b),
                                  grad_queries.middleRows(first_query, query_rows),
-                                 grad_keys.middleRows(first_key, key_rows), grad_values.middleRows(first_key, key_rows));
+                                 grad_keys.middleRows(first_key, key_rows), grad_values.middleRows(first_key, key_rows),
+                                 &grad_scores_);
     }
     // Query side: q = x Wq_e^T.
     AttentionGradients<Scalar> grads;
@@ -359,6 +365,7 @@ class MixtureOfAttention {
   double last_flops_ = 0.0;
   // Scratch reused across experts and calls, so a forward does not allocate per expert.
   Matrix<Scalar> gathered_, gathered_grad_, attended_rows_, scaled_, projected_;
+  Matrix<Scalar> grad_attended_, grad_queries_, grad_keys_, grad_values_, grad_scores_;
 };
 
 }  // namespace moa

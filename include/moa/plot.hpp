@@ -105,9 +105,9 @@ inline void write_line_chart(const std::string& path, const std::string& title, 
       if (std::isfinite(s.y[i])) svg << px(s.x[i]) << ',' << py(s.y[i]) << ' ';
     svg << "'/>\n";
     const double legend_y = top + 18 + 18 * static_cast<double>(k);
-    svg << "<line x1='" << right - 170 << "' y1='" << legend_y << "' x2='" << right - 140 << "' y2='" << legend_y
+    svg << "<line x1='" << right - 250 << "' y1='" << legend_y << "' x2='" << right - 220 << "' y2='" << legend_y
         << "' stroke='" << s.color << "' stroke-width='2'" << (s.dashed ? " stroke-dasharray='6 4'" : "") << "/>"
-        << "<text x='" << right - 134 << "' y='" << legend_y + 4 << "'>" << detail::svg_escape(s.label) << "</text>\n";
+        << "<text x='" << right - 214 << "' y='" << legend_y + 4 << "'>" << detail::svg_escape(s.label) << "</text>\n";
   }
   svg << "</svg>\n";
 }
