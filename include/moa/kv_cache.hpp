@@ -118,6 +118,18 @@ class KVCache {
   std::vector<Index> key_lengths_;  // [B]
 };
 
+// Checks a decoding step's input [B*n, model_dim] against a cache of B sequences and `width`
+// columns; returns n, the new tokens per sequence.
+template <typename Scalar>
+Index check_step_input(const Matrix<Scalar>& input, const KVCache<Scalar>& cache, Index model_dim, Index width,
+                       const char* function) {
+  MOA_CHECK(cache.width() == width, function, "cache has width ", cache.width(), ", expected ", width);
+  MOA_CHECK(input.cols() == model_dim && input.rows() > 0 && input.rows() % cache.batch_size() == 0, function,
+            "input has shape ", detail::shape_of(input), ", expected [batch_size * n, ", model_dim,
+            "] with batch_size ", cache.batch_size());
+  return input.rows() / cache.batch_size();
+}
+
 // A frozen cross-attention cache of memory: [B*S, d_model] projected by key_weight and
 // value_weight ([width, d_model] each), with memory_batch's true lengths.
 template <typename Scalar>

@@ -222,12 +222,8 @@ class MixtureOfAttention {
   // for backward.
   Matrix<Scalar> step(const Matrix<Scalar>& input, KVCache<Scalar>& cache) {
     const char* function = "MixtureOfAttention::step";
-    MOA_CHECK(cache.width() == config_.head_dim, function, "cache has width ", cache.width(), ", expected head_dim ",
-              config_.head_dim);
-    MOA_CHECK(input.cols() == model_dim() && input.rows() > 0 && input.rows() % cache.batch_size() == 0, function,
-              "input has shape ", detail::shape_of(input), ", expected [batch_size * n, ", model_dim(),
-              "] with batch_size ", cache.batch_size());
-    const Index k = config_.top_k, steps = input.rows() / cache.batch_size();
+    const Index steps = check_step_input(input, cache, model_dim(), config_.head_dim, function);
+    const Index k = config_.top_k;
     const Index offset = cache.frozen() ? 0 : cache.length();
     if (!cache.frozen()) cache.append(input * k_proj.value.transpose(), input * v_proj.value.transpose());
     const bool was_training = router.training();

@@ -156,12 +156,8 @@ class MultiHeadAttention {
   // input: [B*n, d_model], n new tokens of each sequence; see MixtureOfAttention::step.
   Matrix<Scalar> step(const Matrix<Scalar>& input, KVCache<Scalar>& cache) {
     const char* function = "MultiHeadAttention::step";
-    MOA_CHECK(cache.width() == width(), function, "cache has width ", cache.width(), ", expected num_heads * head_dim = ",
-              width());
-    MOA_CHECK(input.cols() == model_dim() && input.rows() > 0 && input.rows() % cache.batch_size() == 0, function,
-              "input has shape ", detail::shape_of(input), ", expected [batch_size * n, ", model_dim(),
-              "] with batch_size ", cache.batch_size());
-    const Index steps = input.rows() / cache.batch_size(), heads = config_.num_heads, head_dim = config_.head_dim;
+    const Index steps = check_step_input(input, cache, model_dim(), width(), function);
+    const Index heads = config_.num_heads, head_dim = config_.head_dim;
     const Index offset = cache.frozen() ? 0 : cache.length();
     if (!cache.frozen()) cache.append(input * k_proj.value.transpose(), input * v_proj.value.transpose());
     const Matrix<Scalar> queries = input * q_proj.value.transpose();  // [B*n, h*d_h]
