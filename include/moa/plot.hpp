@@ -49,6 +49,7 @@ inline std::vector<double> nice_ticks(double low, double high, int target = 6) {
 
 // Trailing moving average over `window` points, for noisy per-step curves.
 inline std::vector<double> moving_average(const std::vector<double>& values, std::size_t window) {
+  MOA_CHECK(window > 0, "moving_average", "window must be positive, got ", window);
   std::vector<double> averaged;
   double sum = 0;
   for (std::size_t i = 0; i < values.size(); ++i) {

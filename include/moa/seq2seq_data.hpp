@@ -102,6 +102,7 @@ inline std::vector<std::vector<std::size_t>> make_token_batches(const std::vecto
 // drawn from the regular ids [kFirstRegularId, vocab_size).
 inline std::vector<TokenPair> synthetic_reverse_task(Index count, Index vocab_size, Index min_length, Index max_length,
                                                      Rng& rng) {
+  MOA_CHECK(count >= 0, "synthetic_reverse_task", "count must be non-negative, got ", count);
   MOA_CHECK(vocab_size > kFirstRegularId, "synthetic_reverse_task", "vocab_size must exceed ", kFirstRegularId,
             ", got ", vocab_size);
   MOA_CHECK(min_length > 0 && min_length <= max_length, "synthetic_reverse_task", "lengths must satisfy 0 < ",

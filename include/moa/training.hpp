@@ -122,7 +122,10 @@ class ExpertTokenStatistics {
 
   // The `top` tokens with the highest PMI for `expert`, among tokens seen at least min_count times.
   std::vector<Entry> top_tokens(Index expert, std::size_t top, long long min_count) const {
+    MOA_CHECK(expert >= 0 && expert < static_cast<Index>(expert_totals_.size()), "ExpertTokenStatistics::top_tokens",
+              "expert ", expert, " is outside [0, ", expert_totals_.size(), ")");
     std::vector<Entry> entries;
+    if (expert_totals_[static_cast<std::size_t>(expert)] == 0) return entries;  // no assignment: no PMI
     const double expert_share = static_cast<double>(expert_totals_[static_cast<std::size_t>(expert)]) / total_;
     for (const auto& [key, count] : joint_) {
       if (key.second != expert || token_totals_.at(key.first) < min_count) continue;

@@ -1,0 +1,63 @@
+#include "support.hpp"
+
+#include "moa/plot.hpp"
+#include "moa/seq2seq_data.hpp"
+#include "moa/training.hpp"
+
+#include <cmath>
+#include <fstream>
+
+using namespace moa_test;
+
+TEST_CASE("ExpertTokenStatistics: loads and PMI of a hand-computed case", "[training]") {
+  moa::ExpertTokenStatistics statistics(2);
+  statistics.add({5, 5, 6, 6}, {0, 0, 0, 1}, 1);
+  REQUIRE(statistics.total() == 4);
+  REQUIRE(statistics.loads() == std::vector<double>{0.75, 0.25});
+  // p(5, e0) = 1/2, p(5) = 1/2, p(e0) = 3/4: log 4/3. p(6, e1) = 1/4, p(6) = 1/2, p(e1) = 1/4: log 2.
+  const auto first = statistics.top_tokens(0, 5, 1);
+  REQUIRE(first.size() == 2);
+  REQUIRE(first[0].token == 5);
+  REQUIRE(first[0].pmi == Approx(std::log(4.0 / 3)));
+  REQUIRE(first[0].count == 2);
+  REQUIRE(statistics.top_tokens(1, 5, 1)[0].pmi == Approx(std::log(2.0)));
+  REQUIRE(statistics.top_tokens(1, 5, 3).empty());  // token 6 was seen twice, fewer than 3
+  moa::ExpertTokenStatistics empty(3);
+  REQUIRE(empty.top_tokens(2, 5, 1).empty());
+  REQUIRE_MOA_ERROR(statistics.add({5}, {0, 1}, 1), "got 2 assignments for 1 tokens");
+  REQUIRE_MOA_ERROR(statistics.add({5}, {2}, 1), "expert 2 is outside [0, 2)");
+  REQUIRE_MOA_ERROR(statistics.top_tokens(2, 5, 1), "expert 2 is outside [0, 2)");
+}
+
+TEST_CASE("moving_average and the SVG writers", "[training]") {
+  REQUIRE(moa::moving_average({1, 3, 5, 7}, 2) == std::vector<double>{1, 2, 4, 6});
+  REQUIRE_MOA_ERROR(moa::moving_average({1}, 0), "window must be positive");
+  const std::string chart = temporary_path("chart.svg");
+  moa::write_line_chart(chart, "t", "x", "y", {{"a", {1, 2, 3}, {3, 2, 1}, "red", false}});
+  std::ifstream file(chart);
+  const std::string text((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  REQUIRE(text.find("<polyline") != std::string::npos);
+  REQUIRE(text.find(">a</text>") != std::string::npos);
+  REQUIRE_MOA_ERROR(moa::write_line_chart(chart, "t", "x", "y", {{"a", {1, 2}, {1}, "red", false}}),
+                    "series 'a' has 2 x and 1 y values");
+  REQUIRE_MOA_ERROR(moa::write_heatmap(chart, "t", {"r"}, {"c1", "c2"}, {{1.0}}), "a row has 1 values for 2 columns");
+  REQUIRE_MOA_ERROR(moa::write_heatmap(temporary_path("no/dir/h.svg"), "t", {"r"}, {"c"}, {{1.0}}), "cannot write");
+}
+
+TEST_CASE("Seq2Seq batches and token batching", "[training]") {
+  const std::vector<moa::TokenPair> pairs{{{4, 5}, {6}}, {{7}, {8, 9, 10}}};
+  const auto batch = moa::make_seq2seq_batch(pairs, {0, 1});
+  // source + EOS, padded to 3; target input BOS + target, output target + EOS, padded to 4.
+  REQUIRE(batch.source == moa::TokenIds{4, 5, 2, 7, 2, 0});
+  REQUIRE(batch.target_input == moa::TokenIds{1, 6, 0, 0, 1, 8, 9, 10});
+  REQUIRE(batch.target_output == moa::TokenIds{6, 2, 0, 0, 8, 9, 10, 2});
+  REQUIRE(batch.target_tokens == 6);
+  REQUIRE_MOA_ERROR(moa::make_seq2seq_batch(pairs, {2}), "index 2 is outside [0, 2)");
+  moa::Rng rng(1);
+  const auto many = moa::synthetic_reverse_task(50, 10, 2, 6, rng);
+  std::size_t covered = 0;
+  for (const auto& indices : moa::make_token_batches(many, 16, rng)) covered += indices.size();
+  REQUIRE(covered == 50);  // every pair in exactly one batch
+  REQUIRE_MOA_ERROR(moa::synthetic_reverse_task(-1, 10, 2, 6, rng), "count must be non-negative");
+  REQUIRE_MOA_ERROR(moa::make_token_batches(many, 0, rng), "max_tokens must be positive");
+}
