@@ -4,7 +4,7 @@
 set -euo pipefail
 
 packages=(cmake make g++ pkg-config libeigen3-dev catch2 nlohmann-json3-dev libbenchmark-dev
-          libsentencepiece-dev libcli11-dev trans-de-en)
+          libsentencepiece-dev libcli11-dev trans-de-en libdnnl-dev ocl-icd-opencl-dev libopenblas-dev)
 
 missing=()
 for package in "${packages[@]}"; do

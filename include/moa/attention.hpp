@@ -12,6 +12,7 @@
 #pragma once
 
 #include "moa/error.hpp"
+#include "moa/gemm.hpp"
 #include "moa/tensor.hpp"
 
 #include <algorithm>
@@ -83,17 +84,14 @@ struct AttentionLayout {
   }
 };
 
-template <typename Scalar>
-using MatrixRef = Eigen::Ref<Matrix<Scalar>, 0, Eigen::OuterStride<>>;
-template <typename Scalar>
-using ConstMatrixRef = Eigen::Ref<const Matrix<Scalar>, 0, Eigen::OuterStride<>>;
-
 // queries: [R, d_h], keys/values: [S, d_h] with S >= key_length, probabilities: [R, S] (only the
-// computed blocks are written), output: [R, d_h] (rows past R of the layout are left alone).
+// computed blocks are written), output: [R, d_h] (rows past R of the layout are left alone). The
+// products run on `compute` at `precision` (bf16 only for inference).
 template <typename Scalar>
 void attention_forward(const ConstMatrixRef<Scalar>& queries, const ConstMatrixRef<Scalar>& keys,
                        const ConstMatrixRef<Scalar>& values, const AttentionLayout& layout,
-                       MatrixRef<Scalar> probabilities, MatrixRef<Scalar> output) {
+                       MatrixRef<Scalar> probabilities, MatrixRef<Scalar> output,
+                       const Compute& compute = *Compute::standard(), Precision precision = Precision::f32) {
   const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(queries.cols()));
   const Index rows_per_position = layout.rows_per_position;
   layout.for_each_block([&](Index first, Index count, Index extent) {
@@ -104,7 +102,8 @@ void attention_forward(const ConstMatrixRef<Scalar>& queries, const ConstMatrixR
       return;
     }
     auto scores = probabilities.block(first_row, 0, rows, extent);  // [rows, extent]
-    scores.noalias() = queries.middleRows(first_row, rows) * keys.topRows(extent).transpose();
+    gemm<Scalar>(compute, queries.middleRows(first_row, rows), Transpose::no, keys.topRows(extent), Transpose::yes,
+                 scores, false, precision);
     for (Index r = 0; r < rows; ++r) {
       const Index visible = layout.visible_keys(first + r / rows_per_position);
       auto row = scores.row(r);
@@ -118,7 +117,7 @@ void attention_forward(const ConstMatrixRef<Scalar>& queries, const ConstMatrixR
       kept /= kept.sum();
       row.tail(extent - visible).setZero();
     }
-    block_output.noalias() = scores * values.topRows(extent);
+    gemm<Scalar>(compute, scores, Transpose::no, values.topRows(extent), Transpose::no, block_output, false, precision);
   });
 }
 
@@ -130,7 +129,7 @@ void attention_backward(const ConstMatrixRef<Scalar>& queries, const ConstMatrix
                         const ConstMatrixRef<Scalar>& values, const ConstMatrixRef<Scalar>& probabilities,
                         const ConstMatrixRef<Scalar>& grad_output, const AttentionLayout& layout,
                         MatrixRef<Scalar> grad_queries, MatrixRef<Scalar> grad_keys, MatrixRef<Scalar> grad_values,
-                        Matrix<Scalar>* workspace = nullptr) {
+                        Matrix<Scalar>* workspace = nullptr, const Compute& compute = *Compute::standard()) {
   const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(queries.cols()));
   Matrix<Scalar> local;
   Matrix<Scalar>& grad_scores = workspace != nullptr ? *workspace : local;  // [rows, extent]
@@ -142,13 +141,17 @@ void attention_backward(const ConstMatrixRef<Scalar>& queries, const ConstMatrix
     }
     const auto block_probabilities = probabilities.block(first_row, 0, rows, extent);  // [rows, extent]
     const auto block_grad_output = grad_output.middleRows(first_row, rows);             // [rows, d_h]
-    grad_values.topRows(extent).noalias() += block_probabilities.transpose() * block_grad_output;
-    grad_scores.noalias() = block_grad_output * values.topRows(extent).transpose();
+    gemm<Scalar>(compute, block_probabilities, Transpose::yes, block_grad_output, Transpose::no,
+                 grad_values.topRows(extent), true);
+    grad_scores.resize(rows, extent);
+    gemm<Scalar>(compute, block_grad_output, Transpose::no, values.topRows(extent), Transpose::yes, grad_scores);
     // Softmax backward; masked entries have P = 0 and so get 0.
     const ColumnVector<Scalar> dot = block_probabilities.cwiseProduct(grad_scores).rowwise().sum();  // [rows]
     grad_scores = (grad_scores.colwise() - dot).cwiseProduct(block_probabilities) * scale;
-    grad_queries.middleRows(first_row, rows).noalias() = grad_scores * keys.topRows(extent);
-    grad_keys.topRows(extent).noalias() += grad_scores.transpose() * queries.middleRows(first_row, rows);
+    gemm<Scalar>(compute, grad_scores, Transpose::no, keys.topRows(extent), Transpose::no,
+                 grad_queries.middleRows(first_row, rows));
+    gemm<Scalar>(compute, grad_scores, Transpose::yes, queries.middleRows(first_row, rows), Transpose::no,
+                 grad_keys.topRows(extent), true);
   });
 }
 

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "moa/error.hpp"
+#include "moa/gemm.hpp"
 #include "moa/parameter.hpp"
 #include "moa/random.hpp"
 #include "moa/tensor.hpp"
@@ -68,11 +69,16 @@ class Embedding {
     }
   }
 
-  // Output projection tied to the table: logits = x W^T. input: [N, D] -> logits: [N, V]
-  Matrix<Scalar> project(const Matrix<Scalar>& input) const {
+  // The backend and threads of the tied output projection.
+  void set_compute(ComputePtr compute) { compute_ = std::move(compute); }
+  const Compute& compute() const { return *compute_; }
+
+  // Output projection tied to the table: logits = x W^T. input: [N, D] -> logits: [N, V].
+  // precision: bf16 is for inference only.
+  Matrix<Scalar> project(const Matrix<Scalar>& input, Precision precision = Precision::f32) const {
     MOA_CHECK(input.cols() == embedding_dim(), "Embedding::project", "input has shape ", detail::shape_of(input),
               ", expected [N, ", embedding_dim(), "]");
-    return input * weight.value.transpose();
+    return linear_product<Scalar>(*compute_, input, weight.value, precision);
   }
 
   // Backward of project: accumulates dW += dlogits^T x and returns dx: [N, D].
@@ -80,8 +86,10 @@ class Embedding {
     MOA_CHECK(grad_logits.rows() == input.rows() && grad_logits.cols() == num_embeddings(),
               "Embedding::project_backward", "grad_logits has shape ", detail::shape_of(grad_logits), ", expected [",
               input.rows(), ", ", num_embeddings(), "]");
-    weight.grad.noalias() += grad_logits.transpose() * input;
-    return grad_logits * weight.value;
+    gemm<Scalar>(*compute_, grad_logits, Transpose::yes, input, Transpose::no, weight.grad, true);
+    Matrix<Scalar> grad_input(input.rows(), embedding_dim());  // [N, D]
+    gemm<Scalar>(*compute_, grad_logits, Transpose::no, weight.value, Transpose::no, grad_input);
+    return grad_input;
   }
 
   void collect_parameters(ParameterList<Scalar>& list, const std::string& prefix = "") { list.add(prefix, weight); }
@@ -90,6 +98,7 @@ class Embedding {
 
  private:
   Index padding_index_;
+  ComputePtr compute_ = Compute::standard();
   TokenIds ids_;  // N
 };
 

@@ -43,6 +43,15 @@ class FeedForward {
   Index hidden_dim() const { return fc1.out_features(); }
   Activation activation() const { return activation_; }
 
+  void set_compute(const ComputePtr& compute) {
+    fc1.set_compute(compute);
+    fc2.set_compute(compute);
+  }
+  void set_training(bool training) {
+    fc1.set_training(training);
+    fc2.set_training(training);
+  }
+
   // input: [N, d_model] -> output: [N, d_model]. Caches the pre-activation for backward.
   Matrix<Scalar> forward(const Matrix<Scalar>& input) {
     MOA_CHECK(input.cols() == model_dim(), "FeedForward::forward", "input has shape ", detail::shape_of(input),

@@ -135,14 +135,16 @@ Index check_step_input(const Matrix<Scalar>& input, const KVCache<Scalar>& cache
 template <typename Scalar>
 KVCache<Scalar> make_cross_attention_cache(const Matrix<Scalar>& memory, const SequenceBatch& memory_batch,
                                            const Matrix<Scalar>& key_weight, const Matrix<Scalar>& value_weight,
-                                           const char* function) {
+                                           const char* function, const Compute& compute = *Compute::standard(),
+                                           Precision precision = Precision::f32) {
   MOA_CHECK(memory.cols() == key_weight.cols(), function, "memory has shape ", detail::shape_of(memory),
             ", expected [N, ", key_weight.cols(), "]");
   memory_batch.validate(function, "memory", memory.rows());
   KVCache<Scalar> cache(memory_batch.batch_size, memory_batch.length, key_weight.rows());
   std::vector<Index> lengths;
   for (Index b = 0; b < memory_batch.batch_size; ++b) lengths.push_back(memory_batch.length_of(b));
-  cache.fill(memory * key_weight.transpose(), memory * value_weight.transpose(), lengths);
+  cache.fill(linear_product<Scalar>(compute, memory, key_weight, precision),
+             linear_product<Scalar>(compute, memory, value_weight, precision), lengths);
   return cache;
 }
 

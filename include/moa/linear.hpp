@@ -2,6 +2,7 @@
 #pragma once
 
 #include "moa/error.hpp"
+#include "moa/gemm.hpp"
 #include "moa/parameter.hpp"
 #include "moa/random.hpp"
 #include "moa/tensor.hpp"
@@ -27,12 +28,20 @@ class Linear {
   Index out_features() const { return weight.shape[0]; }
   bool has_bias() const { return with_bias_; }
 
+  // The backend and threads its products run on; in evaluation (training false) they may use the
+  // compute's inference precision.
+  void set_compute(ComputePtr compute) { compute_ = std::move(compute); }
+  const Compute& compute() const { return *compute_; }
+  bool training() const { return training_; }
+  void set_training(bool training) { training_ = training; }
+
   // input: [N, in] -> output: [N, out]. Caches the input for backward.
   Matrix<Scalar> forward(const Matrix<Scalar>& input) {
     MOA_CHECK(input.cols() == in_features(), "Linear::forward", "input has shape ", detail::shape_of(input),
               ", expected [N, ", in_features(), "]");
     input_ = input;
-    Matrix<Scalar> output = input * weight.value.transpose();  // [N, out]
+    Matrix<Scalar> output =
+        linear_product<Scalar>(*compute_, input, weight.value, product_precision(*compute_, training_));  // [N, out]
     if (with_bias_) output.rowwise() += bias.value.row(0);
     return output;
   }
@@ -42,9 +51,11 @@ class Linear {
     MOA_CHECK(grad_output.rows() == input_.rows() && grad_output.cols() == out_features(), "Linear::backward",
               "grad_output has shape ", detail::shape_of(grad_output), ", expected [", input_.rows(), ", ",
               out_features(), "] (as the last forward)");
-    weight.grad.noalias() += grad_output.transpose() * input_;
+    gemm<Scalar>(*compute_, grad_output, Transpose::yes, input_, Transpose::no, weight.grad, true);
     if (with_bias_) bias.grad.row(0) += grad_output.colwise().sum();
-    return grad_output * weight.value;  // [N, in]
+    Matrix<Scalar> grad_input(input_.rows(), in_features());  // [N, in]
+    gemm<Scalar>(*compute_, grad_output, Transpose::no, weight.value, Transpose::no, grad_input);
+    return grad_input;
   }
 
   void collect_parameters(ParameterList<Scalar>& list, const std::string& prefix = "") {
@@ -62,6 +73,8 @@ class Linear {
   }
 
   bool with_bias_;
+  bool training_ = true;
+  ComputePtr compute_ = Compute::standard();
   Matrix<Scalar> input_;  // [N, in]
 };
 

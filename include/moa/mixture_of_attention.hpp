@@ -18,6 +18,7 @@
 
 #include "moa/attention.hpp"
 #include "moa/error.hpp"
+#include "moa/gemm.hpp"
 #include "moa/kv_cache.hpp"
 #include "moa/parameter.hpp"
 #include "moa/random.hpp"
@@ -67,6 +68,12 @@ class MixtureOfAttention {
   Index model_dim() const { return config_.model_dim; }
   bool training() const { return router.training(); }
   void set_training(bool training) { router.set_training(training); }
+  // The backend and threads every product of the layer runs on.
+  void set_compute(ComputePtr compute) {
+    router.set_compute(compute);
+    compute_ = std::move(compute);
+  }
+  const Compute& compute() const { return *compute_; }
 
   // query: [B*Tq, d_model], key_value: [B*Tk, d_model] -> output: [B*Tq, d_model]. Padding query
   // rows get zeros and are not routed; padding keys are never attended to. `rng` is needed in
@@ -87,23 +94,25 @@ class MixtureOfAttention {
     router.forward(query, detail::token_flags(query_batch), rng);
     plan_ = DispatchPlan::build(router.experts(), config_.num_experts, k);
 
-    keys_.noalias() = key_value * k_proj.value.transpose();    // [B*Tk, d_h]
-    values_.noalias() = key_value * v_proj.value.transpose();  // [B*Tk, d_h]
-    project_queries(query, plan_, queries_);                   // [B*Tq*k, d_h]
+    const Precision precision = product_precision(*compute_, training());
+    keys_ = linear_product<Scalar>(*compute_, key_value, k_proj.value, precision);    // [B*Tk, d_h]
+    values_ = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision);  // [B*Tk, d_h]
+    project_queries(query, plan_, queries_, precision);                               // [B*Tq*k, d_h]
     probabilities_.resize(query.rows() * k, key_batch.length);  // [B*Tq*k, Tk]
     attended_.resize(query.rows() * k, config_.head_dim);        // [B*Tq*k, d_h], rows of routed tokens written
     last_flops_ = projection_flops(query.rows(), key_value.rows(), plan_.assignments());
-    for (Index b = 0; b < query_batch.batch_size; ++b) {
-      const AttentionLayout layout = layout_of(b);
+    // Sequences are independent: one per thread.
+    compute_->pool().run(query_batch.batch_size, [&](Index b, int) {
       const Index query_rows = query_batch.length * k, first_query = b * query_rows;
       attention_forward<Scalar>(queries_.middleRows(first_query, query_rows),
                                 keys_.middleRows(b * key_batch.length, key_batch.length),
-                                values_.middleRows(b * key_batch.length, key_batch.length), layout,
+                                values_.middleRows(b * key_batch.length, key_batch.length), layout_of(b),
                                 probabilities_.middleRows(first_query, query_rows),
-                                attended_.middleRows(first_query, query_rows));
-      last_flops_ += 4.0 * static_cast<double>(visible_pairs(layout) * config_.head_dim);
-    }
-    return project_outputs(attended_, router.gates(), plan_, query.rows());
+                                attended_.middleRows(first_query, query_rows), *compute_, precision);
+    });
+    for (Index b = 0; b < query_batch.batch_size; ++b)
+      last_flops_ += 4.0 * static_cast<double>(visible_pairs(layout_of(b)) * config_.head_dim);
+    return project_outputs(attended_, router.gates(), plan_, query.rows(), precision);
   }
 
   Matrix<Scalar> forward_self(const Matrix<Scalar>& input, const SequenceBatch& batch, bool causal,
@@ -134,12 +143,14 @@ class MixtureOfAttention {
       for (Index i = 0; i < count; ++i) scaled.row(i) = gates.data()[ids[i]] * attended.row(i);
       auto grad_unscaled = rows_of(projected_, count, head_dim);  // [c, d_h] d(gate * a) before the gate
       if (count == query_.rows()) {  // every token chose e: grad_output is already in order
-        o_proj.grad.middleRows(e * model, model).noalias() += grad_output.transpose() * scaled;
-        grad_unscaled.noalias() = grad_output * weight;
+        gemm<Scalar>(*compute_, grad_output, Transpose::yes, scaled, Transpose::no,
+                     o_proj.grad.middleRows(e * model, model), true);
+        gemm<Scalar>(*compute_, grad_output, Transpose::no, weight, Transpose::no, grad_unscaled);
       } else {
         const auto grad_rows = gather_rows(grad_output, ids, count, k, gathered_grad_);  // [c, d_model]
-        o_proj.grad.middleRows(e * model, model).noalias() += grad_rows.transpose() * scaled;
-        grad_unscaled.noalias() = grad_rows * weight;
+        gemm<Scalar>(*compute_, grad_rows, Transpose::yes, scaled, Transpose::no,
+                     o_proj.grad.middleRows(e * model, model), true);
+        gemm<Scalar>(*compute_, grad_rows, Transpose::no, weight, Transpose::no, grad_unscaled);
       }
       for (Index i = 0; i < count; ++i) {
         grad_gates.data()[ids[i]] = grad_unscaled.row(i).dot(attended.row(i));
@@ -153,7 +164,8 @@ class MixtureOfAttention {
     grad_queries.setZero(queries_.rows(), head_dim);
     grad_keys.setZero(keys_.rows(), head_dim);
     grad_values.setZero(values_.rows(), head_dim);
-    for (Index b = 0; b < query_batch_.batch_size; ++b) {
+    grad_scores_.resize(static_cast<std::size_t>(compute_->threads()));
+    compute_->pool().run(query_batch_.batch_size, [&](Index b, int thread) {
       const Index query_rows = query_batch_.length * k, first_query = b * query_rows;
       const Index key_rows = key_batch_.length, first_key = b * key_rows;
       attention_backward<Scalar>(queries_.middleRows(first_query, query_rows), keys_.middleRows(first_key, key_rows),
@@ -162,8 +174,8 @@ class MixtureOfAttention {
                                  grad_attended.middleRows(first_query, query_rows), layout_of(b),
                                  grad_queries.middleRows(first_query, query_rows),
                                  grad_keys.middleRows(first_key, key_rows), grad_values.middleRows(first_key, key_rows),
-                                 &grad_scores_);
-    }
+                                 &grad_scores_[static_cast<std::size_t>(thread)], *compute_);
+    });
     // Query side: q = x Wq_e^T.
     AttentionGradients<Scalar> grads;
     grads.query = router.backward(grad_gates, aux_scale);  // [N, d_model]
@@ -174,22 +186,25 @@ class MixtureOfAttention {
       const auto weight = q_proj.value.middleRows(e * head_dim, head_dim);            // [d_h, d_model]
       const auto grad_rows = gather_rows(grad_queries, ids, count, 1, gathered_grad_);  // [c, d_h]
       if (count == query_.rows()) {
-        q_proj.grad.middleRows(e * head_dim, head_dim).noalias() += grad_rows.transpose() * query_;
-        grads.query.noalias() += grad_rows * weight;
+        gemm<Scalar>(*compute_, grad_rows, Transpose::yes, query_, Transpose::no,
+                     q_proj.grad.middleRows(e * head_dim, head_dim), true);
+        gemm<Scalar>(*compute_, grad_rows, Transpose::no, weight, Transpose::no, grads.query, true);
         continue;
       }
       const auto inputs = gather_rows(query_, ids, count, k, gathered_);  // [c, d_model]
-      q_proj.grad.middleRows(e * head_dim, head_dim).noalias() += grad_rows.transpose() * inputs;
+      gemm<Scalar>(*compute_, grad_rows, Transpose::yes, inputs, Transpose::no,
+                   q_proj.grad.middleRows(e * head_dim, head_dim), true);
       auto grad_inputs = rows_of(projected_, count, model);  // [c, d_model]
-      grad_inputs.noalias() = grad_rows * weight;
+      gemm<Scalar>(*compute_, grad_rows, Transpose::no, weight, Transpose::no, grad_inputs);
       for (Index i = 0; i < count; ++i) grads.query.row(ids[i] / k) += grad_inputs.row(i);
     }
     // The shared key and value heads.
     const Matrix<Scalar>& key_value = self_attention_ ? query_ : key_value_;
-    k_proj.grad.noalias() += grad_keys.transpose() * key_value;
-    v_proj.grad.noalias() += grad_values.transpose() * key_value;
-    grads.key_value.noalias() = grad_keys * k_proj.value;
-    grads.key_value.noalias() += grad_values * v_proj.value;
+    gemm<Scalar>(*compute_, grad_keys, Transpose::yes, key_value, Transpose::no, k_proj.grad, true);
+    gemm<Scalar>(*compute_, grad_values, Transpose::yes, key_value, Transpose::no, v_proj.grad, true);
+    grads.key_value.resize(key_value.rows(), model);  // [B*Tk, d_model]
+    gemm<Scalar>(*compute_, grad_keys, Transpose::no, k_proj.value, Transpose::no, grads.key_value);
+    gemm<Scalar>(*compute_, grad_values, Transpose::no, v_proj.value, Transpose::no, grads.key_value, true);
     return grads;
   }
 
@@ -212,7 +227,8 @@ class MixtureOfAttention {
   }
   KVCache<Scalar> make_cross_cache(const Matrix<Scalar>& memory, const SequenceBatch& memory_batch) const {
     return make_cross_attention_cache(memory, memory_batch, k_proj.value, v_proj.value,
-                                      "MixtureOfAttention::make_cross_cache");
+                                      "MixtureOfAttention::make_cross_cache", *compute_,
+                                      product_precision(*compute_, false));
   }
 
   // input: [B*n, d_model], n new tokens of each of the cache's B sequences (sequence-major).
@@ -225,14 +241,17 @@ class MixtureOfAttention {
     const Index steps = check_step_input(input, cache, model_dim(), config_.head_dim, function);
     const Index k = config_.top_k;
     const Index offset = cache.frozen() ? 0 : cache.length();
-    if (!cache.frozen()) cache.append(input * k_proj.value.transpose(), input * v_proj.value.transpose());
+    const Precision precision = product_precision(*compute_, false);
+    if (!cache.frozen())
+      cache.append(linear_product<Scalar>(*compute_, input, k_proj.value, precision),
+                   linear_product<Scalar>(*compute_, input, v_proj.value, precision));
     const bool was_training = router.training();
     router.set_training(false);
     router.forward(input, std::vector<char>(static_cast<std::size_t>(input.rows()), 1), nullptr);
     router.set_training(was_training);
     const DispatchPlan plan = DispatchPlan::build(router.experts(), config_.num_experts, k);
     Matrix<Scalar> queries;                                                     // [B*n*k, d_h]
-    project_queries(input, plan, queries);
+    project_queries(input, plan, queries, precision);
     Matrix<Scalar> attended(input.rows() * k, config_.head_dim);                // [B*n*k, d_h]
     Matrix<Scalar> probabilities(steps * k, cache.capacity());                  // [n*k, capacity]
     last_flops_ = projection_flops(input.rows(), cache.frozen() ? 0 : input.rows(), plan.assignments());
@@ -245,10 +264,10 @@ class MixtureOfAttention {
       layout.position_offset = offset;
       layout.block_positions = config_.causal_block;
       attention_forward<Scalar>(queries.middleRows(b * steps * k, steps * k), cache.keys(b), cache.values(b), layout,
-                                probabilities, attended.middleRows(b * steps * k, steps * k));
+                                probabilities, attended.middleRows(b * steps * k, steps * k), *compute_, precision);
       last_flops_ += 4.0 * static_cast<double>(visible_pairs(layout) * config_.head_dim);
     }
-    return project_outputs(attended, router.gates(), plan, input.rows());
+    return project_outputs(attended, router.gates(), plan, input.rows(), precision);
   }
 
   void collect_parameters(ParameterList<Scalar>& list, const std::string& prefix = "") {
@@ -281,7 +300,8 @@ class MixtureOfAttention {
   }
 
   // queries: [N*k, d_h]; row t*k + j = x_t Wq_e^T for the expert e of slot j.
-  void project_queries(const Matrix<Scalar>& input, const DispatchPlan& plan, Matrix<Scalar>& queries) {
+  void project_queries(const Matrix<Scalar>& input, const DispatchPlan& plan, Matrix<Scalar>& queries,
+                       Precision precision) {
     const Index k = config_.top_k, head_dim = config_.head_dim;
     queries.resize(input.rows() * k, head_dim);  // rows of unrouted tokens are never read
     for (Index e = 0; e < config_.num_experts; ++e) {
@@ -291,9 +311,10 @@ class MixtureOfAttention {
       const auto weight = q_proj.value.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
       auto projected = rows_of(projected_, count, head_dim);                // [c, d_h]
       if (count == input.rows()) {  // every token chose e (so in token order): no gather
-        projected.noalias() = input * weight.transpose();
+        gemm<Scalar>(*compute_, input, Transpose::no, weight, Transpose::yes, projected, false, precision);
       } else {
-        projected.noalias() = gather_rows(input, ids, count, k, gathered_) * weight.transpose();
+        gemm<Scalar>(*compute_, gather_rows(input, ids, count, k, gathered_), Transpose::no, weight, Transpose::yes,
+                     projected, false, precision);
       }
       for (Index i = 0; i < count; ++i) queries.row(ids[i]) = projected.row(i);
     }
@@ -301,7 +322,7 @@ class MixtureOfAttention {
 
   // output: [N, d_model]; row t = sum_j gate_{t,j} attended_{t*k+j} Wo_e^T.
   Matrix<Scalar> project_outputs(const Matrix<Scalar>& attended, const Matrix<Scalar>& gates, const DispatchPlan& plan,
-                                 Index rows) {
+                                 Index rows, Precision precision) {
     const Index k = config_.top_k, model = model_dim(), head_dim = config_.head_dim;
     Matrix<Scalar> output = Matrix<Scalar>::Zero(rows, model);  // [N, d_model]
     for (Index e = 0; e < config_.num_experts; ++e) {
@@ -312,11 +333,11 @@ class MixtureOfAttention {
       auto scaled = rows_of(scaled_, count, head_dim);                // [c, d_h] gate * a
       for (Index i = 0; i < count; ++i) scaled.row(i) = gates.data()[ids[i]] * attended.row(ids[i]);
       if (count == rows) {
-        output.noalias() += scaled * weight.transpose();
+        gemm<Scalar>(*compute_, scaled, Transpose::no, weight, Transpose::yes, output, true, precision);
         continue;
       }
       auto projected = rows_of(projected_, count, model);  // [c, d_model]
-      projected.noalias() = scaled * weight.transpose();
+      gemm<Scalar>(*compute_, scaled, Transpose::no, weight, Transpose::yes, projected, false, precision);
       for (Index i = 0; i < count; ++i) output.row(ids[i] / k) += projected.row(i);
     }
     return output;
@@ -347,6 +368,7 @@ class MixtureOfAttention {
   }
 
   MixtureOfAttentionConfig config_;
+  ComputePtr compute_ = Compute::standard();
   bool causal_ = false;
   bool self_attention_ = false;
   SequenceBatch query_batch_, key_batch_;
@@ -361,7 +383,8 @@ class MixtureOfAttention {
   double last_flops_ = 0.0;
   // Scratch reused across experts and calls, so a forward does not allocate per expert.
   Matrix<Scalar> gathered_, gathered_grad_, attended_rows_, scaled_, projected_;
-  Matrix<Scalar> grad_attended_, grad_queries_, grad_keys_, grad_values_, grad_scores_;
+  Matrix<Scalar> grad_attended_, grad_queries_, grad_keys_, grad_values_;
+  std::vector<Matrix<Scalar>> grad_scores_;  // one score-gradient workspace per thread
 };
 
 }  // namespace moa

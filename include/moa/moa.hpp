@@ -1,10 +1,13 @@
 // moa/moa.hpp - umbrella header: the core of moa, in dependency order. Needs Eigen only.
 // Optional parts with further dependencies are included on their own:
 //   moa/safetensors.hpp (nlohmann_json)
+//   moa/dnnl_gemm.hpp (oneDNN: the faster GEMM backend, target moa::dnnl)
 #pragma once
 
 #include "moa/error.hpp"
 #include "moa/tensor.hpp"
+#include "moa/thread_pool.hpp"
+#include "moa/gemm.hpp"
 #include "moa/parameter.hpp"
 #include "moa/random.hpp"
 #include "moa/softmax.hpp"

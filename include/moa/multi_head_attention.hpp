@@ -10,6 +10,7 @@
 
 #include "moa/attention.hpp"
 #include "moa/error.hpp"
+#include "moa/gemm.hpp"
 #include "moa/kv_cache.hpp"
 #include "moa/parameter.hpp"
 #include "moa/random.hpp"
@@ -58,6 +59,9 @@ class MultiHeadAttention {
   Index width() const { return config_.num_heads * config_.head_dim; }
   bool training() const { return training_; }
   void set_training(bool training) { training_ = training; }
+  // The backend and threads every product of the layer runs on.
+  void set_compute(ComputePtr compute) { compute_ = std::move(compute); }
+  const Compute& compute() const { return *compute_; }
 
   // query: [B*Tq, d_model], key_value: [B*Tk, d_model] -> output: [B*Tq, d_model]; padding query
   // rows get zeros, padding keys are never attended to. rng is unused (the interface is MoA's).
@@ -71,26 +75,27 @@ class MultiHeadAttention {
     query_batch_ = query_batch;
     key_batch_ = key_batch;
     causal_ = causal;
-    queries_.noalias() = query * q_proj.value.transpose();     // [B*Tq, h*d_h]
-    keys_.noalias() = key_value * k_proj.value.transpose();    // [B*Tk, h*d_h]
-    values_.noalias() = key_value * v_proj.value.transpose();  // [B*Tk, h*d_h]
+    const Precision precision = product_precision(*compute_, training_);
+    queries_ = linear_product<Scalar>(*compute_, query, q_proj.value, precision);    // [B*Tq, h*d_h]
+    keys_ = linear_product<Scalar>(*compute_, key_value, k_proj.value, precision);    // [B*Tk, h*d_h]
+    values_ = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision);  // [B*Tk, h*d_h]
     const Index heads = config_.num_heads, head_dim = config_.head_dim;
     probabilities_.resize(query_batch.batch_size * heads * query_batch.length, key_batch.length);  // [B*h*Tq, Tk]
     attended_ = Matrix<Scalar>::Zero(query.rows(), width());  // [B*Tq, h*d_h]
     last_flops_ = projection_flops(query.rows(), key_value.rows());
-    for (Index b = 0; b < query_batch.batch_size; ++b) {
-      const AttentionLayout layout = layout_of(b);
-      for (Index h = 0; h < heads; ++h) {
-        attention_forward<Scalar>(
-            queries_.block(b * query_batch.length, h * head_dim, query_batch.length, head_dim),
-            keys_.block(b * key_batch.length, h * head_dim, key_batch.length, head_dim),
-            values_.block(b * key_batch.length, h * head_dim, key_batch.length, head_dim), layout,
-            probabilities_.middleRows((b * heads + h) * query_batch.length, query_batch.length),
-            attended_.block(b * query_batch.length, h * head_dim, query_batch.length, head_dim));
-      }
-      last_flops_ += 4.0 * static_cast<double>(visible_pairs(layout) * heads * head_dim);
-    }
-    return attended_ * o_proj.value.transpose();
+    // (sequence, head) pairs are independent: one per thread.
+    compute_->pool().run(query_batch.batch_size * heads, [&](Index pair, int) {
+      const Index b = pair / heads, h = pair % heads;
+      attention_forward<Scalar>(
+          queries_.block(b * query_batch.length, h * head_dim, query_batch.length, head_dim),
+          keys_.block(b * key_batch.length, h * head_dim, key_batch.length, head_dim),
+          values_.block(b * key_batch.length, h * head_dim, key_batch.length, head_dim), layout_of(b),
+          probabilities_.middleRows((b * heads + h) * query_batch.length, query_batch.length),
+          attended_.block(b * query_batch.length, h * head_dim, query_batch.length, head_dim), *compute_, precision);
+    });
+    for (Index b = 0; b < query_batch.batch_size; ++b)
+      last_flops_ += 4.0 * static_cast<double>(visible_pairs(layout_of(b)) * heads * head_dim);
+    return linear_product<Scalar>(*compute_, attended_, o_proj.value, precision);
   }
 
   Matrix<Scalar> forward_self(const Matrix<Scalar>& input, const SequenceBatch& batch, bool causal,
@@ -104,33 +109,36 @@ class MultiHeadAttention {
               "grad_output has shape ", detail::shape_of(grad_output), ", expected ", detail::shape_of(query_),
               " (as the last forward)");
     const Index heads = config_.num_heads, head_dim = config_.head_dim;
-    o_proj.grad.noalias() += grad_output.transpose() * attended_;
-    const Matrix<Scalar> grad_attended = grad_output * o_proj.value;          // [B*Tq, h*d_h]
+    gemm<Scalar>(*compute_, grad_output, Transpose::yes, attended_, Transpose::no, o_proj.grad, true);
+    Matrix<Scalar> grad_attended(grad_output.rows(), width());  // [B*Tq, h*d_h]
+    gemm<Scalar>(*compute_, grad_output, Transpose::no, o_proj.value, Transpose::no, grad_attended);
     Matrix<Scalar> grad_queries = Matrix<Scalar>::Zero(queries_.rows(), width());  // [B*Tq, h*d_h]
     Matrix<Scalar> grad_keys = Matrix<Scalar>::Zero(keys_.rows(), width());        // [B*Tk, h*d_h]
     Matrix<Scalar> grad_values = Matrix<Scalar>::Zero(values_.rows(), width());    // [B*Tk, h*d_h]
     const Index query_length = query_batch_.length, key_length = key_batch_.length;
-    for (Index b = 0; b < query_batch_.batch_size; ++b) {
-      const AttentionLayout layout = layout_of(b);
-      for (Index h = 0; h < heads; ++h) {
-        attention_backward<Scalar>(
-            queries_.block(b * query_length, h * head_dim, query_length, head_dim),
-            keys_.block(b * key_length, h * head_dim, key_length, head_dim),
-            values_.block(b * key_length, h * head_dim, key_length, head_dim),
-            probabilities_.middleRows((b * heads + h) * query_length, query_length),
-            grad_attended.block(b * query_length, h * head_dim, query_length, head_dim), layout,
-            grad_queries.block(b * query_length, h * head_dim, query_length, head_dim),
-            grad_keys.block(b * key_length, h * head_dim, key_length, head_dim),
-            grad_values.block(b * key_length, h * head_dim, key_length, head_dim));
-      }
-    }
-    q_proj.grad.noalias() += grad_queries.transpose() * query_;
-    k_proj.grad.noalias() += grad_keys.transpose() * key_value_;
-    v_proj.grad.noalias() += grad_values.transpose() * key_value_;
+    grad_scores_.resize(static_cast<std::size_t>(compute_->threads()));
+    compute_->pool().run(query_batch_.batch_size * heads, [&](Index pair, int thread) {
+      const Index b = pair / heads, h = pair % heads;
+      attention_backward<Scalar>(
+          queries_.block(b * query_length, h * head_dim, query_length, head_dim),
+          keys_.block(b * key_length, h * head_dim, key_length, head_dim),
+          values_.block(b * key_length, h * head_dim, key_length, head_dim),
+          probabilities_.middleRows((b * heads + h) * query_length, query_length),
+          grad_attended.block(b * query_length, h * head_dim, query_length, head_dim), layout_of(b),
+          grad_queries.block(b * query_length, h * head_dim, query_length, head_dim),
+          grad_keys.block(b * key_length, h * head_dim, key_length, head_dim),
+          grad_values.block(b * key_length, h * head_dim, key_length, head_dim),
+          &grad_scores_[static_cast<std::size_t>(thread)], *compute_);
+    });
+    gemm<Scalar>(*compute_, grad_queries, Transpose::yes, query_, Transpose::no, q_proj.grad, true);
+    gemm<Scalar>(*compute_, grad_keys, Transpose::yes, key_value_, Transpose::no, k_proj.grad, true);
+    gemm<Scalar>(*compute_, grad_values, Transpose::yes, key_value_, Transpose::no, v_proj.grad, true);
     AttentionGradients<Scalar> grads;
-    grads.query.noalias() = grad_queries * q_proj.value;
-    grads.key_value.noalias() = grad_keys * k_proj.value;
-    grads.key_value.noalias() += grad_values * v_proj.value;
+    grads.query.resize(query_.rows(), model_dim());          // [B*Tq, d_model]
+    grads.key_value.resize(key_value_.rows(), model_dim());  // [B*Tk, d_model]
+    gemm<Scalar>(*compute_, grad_queries, Transpose::no, q_proj.value, Transpose::no, grads.query);
+    gemm<Scalar>(*compute_, grad_keys, Transpose::no, k_proj.value, Transpose::no, grads.key_value);
+    gemm<Scalar>(*compute_, grad_values, Transpose::no, v_proj.value, Transpose::no, grads.key_value, true);
     return grads;
   }
 
@@ -150,7 +158,8 @@ class MultiHeadAttention {
   }
   KVCache<Scalar> make_cross_cache(const Matrix<Scalar>& memory, const SequenceBatch& memory_batch) const {
     return make_cross_attention_cache(memory, memory_batch, k_proj.value, v_proj.value,
-                                      "MultiHeadAttention::make_cross_cache");
+                                      "MultiHeadAttention::make_cross_cache", *compute_,
+                                      product_precision(*compute_, false));
   }
 
   // input: [B*n, d_model], n new tokens of each sequence; see MixtureOfAttention::step.
@@ -159,8 +168,11 @@ class MultiHeadAttention {
     const Index steps = check_step_input(input, cache, model_dim(), width(), function);
     const Index heads = config_.num_heads, head_dim = config_.head_dim;
     const Index offset = cache.frozen() ? 0 : cache.length();
-    if (!cache.frozen()) cache.append(input * k_proj.value.transpose(), input * v_proj.value.transpose());
-    const Matrix<Scalar> queries = input * q_proj.value.transpose();  // [B*n, h*d_h]
+    const Precision precision = product_precision(*compute_, false);
+    if (!cache.frozen())
+      cache.append(linear_product<Scalar>(*compute_, input, k_proj.value, precision),
+                   linear_product<Scalar>(*compute_, input, v_proj.value, precision));
+    const Matrix<Scalar> queries = linear_product<Scalar>(*compute_, input, q_proj.value, precision);  // [B*n, h*d_h]
     Matrix<Scalar> attended(input.rows(), width());                   // [B*n, h*d_h]
     Matrix<Scalar> probabilities(steps, cache.capacity());            // [n, capacity]
     last_flops_ = projection_flops(input.rows(), cache.frozen() ? 0 : input.rows());
@@ -175,11 +187,11 @@ class MultiHeadAttention {
         attention_forward<Scalar>(queries.block(b * steps, h * head_dim, steps, head_dim),
                                   cache.keys(b).middleCols(h * head_dim, head_dim),
                                   cache.values(b).middleCols(h * head_dim, head_dim), layout, probabilities,
-                                  attended.block(b * steps, h * head_dim, steps, head_dim));
+                                  attended.block(b * steps, h * head_dim, steps, head_dim), *compute_, precision);
       }
       last_flops_ += 4.0 * static_cast<double>(visible_pairs(layout) * heads * head_dim);
     }
-    return attended * o_proj.value.transpose();
+    return linear_product<Scalar>(*compute_, attended, o_proj.value, precision);
   }
 
   void collect_parameters(ParameterList<Scalar>& list, const std::string& prefix = "") {
@@ -218,6 +230,7 @@ class MultiHeadAttention {
 
   MultiHeadAttentionConfig config_;
   bool training_ = true;
+  ComputePtr compute_ = Compute::standard();
   bool causal_ = false;
   SequenceBatch query_batch_, key_batch_;
   Matrix<Scalar> query_;          // [B*Tq, d_model]
@@ -227,6 +240,7 @@ class MultiHeadAttention {
   Matrix<Scalar> values_;         // [B*Tk, h*d_h]
   Matrix<Scalar> probabilities_;  // [B*h*Tq, Tk]
   Matrix<Scalar> attended_;       // [B*Tq, h*d_h]
+  std::vector<Matrix<Scalar>> grad_scores_;  // one score-gradient workspace per thread
   double last_flops_ = 0.0;
 };
 

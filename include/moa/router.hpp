@@ -12,6 +12,7 @@
 #pragma once
 
 #include "moa/error.hpp"
+#include "moa/gemm.hpp"
 #include "moa/parameter.hpp"
 #include "moa/random.hpp"
 #include "moa/softmax.hpp"
@@ -71,6 +72,7 @@ class Router {
   const RouterConfig& config() const { return config_; }
   bool training() const { return training_; }
   void set_training(bool training) { training_ = training; }
+  void set_compute(ComputePtr compute) { compute_ = std::move(compute); }
 
   // input: [N, d_model]; routed: N flags, false for padding. rng is needed in training with noisy
   // gating or sampled experts. Results: experts(), gates(), probabilities(), aux_loss().
@@ -88,9 +90,9 @@ class Router {
     input_ = input;
     routed_ = routed;
     const Index rows = input.rows();
-    logits_.noalias() = input * weight.value.transpose();  // [N, E]
+    logits_ = linear_product<Scalar>(*compute_, input, weight.value);  // [N, E]
     if (noisy) {
-      noise_pre_.noalias() = input * noise_weight.value.transpose();  // [N, E]
+      noise_pre_ = linear_product<Scalar>(*compute_, input, noise_weight.value);  // [N, E]
       noise_.resize(rows, experts_count);                              // [N, E] standard normal draws
       for (Index i = 0; i < noise_.size(); ++i) noise_.data()[i] = static_cast<Scalar>(rng->normal());
       logits_.array() += noise_.array() * (softplus(noise_pre_.array()) + Scalar(0.01));
@@ -145,14 +147,15 @@ class Router {
       }
     }
     Matrix<Scalar> grad_logits = softmax_rows_backward(probabilities_, grad_probabilities) + grad_logits_extra;
-    weight.grad.noalias() += grad_logits.transpose() * input_;
-    Matrix<Scalar> grad_input = grad_logits * weight.value;  // [N, d_model]
+    gemm<Scalar>(*compute_, grad_logits, Transpose::yes, input_, Transpose::no, weight.grad, true);
+    Matrix<Scalar> grad_input(rows, config_.model_dim);  // [N, d_model]
+    gemm<Scalar>(*compute_, grad_logits, Transpose::no, weight.value, Transpose::no, grad_input);
     if (noisy_) {
       // d logits / d noise_pre = noise * sigmoid(noise_pre)
       const Matrix<Scalar> grad_noise_pre =
           (grad_logits.array() * noise_.array() / (Scalar(1) + (-noise_pre_.array()).exp())).matrix();  // [N, E]
-      noise_weight.grad.noalias() += grad_noise_pre.transpose() * input_;
-      grad_input.noalias() += grad_noise_pre * noise_weight.value;
+      gemm<Scalar>(*compute_, grad_noise_pre, Transpose::yes, input_, Transpose::no, noise_weight.grad, true);
+      gemm<Scalar>(*compute_, grad_noise_pre, Transpose::no, noise_weight.value, Transpose::no, grad_input, true);
     }
     return grad_input;
   }
@@ -258,6 +261,7 @@ class Router {
 
   RouterConfig config_;
   bool training_ = true;
+  ComputePtr compute_ = Compute::standard();
   bool noisy_ = false;
   Matrix<Scalar> input_;                // [N, d_model]
   std::vector<char> routed_;            // N

@@ -162,8 +162,13 @@ class TransformerEncoderLayer {
 
   void set_training(bool training) {
     self_attn.set_training(training);
+    ffn.set_training(training);
     attention_dropout_.set_training(training);
     ffn_dropout_.set_training(training);
+  }
+  void set_compute(const ComputePtr& compute) {
+    self_attn.set_compute(compute);
+    ffn.set_compute(compute);
   }
 
   // input: [B*T, d_model] -> output: [B*T, d_model]
@@ -229,9 +234,15 @@ class TransformerDecoderLayer {
   void set_training(bool training) {
     self_attn.set_training(training);
     encoder_attn.set_training(training);
+    ffn.set_training(training);
     self_dropout_.set_training(training);
     cross_dropout_.set_training(training);
     ffn_dropout_.set_training(training);
+  }
+  void set_compute(const ComputePtr& compute) {
+    self_attn.set_compute(compute);
+    encoder_attn.set_compute(compute);
+    ffn.set_compute(compute);
   }
 
   // input: [B*T, d_model] (causal), memory: [B*S, d_model] -> output: [B*T, d_model]
@@ -357,11 +368,22 @@ class Seq2Seq {
   const TransformerConfig& config() const { return config_; }
 
   void set_training(bool training) {
+    training_ = training;
     for (auto& layer : encoder_layers) layer.set_training(training);
     for (auto& layer : decoder_layers) layer.set_training(training);
     encoder_dropout_.set_training(training);
     decoder_dropout_.set_training(training);
   }
+
+  // The backend, threads and inference precision of every layer.
+  void set_compute(const ComputePtr& compute) {
+    MOA_CHECK(compute != nullptr, "Seq2Seq::set_compute", "compute is null");
+    compute_ = compute;
+    embed_tokens.set_compute(compute);
+    for (auto& layer : encoder_layers) layer.set_compute(compute);
+    for (auto& layer : decoder_layers) layer.set_compute(compute);
+  }
+  const Compute& compute() const { return *compute_; }
 
   // source: B*S ids, target_input: B*T ids (the target shifted right, starting with BOS).
   // Returns logits: [B*T, V].
@@ -381,7 +403,7 @@ class Seq2Seq {
     for (auto& layer : decoder_layers) hidden = layer.forward(hidden, target_batch, memory_, source_batch, rng);
     if (config_.norm == NormPlacement::pre) hidden = decoder_norm.forward(hidden);
     decoder_output_ = hidden;
-    return embed_tokens.project(hidden);
+    return embed_tokens.project(hidden, product_precision(*compute_, training_));
   }
 
   // grad_logits: [B*T, V]; accumulates every parameter gradient, the aux losses' included.
@@ -449,7 +471,7 @@ class Seq2Seq {
       hidden = decoder_layers[i].step(hidden, state.self_caches[i], state.cross_caches[i], rng);
     if (config_.norm == NormPlacement::pre) hidden = decoder_norm.forward(hidden);
     ++state.length;
-    return embed_tokens.project(hidden);
+    return embed_tokens.project(hidden, product_precision(*compute_, false));
   }
 
   void collect_parameters(ParameterList<Scalar>& list, const std::string& prefix = "") {
@@ -480,6 +502,8 @@ class Seq2Seq {
   }
 
   TransformerConfig config_;
+  bool training_ = true;
+  ComputePtr compute_ = Compute::standard();
   Dropout<Scalar> encoder_dropout_, decoder_dropout_;
   TokenIds source_, target_;
   SequenceBatch source_batch_, target_batch_;
@@ -507,9 +531,19 @@ class MaskedLM {
   const TransformerConfig& config() const { return config_; }
 
   void set_training(bool training) {
+    training_ = training;
     for (auto& layer : encoder_layers) layer.set_training(training);
     dropout_.set_training(training);
   }
+
+  // The backend, threads and inference precision of every layer.
+  void set_compute(const ComputePtr& compute) {
+    MOA_CHECK(compute != nullptr, "MaskedLM::set_compute", "compute is null");
+    compute_ = compute;
+    embed_tokens.set_compute(compute);
+    for (auto& layer : encoder_layers) layer.set_compute(compute);
+  }
+  const Compute& compute() const { return *compute_; }
 
   // ids: B*T -> logits: [B*T, V]
   Matrix<Scalar> forward(const TokenIds& ids, const SequenceBatch& batch, Rng& rng) {
@@ -519,7 +553,7 @@ class MaskedLM {
     for (auto& layer : encoder_layers) hidden = layer.forward(hidden, batch, rng);
     if (config_.norm == NormPlacement::pre) hidden = encoder_norm.forward(hidden);
     hidden_ = hidden;
-    return embed_tokens.project(hidden);
+    return embed_tokens.project(hidden, product_precision(*compute_, training_));
   }
 
   void backward(const Matrix<Scalar>& grad_logits) {
@@ -548,6 +582,8 @@ class MaskedLM {
 
  private:
   TransformerConfig config_;
+  bool training_ = true;
+  ComputePtr compute_ = Compute::standard();
   Dropout<Scalar> dropout_;
   TokenIds ids_;
   Matrix<Scalar> hidden_;  // [B*T, d_model]

@@ -1,0 +1,164 @@
+// moa/dnnl_gemm.hpp - the oneDNN GEMM backend (optional: link the target moa::dnnl).
+//
+//     auto compute = std::make_shared<moa::Compute>(std::make_shared<moa::DnnlGemm>(), threads);
+//     model.set_compute(compute);
+//
+// oneDNN's matmul primitives are fast (its brgemm kernels reach the core's peak at per-expert
+// shapes) but costly to create (about 0.1 ms each), and MoA's per-expert row counts change every
+// call. So primitives are cached by exact shape, and the rows of a product are cut into chunks of
+// 2^j rows (j >= 5) plus one remainder of fewer than 32: whatever the row count, only a few dozen
+// shapes per weight are ever created. Each primitive runs on the calling thread alone (oneDNN's
+// own OpenMP threads are not used); moa's ThreadPool splits work across threads instead, so the
+// thread count stays the Compute's.
+//
+// bf16: where the CPU has AVX512-BF16 or AMX, a product the caller allows (evaluation forwards)
+// converts its inputs to bfloat16 and accumulates in f32.
+#pragma once
+
+#include "moa/error.hpp"
+#include "moa/gemm.hpp"
+
+#include <oneapi/dnnl/dnnl.hpp>
+#include <omp.h>
+
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+namespace moa {
+
+class DnnlGemm final : public GemmBackend {
+ public:
+  DnnlGemm() : engine_(dnnl::engine::kind::cpu, 0) {
+    const dnnl::cpu_isa isa = dnnl::get_effective_cpu_isa();
+    has_bf16_ = isa == dnnl::cpu_isa::avx512_core_bf16 || isa == dnnl::cpu_isa::avx512_core_amx;
+  }
+
+  std::string name() const override { return "onednn"; }
+  bool has_bf16() const override { return has_bf16_; }
+
+  void sgemm(const GemmCall& call) const override {
+    const SingleThreaded single;
+    const bool bf16 = call.precision == Precision::bf16 && has_bf16_;
+    const float* a = call.a;
+    const float* b = call.b;
+    Index lda = call.lda, ldb = call.ldb;
+    thread_local std::vector<std::uint16_t> a_bf16, b_bf16;
+    if (bf16) {  // contiguous bf16 copies in the same orientation
+      const Index a_rows = call.transpose_a == Transpose::no ? call.m : call.k;
+      const Index a_cols = call.transpose_a == Transpose::no ? call.k : call.m;
+      const Index b_rows = call.transpose_b == Transpose::no ? call.k : call.n;
+      const Index b_cols = call.transpose_b == Transpose::no ? call.n : call.k;
+      to_bf16(call.a, a_rows, a_cols, call.lda, a_bf16);
+      to_bf16(call.b, b_rows, b_cols, call.ldb, b_bf16);
+      lda = a_cols;
+      ldb = b_cols;
+    }
+    const void* a_data = bf16 ? static_cast<const void*>(a_bf16.data()) : static_cast<const void*>(a);
+    const void* b_data = bf16 ? static_cast<const void*>(b_bf16.data()) : static_cast<const void*>(b);
+    const std::size_t element = bf16 ? sizeof(std::uint16_t) : sizeof(float);
+    // Rows in chunks of 2^j (>= 32) and a remainder below 32, so the set of shapes stays small.
+    Index first = 0;
+    while (first < call.m) {
+      const Index left = call.m - first;
+      Index rows = left < 32 ? left : Index(32);
+      while (rows * 2 <= left) rows *= 2;
+      const Index a_offset = call.transpose_a == Transpose::no ? first * lda : first;
+      run_chunk(call, rows, bf16, static_cast<const char*>(a_data) + a_offset * element, lda, b_data, ldb,
+                call.c + first * call.ldc);
+      first += rows;
+    }
+  }
+
+ private:
+  // oneDNN (OpenMP build) uses omp_get_max_threads() threads: one, while a product runs here.
+  struct SingleThreaded {
+    int previous = omp_get_max_threads();
+    SingleThreaded() {
+      if (previous != 1) omp_set_num_threads(1);
+    }
+    ~SingleThreaded() {
+      if (previous != 1) omp_set_num_threads(previous);
+    }
+  };
+
+  using Key = std::tuple<bool, bool, Index, Index, Index, Index, Index, Index, bool, bool>;
+  struct Entry {
+    dnnl::matmul primitive;
+    dnnl::memory::desc a, b, c;
+    std::size_t scratch_bytes = 0;
+  };
+
+  static void to_bf16(const float* source, Index rows, Index cols, Index ld, std::vector<std::uint16_t>& target) {
+    target.resize(static_cast<std::size_t>(rows * cols));
+    for (Index r = 0; r < rows; ++r) {
+      const float* row = source + r * ld;
+      std::uint16_t* out = target.data() + r * cols;
+      for (Index c = 0; c < cols; ++c) {
+        std::uint32_t bits;
+        std::memcpy(&bits, row + c, sizeof bits);
+        bits += 0x7FFFu + ((bits >> 16) & 1u);  // round to nearest even (inputs are finite)
+        out[c] = static_cast<std::uint16_t>(bits >> 16);
+      }
+    }
+  }
+
+  const Entry& entry(const GemmCall& call, Index rows, bool bf16, Index lda, Index ldb) const {
+    const Key key{call.transpose_a == Transpose::yes, call.transpose_b == Transpose::yes, rows, call.n, call.k, lda,
+                  ldb, call.ldc, call.accumulate, bf16};
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto found = cache_.find(key);
+    if (found != cache_.end()) return found->second;
+    using dt = dnnl::memory::data_type;
+    const dt input_type = bf16 ? dt::bf16 : dt::f32;
+    const dnnl::memory::dims a_strides = call.transpose_a == Transpose::no ? dnnl::memory::dims{lda, 1}
+                                                                            : dnnl::memory::dims{1, lda};
+    const dnnl::memory::dims b_strides = call.transpose_b == Transpose::no ? dnnl::memory::dims{ldb, 1}
+                                                                            : dnnl::memory::dims{1, ldb};
+    Entry created;
+    created.a = dnnl::memory::desc({rows, call.k}, input_type, a_strides);
+    created.b = dnnl::memory::desc({call.k, call.n}, input_type, b_strides);
+    created.c = dnnl::memory::desc({rows, call.n}, dt::f32, dnnl::memory::dims{call.ldc, 1});
+    dnnl::primitive_attr attributes;
+    attributes.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // per-thread scratch: safe across threads
+    if (call.accumulate) {
+      dnnl::post_ops sum;
+      sum.append_sum(1.0f);
+      attributes.set_post_ops(sum);
+    }
+    const dnnl::matmul::primitive_desc descriptor(dnnl::matmul::desc(created.a, created.b, created.c), attributes,
+                                                  engine_);
+    created.primitive = dnnl::matmul(descriptor);
+    created.scratch_bytes = descriptor.scratchpad_desc().get_size();
+    return cache_.emplace(key, std::move(created)).first->second;
+  }
+
+  void run_chunk(const GemmCall& call, Index rows, bool bf16, const void* a, Index lda, const void* b, Index ldb,
+                 float* c) const {
+    const Entry& chosen = entry(call, rows, bf16, lda, ldb);
+    thread_local std::vector<char> scratch;
+    if (scratch.size() < chosen.scratch_bytes) scratch.resize(chosen.scratch_bytes);
+    thread_local dnnl::stream stream(engine_);
+    const dnnl::memory a_memory(chosen.a, engine_, const_cast<void*>(a));
+    const dnnl::memory b_memory(chosen.b, engine_, const_cast<void*>(b));
+    const dnnl::memory c_memory(chosen.c, engine_, c);
+    const dnnl::memory scratch_memory(dnnl::memory::desc({static_cast<dnnl::memory::dim>(chosen.scratch_bytes)},
+                                                         dnnl::memory::data_type::u8, dnnl::memory::dims{1}),
+                                      engine_, scratch.data());
+    chosen.primitive.execute(stream, {{DNNL_ARG_SRC, a_memory},
+                                      {DNNL_ARG_WEIGHTS, b_memory},
+                                      {DNNL_ARG_DST, c_memory},
+                                      {DNNL_ARG_SCRATCHPAD, scratch_memory}});
+    stream.wait();
+  }
+
+  dnnl::engine engine_;
+  bool has_bf16_ = false;
+  mutable std::mutex mutex_;
+  mutable std::map<Key, Entry> cache_;
+};
+
+}  // namespace moa

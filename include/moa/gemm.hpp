@@ -1,0 +1,238 @@
+// moa/gemm.hpp - the one interface every matrix product of moa's layers goes through.
+//
+//     C = op(A) op(B)   or   C += op(A) op(B)        (row-major, op = identity or transpose)
+//
+// A GemmBackend computes float products; Eigen's (header-only, the default) is defined here, and
+// oneDNN's lives in moa/dnnl_gemm.hpp (optional target moa::dnnl). Double products always use
+// Eigen: they serve the gradient checks, where oneDNN has no f64 matmul.
+//
+// A Compute bundles what a layer needs to run: the backend, a thread pool and the precision
+// allowed for inference. Layers hold a shared Compute (set_compute on a model reaches all its
+// layers); without one they use Compute::standard(): Eigen, one thread, f32.
+#pragma once
+
+#include "moa/error.hpp"
+#include "moa/tensor.hpp"
+#include "moa/thread_pool.hpp"
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <memory>
+#include <string>
+
+namespace moa {
+
+enum class Transpose { no, yes };
+
+// The arithmetic of inference products: f32, or bfloat16 inputs with f32 accumulation.
+enum class Precision { f32, bf16 };
+
+inline const char* to_string(Precision precision) { return precision == Precision::bf16 ? "bf16" : "f32"; }
+
+// One product C[m, n] (+)= op(A)[m, k] op(B)[k, n] on row-major storage with leading dimensions.
+struct GemmCall {
+  Transpose transpose_a = Transpose::no, transpose_b = Transpose::no;
+  Index m = 0, n = 0, k = 0;
+  const float* a = nullptr;
+  Index lda = 0;
+  const float* b = nullptr;
+  Index ldb = 0;
+  float* c = nullptr;
+  Index ldc = 0;
+  bool accumulate = false;
+  Precision precision = Precision::f32;  // bf16 only where the caller allows it and the backend has it
+};
+
+class GemmBackend {
+ public:
+  virtual ~GemmBackend() = default;
+  virtual std::string name() const = 0;
+  // True when the CPU and the backend compute bf16 products natively.
+  virtual bool has_bf16() const { return false; }
+  virtual void sgemm(const GemmCall& call) const = 0;
+};
+
+namespace detail {
+
+template <typename Scalar>
+using StridedMap = Eigen::Map<Matrix<Scalar>, 0, Eigen::OuterStride<>>;
+template <typename Scalar>
+using ConstStridedMap = Eigen::Map<const Matrix<Scalar>, 0, Eigen::OuterStride<>>;
+
+// The product with Eigen on raw row-major storage.
+template <typename Scalar>
+void eigen_gemm(Transpose transpose_a, Transpose transpose_b, Index m, Index n, Index k, const Scalar* a, Index lda,
+                const Scalar* b, Index ldb, Scalar* c, Index ldc, bool accumulate) {
+  const Index a_rows = transpose_a == Transpose::no ? m : k, a_cols = transpose_a == Transpose::no ? k : m;
+  const Index b_rows = transpose_b == Transpose::no ? k : n, b_cols = transpose_b == Transpose::no ? n : k;
+  const ConstStridedMap<Scalar> a_map(a, a_rows, a_cols, Eigen::OuterStride<>(lda));
+  const ConstStridedMap<Scalar> b_map(b, b_rows, b_cols, Eigen::OuterStride<>(ldb));
+  StridedMap<Scalar> c_map(c, m, n, Eigen::OuterStride<>(ldc));
+  if (!accumulate) c_map.setZero();
+  if (k == 0) return;
+  if (transpose_a == Transpose::no) {
+    if (transpose_b == Transpose::no) c_map.noalias() += a_map * b_map;
+    else c_map.noalias() += a_map * b_map.transpose();
+  } else {
+    if (transpose_b == Transpose::no) c_map.noalias() += a_map.transpose() * b_map;
+    else c_map.noalias() += a_map.transpose() * b_map.transpose();
+  }
+}
+
+}  // namespace detail
+
+class EigenGemm final : public GemmBackend {
+ public:
+  std::string name() const override { return "eigen"; }
+  void sgemm(const GemmCall& call) const override {
+    detail::eigen_gemm<float>(call.transpose_a, call.transpose_b, call.m, call.n, call.k, call.a, call.lda, call.b,
+                              call.ldb, call.c, call.ldc, call.accumulate);
+  }
+};
+
+class Compute {
+ public:
+  // Eigen, one thread, f32.
+  Compute() : Compute(std::make_shared<EigenGemm>()) {}
+  // threads: how many threads one model uses (>= 1); precision: what evaluation-mode forwards may
+  // use (bf16 needs a backend with has_bf16(); training always runs f32).
+  explicit Compute(std::shared_ptr<const GemmBackend> backend, int threads = 1, Precision precision = Precision::f32)
+      : backend_(std::move(backend)), pool_(std::make_unique<ThreadPool>(threads)), precision_(precision) {
+    MOA_CHECK(backend_ != nullptr, "Compute", "backend is null");
+    MOA_CHECK(precision != Precision::bf16 || backend_->has_bf16(), "Compute", "precision bf16 needs a backend with ",
+              "native bfloat16 products (oneDNN on a CPU with AVX512-BF16 or AMX); backend '", backend_->name(),
+              "' has none on this CPU");
+  }
+
+  // The shared default: Eigen, one thread, f32.
+  static const std::shared_ptr<const Compute>& standard() {
+    static const std::shared_ptr<const Compute> instance = std::make_shared<const Compute>();
+    return instance;
+  }
+
+  const GemmBackend& backend() const { return *backend_; }
+  ThreadPool& pool() const { return *pool_; }
+  int threads() const { return pool_->size(); }
+  Precision inference_precision() const { return precision_; }
+
+ private:
+  std::shared_ptr<const GemmBackend> backend_;
+  std::unique_ptr<ThreadPool> pool_;
+  Precision precision_;
+};
+
+using ComputePtr = std::shared_ptr<const Compute>;
+
+// Whether a product may use bf16: only evaluation-mode forwards, and only when asked for.
+inline Precision product_precision(const Compute& compute, bool training) {
+  return training ? Precision::f32 : compute.inference_precision();
+}
+
+namespace detail {
+
+// Products below this many flops are not worth splitting over threads.
+constexpr double kParallelGemmFlops = 1 << 19;
+// Split boundaries are multiples of this many rows or columns (a kernel's register tile).
+constexpr Index kGemmSplitQuantum = 16;
+
+inline void parallel_sgemm(const Compute& compute, GemmCall call) {
+  const int threads = compute.threads();
+  const double flops = 2.0 * static_cast<double>(call.m) * static_cast<double>(call.n) * static_cast<double>(call.k);
+  const bool split_rows = call.m >= 2 * kGemmSplitQuantum && call.m >= call.n / 2;
+  const Index extent = split_rows ? call.m : call.n;
+  if (threads == 1 || flops < kParallelGemmFlops || extent < 2 * kGemmSplitQuantum) {
+    compute.backend().sgemm(call);
+    return;
+  }
+  const Index parts = std::min<Index>(threads, extent / kGemmSplitQuantum);
+  const Index quanta = (extent + kGemmSplitQuantum - 1) / kGemmSplitQuantum;
+  compute.pool().run(parts, [&](Index part, int) {
+    const Index first = std::min(extent, quanta * part / parts * kGemmSplitQuantum);
+    const Index last = std::min(extent, quanta * (part + 1) / parts * kGemmSplitQuantum);
+    if (first == last) return;
+    GemmCall piece = call;
+    if (split_rows) {  // rows of C: rows of A (or its columns when transposed)
+      piece.m = last - first;
+      piece.a = call.a + (call.transpose_a == Transpose::no ? first * call.lda : first);
+      piece.c = call.c + first * call.ldc;
+    } else {  // columns of C: columns of B (or its rows when transposed)
+      piece.n = last - first;
+      piece.b = call.b + (call.transpose_b == Transpose::no ? first : first * call.ldb);
+      piece.c = call.c + first;
+    }
+    compute.backend().sgemm(piece);
+  });
+}
+
+}  // namespace detail
+
+template <typename Scalar>
+using MatrixRef = Eigen::Ref<Matrix<Scalar>, 0, Eigen::OuterStride<>>;
+template <typename Scalar>
+using ConstMatrixRef = Eigen::Ref<const Matrix<Scalar>, 0, Eigen::OuterStride<>>;
+
+// c = op(a) op(b), or c += op(a) op(b) with accumulate. c must already have its shape. float goes
+// to the compute's backend, split over its threads; double to Eigen.
+template <typename Scalar>
+void gemm(const Compute& compute, const ConstMatrixRef<Scalar>& a, Transpose transpose_a,
+          const ConstMatrixRef<Scalar>& b, Transpose transpose_b, MatrixRef<Scalar> c, bool accumulate = false,
+          Precision precision = Precision::f32) {
+  const Index m = transpose_a == Transpose::no ? a.rows() : a.cols();
+  const Index k = transpose_a == Transpose::no ? a.cols() : a.rows();
+  const Index b_k = transpose_b == Transpose::no ? b.rows() : b.cols();
+  const Index n = transpose_b == Transpose::no ? b.cols() : b.rows();
+  MOA_CHECK(k == b_k && c.rows() == m && c.cols() == n, "moa::gemm", "op(a) is [", m, ", ", k, "], op(b) is [", b_k,
+            ", ", n, "], c is [", c.rows(), ", ", c.cols(), "]");
+  if (m == 0 || n == 0) return;
+  if constexpr (std::is_same_v<Scalar, float>) {
+    GemmCall call;
+    call.transpose_a = transpose_a;
+    call.transpose_b = transpose_b;
+    call.m = m;
+    call.n = n;
+    call.k = k;
+    call.a = a.data();
+    call.lda = a.outerStride();
+    call.b = b.data();
+    call.ldb = b.outerStride();
+    call.c = c.data();
+    call.ldc = c.outerStride();
+    call.accumulate = accumulate;
+    call.precision = precision;
+    if (k == 0) {
+      if (!accumulate) c.setZero();
+      return;
+    }
+    detail::parallel_sgemm(compute, call);
+  } else {
+    detail::eigen_gemm<Scalar>(transpose_a, transpose_b, m, n, k, a.data(), a.outerStride(), b.data(),
+                               b.outerStride(), c.data(), c.outerStride(), accumulate);
+  }
+}
+
+// The product x W^T of a layer with weight W [out, in]: input [N, in] -> [N, out], a new matrix.
+template <typename Scalar>
+Matrix<Scalar> linear_product(const Compute& compute, const ConstMatrixRef<Scalar>& input,
+                              const ConstMatrixRef<Scalar>& weight, Precision precision = Precision::f32) {
+  Matrix<Scalar> output(input.rows(), weight.rows());  // [N, out]
+  gemm<Scalar>(compute, input, Transpose::no, weight, Transpose::yes, output, false, precision);
+  return output;
+}
+
+// Calls task(first, count, thread) over [0, total) in chunks of at least `grain` items, on the
+// compute's threads (inline when it has one).
+template <typename Task>
+void parallel_ranges(const Compute& compute, Index total, Index grain, Task&& task) {
+  const Index chunks = std::max<Index>(1, std::min<Index>(compute.threads(), total / std::max<Index>(grain, 1)));
+  if (chunks == 1) {
+    if (total > 0) task(Index(0), total, 0);
+    return;
+  }
+  compute.pool().run(chunks, [&](Index chunk, int thread) {
+    const Index first = total * chunk / chunks, last = total * (chunk + 1) / chunks;
+    if (last > first) task(first, last - first, thread);
+  });
+}
+
+}  // namespace moa
