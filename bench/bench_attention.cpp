@@ -1,18 +1,19 @@
-// MoA and MHA forward, forward+backward and decoding, one thread, float, at the shapes of the
-// project's targets; BM_Sgemm (bench_layers.cpp, same binary) is the yardstick.
+// MoA and MHA forward, forward+backward and decoding, float, at the shapes of the project's
+// targets, on the run's Compute (--threads, --precision, --backend; see bench_main.cpp). Forwards
+// run in evaluation mode (so --precision=bf16 applies to them), forward+backward in training.
 //
 // FLOPs are counted by the layers (last_forward_flops: router, projections, and attention over
 // the keys each query really sees); forward+backward counts 3x the forward, the usual estimate
 // (backward computes two products for each one of the forward).
-#include "moa/moa.hpp"
-
-#include <benchmark/benchmark.h>
+#include "bench_support.hpp"
 
 #include <cmath>
 
 namespace {
 
-using MatrixF = moa::Matrix<float>;
+using moa_bench::MatrixF;
+using moa_bench::random_matrix;
+using moa_bench::set_counters;
 
 struct Shape {
   moa::Index batch, length, model, experts, top_k, head_dim;
@@ -26,12 +27,6 @@ const Shape kWide{8, 128, 512, 32, 4, 64};
 const Shape kWide64{8, 128, 512, 64, 4, 64};
 const Shape kCausal{8, 256, 512, 16, 4, 64};
 
-MatrixF random_matrix(moa::Index rows, moa::Index cols, moa::Rng& rng) {
-  MatrixF matrix(rows, cols);
-  moa::init_normal(matrix, rng, 0.0, 1.0);
-  return matrix;
-}
-
 moa::MixtureOfAttention<float> make_moa(const Shape& shape, moa::Rng& rng) {
   moa::MixtureOfAttentionConfig config;
   config.model_dim = shape.model;
@@ -39,6 +34,7 @@ moa::MixtureOfAttention<float> make_moa(const Shape& shape, moa::Rng& rng) {
   config.top_k = shape.top_k;
   config.head_dim = shape.head_dim;
   moa::MixtureOfAttention<float> layer(config, rng);
+  layer.set_compute(moa_bench::compute());
   // A trained router spreads tokens over the experts; a zero one would send all to the first k.
   moa::init_normal(layer.router.weight, rng, 0.0, 1.0 / std::sqrt(static_cast<double>(shape.model)));
   return layer;
@@ -46,7 +42,9 @@ moa::MixtureOfAttention<float> make_moa(const Shape& shape, moa::Rng& rng) {
 
 // The MHA of the same attention compute: k heads of width d_h.
 moa::MultiHeadAttention<float> make_mha(const Shape& shape, moa::Rng& rng) {
-  return moa::MultiHeadAttention<float>({shape.model, shape.top_k, shape.head_dim}, rng);
+  moa::MultiHeadAttention<float> layer({shape.model, shape.top_k, shape.head_dim}, rng);
+  layer.set_compute(moa_bench::compute());
+  return layer;
 }
 
 template <typename Layer>
@@ -64,10 +62,7 @@ void run_layer(benchmark::State& state, Layer& layer, const Shape& shape, bool c
       benchmark::DoNotOptimize(grad_input.data());
     }
   }
-  const double flops = layer.last_forward_flops() * (with_backward ? 3.0 : 1.0);
-  state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["tokens/s"] =
-      benchmark::Counter(static_cast<double>(batch.rows()), benchmark::Counter::kIsIterationInvariantRate);
+  set_counters(state, layer.last_forward_flops() * (with_backward ? 3.0 : 1.0), static_cast<double>(batch.rows()));
 }
 
 void BM_MoA(benchmark::State& state, Shape shape, bool causal, bool with_backward) {
@@ -95,10 +90,7 @@ void run_decode(benchmark::State& state, Layer& layer, const Shape& shape, moa::
     benchmark::DoNotOptimize(output.data());
     cache.truncate(cached);
   }
-  state.counters["GFLOP/s"] =
-      benchmark::Counter(layer.last_forward_flops() * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["tokens/s"] =
-      benchmark::Counter(static_cast<double>(shape.batch), benchmark::Counter::kIsIterationInvariantRate);
+  set_counters(state, layer.last_forward_flops(), static_cast<double>(shape.batch));
 }
 
 void BM_MoADecode(benchmark::State& state, Shape shape) {
@@ -128,16 +120,15 @@ void BM_AttentionKernel(benchmark::State& state, bool causal) {
   layout.rows_per_position = shape.top_k;
   layout.key_length = shape.length;
   layout.causal = causal;
+  const moa::Compute& compute = *moa_bench::compute();
+  const moa::Precision precision = moa::product_precision(compute, false);
   for (auto _ : state) {
-    moa::attention_forward<float>(queries, keys, values, layout, probabilities, output);
+    moa::attention_forward<float>(queries, keys, values, layout, probabilities, output, compute, precision);
     benchmark::DoNotOptimize(output.data());
   }
   double pairs = 0;
   for (moa::Index p = 0; p < shape.length; ++p) pairs += static_cast<double>(layout.visible_keys(p) * shape.top_k);
-  state.counters["GFLOP/s"] =
-      benchmark::Counter(4.0 * pairs * shape.head_dim * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["tokens/s"] =
-      benchmark::Counter(static_cast<double>(shape.length), benchmark::Counter::kIsIterationInvariantRate);
+  set_counters(state, 4.0 * pairs * shape.head_dim, static_cast<double>(shape.length));
 }
 BENCHMARK_CAPTURE(BM_AttentionKernel, causal, true)->Unit(benchmark::kMicrosecond);
 BENCHMARK_CAPTURE(BM_AttentionKernel, noncausal, false)->Unit(benchmark::kMicrosecond);

@@ -26,13 +26,14 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 namespace moa {
 
 class DnnlGemm final : public GemmBackend {
  public:
-  DnnlGemm() : engine_(dnnl::engine::kind::cpu, 0) {
+  DnnlGemm() {
     const dnnl::cpu_isa isa = dnnl::get_effective_cpu_isa();
     has_bf16_ = isa == dnnl::cpu_isa::avx512_core_bf16 || isa == dnnl::cpu_isa::avx512_core_amx;
   }
@@ -60,16 +61,14 @@ class DnnlGemm final : public GemmBackend {
     const void* a_data = bf16 ? static_cast<const void*>(a_bf16.data()) : static_cast<const void*>(a);
     const void* b_data = bf16 ? static_cast<const void*>(b_bf16.data()) : static_cast<const void*>(b);
     const std::size_t element = bf16 ? sizeof(std::uint16_t) : sizeof(float);
-    // Rows in chunks of 2^j (>= 32) and a remainder below 32, so the set of shapes stays small.
-    Index first = 0;
-    while (first < call.m) {
-      const Index left = call.m - first;
-      Index rows = left < 32 ? left : Index(32);
-      while (rows * 2 <= left) rows *= 2;
+    // The rows as a multiple of kRowQuantum and a remainder below it, so the set of shapes stays small.
+    const Index main_rows = call.m / kRowQuantum * kRowQuantum;
+    for (const Index first : {Index(0), main_rows}) {
+      const Index rows = first == 0 ? main_rows : call.m - main_rows;
+      if (rows == 0) continue;
       const Index a_offset = call.transpose_a == Transpose::no ? first * lda : first;
       run_chunk(call, rows, bf16, static_cast<const char*>(a_data) + a_offset * element, lda, b_data, ldb,
                 call.c + first * call.ldc);
-      first += rows;
     }
   }
 
@@ -85,11 +84,12 @@ class DnnlGemm final : public GemmBackend {
     }
   };
 
+  static constexpr Index kRowQuantum = 16;
+
   using Key = std::tuple<bool, bool, Index, Index, Index, Index, Index, Index, bool, bool>;
   struct Entry {
     dnnl::matmul primitive;
-    dnnl::memory::desc a, b, c;
-    std::size_t scratch_bytes = 0;
+    dnnl::memory::desc a, b, c, scratch;
   };
 
   static void to_bf16(const float* source, Index rows, Index cols, Index ld, std::vector<std::uint16_t>& target) {
@@ -132,7 +132,7 @@ class DnnlGemm final : public GemmBackend {
     const dnnl::matmul::primitive_desc descriptor(dnnl::matmul::desc(created.a, created.b, created.c), attributes,
                                                   engine_);
     created.primitive = dnnl::matmul(descriptor);
-    created.scratch_bytes = descriptor.scratchpad_desc().get_size();
+    created.scratch = descriptor.scratchpad_desc();
     return cache_.emplace(key, std::move(created)).first->second;
   }
 
@@ -140,22 +140,25 @@ class DnnlGemm final : public GemmBackend {
                  float* c) const {
     const Entry& chosen = entry(call, rows, bf16, lda, ldb);
     thread_local std::vector<char> scratch;
-    if (scratch.size() < chosen.scratch_bytes) scratch.resize(chosen.scratch_bytes);
+    const std::size_t scratch_bytes = chosen.scratch.get_size();
+    if (scratch.size() < scratch_bytes) scratch.resize(scratch_bytes);
     thread_local dnnl::stream stream(engine_);
-    const dnnl::memory a_memory(chosen.a, engine_, const_cast<void*>(a));
-    const dnnl::memory b_memory(chosen.b, engine_, const_cast<void*>(b));
-    const dnnl::memory c_memory(chosen.c, engine_, c);
-    const dnnl::memory scratch_memory(dnnl::memory::desc({static_cast<dnnl::memory::dim>(chosen.scratch_bytes)},
-                                                         dnnl::memory::data_type::u8, dnnl::memory::dims{1}),
-                                      engine_, scratch.data());
-    chosen.primitive.execute(stream, {{DNNL_ARG_SRC, a_memory},
-                                      {DNNL_ARG_WEIGHTS, b_memory},
-                                      {DNNL_ARG_DST, c_memory},
-                                      {DNNL_ARG_SCRATCHPAD, scratch_memory}});
+    std::unordered_map<int, dnnl::memory> arguments{
+        {DNNL_ARG_SRC, dnnl::memory(chosen.a, engine_, const_cast<void*>(a))},
+        {DNNL_ARG_WEIGHTS, dnnl::memory(chosen.b, engine_, const_cast<void*>(b))},
+        {DNNL_ARG_DST, dnnl::memory(chosen.c, engine_, c)}};
+    if (scratch_bytes > 0) arguments.emplace(DNNL_ARG_SCRATCHPAD, dnnl::memory(chosen.scratch, engine_, scratch.data()));
+    chosen.primitive.execute(stream, arguments);
     stream.wait();
   }
 
-  dnnl::engine engine_;
+  // One CPU engine for the process, so that each thread's stream serves every DnnlGemm.
+  static const dnnl::engine& cpu_engine() {
+    static const dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+    return engine;
+  }
+
+  const dnnl::engine& engine_ = cpu_engine();
   bool has_bf16_ = false;
   mutable std::mutex mutex_;
   mutable std::map<Key, Entry> cache_;

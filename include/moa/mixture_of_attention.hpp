@@ -132,31 +132,28 @@ class MixtureOfAttention {
     // Large buffers are members, reused by every call: fresh ones would page-fault each time.
     Matrix<Scalar>& grad_attended = grad_attended_;  // [N*k, d_h]
     grad_attended.setZero(attended_.rows(), head_dim);
-    // Output side: y_t += gate * a Wo_e^T.
-    for (Index e = 0; e < config_.num_experts; ++e) {
-      const Index count = plan_.count(e);
-      if (count == 0) continue;
-      const Index* ids = plan_.order.data() + plan_.offsets[e];
+    // Output side: y_t += gate * a Wo_e^T. Within an expert every row is another token, so row
+    // slices run on separate threads without conflicts.
+    plan_.for_each_expert([&](Index e, const Index* ids, Index count) {
       const auto weight = o_proj.value.middleRows(e * model, model);  // [d_model, d_h]
-      const auto attended = gather_rows(attended_, ids, count, 1, attended_rows_);  // [c, d_h]
-      auto scaled = rows_of(scaled_, count, head_dim);                        // [c, d_h] gate * a
-      for (Index i = 0; i < count; ++i) scaled.row(i) = gates.data()[ids[i]] * attended.row(i);
-      auto grad_unscaled = rows_of(projected_, count, head_dim);  // [c, d_h] d(gate * a) before the gate
-      if (count == query_.rows()) {  // every token chose e: grad_output is already in order
-        gemm<Scalar>(*compute_, grad_output, Transpose::yes, scaled, Transpose::no,
-                     o_proj.grad.middleRows(e * model, model), true);
-        gemm<Scalar>(*compute_, grad_output, Transpose::no, weight, Transpose::no, grad_unscaled);
-      } else {
-        const auto grad_rows = gather_rows(grad_output, ids, count, k, gathered_grad_);  // [c, d_model]
-        gemm<Scalar>(*compute_, grad_rows, Transpose::yes, scaled, Transpose::no,
-                     o_proj.grad.middleRows(e * model, model), true);
-        gemm<Scalar>(*compute_, grad_rows, Transpose::no, weight, Transpose::no, grad_unscaled);
-      }
-      for (Index i = 0; i < count; ++i) {
-        grad_gates.data()[ids[i]] = grad_unscaled.row(i).dot(attended.row(i));
-        grad_attended.row(ids[i]) = gates.data()[ids[i]] * grad_unscaled.row(i);
-      }
-    }
+      auto grad_rows = rows_of(wide_rows_, count, model);             // [c, d_model]
+      auto scaled = rows_of(scaled_, count, head_dim);                 // [c, d_h] gate * a
+      auto grad_unscaled = rows_of(narrow_result_, count, head_dim);   // [c, d_h] d(gate * a)
+      parallel_ranges(*compute_, count, kRowGrain, [&](Index first, Index rows, int) {
+        for (Index i = first; i < first + rows; ++i) {
+          grad_rows.row(i) = grad_output.row(ids[i] / k);
+          scaled.row(i) = gates.data()[ids[i]] * attended_.row(ids[i]);
+        }
+        gemm<Scalar>(*compute_, grad_rows.middleRows(first, rows), Transpose::no, weight, Transpose::no,
+                     grad_unscaled.middleRows(first, rows));
+        for (Index i = first; i < first + rows; ++i) {
+          grad_gates.data()[ids[i]] = grad_unscaled.row(i).dot(attended_.row(ids[i]));
+          grad_attended.row(ids[i]) = gates.data()[ids[i]] * grad_unscaled.row(i);
+        }
+      });
+      gemm<Scalar>(*compute_, grad_rows, Transpose::yes, scaled, Transpose::no, o_proj.grad.middleRows(e * model, model),
+                   true);
+    });
     // Attention, per sequence, against the shared K and V.
     Matrix<Scalar>& grad_queries = grad_queries_;  // [N*k, d_h]
     Matrix<Scalar>& grad_keys = grad_keys_;        // [B*Tk, d_h]
@@ -179,25 +176,23 @@ class MixtureOfAttention {
     // Query side: q = x Wq_e^T.
     AttentionGradients<Scalar> grads;
     grads.query = router.backward(grad_gates, aux_scale);  // [N, d_model]
-    for (Index e = 0; e < config_.num_experts; ++e) {
-      const Index count = plan_.count(e);
-      if (count == 0) continue;
-      const Index* ids = plan_.order.data() + plan_.offsets[e];
-      const auto weight = q_proj.value.middleRows(e * head_dim, head_dim);            // [d_h, d_model]
-      const auto grad_rows = gather_rows(grad_queries, ids, count, 1, gathered_grad_);  // [c, d_h]
-      if (count == query_.rows()) {
-        gemm<Scalar>(*compute_, grad_rows, Transpose::yes, query_, Transpose::no,
-                     q_proj.grad.middleRows(e * head_dim, head_dim), true);
-        gemm<Scalar>(*compute_, grad_rows, Transpose::no, weight, Transpose::no, grads.query, true);
-        continue;
-      }
-      const auto inputs = gather_rows(query_, ids, count, k, gathered_);  // [c, d_model]
+    plan_.for_each_expert([&](Index e, const Index* ids, Index count) {
+      const auto weight = q_proj.value.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
+      auto grad_rows = rows_of(narrow_rows_, count, head_dim);              // [c, d_h]
+      auto inputs = rows_of(wide_rows_, count, model);                      // [c, d_model]
+      auto grad_inputs = rows_of(wide_result_, count, model);               // [c, d_model]
+      parallel_ranges(*compute_, count, kRowGrain, [&](Index first, Index rows, int) {
+        for (Index i = first; i < first + rows; ++i) {
+          grad_rows.row(i) = grad_queries.row(ids[i]);
+          inputs.row(i) = query_.row(ids[i] / k);
+        }
+        gemm<Scalar>(*compute_, grad_rows.middleRows(first, rows), Transpose::no, weight, Transpose::no,
+                     grad_inputs.middleRows(first, rows));
+        for (Index i = first; i < first + rows; ++i) grads.query.row(ids[i] / k) += grad_inputs.row(i);
+      });
       gemm<Scalar>(*compute_, grad_rows, Transpose::yes, inputs, Transpose::no,
                    q_proj.grad.middleRows(e * head_dim, head_dim), true);
-      auto grad_inputs = rows_of(projected_, count, model);  // [c, d_model]
-      gemm<Scalar>(*compute_, grad_rows, Transpose::no, weight, Transpose::no, grad_inputs);
-      for (Index i = 0; i < count; ++i) grads.query.row(ids[i] / k) += grad_inputs.row(i);
-    }
+    });
     // The shared key and value heads.
     const Matrix<Scalar>& key_value = self_attention_ ? query_ : key_value_;
     gemm<Scalar>(*compute_, grad_keys, Transpose::yes, key_value, Transpose::no, k_proj.grad, true);
@@ -285,18 +280,13 @@ class MixtureOfAttention {
   Parameter<Scalar> v_proj;  // [d_h, d_model]
 
  private:
+  // Rows of one expert handed to a thread at a time.
+  static constexpr Index kRowGrain = 32;
+
   // The first `rows` rows of a scratch buffer, grown (never shrunk) to fit.
   static auto rows_of(Matrix<Scalar>& buffer, Index rows, Index cols) {
     if (buffer.rows() < rows || buffer.cols() != cols) buffer.resize(std::max(rows, buffer.rows()), cols);
     return buffer.topRows(rows);
-  }
-
-  // The first `count` rows of `buffer` set to source.row(ids[i] / divisor).
-  static auto gather_rows(const Matrix<Scalar>& source, const Index* ids, Index count, Index divisor,
-                          Matrix<Scalar>& buffer) {
-    auto rows = rows_of(buffer, count, source.cols());
-    for (Index i = 0; i < count; ++i) rows.row(i) = source.row(ids[i] / divisor);
-    return rows;
   }
 
   // queries: [N*k, d_h]; row t*k + j = x_t Wq_e^T for the expert e of slot j.
@@ -304,20 +294,22 @@ class MixtureOfAttention {
                        Precision precision) {
     const Index k = config_.top_k, head_dim = config_.head_dim;
     queries.resize(input.rows() * k, head_dim);  // rows of unrouted tokens are never read
-    for (Index e = 0; e < config_.num_experts; ++e) {
-      const Index count = plan.count(e);
-      if (count == 0) continue;
-      const Index* ids = plan.order.data() + plan.offsets[e];
+    plan.for_each_expert([&](Index e, const Index* ids, Index count) {
       const auto weight = q_proj.value.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
-      auto projected = rows_of(projected_, count, head_dim);                // [c, d_h]
-      if (count == input.rows()) {  // every token chose e (so in token order): no gather
-        gemm<Scalar>(*compute_, input, Transpose::no, weight, Transpose::yes, projected, false, precision);
-      } else {
-        gemm<Scalar>(*compute_, gather_rows(input, ids, count, k, gathered_), Transpose::no, weight, Transpose::yes,
-                     projected, false, precision);
-      }
-      for (Index i = 0; i < count; ++i) queries.row(ids[i]) = projected.row(i);
-    }
+      auto inputs = rows_of(wide_rows_, count, input.cols());               // [c, d_model]
+      auto projected = rows_of(narrow_result_, count, head_dim);            // [c, d_h]
+      parallel_ranges(*compute_, count, kRowGrain, [&](Index first, Index rows, int) {
+        if (count == input.rows()) {  // every token chose e (so in token order): no gather
+          gemm<Scalar>(*compute_, input.middleRows(first, rows), Transpose::no, weight, Transpose::yes,
+                       projected.middleRows(first, rows), false, precision);
+        } else {
+          for (Index i = first; i < first + rows; ++i) inputs.row(i) = input.row(ids[i] / k);
+          gemm<Scalar>(*compute_, inputs.middleRows(first, rows), Transpose::no, weight, Transpose::yes,
+                       projected.middleRows(first, rows), false, precision);
+        }
+        for (Index i = first; i < first + rows; ++i) queries.row(ids[i]) = projected.row(i);
+      });
+    });
   }
 
   // output: [N, d_model]; row t = sum_j gate_{t,j} attended_{t*k+j} Wo_e^T.
@@ -325,21 +317,22 @@ class MixtureOfAttention {
                                  Index rows, Precision precision) {
     const Index k = config_.top_k, model = model_dim(), head_dim = config_.head_dim;
     Matrix<Scalar> output = Matrix<Scalar>::Zero(rows, model);  // [N, d_model]
-    for (Index e = 0; e < config_.num_experts; ++e) {
-      const Index count = plan.count(e);
-      if (count == 0) continue;
-      const Index* ids = plan.order.data() + plan.offsets[e];
+    plan.for_each_expert([&](Index e, const Index* ids, Index count) {
       const auto weight = o_proj.value.middleRows(e * model, model);  // [d_model, d_h]
       auto scaled = rows_of(scaled_, count, head_dim);                // [c, d_h] gate * a
-      for (Index i = 0; i < count; ++i) scaled.row(i) = gates.data()[ids[i]] * attended.row(ids[i]);
-      if (count == rows) {
-        gemm<Scalar>(*compute_, scaled, Transpose::no, weight, Transpose::yes, output, true, precision);
-        continue;
-      }
-      auto projected = rows_of(projected_, count, model);  // [c, d_model]
-      gemm<Scalar>(*compute_, scaled, Transpose::no, weight, Transpose::yes, projected, false, precision);
-      for (Index i = 0; i < count; ++i) output.row(ids[i] / k) += projected.row(i);
-    }
+      auto projected = rows_of(wide_result_, count, model);           // [c, d_model]
+      parallel_ranges(*compute_, count, kRowGrain, [&](Index first, Index slice, int) {
+        for (Index i = first; i < first + slice; ++i) scaled.row(i) = gates.data()[ids[i]] * attended.row(ids[i]);
+        if (count == rows) {  // every token chose e: accumulate in place
+          gemm<Scalar>(*compute_, scaled.middleRows(first, slice), Transpose::no, weight, Transpose::yes,
+                       output.middleRows(first, slice), true, precision);
+          return;
+        }
+        gemm<Scalar>(*compute_, scaled.middleRows(first, slice), Transpose::no, weight, Transpose::yes,
+                     projected.middleRows(first, slice), false, precision);
+        for (Index i = first; i < first + slice; ++i) output.row(ids[i] / k) += projected.row(i);
+      });
+    });
     return output;
   }
 
@@ -381,8 +374,11 @@ class MixtureOfAttention {
   Matrix<Scalar> probabilities_;  // [B*Tq*k, Tk]
   Matrix<Scalar> attended_;       // [B*Tq*k, d_h], before the gates
   double last_flops_ = 0.0;
-  // Scratch reused across experts and calls, so a forward does not allocate per expert.
-  Matrix<Scalar> gathered_, gathered_grad_, attended_rows_, scaled_, projected_;
+  // Scratch reused across experts and calls, so a forward does not allocate per expert; one
+  // buffer per width, so none is resized between uses.
+  Matrix<Scalar> wide_rows_, wide_result_;     // [c, d_model] gathered rows, per-expert results
+  Matrix<Scalar> narrow_rows_, narrow_result_;  // [c, d_h]
+  Matrix<Scalar> scaled_;                       // [c, d_h] gate * attended
   Matrix<Scalar> grad_attended_, grad_queries_, grad_keys_, grad_values_;
   std::vector<Matrix<Scalar>> grad_scores_;  // one score-gradient workspace per thread
 };

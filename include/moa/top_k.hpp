@@ -42,6 +42,14 @@ struct DispatchPlan {
   Index assignments() const { return static_cast<Index>(order.size()); }
   static Index token_of(Index id, Index top_k) { return id / top_k; }
 
+  // Calls visit(expert, ids, count) for every expert with at least one assignment, in expert
+  // order; ids points at its `count` assignment ids (ascending, so distinct tokens).
+  template <typename Visit>
+  void for_each_expert(Visit&& visit) const {
+    for (Index e = 0; e < num_experts; ++e)
+      if (count(e) > 0) visit(e, order.data() + offsets[e], count(e));
+  }
+
   // experts: [N*k], the expert of each assignment, or -1 for an unrouted (padding) token.
   static DispatchPlan build(const std::vector<Index>& experts, Index num_experts, Index top_k) {
     MOA_CHECK(num_experts > 0 && top_k > 0, "DispatchPlan::build", "num_experts = ", num_experts, " and top_k = ",

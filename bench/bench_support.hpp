@@ -1,0 +1,44 @@
+// What moa_bench's files share: the run's settings (--threads, --precision, --backend), the
+// Compute every layer benchmark runs on, and the best f32 GEMM of the machine, measured once at
+// start-up in the same binary, against which every layer benchmark reports its GFLOP/s.
+#pragma once
+
+#include "moa/moa.hpp"
+
+#include <benchmark/benchmark.h>
+
+#include <string>
+
+namespace moa_bench {
+
+using MatrixF = moa::Matrix<float>;
+
+struct Settings {
+  int threads = 1;
+  moa::Precision precision = moa::Precision::f32;
+  std::string backend;             // "onednn" when built with it, else "eigen"
+  double best_f32_gflops = 0.0;    // the fastest f32 GEMM yardstick of this run
+  std::string best_f32_name;
+};
+
+Settings& settings();
+// The Compute the layer benchmarks use (backend, threads, precision of the run).
+const moa::ComputePtr& compute();
+
+inline MatrixF random_matrix(moa::Index rows, moa::Index cols, moa::Rng& rng) {
+  MatrixF matrix(rows, cols);
+  moa::init_normal(matrix, rng, 0.0, 1.0);
+  return matrix;
+}
+
+// GFLOP/s, tokens/s, and the GFLOP/s as a share of the run's best f32 GEMM ("%best").
+inline void set_counters(benchmark::State& state, double flops_per_iteration, double tokens_per_iteration) {
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops_per_iteration * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["tokens/s"] = benchmark::Counter(tokens_per_iteration, benchmark::Counter::kIsIterationInvariantRate);
+  if (settings().best_f32_gflops > 0)
+    state.counters["%best"] = benchmark::Counter(flops_per_iteration * 1e-9 * 100.0 / settings().best_f32_gflops,
+                                                 benchmark::Counter::kIsIterationInvariantRate);
+}
+
+}  // namespace moa_bench

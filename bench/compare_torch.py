@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""MoA in PyTorch, as a PyTorch user would write it, timed at moa_bench's shapes beside moa.
+
+    python3 bench/compare_torch.py --moa-bench build/bench/bench/moa_bench [--threads 1]
+
+Two PyTorch versions of the layer are timed and the faster one kept at each shape:
+  sparse: per expert index_select of its tokens, matmul with its Wq / Wo, index_add into the
+          output (the authors' fairseq code does this);
+  dense:  every expert's queries for every token in one matmul, the chosen ones gathered (and the
+          same on the output side), which wastes E/k times the projection flops but is few ops.
+Attention is batched multi-query attention: the T*k expert queries of a sequence against its one
+shared K and V. Forward runs under no_grad (evaluation); forward+backward backpropagates
+sum(y * g) into every weight and the input, as moa_bench does. One thread unless --threads.
+
+Needs Debian's python3-torch with libopenblas0-pthread (otherwise torch uses the reference BLAS
+and is about 20x slower: the script refuses to compare then). Not part of the tests.
+"""
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+
+import torch
+
+# (name, B, T, d_model, E, k, d_h, causal): moa_bench's shapes.
+SHAPES = [
+    ("toy", 32, 32, 256, 8, 2, 64, False),
+    ("base", 8, 128, 512, 8, 8, 128, False),
+    ("wide8", 8, 128, 512, 8, 4, 64, False),
+    ("wide", 8, 128, 512, 32, 4, 64, False),
+    ("wide64", 8, 128, 512, 64, 4, 64, False),
+    ("causal", 8, 256, 512, 16, 4, 64, True),
+]
+
+
+class TorchMoA(torch.nn.Module):
+    def __init__(self, d_model, experts, top_k, head_dim, dense):
+        super().__init__()
+        self.experts, self.top_k, self.head_dim, self.dense = experts, top_k, head_dim, dense
+        scale = 1.0 / math.sqrt(d_model)
+        self.router = torch.nn.Parameter(torch.randn(experts, d_model) * scale)
+        self.q_proj = torch.nn.Parameter(torch.randn(experts, head_dim, d_model) * scale)
+        self.o_proj = torch.nn.Parameter(torch.randn(experts, d_model, head_dim) / math.sqrt(head_dim))
+        self.k_proj = torch.nn.Parameter(torch.randn(head_dim, d_model) * scale)
+        self.v_proj = torch.nn.Parameter(torch.randn(head_dim, d_model) * scale)
+
+    def forward(self, x, batch, length, causal):
+        tokens, d_model = x.shape
+        k, d_h, E = self.top_k, self.head_dim, self.experts
+        probabilities = torch.softmax(x @ self.router.t(), dim=-1)  # [N, E]
+        top_p, top_e = probabilities.topk(k, dim=-1)  # [N, k]
+        gates = top_p / top_p.sum(dim=-1, keepdim=True)
+        keys = (x @ self.k_proj.t()).view(batch, length, d_h)
+        values = (x @ self.v_proj.t()).view(batch, length, d_h)
+        flat_experts = top_e.reshape(-1)  # [N*k]
+        if self.dense:
+            all_queries = (x @ self.q_proj.reshape(E * d_h, d_model).t()).view(tokens, E, d_h)
+            queries = all_queries.gather(1, top_e.unsqueeze(-1).expand(tokens, k, d_h))  # [N, k, d_h]
+        else:
+            queries = x.new_zeros(tokens * k, d_h)
+            token_of = torch.arange(tokens).repeat_interleave(k)
+            for e in range(E):
+                slots = (flat_experts == e).nonzero(as_tuple=True)[0]
+                if slots.numel() == 0:
+                    continue
+                queries = queries.index_copy(0, slots, x.index_select(0, token_of[slots]) @ self.q_proj[e].t())
+        queries = queries.reshape(batch, length * k, d_h)
+        scores = queries @ keys.transpose(1, 2) / math.sqrt(d_h)  # [B, T*k, T]
+        if causal:
+            position = torch.arange(length)
+            mask = position.repeat_interleave(k).unsqueeze(1) < position.unsqueeze(0)
+            scores = scores.masked_fill(mask, float("-inf"))
+        attended = (torch.softmax(scores, dim=-1) @ values).reshape(tokens * k, d_h)
+        weighted = attended * gates.reshape(-1, 1)
+        if self.dense:
+            # Scatter each slot into its expert's block, then one matmul over all E blocks.
+            blocks = x.new_zeros(tokens, k, E, d_h)
+            blocks = blocks.scatter(2, top_e.view(tokens, k, 1, 1).expand(tokens, k, 1, d_h),
+                                    weighted.view(tokens, k, 1, d_h))
+            return blocks.sum(1).reshape(tokens, E * d_h) @ self.o_proj.permute(1, 0, 2).reshape(d_model, E * d_h).t()
+        output = x.new_zeros(tokens, d_model)
+        token_of = torch.arange(tokens).repeat_interleave(k)
+        for e in range(E):
+            slots = (flat_experts == e).nonzero(as_tuple=True)[0]
+            if slots.numel() == 0:
+                continue
+            output = output.index_add(0, token_of[slots], weighted.index_select(0, slots) @ self.o_proj[e].t())
+        return output
+
+
+def best_time(function, min_seconds=1.0, repeats=3):
+    function()
+    best = float("inf")
+    for _ in range(repeats):
+        count, start = 0, time.perf_counter()
+        while True:
+            function()
+            count += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds / repeats:
+                break
+        best = min(best, elapsed / count)
+    return best
+
+
+def torch_times(shape, min_seconds):
+    name, B, T, d, E, k, d_h, causal = shape
+    torch.manual_seed(0)
+    x = torch.randn(B * T, d)
+    g = torch.randn(B * T, d)
+    result = {}
+    for dense in (False, True):
+        layer = TorchMoA(d, E, k, d_h, dense)
+        with torch.no_grad():
+            forward = best_time(lambda: layer(x, B, T, causal), min_seconds)
+
+        def step():
+            x_grad = x.clone().requires_grad_(True)
+            layer.zero_grad(set_to_none=True)
+            (layer(x_grad, B, T, causal) * g).sum().backward()
+
+        both = best_time(step, min_seconds)
+        variant = "dense" if dense else "sparse"
+        for key, value in (("forward", forward), ("forward_backward", both)):
+            if key not in result or value < result[key][0]:
+                result[key] = (value, variant)
+    return result
+
+
+def moa_times(moa_bench, threads, min_seconds):
+    names = "|".join(shape[0] for shape in SHAPES)
+    command = [moa_bench, f"--threads={threads}", f"--benchmark_filter=BM_MoA/({names})_forward",
+               "--benchmark_format=json", f"--benchmark_min_time={min_seconds}"]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    times = {}
+    for entry in json.loads(output)["benchmarks"]:
+        scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[entry["time_unit"]]
+        times[entry["name"].split("/", 1)[1]] = entry["real_time"] * scale
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--moa-bench", default="build/bench/bench/moa_bench", help="path of moa_bench")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement")
+    arguments = parser.parse_args()
+    if arguments.threads < 1:
+        sys.exit("--threads must be at least 1")
+    config = torch.__config__.show()
+    if "BLAS_INFO=generic" in config:
+        try:
+            blas = subprocess.run(["update-alternatives", "--query", "libblas.so.3-x86_64-linux-gnu"],
+                                  capture_output=True, text=True).stdout
+        except OSError:
+            blas = ""
+        if "openblas" not in blas:
+            sys.exit("torch would use the reference BLAS (20x slower): install libopenblas0-pthread first")
+    torch.set_num_threads(arguments.threads)
+    moa = moa_times(arguments.moa_bench, arguments.threads, arguments.min_time)
+    print(f"torch {torch.__version__}, {arguments.threads} thread(s); times in ms, speedup = PyTorch / moa")
+    print(f"{'shape':8} {'moa fwd':>9} {'torch fwd':>10} {'speedup':>8} {'moa f+b':>9} {'torch f+b':>10} {'speedup':>8}"
+          f"  torch variants")
+    for shape in SHAPES:
+        name = shape[0]
+        theirs = torch_times(shape, arguments.min_time)
+        ours_forward, ours_both = moa[f"{name}_forward"], moa[f"{name}_forward_backward"]
+        torch_forward, forward_variant = theirs["forward"]
+        torch_both, both_variant = theirs["forward_backward"]
+        print(f"{name:8} {ours_forward * 1e3:9.2f} {torch_forward * 1e3:10.2f} {torch_forward / ours_forward:8.2f}"
+              f" {ours_both * 1e3:9.2f} {torch_both * 1e3:10.2f} {torch_both / ours_both:8.2f}"
+              f"  {forward_variant}/{both_variant}")
+
+
+if __name__ == "__main__":
+    main()
