@@ -63,8 +63,9 @@ class DnnlGemm final : public GemmBackend {
     const std::size_t element = bf16 ? sizeof(std::uint16_t) : sizeof(float);
     // The rows as a multiple of kRowQuantum and a remainder below it, so the set of shapes stays small.
     const Index main_rows = call.m / kRowQuantum * kRowQuantum;
-    for (const Index first : {Index(0), main_rows}) {
-      const Index rows = first == 0 ? main_rows : call.m - main_rows;
+    const Index chunks[2][2] = {{0, main_rows}, {main_rows, call.m - main_rows}};  // {first, rows}
+    for (const auto& chunk : chunks) {
+      const Index first = chunk[0], rows = chunk[1];
       if (rows == 0) continue;
       const Index a_offset = call.transpose_a == Transpose::no ? first * lda : first;
       run_chunk(call, rows, bf16, static_cast<const char*>(a_data) + a_offset * element, lda, b_data, ldb,

@@ -1,0 +1,287 @@
+// The GEMM backends and thread counts: every float product and layer on every backend this build
+// has (Eigen, and oneDNN when moa::dnnl is available), on 1 and 2 threads, against double
+// references; determinism; bfloat16 inference where the CPU has it.
+#include "attention_support.hpp"
+
+#include "moa/transformer.hpp"
+
+#ifdef MOA_TEST_HAVE_DNNL
+#include "moa/dnnl_gemm.hpp"
+#endif
+
+#include <atomic>
+#include <stdexcept>
+
+using namespace moa_test;
+
+namespace {
+
+struct NamedCompute {
+  std::string name;
+  moa::ComputePtr compute;
+};
+
+std::vector<std::shared_ptr<const moa::GemmBackend>> backends() {
+  std::vector<std::shared_ptr<const moa::GemmBackend>> list{std::make_shared<moa::EigenGemm>()};
+#ifdef MOA_TEST_HAVE_DNNL
+  list.push_back(std::make_shared<moa::DnnlGemm>());
+#endif
+  return list;
+}
+
+std::vector<NamedCompute> float_computes() {
+  std::vector<NamedCompute> list;
+  for (const auto& backend : backends())
+    for (int threads : {1, 2})
+      list.push_back({backend->name() + " x" + std::to_string(threads),
+                      std::make_shared<moa::Compute>(backend, threads)});
+  return list;
+}
+
+double relative_error(const MatrixD& actual, const MatrixD& expected) {
+  const double scale = std::max(expected.norm(), 1e-30);
+  return (actual - expected).norm() / scale;
+}
+
+// Copies every parameter of `source` (double) into `target` (float), by name.
+template <typename Target, typename Source>
+void copy_parameters(Target& target, Source& source) {
+  auto from = moa::parameters_of(source);
+  auto to = moa::parameters_of(target);
+  REQUIRE(from.size() == to.size());
+  for (std::size_t i = 0; i < from.size(); ++i) {
+    REQUIRE(from[i].name == to[i].name);
+    to[i].parameter->value = from[i].parameter->value.template cast<typename Target::Scalar>();
+  }
+}
+
+// Every parameter gradient of `actual` (float) within `tolerance` of `expected` (double).
+template <typename Float, typename Double>
+void require_same_gradients(Float& actual, Double& expected, double tolerance) {
+  auto float_parameters = moa::parameters_of(actual);
+  auto double_parameters = moa::parameters_of(expected);
+  for (std::size_t i = 0; i < float_parameters.size(); ++i) {
+    INFO("parameter " << double_parameters[i].name);
+    const MatrixD grad = float_parameters[i].parameter->grad.template cast<double>();
+    REQUIRE(relative_error(grad, double_parameters[i].parameter->grad) < tolerance);
+  }
+}
+
+moa::MixtureOfAttentionConfig backend_moa_config() {
+  moa::MixtureOfAttentionConfig config;
+  config.model_dim = 48;
+  config.num_experts = 4;
+  config.top_k = 2;
+  config.head_dim = 16;
+  config.causal_block = 8;
+  return config;
+}
+
+}  // namespace
+
+TEST_CASE("gemm: every backend and thread count equals a naive product", "[gemm][backend]") {
+  moa::Rng rng(11);
+  for (const NamedCompute& named : float_computes()) {
+    for (const Index m : {1, 15, 16, 17, 47, 100}) {
+      for (const Index n : {1, 5, 64, 130}) {
+        for (const Index k : {1, 7, 64}) {
+          for (const bool transpose_a : {false, true}) {
+            for (const bool transpose_b : {false, true}) {
+              for (const bool accumulate : {false, true}) {
+                INFO(named.name << ": m " << m << " n " << n << " k " << k << " transpose_a " << transpose_a
+                                << " transpose_b " << transpose_b << " accumulate " << accumulate);
+                // Operands as blocks of larger matrices, so leading dimensions exceed the widths.
+                const MatrixF a_storage = random_matrix<float>((transpose_a ? k : m) + 2, (transpose_a ? m : k) + 3, rng);
+                const MatrixF b_storage = random_matrix<float>((transpose_b ? n : k) + 1, (transpose_b ? k : n) + 5, rng);
+                const auto a = a_storage.block(1, 2, transpose_a ? k : m, transpose_a ? m : k);
+                const auto b = b_storage.block(1, 3, transpose_b ? n : k, transpose_b ? k : n);
+                MatrixF c_storage = random_matrix<float>(m + 2, n + 2, rng);
+                const MatrixF storage_before = c_storage;
+                const MatrixD c_before = c_storage.block(1, 1, m, n).cast<double>();
+                const MatrixD a_op = transpose_a ? MatrixD(a.cast<double>().transpose()) : MatrixD(a.cast<double>());
+                const MatrixD b_op = transpose_b ? MatrixD(b.cast<double>().transpose()) : MatrixD(b.cast<double>());
+                MatrixD expected = MatrixD::Zero(m, n);
+                for (Index i = 0; i < m; ++i)
+                  for (Index j = 0; j < n; ++j)
+                    for (Index l = 0; l < k; ++l) expected(i, j) += a_op(i, l) * b_op(l, j);
+                if (accumulate) expected += c_before;
+                moa::gemm<float>(*named.compute, a, transpose_a ? moa::Transpose::yes : moa::Transpose::no, b,
+                                 transpose_b ? moa::Transpose::yes : moa::Transpose::no, c_storage.block(1, 1, m, n),
+                                 accumulate);
+                REQUIRE(relative_error(c_storage.block(1, 1, m, n).cast<double>(), expected) < 1e-5);
+                // The storage around the block is untouched.
+                MatrixF outside = c_storage;
+                outside.block(1, 1, m, n) = storage_before.block(1, 1, m, n);
+                REQUIRE((outside.array() == storage_before.array()).all());
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("gemm: shapes are checked, k = 0 gives zeros", "[gemm][backend]") {
+  const moa::Compute& compute = *moa::Compute::standard();
+  MatrixF a = MatrixF::Ones(3, 4), b = MatrixF::Ones(5, 2), c(3, 2);
+  REQUIRE_MOA_ERROR(moa::gemm<float>(compute, a, moa::Transpose::no, b, moa::Transpose::no, c),
+                    "moa::gemm: op(a) is [3, 4], op(b) is [5, 2], c is [3, 2]");
+  MatrixF empty_a(3, 0), empty_b(0, 2), zeros = MatrixF::Ones(3, 2);
+  moa::gemm<float>(compute, empty_a, moa::Transpose::no, empty_b, moa::Transpose::no, zeros);
+  REQUIRE(zeros.isZero());
+}
+
+TEST_CASE("Compute: bad thread counts and bf16 without native support are refused", "[backend]") {
+  REQUIRE_MOA_ERROR(moa::Compute(std::make_shared<moa::EigenGemm>(), 0), "threads must be at least 1, got 0");
+  REQUIRE_MOA_ERROR(moa::Compute(nullptr), "Compute: backend is null");
+  REQUIRE_MOA_ERROR(moa::Compute(std::make_shared<moa::EigenGemm>(), 1, moa::Precision::bf16),
+                    "precision bf16 needs a backend with native bfloat16 products");
+}
+
+TEST_CASE("ThreadPool: every part once, exceptions reach the caller, nested calls run inline", "[backend]") {
+  moa::ThreadPool pool(2);
+  std::vector<std::atomic<int>> seen(100);
+  pool.run(100, [&](Index part, int thread) {
+    REQUIRE(thread >= 0);
+    REQUIRE(thread < 2);
+    ++seen[static_cast<std::size_t>(part)];
+  });
+  for (const auto& count : seen) REQUIRE(count.load() == 1);
+  REQUIRE_THROWS_AS(pool.run(10, [](Index part, int) {
+    if (part == 7) throw std::runtime_error("part 7");
+  }), std::runtime_error);
+  std::atomic<int> inner{0};
+  pool.run(4, [&](Index, int) { pool.run(3, [&](Index, int) { ++inner; }); });
+  REQUIRE(inner.load() == 12);
+}
+
+TEST_CASE("MoA and MHA on every backend and thread count: float forward and backward match double",
+          "[moa][mha][backend]") {
+  const auto config = backend_moa_config();
+  const auto batch = moa::SequenceBatch::padded(40, {40, 23, 37});
+  const auto memory_batch = moa::SequenceBatch::padded(30, {30, 11, 29});
+  for (const NamedCompute& named : float_computes()) {
+    for (const char* kind : {"self causal", "cross"}) {
+      INFO(named.name << ", " << kind);
+      const bool cross = std::string(kind) == "cross";
+      moa::Rng rng(5);
+      const MatrixD query = random_matrix(batch.rows(), config.model_dim, rng);
+      const MatrixD memory = random_matrix(memory_batch.rows(), config.model_dim, rng);
+      const MatrixD grad_output = random_matrix(batch.rows(), config.model_dim, rng);
+      auto run = [&](auto& reference, auto& layer) {
+        using Float = std::decay_t<decltype(layer)>;
+        copy_parameters(layer, reference);
+        layer.set_compute(named.compute);
+        const MatrixF query_f = query.cast<float>(), memory_f = memory.cast<float>();
+        const MatrixD expected = cross ? reference.forward(query, batch, memory, memory_batch, false)
+                                       : reference.forward_self(query, batch, true);
+        const MatrixF actual = cross ? layer.forward(query_f, batch, memory_f, memory_batch, false)
+                                     : layer.forward_self(query_f, batch, true);
+        REQUIRE(relative_error(actual.template cast<double>(), expected) < 1e-5);
+        const auto expected_grads = reference.backward(grad_output);
+        const auto actual_grads = layer.backward(grad_output.cast<float>());
+        REQUIRE(relative_error(actual_grads.query.template cast<double>(), expected_grads.query) < 1e-4);
+        REQUIRE(relative_error(actual_grads.key_value.template cast<double>(), expected_grads.key_value) < 1e-4);
+        require_same_gradients<Float>(layer, reference, 1e-4);
+      };
+      moa::MixtureOfAttention<double> moa_reference(config, rng);
+      moa::init_normal(moa_reference.router.weight, rng, 0.0, 0.5);
+      moa::MixtureOfAttention<float> moa_layer(config, rng);
+      run(moa_reference, moa_layer);
+      moa::MultiHeadAttention<double> mha_reference({config.model_dim, 3, config.head_dim}, rng);
+      moa::MultiHeadAttention<float> mha_layer({config.model_dim, 3, config.head_dim}, rng);
+      run(mha_reference, mha_layer);
+    }
+  }
+}
+
+TEST_CASE("Threads: bit-identical run to run at a fixed count; 1 and 2 threads agree to rounding",
+          "[moa][backend]") {
+  const auto config = backend_moa_config();
+  const auto batch = moa::SequenceBatch::padded(64, {64, 50, 61, 7});
+  for (const auto& backend : backends()) {
+    INFO(backend->name());
+    auto run = [&](int threads) {
+      moa::Rng rng(9);
+      moa::MixtureOfAttention<float> layer(config, rng);
+      moa::init_normal(layer.router.weight, rng, 0.0, 0.5);
+      layer.set_compute(std::make_shared<moa::Compute>(backend, threads));
+      const MatrixF input = random_matrix<float>(batch.rows(), config.model_dim, rng);
+      const MatrixF grad_output = random_matrix<float>(batch.rows(), config.model_dim, rng);
+      std::vector<MatrixF> results{layer.forward_self(input, batch, true), layer.backward_self(grad_output)};
+      for (const auto& entry : moa::parameters_of(layer)) results.push_back(entry.parameter->grad);
+      return results;
+    };
+    const auto two = run(2), again = run(2), one = run(1);
+    for (std::size_t i = 0; i < two.size(); ++i) {
+      INFO("result " << i);
+      REQUIRE((two[i].array() == again[i].array()).all());
+      REQUIRE(relative_error(two[i].cast<double>(), one[i].cast<double>()) < 1e-5);
+    }
+  }
+}
+
+TEST_CASE("Seq2Seq on every backend: float logits and gradients match double", "[transformer][backend]") {
+  moa::TransformerConfig config;
+  config.vocab_size = 37;
+  config.model_dim = 32;
+  config.ffn_dim = 48;
+  config.encoder_layers = 1;
+  config.decoder_layers = 1;
+  config.dropout = 0.0;
+  config.attention = moa::AttentionSpec::parse("moa:2K4E8D");
+  const auto source_batch = moa::SequenceBatch::padded(20, {20, 13});
+  const auto target_batch = moa::SequenceBatch::padded(18, {18, 9});
+  moa::Rng data_rng(3);
+  moa::TokenIds source, target;
+  for (Index i = 0; i < source_batch.rows(); ++i) source.push_back(3 + static_cast<Index>(data_rng.next_u64() % 34));
+  for (Index i = 0; i < target_batch.rows(); ++i) target.push_back(3 + static_cast<Index>(data_rng.next_u64() % 34));
+  for (const NamedCompute& named : float_computes()) {
+    INFO(named.name);
+    moa::Rng rng(4), float_rng(4);
+    moa::Seq2Seq<moa::MixtureOfAttention<double>> reference(config, rng);
+    for (auto& layer : reference.encoder_layers) moa::init_normal(layer.self_attn.router.weight, rng, 0.0, 0.5);
+    for (auto& layer : reference.decoder_layers) moa::init_normal(layer.encoder_attn.router.weight, rng, 0.0, 0.5);
+    moa::Seq2Seq<moa::MixtureOfAttention<float>> model(config, float_rng);
+    copy_parameters(model, reference);
+    model.set_compute(named.compute);
+    moa::Rng forward_rng(1);
+    const MatrixD expected = reference.forward(source, source_batch, target, target_batch, forward_rng);
+    const MatrixF actual = model.forward(source, source_batch, target, target_batch, forward_rng);
+    REQUIRE(relative_error(actual.cast<double>(), expected) < 1e-5);
+    const MatrixD grad_logits = random_matrix(expected.rows(), expected.cols(), forward_rng);
+    reference.backward(grad_logits);
+    model.backward(grad_logits.cast<float>());
+    require_same_gradients(model, reference, 1e-4);
+  }
+}
+
+TEST_CASE("bfloat16 inference: evaluation forwards within 1e-2 of f32 where the CPU has bf16", "[moa][bf16]") {
+  std::shared_ptr<const moa::GemmBackend> bf16_backend;
+  for (const auto& backend : backends())
+    if (backend->has_bf16()) bf16_backend = backend;
+  if (!bf16_backend) {
+    WARN("no backend with native bfloat16 on this machine: bf16 inference not tested");
+    return;
+  }
+  const auto config = backend_moa_config();
+  const auto batch = moa::SequenceBatch::padded(40, {40, 23, 37});
+  moa::Rng rng(21);
+  moa::MixtureOfAttention<float> layer(config, rng);
+  moa::init_normal(layer.router.weight, rng, 0.0, 0.5);
+  const MatrixF input = random_matrix<float>(batch.rows(), config.model_dim, rng);
+  layer.set_training(false);
+  layer.set_compute(std::make_shared<moa::Compute>(bf16_backend, 1, moa::Precision::f32));
+  const MatrixF f32 = layer.forward_self(input, batch, true);
+  layer.set_compute(std::make_shared<moa::Compute>(bf16_backend, 2, moa::Precision::bf16));
+  const MatrixF bf16 = layer.forward_self(input, batch, true);
+  const double error = relative_error(bf16.cast<double>(), f32.cast<double>());
+  INFO("relative error of bf16 against f32: " << error);
+  REQUIRE(error < 1e-2);
+  REQUIRE(error > 1e-5);  // bf16 really was used: its 8-bit mantissa shows
+  // Training forwards stay f32 whatever the compute's inference precision.
+  layer.set_training(true);
+  const MatrixF trained = layer.forward_self(input, batch, true);
+  REQUIRE(relative_error(trained.cast<double>(), f32.cast<double>()) < 1e-6);
+}
