@@ -14,6 +14,8 @@
 #include "moa/training.hpp"
 #include "moa/transformer.hpp"
 
+#include "compute_options.hpp"
+
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
@@ -49,6 +51,7 @@ struct Options {
   Index max_tokens = 40;
   bool resume = false;
   long long valid_every = 100;
+  moa_examples::ComputeOptions compute;
 };
 
 struct Data {
@@ -161,6 +164,7 @@ RunResult run(const Options& options, const Data& data, const std::string& spec)
   result.name = config.attention.kind == moa::AttentionSpec::Kind::moa ? "MoA" : "MHA";
   moa::Rng init(options.seed), rng(options.seed + 1);
   moa::MaskedLM<Attention> model(config, init);
+  model.set_compute(options.compute.make("mlm"));
   auto parameters = moa::parameters_of(model);
   result.parameters = parameters.numel();
   moa::Adam<float> adam(parameters, {0.9, 0.98, 1e-9, 0.01, true});
@@ -275,8 +279,10 @@ int main(int argc, char** argv) {
   app.add_flag("--resume", options.resume, "continue from the checkpoints in the output folder");
   app.add_option("--valid-every", options.valid_every, "validate and checkpoint every N steps")->capture_default_str()
       ->check(CLI::PositiveNumber);
+  options.compute.add_to(app);
   CLI11_PARSE(app, argc, argv);
   try {
+    options.compute.make("mlm");  // an unavailable backend fails here, before any work
     fs::create_directories(options.output);
     const Data data = load_data(options);
     std::vector<RunResult> results;

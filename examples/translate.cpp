@@ -16,6 +16,8 @@
 #include "moa/training.hpp"
 #include "moa/transformer.hpp"
 
+#include "compute_options.hpp"
+
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
@@ -53,7 +55,7 @@ struct Options {
   double label_smoothing = 0.1;
   double dropout = 0.1;
   double clip_norm = 1.0;
-  int threads = 1;
+  moa_examples::ComputeOptions compute;
   Index model_dim = 128;
   Index ffn_dim = 256;
   Index layers = 2;
@@ -196,6 +198,7 @@ class Run {
         init_rng_(options.seed), model_(config_, init_rng_), parameters_(moa::parameters_of(model_)),
         adam_(parameters_, {0.9, 0.98, 1e-9, 0.0, false}), schedule_(options.learning_rate, options.warmup),
         dropout_rng_(options.seed + 1) {
+    model_.set_compute(options.compute.make("translate"));
     fs::create_directories(folder_);
     result_.name = config_.attention.kind == moa::AttentionSpec::Kind::moa ? "MoA" : "MHA";
     result_.spec = spec;
@@ -488,7 +491,7 @@ int main(int argc, char** argv) {
   app.add_option("--label-smoothing", options.label_smoothing, "label smoothing")->capture_default_str();
   app.add_option("--dropout", options.dropout, "dropout")->capture_default_str();
   app.add_option("--clip-norm", options.clip_norm, "gradient clipping by global norm, 0 for none")->capture_default_str();
-  app.add_option("--threads", options.threads, "threads for Eigen (needs a build with MOA_OPENMP)")->capture_default_str();
+  options.compute.add_to(app);
   app.add_option("--model-dim", options.model_dim, "d_model")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--ffn-dim", options.ffn_dim, "feed-forward width")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--layers", options.layers, "encoder and decoder layers (each)")->capture_default_str()
@@ -505,18 +508,14 @@ int main(int argc, char** argv) {
   app.add_option("--eval-sentences", options.eval_sentences, "test sentences to translate")->capture_default_str();
   app.add_option("--beam", options.beam, "beam size")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--length-penalty", options.length_penalty, "beam length penalty")->capture_default_str();
-  app.add_option("--jobs", options.jobs, "models trained at once (each on one thread)")->capture_default_str()
+  app.add_option("--jobs", options.jobs, "models trained at once (each with --threads threads)")->capture_default_str()
       ->check(CLI::PositiveNumber);
   CLI11_PARSE(app, argc, argv);
 
   try {
     moa::AttentionSpec::parse(options.attention);
     if (!options.baseline.empty()) moa::AttentionSpec::parse(options.baseline);
-#ifdef _OPENMP
-    Eigen::setNbThreads(options.threads);
-#else
-    if (options.threads != 1) std::fprintf(stderr, "note: built without OpenMP (MOA_OPENMP), running on one thread\n");
-#endif
+    options.compute.make("translate");  // an unavailable backend fails here, before any work
     fs::create_directories(options.output);
     const Data data = load_data(options);
     std::vector<RunResult> results;

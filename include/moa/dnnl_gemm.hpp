@@ -23,7 +23,7 @@
 
 #include <cstdint>
 #include <cstring>
-#include <map>
+#include <atomic>
 #include <mutex>
 #include <tuple>
 #include <unordered_map>
@@ -42,8 +42,14 @@ class DnnlGemm final : public GemmBackend {
   bool has_bf16() const override { return has_bf16_; }
 
   void sgemm(const GemmCall& call) const override {
-    const SingleThreaded single;
     const bool bf16 = call.precision == Precision::bf16 && has_bf16_;
+    if (!bf16 && static_cast<double>(call.m) * static_cast<double>(call.n) * static_cast<double>(call.k) < kSmallProduct) {
+      // oneDNN's fixed cost per call (a few microseconds) exceeds such a product's own time.
+      detail::eigen_gemm<float>(call.transpose_a, call.transpose_b, call.m, call.n, call.k, call.a, call.lda, call.b,
+                                call.ldb, call.c, call.ldc, call.accumulate);
+      return;
+    }
+    const SingleThreaded single;
     const float* a = call.a;
     const float* b = call.b;
     Index lda = call.lda, ldb = call.ldb;
@@ -86,11 +92,35 @@ class DnnlGemm final : public GemmBackend {
   };
 
   static constexpr Index kRowQuantum = 16;
+  // Products of fewer multiply-adds go to Eigen (measured break-even: about 1e5).
+  static constexpr double kSmallProduct = 1 << 17;
 
-  using Key = std::tuple<bool, bool, Index, Index, Index, Index, Index, Index, bool, bool>;
+  struct Key {
+    bool transpose_a, transpose_b, accumulate, bf16;
+    Index m, n, k, lda, ldb, ldc;
+    bool operator==(const Key& other) const {
+      return transpose_a == other.transpose_a && transpose_b == other.transpose_b && accumulate == other.accumulate &&
+             bf16 == other.bf16 && m == other.m && n == other.n && k == other.k && lda == other.lda &&
+             ldb == other.ldb && ldc == other.ldc;
+    }
+  };
+  struct KeyHash {
+    std::size_t operator()(const Key& key) const {
+      std::size_t hash = static_cast<std::size_t>(key.transpose_a) | static_cast<std::size_t>(key.transpose_b) << 1 |
+                         static_cast<std::size_t>(key.accumulate) << 2 | static_cast<std::size_t>(key.bf16) << 3;
+      for (const Index value : {key.m, key.n, key.k, key.lda, key.ldb, key.ldc})
+        hash = hash * 1000003u ^ static_cast<std::size_t>(value);
+      return hash;
+    }
+  };
   struct Entry {
+    std::uint64_t id = 0;  // unique in the process: keys each thread's bound memory objects
     dnnl::matmul primitive;
     dnnl::memory::desc a, b, c, scratch;
+  };
+  // An entry's memory objects on one thread, re-pointed at each call's data.
+  struct Bound {
+    dnnl::memory a, b, c, scratch;
   };
 
   static void to_bf16(const float* source, Index rows, Index cols, Index ld, std::vector<std::uint16_t>& target) {
@@ -108,8 +138,8 @@ class DnnlGemm final : public GemmBackend {
   }
 
   const Entry& entry(const GemmCall& call, Index rows, bool bf16, Index lda, Index ldb) const {
-    const Key key{call.transpose_a == Transpose::yes, call.transpose_b == Transpose::yes, rows, call.n, call.k, lda,
-                  ldb, call.ldc, call.accumulate, bf16};
+    const Key key{call.transpose_a == Transpose::yes, call.transpose_b == Transpose::yes, call.accumulate, bf16,
+                  rows, call.n, call.k, lda, ldb, call.ldc};
     std::lock_guard<std::mutex> lock(mutex_);
     auto found = cache_.find(key);
     if (found != cache_.end()) return found->second;
@@ -119,7 +149,9 @@ class DnnlGemm final : public GemmBackend {
                                                                             : dnnl::memory::dims{1, lda};
     const dnnl::memory::dims b_strides = call.transpose_b == Transpose::no ? dnnl::memory::dims{ldb, 1}
                                                                             : dnnl::memory::dims{1, ldb};
+    static std::atomic<std::uint64_t> next_id{1};
     Entry created;
+    created.id = next_id.fetch_add(1);
     created.a = dnnl::memory::desc({rows, call.k}, input_type, a_strides);
     created.b = dnnl::memory::desc({call.k, call.n}, input_type, b_strides);
     created.c = dnnl::memory::desc({rows, call.n}, dt::f32, dnnl::memory::dims{call.ldc, 1});
@@ -141,14 +173,27 @@ class DnnlGemm final : public GemmBackend {
                  float* c) const {
     const Entry& chosen = entry(call, rows, bf16, lda, ldb);
     thread_local std::vector<char> scratch;
+    thread_local std::unordered_map<std::uint64_t, Bound> bound;
+    thread_local dnnl::stream stream(engine_);
     const std::size_t scratch_bytes = chosen.scratch.get_size();
     if (scratch.size() < scratch_bytes) scratch.resize(scratch_bytes);
-    thread_local dnnl::stream stream(engine_);
+    auto found = bound.find(chosen.id);
+    if (found == bound.end()) {
+      Bound memories{dnnl::memory(chosen.a, engine_, DNNL_MEMORY_NONE), dnnl::memory(chosen.b, engine_, DNNL_MEMORY_NONE),
+                     dnnl::memory(chosen.c, engine_, DNNL_MEMORY_NONE),
+                     dnnl::memory(chosen.scratch, engine_, DNNL_MEMORY_NONE)};
+      found = bound.emplace(chosen.id, std::move(memories)).first;
+    }
+    Bound& memories = found->second;
+    memories.a.set_data_handle(const_cast<void*>(a));
+    memories.b.set_data_handle(const_cast<void*>(b));
+    memories.c.set_data_handle(c);
     std::unordered_map<int, dnnl::memory> arguments{
-        {DNNL_ARG_SRC, dnnl::memory(chosen.a, engine_, const_cast<void*>(a))},
-        {DNNL_ARG_WEIGHTS, dnnl::memory(chosen.b, engine_, const_cast<void*>(b))},
-        {DNNL_ARG_DST, dnnl::memory(chosen.c, engine_, c)}};
-    if (scratch_bytes > 0) arguments.emplace(DNNL_ARG_SCRATCHPAD, dnnl::memory(chosen.scratch, engine_, scratch.data()));
+        {DNNL_ARG_SRC, memories.a}, {DNNL_ARG_WEIGHTS, memories.b}, {DNNL_ARG_DST, memories.c}};
+    if (scratch_bytes > 0) {
+      memories.scratch.set_data_handle(scratch.data());
+      arguments.emplace(DNNL_ARG_SCRATCHPAD, memories.scratch);
+    }
     chosen.primitive.execute(stream, arguments);
     stream.wait();
   }
@@ -162,7 +207,7 @@ class DnnlGemm final : public GemmBackend {
   const dnnl::engine& engine_ = cpu_engine();
   bool has_bf16_ = false;
   mutable std::mutex mutex_;
-  mutable std::map<Key, Entry> cache_;
+  mutable std::unordered_map<Key, Entry, KeyHash> cache_;
 };
 
 }  // namespace moa

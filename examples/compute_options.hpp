@@ -1,0 +1,58 @@
+// The trainers' --backend, --threads and --precision flags, turned into the Compute a model runs on.
+#pragma once
+
+#include "moa/gemm.hpp"
+#ifdef MOA_EXAMPLES_HAVE_DNNL
+#include "moa/dnnl_gemm.hpp"
+#endif
+
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <memory>
+#include <string>
+
+namespace moa_examples {
+
+struct ComputeOptions {
+#ifdef MOA_EXAMPLES_HAVE_DNNL
+  std::string backend = "onednn";
+#else
+  std::string backend = "eigen";
+#endif
+  int threads = 1;
+  std::string precision = "f32";
+
+  void add_to(CLI::App& app) {
+    app.add_option("--backend", backend, "GEMM backend: onednn (when built with it) or eigen")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"eigen", "onednn"}));
+    app.add_option("--threads", threads, "threads per model")->capture_default_str()->check(CLI::Range(1, 1024));
+    app.add_option("--precision", precision,
+                   "arithmetic of evaluation (validation, decoding): f32, or bf16 on a CPU with AVX512-BF16 or AMX")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"f32", "bf16"}));
+  }
+
+  // Throws moa::Error for a backend this build lacks; bf16 without native support falls back to
+  // f32 with a note on stderr.
+  moa::ComputePtr make(const char* program) const {
+    std::shared_ptr<const moa::GemmBackend> gemm;
+    if (backend == "eigen") gemm = std::make_shared<moa::EigenGemm>();
+#ifdef MOA_EXAMPLES_HAVE_DNNL
+    if (backend == "onednn") gemm = std::make_shared<moa::DnnlGemm>();
+#endif
+    MOA_CHECK(gemm != nullptr, program, "--backend ", backend, " is not in this build (oneDNN was not found)");
+    moa::Precision chosen = precision == "bf16" ? moa::Precision::bf16 : moa::Precision::f32;
+    if (chosen == moa::Precision::bf16 && !gemm->has_bf16()) {
+      std::fprintf(stderr,
+                   "%s: note: --precision bf16 needs native bfloat16 (oneDNN on a CPU with AVX512-BF16 or AMX); "
+                   "backend %s has none here, evaluating in f32\n",
+                   program, gemm->name().c_str());
+      chosen = moa::Precision::f32;
+    }
+    return std::make_shared<moa::Compute>(gemm, threads, chosen);
+  }
+};
+
+}  // namespace moa_examples
