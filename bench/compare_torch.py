@@ -3,6 +3,12 @@
 
     python3 bench/compare_torch.py --moa-bench build/bench/bench/moa_bench [--threads 1]
 
+Part 1, the layer: moa_bench's BM_MoA/<shape>_forward[_backward] against PyTorch.
+Part 2, the translate trainer's step (moa_bench's BM_TranslateStep_moa/_mha): the demo model
+(d_model 128, FFN 256, 2+2 post-LN layers, vocabulary 2000, shared embeddings, dropout 0.1,
+label smoothing 0.1, aux losses, clipping at 1, Adam) on 96 source and target sequences of 16
+tokens, forward + loss + backward + clipping + Adam, in target tokens/s.
+
 Two PyTorch versions of the layer are timed and the faster one kept at each shape:
   sparse: per expert index_select of its tokens, matmul with its Wq / Wo, index_add into the
           output (the authors' fairseq code does this);
@@ -46,14 +52,19 @@ class TorchMoA(torch.nn.Module):
         self.k_proj = torch.nn.Parameter(torch.randn(head_dim, d_model) * scale)
         self.v_proj = torch.nn.Parameter(torch.randn(head_dim, d_model) * scale)
 
-    def forward(self, x, batch, length, causal):
+    def forward(self, x, batch, length, causal, memory=None):
+        """x: [B*T, d] queries; memory: [B*S, d] keys and values (None: self-attention)."""
         tokens, d_model = x.shape
         k, d_h, E = self.top_k, self.head_dim, self.experts
-        probabilities = torch.softmax(x @ self.router.t(), dim=-1)  # [N, E]
+        memory = x if memory is None else memory
+        logits = x @ self.router.t()
+        probabilities = torch.softmax(logits, dim=-1)  # [N, E]
         top_p, top_e = probabilities.topk(k, dim=-1)  # [N, k]
         gates = top_p / top_p.sum(dim=-1, keepdim=True)
-        keys = (x @ self.k_proj.t()).view(batch, length, d_h)
-        values = (x @ self.v_proj.t()).view(batch, length, d_h)
+        load = torch.zeros(E).index_add_(0, top_e.reshape(-1), torch.ones(tokens * k)) / (tokens * k)
+        self.aux = 0.01 * E * (load * probabilities.mean(0)).sum() + 0.001 * (logits.logsumexp(-1) ** 2).mean()
+        keys = (memory @ self.k_proj.t()).view(batch, -1, d_h)
+        values = (memory @ self.v_proj.t()).view(batch, -1, d_h)
         flat_experts = top_e.reshape(-1)  # [N*k]
         if self.dense:
             all_queries = (x @ self.q_proj.reshape(E * d_h, d_model).t()).view(tokens, E, d_h)
@@ -67,7 +78,7 @@ class TorchMoA(torch.nn.Module):
                     continue
                 queries = queries.index_copy(0, slots, x.index_select(0, token_of[slots]) @ self.q_proj[e].t())
         queries = queries.reshape(batch, length * k, d_h)
-        scores = queries @ keys.transpose(1, 2) / math.sqrt(d_h)  # [B, T*k, T]
+        scores = queries @ keys.transpose(1, 2) / math.sqrt(d_h)  # [B, T*k, S]
         if causal:
             position = torch.arange(length)
             mask = position.repeat_interleave(k).unsqueeze(1) < position.unsqueeze(0)
@@ -88,6 +99,103 @@ class TorchMoA(torch.nn.Module):
                 continue
             output = output.index_add(0, token_of[slots], weighted.index_select(0, slots) @ self.o_proj[e].t())
         return output
+
+
+class TorchMHA(torch.nn.Module):
+    """Multi-head attention without biases, as moa's (and fairseq's with bias=False)."""
+
+    def __init__(self, d_model, heads, head_dim):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        width = heads * head_dim
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(d_model, width, bias=False) for _ in range(3))
+        self.o_proj = torch.nn.Linear(width, d_model, bias=False)
+        self.aux = 0.0
+
+    def forward(self, x, batch, length, causal, memory=None):
+        memory = x if memory is None else memory
+        h, d_h = self.heads, self.head_dim
+        q = self.q_proj(x).view(batch, length, h, d_h).transpose(1, 2)
+        k = self.k_proj(memory).view(batch, -1, h, d_h).transpose(1, 2)
+        v = self.v_proj(memory).view(batch, -1, h, d_h).transpose(1, 2)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d_h)
+        if causal:
+            scores = scores.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))
+        attended = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(batch * length, h * d_h)
+        return self.o_proj(attended)
+
+
+class TorchSeq2Seq(torch.nn.Module):
+    """The translate trainer's post-LN Transformer with shared embeddings, as fairseq builds it."""
+
+    def __init__(self, vocab, d_model, ffn, layers, make_attention, dropout):
+        super().__init__()
+        self.d_model, self.dropout = d_model, dropout
+        self.embed = torch.nn.Embedding(vocab, d_model, padding_idx=0)
+        self.attentions = torch.nn.ModuleList()
+        self.norms = torch.nn.ModuleList()
+        self.ffns = torch.nn.ModuleList()
+        self.layers = layers
+        for _ in range(layers):  # encoder: self-attention, FFN
+            self.attentions.append(make_attention())
+            self.norms.extend([torch.nn.LayerNorm(d_model), torch.nn.LayerNorm(d_model)])
+            self.ffns.append(torch.nn.Sequential(torch.nn.Linear(d_model, ffn), torch.nn.ReLU(), torch.nn.Linear(ffn, d_model)))
+        for _ in range(layers):  # decoder: self-attention, cross-attention, FFN
+            self.attentions.extend([make_attention(), make_attention()])
+            self.norms.extend([torch.nn.LayerNorm(d_model) for _ in range(3)])
+            self.ffns.append(torch.nn.Sequential(torch.nn.Linear(d_model, ffn), torch.nn.ReLU(), torch.nn.Linear(ffn, d_model)))
+
+    def positions(self, length):
+        half = self.d_model // 2
+        frequencies = torch.exp(torch.arange(half) * -(math.log(10000.0) / (half - 1)))
+        angles = torch.arange(length).unsqueeze(1) * frequencies.unsqueeze(0)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    def embed_sequence(self, ids):
+        batch, length = ids.shape
+        x = self.embed(ids) * math.sqrt(self.d_model) + self.positions(length)
+        return torch.nn.functional.dropout(x, self.dropout, self.training).reshape(batch * length, self.d_model)
+
+    def forward(self, source, target):
+        batch, source_length = source.shape
+        target_length = target.shape[1]
+        drop = lambda t: torch.nn.functional.dropout(t, self.dropout, self.training)
+        x = self.embed_sequence(source)
+        attention, norm, ffn = iter(self.attentions), iter(self.norms), iter(self.ffns)
+        for _ in range(self.layers):
+            x = next(norm)(x + drop(next(attention)(x, batch, source_length, False)))
+            x = next(norm)(x + drop(next(ffn)(x)))
+        memory, y = x, self.embed_sequence(target)
+        for _ in range(self.layers):
+            y = next(norm)(y + drop(next(attention)(y, batch, target_length, True)))
+            y = next(norm)(y + drop(next(attention)(y, batch, target_length, False, memory)))
+            y = next(norm)(y + drop(next(ffn)(y)))
+        aux = sum(a.aux for a in self.attentions)
+        return y @ self.embed.weight.t(), aux
+
+
+def torch_translate_tokens_per_second(kind, min_seconds):
+    torch.manual_seed(0)
+    batch, length, vocab = 96, 16, 2000
+    if kind == "moa":
+        make_attention = lambda: TorchMoA(128, 8, 4, 48, dense=False)
+    else:
+        make_attention = lambda: TorchMHA(128, 4, 32)
+    model = TorchSeq2Seq(vocab, 128, 256, 2, make_attention, 0.1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+    source = torch.randint(4, vocab, (batch, length))
+    target_input = torch.randint(4, vocab, (batch, length))
+    target_output = torch.randint(4, vocab, (batch * length,))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        logits, aux = model(source, target_input)
+        loss = torch.nn.functional.cross_entropy(logits, target_output, ignore_index=0, label_smoothing=0.1) + aux
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    return batch * length / best_time(step, min_seconds)
 
 
 def best_time(function, min_seconds=1.0, repeats=3):
@@ -130,14 +238,15 @@ def torch_times(shape, min_seconds):
 
 
 def moa_times(moa_bench, threads, min_seconds):
+    """Seconds per iteration of BM_MoA/<shape>_... and BM_TranslateStep_..., by benchmark name."""
     names = "|".join(shape[0] for shape in SHAPES)
-    command = [moa_bench, f"--threads={threads}", f"--benchmark_filter=BM_MoA/({names})_forward",
+    command = [moa_bench, f"--threads={threads}", f"--benchmark_filter=BM_MoA/({names})_forward|BM_TranslateStep",
                "--benchmark_format=json", f"--benchmark_min_time={min_seconds}"]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     times = {}
     for entry in json.loads(output)["benchmarks"]:
         scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[entry["time_unit"]]
-        times[entry["name"].split("/", 1)[1]] = entry["real_time"] * scale
+        times[entry["name"].replace("BM_MoA/", "")] = entry["real_time"] * scale
     return times
 
 
@@ -172,6 +281,12 @@ def main():
         print(f"{name:8} {ours_forward * 1e3:9.2f} {torch_forward * 1e3:10.2f} {torch_forward / ours_forward:8.2f}"
               f" {ours_both * 1e3:9.2f} {torch_both * 1e3:10.2f} {torch_both / ours_both:8.2f}"
               f"  {forward_variant}/{both_variant}")
+    print("\ntranslate trainer step (demo model, 96 x 16 target tokens), target tokens/s")
+    print(f"{'model':8} {'moa':>9} {'torch':>10} {'speedup':>8}")
+    for kind in ("moa", "mha"):
+        ours = 96 * 16 / moa[f"BM_TranslateStep_{kind}"]
+        theirs = torch_translate_tokens_per_second(kind, arguments.min_time)
+        print(f"{kind:8} {ours:9.0f} {theirs:10.0f} {ours / theirs:8.2f}")
 
 
 if __name__ == "__main__":
