@@ -27,6 +27,7 @@ void run_translate_step(benchmark::State& state, const char* spec) {
   auto parameters = moa::parameters_of(model);
   moa::Adam<float> adam(parameters, {0.9, 0.98, 1e-9, 0.0, false});
   moa::CrossEntropyLoss<float> loss(0.1, 0);
+  loss.set_compute(moa_bench::compute());
   const auto batch = moa::SequenceBatch::full(kBatch, kLength);
   moa::TokenIds source, target_input, target_output;
   for (moa::Index i = 0; i < batch.rows(); ++i) {

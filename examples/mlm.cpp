@@ -164,7 +164,8 @@ RunResult run(const Options& options, const Data& data, const std::string& spec)
   result.name = config.attention.kind == moa::AttentionSpec::Kind::moa ? "MoA" : "MHA";
   moa::Rng init(options.seed), rng(options.seed + 1);
   moa::MaskedLM<Attention> model(config, init);
-  model.set_compute(options.compute.make("mlm"));
+  const moa::ComputePtr compute = options.compute.make("mlm");
+  model.set_compute(compute);
   auto parameters = moa::parameters_of(model);
   result.parameters = parameters.numel();
   moa::Adam<float> adam(parameters, {0.9, 0.98, 1e-9, 0.01, true});
@@ -186,6 +187,7 @@ RunResult run(const Options& options, const Data& data, const std::string& spec)
     model.set_training(false);
     moa::Rng masking(12345), order(0);  // the same masks every time
     moa::CrossEntropyLoss<float> loss(0.0, -1);
+    loss.set_compute(compute);
     const auto pairs = as_pairs(sequences);
     double nll = 0, correct = 0, counted = 0;
     for (const auto& indices : moa::make_token_batches(pairs, options.batch_tokens, order)) {
@@ -207,6 +209,7 @@ RunResult run(const Options& options, const Data& data, const std::string& spec)
   moa::MetricsLog log(result.folder + "/metrics.jsonl", step > 0);
   moa::ProgressLine progress(options.steps);
   moa::CrossEntropyLoss<float> loss_function(0.0, -1);
+  loss_function.set_compute(compute);
   std::vector<std::vector<std::size_t>> batches;
   long long epoch = -1;
   const long long first_step = step;

@@ -198,7 +198,8 @@ class Run {
         init_rng_(options.seed), model_(config_, init_rng_), parameters_(moa::parameters_of(model_)),
         adam_(parameters_, {0.9, 0.98, 1e-9, 0.0, false}), schedule_(options.learning_rate, options.warmup),
         dropout_rng_(options.seed + 1) {
-    model_.set_compute(options.compute.make("translate"));
+    compute_ = options.compute.make("translate");
+    model_.set_compute(compute_);
     fs::create_directories(folder_);
     result_.name = config_.attention.kind == moa::AttentionSpec::Kind::moa ? "MoA" : "MHA";
     result_.spec = spec;
@@ -225,6 +226,7 @@ class Run {
     moa::MetricsLog log(folder_ + "/metrics.jsonl", step > 0);
     moa::ProgressLine progress(options_.steps);
     moa::CrossEntropyLoss<float> loss_function(options_.label_smoothing, moa::kPadId);
+    loss_function.set_compute(compute_);
     const long long first_step = step;
     double tokens = 0;
     while (step < options_.steps) {
@@ -285,6 +287,7 @@ class Run {
   double validation_loss() {
     model_.set_training(false);
     moa::CrossEntropyLoss<float> loss_function(0.0, moa::kPadId);
+    loss_function.set_compute(compute_);
     moa::Rng order(0);
     double total = 0, count = 0;
     for (const auto& indices : moa::make_token_batches(data_.valid, options_.batch_tokens, order)) {
@@ -443,6 +446,7 @@ class Run {
   long long current_epoch_ = -1;
   std::vector<std::vector<std::size_t>> epoch_batches_;
   RunResult result_;
+  moa::ComputePtr compute_;
 };
 
 RunResult run_one(const Options& options, const Data& data, const std::string& spec, const std::string& folder) {

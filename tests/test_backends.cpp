@@ -285,3 +285,17 @@ TEST_CASE("bfloat16 inference: evaluation forwards within 1e-2 of f32 where the 
   const MatrixF trained = layer.forward_self(input, batch, true);
   REQUIRE(relative_error(trained.cast<double>(), f32.cast<double>()) < 1e-6);
 }
+
+TEST_CASE("CrossEntropyLoss on two threads: the same loss and gradient as on one", "[loss][backend]") {
+  moa::Rng rng(17);
+  const MatrixF logits = random_matrix<float>(300, 57, rng, 3.0);
+  moa::TokenIds targets;
+  for (Index i = 0; i < logits.rows(); ++i) targets.push_back(i % 7 == 0 ? -1 : i % 57);
+  moa::CrossEntropyLoss<float> one(0.1, -1), two(0.1, -1);
+  two.set_compute(std::make_shared<moa::Compute>(std::make_shared<moa::EigenGemm>(), 2));
+  REQUIRE(one.forward(logits, targets) == two.forward(logits, targets));
+  const MatrixF grad_one = one.backward(), grad_two = two.backward();
+  REQUIRE((grad_one.array() == grad_two.array()).all());
+  REQUIRE(grad_one.row(0).isZero());  // an ignored row
+  REQUIRE(!grad_one.row(1).isZero());
+}

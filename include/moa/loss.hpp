@@ -2,6 +2,7 @@
 #pragma once
 
 #include "moa/error.hpp"
+#include "moa/gemm.hpp"
 #include "moa/softmax.hpp"
 #include "moa/tensor.hpp"
 
@@ -23,6 +24,10 @@ class CrossEntropyLoss {
               "label_smoothing must be in [0, 1], got ", label_smoothing);
   }
 
+  // Rows are spread over the compute's threads; the sums stay in row order, so the loss does not
+  // depend on the thread count.
+  void set_compute(ComputePtr compute) { compute_ = std::move(compute); }
+
   // logits: [N, V], targets: N ids in [0, V) or ignore_index. Returns the mean loss.
   Scalar forward(const Matrix<Scalar>& logits, const TokenIds& targets) {
     MOA_CHECK(static_cast<Index>(targets.size()) == logits.rows(), "CrossEntropyLoss::forward", "targets has ",
@@ -35,7 +40,14 @@ class CrossEntropyLoss {
                 ") and is not the ignore index ", ignore_index_);
     }
     targets_ = targets;
-    log_probabilities_ = log_softmax_rows(logits);  // [N, V]
+    log_probabilities_ = logits;                                     // [N, V]
+    ColumnVector<Scalar> row_sums = ColumnVector<Scalar>::Zero(logits.rows());  // [N] sum_j log p[j]
+    parallel_ranges(*compute_, logits.rows(), 64, [&](Index first, Index rows, int) {
+      for (Index i = first; i < first + rows; ++i) {
+        detail::log_softmax_row_inplace(log_probabilities_.row(i).data(), log_probabilities_.cols());
+        if (targets_[i] != ignore_index_) row_sums(i) = log_probabilities_.row(i).sum();
+      }
+    });
     const Scalar smoothing = static_cast<Scalar>(label_smoothing_);
     const Scalar classes = static_cast<Scalar>(logits.cols());
     Scalar total = 0;
@@ -44,7 +56,7 @@ class CrossEntropyLoss {
     for (Index i = 0; i < logits.rows(); ++i) {
       if (targets_[i] == ignore_index_) continue;
       const Scalar nll = -log_probabilities_(i, targets_[i]);
-      const Scalar smooth = -log_probabilities_.row(i).sum() / classes;
+      const Scalar smooth = -row_sums(i) / classes;
       total += (Scalar(1) - smoothing) * nll + smoothing * smooth;
       total_nll += nll;
       ++counted_;
@@ -55,16 +67,20 @@ class CrossEntropyLoss {
 
   // grad_logits: [N, V] = grad_loss * (softmax - smoothed target) / counted, zero on ignored rows.
   Matrix<Scalar> backward(Scalar grad_loss = Scalar(1)) const {
-    Matrix<Scalar> grad_logits = Matrix<Scalar>::Zero(log_probabilities_.rows(), log_probabilities_.cols());
-    if (counted_ == 0) return grad_logits;
+    Matrix<Scalar> grad_logits(log_probabilities_.rows(), log_probabilities_.cols());  // [N, V]
     const Scalar smoothing = static_cast<Scalar>(label_smoothing_);
     const Scalar uniform = smoothing / static_cast<Scalar>(log_probabilities_.cols());
-    const Scalar scale = grad_loss / static_cast<Scalar>(counted_);
-    for (Index i = 0; i < log_probabilities_.rows(); ++i) {
-      if (targets_[i] == ignore_index_) continue;
-      grad_logits.row(i) = (log_probabilities_.row(i).array().exp() - uniform) * scale;
-      grad_logits(i, targets_[i]) -= (Scalar(1) - smoothing) * scale;
-    }
+    const Scalar scale = counted_ > 0 ? grad_loss / static_cast<Scalar>(counted_) : Scalar(0);
+    parallel_ranges(*compute_, grad_logits.rows(), 64, [&](Index first, Index rows, int) {
+      for (Index i = first; i < first + rows; ++i) {
+        if (targets_[i] == ignore_index_) {
+          grad_logits.row(i).setZero();
+          continue;
+        }
+        grad_logits.row(i) = (log_probabilities_.row(i).array().exp() - uniform) * scale;
+        grad_logits(i, targets_[i]) -= (Scalar(1) - smoothing) * scale;
+      }
+    });
     return grad_logits;
   }
 
@@ -75,6 +91,7 @@ class CrossEntropyLoss {
  private:
   double label_smoothing_;
   Index ignore_index_;
+  ComputePtr compute_ = Compute::standard();
   TokenIds targets_;                 // N
   Matrix<Scalar> log_probabilities_;  // [N, V]
   Index counted_ = 0;
