@@ -63,8 +63,9 @@ void run_layer(benchmark::State& state, Layer& layer, const Shape& shape, bool c
     }
   };
   iteration();  // untimed: creates the backend's kernels for these shapes
+  const moa_bench::LoopClock clock;
   for (auto _ : state) iteration();
-  set_counters(state, layer.last_forward_flops() * (with_backward ? 3.0 : 1.0), static_cast<double>(batch.rows()));
+  set_counters(state, clock, layer.last_forward_flops() * (with_backward ? 3.0 : 1.0), static_cast<double>(batch.rows()));
 }
 
 void BM_MoA(benchmark::State& state, Shape shape, bool causal, bool with_backward) {
@@ -89,12 +90,13 @@ void run_decode(benchmark::State& state, Layer& layer, const Shape& shape, moa::
   const MatrixF token = random_matrix(shape.batch, shape.model, rng);
   layer.step(token, cache);  // untimed: creates the backend's kernels for these shapes
   cache.truncate(cached);
+  const moa_bench::LoopClock clock;
   for (auto _ : state) {
     MatrixF output = layer.step(token, cache);
     benchmark::DoNotOptimize(output.data());
     cache.truncate(cached);
   }
-  set_counters(state, layer.last_forward_flops(), static_cast<double>(shape.batch));
+  set_counters(state, clock, layer.last_forward_flops(), static_cast<double>(shape.batch));
 }
 
 void BM_MoADecode(benchmark::State& state, Shape shape) {
@@ -126,13 +128,14 @@ void BM_AttentionKernel(benchmark::State& state, bool causal) {
   layout.causal = causal;
   const moa::Compute& compute = *moa_bench::compute();
   const moa::Precision precision = moa::product_precision(compute, false);
+  const moa_bench::LoopClock clock;
   for (auto _ : state) {
     moa::attention_forward<float>(queries, keys, values, layout, probabilities, output, compute, precision);
     benchmark::DoNotOptimize(output.data());
   }
   double pairs = 0;
   for (moa::Index p = 0; p < shape.length; ++p) pairs += static_cast<double>(layout.visible_keys(p) * shape.top_k);
-  set_counters(state, 4.0 * pairs * shape.head_dim, static_cast<double>(shape.length));
+  set_counters(state, clock, 4.0 * pairs * shape.head_dim, static_cast<double>(shape.length));
 }
 BENCHMARK_CAPTURE(BM_AttentionKernel, causal, true)->Unit(benchmark::kMicrosecond);
 BENCHMARK_CAPTURE(BM_AttentionKernel, noncausal, false)->Unit(benchmark::kMicrosecond);

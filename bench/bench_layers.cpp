@@ -13,13 +13,14 @@ void BM_LinearForwardBackward(benchmark::State& state) {
   moa::Linear<float> linear(width, width, true, rng);
   linear.set_compute(moa_bench::compute());
   const MatrixF input = random_matrix(tokens, width, rng), grad_output = random_matrix(tokens, width, rng);
+  const moa_bench::LoopClock clock;
   for (auto _ : state) {
     MatrixF output = linear.forward(input);
     MatrixF grad_input = linear.backward(grad_output);
     benchmark::DoNotOptimize(output.data());
     benchmark::DoNotOptimize(grad_input.data());
   }
-  moa_bench::set_counters(state, 3 * 2.0 * tokens * width * width, static_cast<double>(tokens));
+  moa_bench::set_counters(state, clock, 3 * 2.0 * tokens * width * width, static_cast<double>(tokens));
 }
 BENCHMARK(BM_LinearForwardBackward)->Args({1024, 512})->Unit(benchmark::kMillisecond);
 

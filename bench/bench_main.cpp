@@ -153,11 +153,12 @@ void register_yardsticks() {
       const GemmRunner run = yardstick.run;
       benchmark::RegisterBenchmark(name.c_str(), [shape, run](benchmark::State& state) {
         Operands operands(shape);
-        for (auto _ : state) {
+        const moa_bench::LoopClock clock;
+  for (auto _ : state) {
           run(shape, operands);
           benchmark::DoNotOptimize(operands.c.data());
         }
-        set_counters(state, 2.0 * shape.m * shape.n * shape.k, 0);
+        set_counters(state, clock, 2.0 * shape.m * shape.n * shape.k, 0);
       })->Unit(benchmark::kMillisecond);
     }
   }

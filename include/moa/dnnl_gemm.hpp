@@ -42,7 +42,8 @@ class DnnlGemm final : public GemmBackend {
   bool has_bf16() const override { return has_bf16_; }
 
   void sgemm(const GemmCall& call) const override {
-    const bool bf16 = call.precision == Precision::bf16 && has_bf16_;
+    // bf16 converts both operands on every call: for a few rows that costs more than it saves.
+    const bool bf16 = call.precision == Precision::bf16 && has_bf16_ && call.m >= kMinBf16Rows;
     if (!bf16 && static_cast<double>(call.m) * static_cast<double>(call.n) * static_cast<double>(call.k) < kSmallProduct) {
       // oneDNN's fixed cost per call (a few microseconds) exceeds such a product's own time.
       detail::eigen_gemm<float>(call.transpose_a, call.transpose_b, call.m, call.n, call.k, call.a, call.lda, call.b,
@@ -94,6 +95,8 @@ class DnnlGemm final : public GemmBackend {
   static constexpr Index kRowQuantum = 16;
   // Products of fewer multiply-adds go to Eigen (measured break-even: about 1e5).
   static constexpr double kSmallProduct = 1 << 17;
+  // Fewer rows than this multiply in f32 even when bf16 is allowed (decoding steps, measured).
+  static constexpr Index kMinBf16Rows = 32;
 
   struct Key {
     bool transpose_a, transpose_b, accumulate, bf16;

@@ -60,6 +60,9 @@ using StridedMap = Eigen::Map<Matrix<Scalar>, 0, Eigen::OuterStride<>>;
 template <typename Scalar>
 using ConstStridedMap = Eigen::Map<const Matrix<Scalar>, 0, Eigen::OuterStride<>>;
 
+// Up to this many rows, a product is computed row by row as vector-matrix products.
+constexpr Index kMatrixVectorRows = 4;
+
 // The product with Eigen on raw row-major storage.
 template <typename Scalar>
 void eigen_gemm(Transpose transpose_a, Transpose transpose_b, Index m, Index n, Index k, const Scalar* a, Index lda,
@@ -71,6 +74,20 @@ void eigen_gemm(Transpose transpose_a, Transpose transpose_b, Index m, Index n, 
   StridedMap<Scalar> c_map(c, m, n, Eigen::OuterStride<>(ldc));
   if (!accumulate) c_map.setZero();
   if (k == 0) return;
+  if (m <= kMatrixVectorRows) {
+    // A few rows (a decoding step's): row-vector times matrix, which streams op(B) once per row
+    // instead of packing all of it as a matrix product does.
+    for (Index i = 0; i < m; ++i) {
+      if (transpose_a == Transpose::no) {
+        if (transpose_b == Transpose::no) c_map.row(i).noalias() += a_map.row(i) * b_map;
+        else c_map.row(i).noalias() += a_map.row(i) * b_map.transpose();
+      } else {
+        if (transpose_b == Transpose::no) c_map.row(i).noalias() += a_map.col(i).transpose() * b_map;
+        else c_map.row(i).noalias() += a_map.col(i).transpose() * b_map.transpose();
+      }
+    }
+    return;
+  }
   if (transpose_a == Transpose::no) {
     if (transpose_b == Transpose::no) c_map.noalias() += a_map * b_map;
     else c_map.noalias() += a_map * b_map.transpose();
@@ -131,8 +148,8 @@ inline Precision product_precision(const Compute& compute, bool training) {
 
 namespace detail {
 
-// Products below this many flops are not worth splitting over threads.
-constexpr double kParallelGemmFlops = 1 << 19;
+// Work below this many flops (about 10 us) is not worth waking other threads for.
+constexpr double kParallelGemmFlops = 1 << 21;
 // Split boundaries are multiples of this many rows or columns (a kernel's register tile).
 constexpr Index kGemmSplitQuantum = 16;
 
@@ -218,6 +235,17 @@ Matrix<Scalar> linear_product(const Compute& compute, const ConstMatrixRef<Scala
   Matrix<Scalar> output(input.rows(), weight.rows());  // [N, out]
   gemm<Scalar>(compute, input, Transpose::no, weight, Transpose::yes, output, false, precision);
   return output;
+}
+
+// Runs task(part, thread) for parts [0, parts) on the compute's threads, or inline when the whole
+// job is too small (`work` multiply-adds or so) to repay waking them.
+template <typename Task>
+void parallel_parts(const Compute& compute, Index parts, double work, Task&& task) {
+  if (compute.threads() == 1 || work < detail::kParallelGemmFlops) {
+    for (Index part = 0; part < parts; ++part) task(part, 0);
+    return;
+  }
+  compute.pool().run(parts, task);
 }
 
 // Calls task(first, count, thread) over [0, total) in chunks of at least `grain` items, on the

@@ -102,7 +102,8 @@ class MixtureOfAttention {
     attended_.resize(query.rows() * k, config_.head_dim);        // [B*Tq*k, d_h], rows of routed tokens written
     last_flops_ = projection_flops(query.rows(), key_value.rows(), plan_.assignments());
     // Sequences are independent: one per thread.
-    compute_->pool().run(query_batch.batch_size, [&](Index b, int) {
+    const double attention_work = static_cast<double>(query.rows() * k) * key_batch.length * config_.head_dim;
+    parallel_parts(*compute_, query_batch.batch_size, attention_work, [&](Index b, int) {
       const Index query_rows = query_batch.length * k, first_query = b * query_rows;
       attention_forward<Scalar>(queries_.middleRows(first_query, query_rows),
                                 keys_.middleRows(b * key_batch.length, key_batch.length),
@@ -162,7 +163,8 @@ class MixtureOfAttention {
     grad_keys.setZero(keys_.rows(), head_dim);
     grad_values.setZero(values_.rows(), head_dim);
     grad_scores_.resize(static_cast<std::size_t>(compute_->threads()));
-    compute_->pool().run(query_batch_.batch_size, [&](Index b, int thread) {
+    const double attention_work = static_cast<double>(queries_.rows()) * key_batch_.length * head_dim;
+    parallel_parts(*compute_, query_batch_.batch_size, attention_work, [&](Index b, int thread) {
       const Index query_rows = query_batch_.length * k, first_query = b * query_rows;
       const Index key_rows = key_batch_.length, first_key = b * key_rows;
       attention_backward<Scalar>(queries_.middleRows(first_query, query_rows), keys_.middleRows(first_key, key_rows),

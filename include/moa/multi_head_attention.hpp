@@ -84,7 +84,8 @@ class MultiHeadAttention {
     attended_ = Matrix<Scalar>::Zero(query.rows(), width());  // [B*Tq, h*d_h]
     last_flops_ = projection_flops(query.rows(), key_value.rows());
     // (sequence, head) pairs are independent: one per thread.
-    compute_->pool().run(query_batch.batch_size * heads, [&](Index pair, int) {
+    const double attention_work = static_cast<double>(query.rows()) * key_batch.length * width();
+    parallel_parts(*compute_, query_batch.batch_size * heads, attention_work, [&](Index pair, int) {
       const Index b = pair / heads, h = pair % heads;
       attention_forward<Scalar>(
           queries_.block(b * query_batch.length, h * head_dim, query_batch.length, head_dim),
@@ -117,7 +118,8 @@ class MultiHeadAttention {
     Matrix<Scalar> grad_values = Matrix<Scalar>::Zero(values_.rows(), width());    // [B*Tk, h*d_h]
     const Index query_length = query_batch_.length, key_length = key_batch_.length;
     grad_scores_.resize(static_cast<std::size_t>(compute_->threads()));
-    compute_->pool().run(query_batch_.batch_size * heads, [&](Index pair, int thread) {
+    const double attention_work = static_cast<double>(query_.rows()) * key_length * width();
+    parallel_parts(*compute_, query_batch_.batch_size * heads, attention_work, [&](Index pair, int thread) {
       const Index b = pair / heads, h = pair % heads;
       attention_backward<Scalar>(
           queries_.block(b * query_length, h * head_dim, query_length, head_dim),

@@ -1,5 +1,8 @@
 #include <moa/moa.hpp>
 #include <moa/safetensors.hpp>
+#ifdef CONSUMER_HAVE_DNNL
+#include <moa/dnnl_gemm.hpp>
+#endif
 
 #include <cstdio>
 
@@ -13,8 +16,19 @@ int main() {
   moa::save_safetensors("consumer.safetensors", moa::parameters_of(layer, "layer."));
   moa::Linear<float> copy(8, 4, true, rng);
   moa::load_safetensors("consumer.safetensors", moa::parameters_of(copy, "layer."));
-  const bool ok = copy.forward(x) == y;
-  std::printf("consumer: output [%lld, %lld], reload %s\n", static_cast<long long>(y.rows()),
-              static_cast<long long>(y.cols()), ok ? "ok" : "FAILED");
+  bool ok = copy.forward(x) == y;
+  const char* backend = "eigen";
+#ifdef CONSUMER_HAVE_DNNL
+  // The same layer on oneDNN and two threads: the same output to float rounding.
+  copy.set_compute(std::make_shared<moa::Compute>(std::make_shared<moa::DnnlGemm>(), 2));
+  moa::Matrix<float> wide(300, 8);
+  moa::init_normal(wide, rng, 0.0, 1.0);
+  moa::Linear<float> reference = copy;
+  reference.set_compute(moa::Compute::standard());
+  ok = ok && copy.forward(wide).isApprox(reference.forward(wide), 1e-5f);
+  backend = "onednn";
+#endif
+  std::printf("consumer: output [%lld, %lld], reload and %s backend %s\n", static_cast<long long>(y.rows()),
+              static_cast<long long>(y.cols()), backend, ok ? "ok" : "FAILED");
   return ok ? 0 : 1;
 }
