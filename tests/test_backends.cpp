@@ -80,9 +80,11 @@ moa::MixtureOfAttentionConfig backend_moa_config() {
 }  // namespace
 
 TEST_CASE("gemm: every backend and thread count equals a naive product", "[gemm][backend]") {
+  STATIC_REQUIRE(2.0 * 200 * 130 * 64 >= moa::detail::kParallelGemmFlops);  // the largest case is split
   moa::Rng rng(11);
   for (const NamedCompute& named : float_computes()) {
-    for (const Index m : {1, 15, 16, 17, 47, 100}) {
+    // 200 x 130 x 64 is past the size at which a product is split over threads.
+    for (const Index m : {1, 15, 16, 17, 47, 100, 200}) {
       for (const Index n : {1, 5, 64, 130}) {
         for (const Index k : {1, 7, 64}) {
           for (const bool transpose_a : {false, true}) {

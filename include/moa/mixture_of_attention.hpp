@@ -137,12 +137,14 @@ class MixtureOfAttention {
     // slices run on separate threads without conflicts.
     plan_.for_each_expert([&](Index e, const Index* ids, Index count) {
       const auto weight = o_proj.value.middleRows(e * model, model);  // [d_model, d_h]
-      auto grad_rows = rows_of(wide_rows_, count, model);             // [c, d_model]
+      const bool everyone = count == query_.rows();  // every token chose e: rows already in token order
+      auto gathered = rows_of(wide_rows_, everyone ? 0 : count, model);  // [c, d_model]
+      const ConstMatrixRef<Scalar> grad_rows = everyone ? ConstMatrixRef<Scalar>(grad_output) : gathered;
       auto scaled = rows_of(scaled_, count, head_dim);                 // [c, d_h] gate * a
       auto grad_unscaled = rows_of(narrow_result_, count, head_dim);   // [c, d_h] d(gate * a)
       parallel_ranges(*compute_, count, kRowGrain, [&](Index first, Index rows, int) {
         for (Index i = first; i < first + rows; ++i) {
-          grad_rows.row(i) = grad_output.row(ids[i] / k);
+          if (!everyone) gathered.row(i) = grad_output.row(ids[i] / k);
           scaled.row(i) = gates.data()[ids[i]] * attended_.row(ids[i]);
         }
         gemm<Scalar>(*compute_, grad_rows.middleRows(first, rows), Transpose::no, weight, Transpose::no,
@@ -180,13 +182,15 @@ class MixtureOfAttention {
     grads.query = router.backward(grad_gates, aux_scale);  // [N, d_model]
     plan_.for_each_expert([&](Index e, const Index* ids, Index count) {
       const auto weight = q_proj.value.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
+      const bool everyone = count == query_.rows();  // every token chose e: inputs already in token order
       auto grad_rows = rows_of(narrow_rows_, count, head_dim);              // [c, d_h]
-      auto inputs = rows_of(wide_rows_, count, model);                      // [c, d_model]
+      auto gathered = rows_of(wide_rows_, everyone ? 0 : count, model);     // [c, d_model]
+      const ConstMatrixRef<Scalar> inputs = everyone ? ConstMatrixRef<Scalar>(query_) : gathered;
       auto grad_inputs = rows_of(wide_result_, count, model);               // [c, d_model]
       parallel_ranges(*compute_, count, kRowGrain, [&](Index first, Index rows, int) {
         for (Index i = first; i < first + rows; ++i) {
           grad_rows.row(i) = grad_queries.row(ids[i]);
-          inputs.row(i) = query_.row(ids[i] / k);
+          if (!everyone) gathered.row(i) = query_.row(ids[i] / k);
         }
         gemm<Scalar>(*compute_, grad_rows.middleRows(first, rows), Transpose::no, weight, Transpose::no,
                      grad_inputs.middleRows(first, rows));
