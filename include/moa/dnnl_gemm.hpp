@@ -5,11 +5,12 @@
 //
 // oneDNN's matmul primitives are fast (its brgemm kernels reach the core's peak at per-expert
 // shapes) but costly to create (about 0.1 ms each), and MoA's per-expert row counts change every
-// call. So primitives are cached by exact shape, and the rows of a product are cut into chunks of
-// 2^j rows (j >= 5) plus one remainder of fewer than 32: whatever the row count, only a few dozen
-// shapes per weight are ever created. Each primitive runs on the calling thread alone (oneDNN's
-// own OpenMP threads are not used); moa's ThreadPool splits work across threads instead, so the
-// thread count stays the Compute's.
+// call. So primitives are cached by exact shape, and the rows of a product are cut into pieces of
+// 256, a multiple of 16 and a remainder below 16: whatever the row count, at most 31 row counts per
+// weight shape are ever created, and the cache is bounded. Products too small to repay oneDNN's
+// fixed cost per call go to Eigen. Each primitive runs on the calling thread alone (oneDNN's own
+// OpenMP threads are not used); moa's ThreadPool splits work across threads instead, so the thread
+// count stays the Compute's.
 //
 // bf16: where the CPU has AVX512-BF16 or AMX, a product the caller allows (evaluation forwards)
 // converts its inputs to bfloat16 and accumulates in f32.
@@ -23,6 +24,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <atomic>
 #include <mutex>
 #include <tuple>
@@ -68,15 +70,16 @@ class DnnlGemm final : public GemmBackend {
     const void* a_data = bf16 ? static_cast<const void*>(a_bf16.data()) : static_cast<const void*>(a);
     const void* b_data = bf16 ? static_cast<const void*>(b_bf16.data()) : static_cast<const void*>(b);
     const std::size_t element = bf16 ? sizeof(std::uint16_t) : sizeof(float);
-    // The rows as a multiple of kRowQuantum and a remainder below it, so the set of shapes stays small.
-    const Index main_rows = call.m / kRowQuantum * kRowQuantum;
-    const Index chunks[2][2] = {{0, main_rows}, {main_rows, call.m - main_rows}};  // {first, rows}
-    for (const auto& chunk : chunks) {
-      const Index first = chunk[0], rows = chunk[1];
-      if (rows == 0) continue;
+    // Rows in pieces of kRowBlock, then a multiple of kRowQuantum, then fewer than kRowQuantum: only
+    // kRowBlock / kRowQuantum + kRowQuantum row counts per weight shape ever need a primitive.
+    Index first = 0;
+    while (first < call.m) {
+      const Index left = call.m - first;
+      const Index rows = left >= kRowBlock ? kRowBlock : left >= kRowQuantum ? left / kRowQuantum * kRowQuantum : left;
       const Index a_offset = call.transpose_a == Transpose::no ? first * lda : first;
       run_chunk(call, rows, bf16, static_cast<const char*>(a_data) + a_offset * element, lda, b_data, ldb,
                 call.c + first * call.ldc);
+      first += rows;
     }
   }
 
@@ -93,6 +96,11 @@ class DnnlGemm final : public GemmBackend {
   };
 
   static constexpr Index kRowQuantum = 16;
+  static constexpr Index kRowBlock = 256;
+  // Primitives kept at most (about 0.25 MB each); past this the cache starts afresh, and oneDNN's
+  // own primitive cache (its global setting, 1024 by default) makes re-creating a recent one cheap.
+  // Batches of changing shapes would otherwise grow it without bound.
+  static constexpr std::size_t kMaxPrimitives = 256;
   // Products of fewer multiply-adds go to Eigen (measured break-even: about 1e5).
   static constexpr double kSmallProduct = 1 << 17;
   // Fewer rows than this multiply in f32 even when bf16 is allowed (decoding steps, measured).
@@ -140,12 +148,13 @@ class DnnlGemm final : public GemmBackend {
     }
   }
 
-  const Entry& entry(const GemmCall& call, Index rows, bool bf16, Index lda, Index ldb) const {
+  std::shared_ptr<const Entry> entry(const GemmCall& call, Index rows, bool bf16, Index lda, Index ldb) const {
     const Key key{call.transpose_a == Transpose::yes, call.transpose_b == Transpose::yes, call.accumulate, bf16,
                   rows, call.n, call.k, lda, ldb, call.ldc};
     std::lock_guard<std::mutex> lock(mutex_);
     auto found = cache_.find(key);
     if (found != cache_.end()) return found->second;
+    if (cache_.size() >= kMaxPrimitives) cache_.clear();  // entries in use elsewhere live on (shared)
     using dt = dnnl::memory::data_type;
     const dt input_type = bf16 ? dt::bf16 : dt::f32;
     const dnnl::memory::dims a_strides = call.transpose_a == Transpose::no ? dnnl::memory::dims{lda, 1}
@@ -153,11 +162,11 @@ class DnnlGemm final : public GemmBackend {
     const dnnl::memory::dims b_strides = call.transpose_b == Transpose::no ? dnnl::memory::dims{ldb, 1}
                                                                             : dnnl::memory::dims{1, ldb};
     static std::atomic<std::uint64_t> next_id{1};
-    Entry created;
-    created.id = next_id.fetch_add(1);
-    created.a = dnnl::memory::desc({rows, call.k}, input_type, a_strides);
-    created.b = dnnl::memory::desc({call.k, call.n}, input_type, b_strides);
-    created.c = dnnl::memory::desc({rows, call.n}, dt::f32, dnnl::memory::dims{call.ldc, 1});
+    auto created = std::make_shared<Entry>();
+    created->id = next_id.fetch_add(1);
+    created->a = dnnl::memory::desc({rows, call.k}, input_type, a_strides);
+    created->b = dnnl::memory::desc({call.k, call.n}, input_type, b_strides);
+    created->c = dnnl::memory::desc({rows, call.n}, dt::f32, dnnl::memory::dims{call.ldc, 1});
     dnnl::primitive_attr attributes;
     attributes.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // per-thread scratch: safe across threads
     if (call.accumulate) {
@@ -165,16 +174,18 @@ class DnnlGemm final : public GemmBackend {
       sum.append_sum(1.0f);
       attributes.set_post_ops(sum);
     }
-    const dnnl::matmul::primitive_desc descriptor(dnnl::matmul::desc(created.a, created.b, created.c), attributes,
+    const dnnl::matmul::primitive_desc descriptor(dnnl::matmul::desc(created->a, created->b, created->c), attributes,
                                                   engine_);
-    created.primitive = dnnl::matmul(descriptor);
-    created.scratch = descriptor.scratchpad_desc();
-    return cache_.emplace(key, std::move(created)).first->second;
+    created->primitive = dnnl::matmul(descriptor);
+    created->scratch = descriptor.scratchpad_desc();
+    cache_.emplace(key, created);
+    return created;
   }
 
   void run_chunk(const GemmCall& call, Index rows, bool bf16, const void* a, Index lda, const void* b, Index ldb,
                  float* c) const {
-    const Entry& chosen = entry(call, rows, bf16, lda, ldb);
+    const std::shared_ptr<const Entry> held = entry(call, rows, bf16, lda, ldb);
+    const Entry& chosen = *held;
     thread_local std::vector<char> scratch;
     thread_local std::unordered_map<std::uint64_t, Bound> bound;
     thread_local dnnl::stream stream(engine_);
@@ -182,6 +193,7 @@ class DnnlGemm final : public GemmBackend {
     if (scratch.size() < scratch_bytes) scratch.resize(scratch_bytes);
     auto found = bound.find(chosen.id);
     if (found == bound.end()) {
+      if (bound.size() >= 2 * kMaxPrimitives) bound.clear();  // mostly entries the cache has dropped
       Bound memories{dnnl::memory(chosen.a, engine_, DNNL_MEMORY_NONE), dnnl::memory(chosen.b, engine_, DNNL_MEMORY_NONE),
                      dnnl::memory(chosen.c, engine_, DNNL_MEMORY_NONE),
                      dnnl::memory(chosen.scratch, engine_, DNNL_MEMORY_NONE)};
@@ -210,7 +222,7 @@ class DnnlGemm final : public GemmBackend {
   const dnnl::engine& engine_ = cpu_engine();
   bool has_bf16_ = false;
   mutable std::mutex mutex_;
-  mutable std::unordered_map<Key, Entry, KeyHash> cache_;
+  mutable std::unordered_map<Key, std::shared_ptr<const Entry>, KeyHash> cache_;
 };
 
 }  // namespace moa
