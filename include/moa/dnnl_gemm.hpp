@@ -5,9 +5,10 @@
 //
 // oneDNN's matmul primitives are fast (its brgemm kernels reach the core's peak at per-expert
 // shapes) but costly to create (about 0.1 ms each), and MoA's per-expert row counts change every
-// call. So primitives are cached by exact shape, and the rows of a product are cut into pieces of
-// 256, a multiple of 16 and a remainder below 16: whatever the row count, at most 31 row counts per
-// weight shape are ever created, and the cache is bounded. Products too small to repay oneDNN's
+// call (and batches change token counts). So primitives are cached by exact shape, and each
+// dimension of a product is cut into a few pieces of sizes {1, 1.25, 1.5, 1.75} x 2^e (multiples
+// of 16) and a remainder below 16: whatever the sizes, few shapes are ever created, and the cache
+// is bounded. Products too small to repay oneDNN's
 // fixed cost per call go to Eigen. Each primitive runs on the calling thread alone (oneDNN's own
 // OpenMP threads are not used); moa's ThreadPool splits work across threads instead, so the thread
 // count stays the Compute's.
@@ -70,16 +71,29 @@ class DnnlGemm final : public GemmBackend {
     const void* a_data = bf16 ? static_cast<const void*>(a_bf16.data()) : static_cast<const void*>(a);
     const void* b_data = bf16 ? static_cast<const void*>(b_bf16.data()) : static_cast<const void*>(b);
     const std::size_t element = bf16 ? sizeof(std::uint16_t) : sizeof(float);
-    // Rows in pieces of kRowBlock, then a multiple of kRowQuantum, then fewer than kRowQuantum: only
-    // kRowBlock / kRowQuantum + kRowQuantum row counts per weight shape ever need a primitive.
-    Index first = 0;
-    while (first < call.m) {
-      const Index left = call.m - first;
-      const Index rows = left >= kRowBlock ? kRowBlock : left >= kRowQuantum ? left / kRowQuantum * kRowQuantum : left;
-      const Index a_offset = call.transpose_a == Transpose::no ? first * lda : first;
-      run_chunk(call, rows, bf16, static_cast<const char*>(a_data) + a_offset * element, lda, b_data, ldb,
-                call.c + first * call.ldc);
-      first += rows;
+    // Every dimension in pieces of few sizes (see piece()), so changing row counts (experts,
+    // batches) and token counts inside weight gradients reuse few primitives. Pieces of the inner
+    // dimension accumulate into C one after another.
+    for (Index k0 = 0; k0 < call.k;) {
+      const Index k_size = piece(call.k - k0);
+      for (Index n0 = 0; n0 < call.n;) {
+        const Index n_size = piece(call.n - n0);
+        for (Index m0 = 0; m0 < call.m;) {
+          const Index m_size = piece(call.m - m0);
+          GemmCall part = call;
+          part.m = m_size;
+          part.n = n_size;
+          part.k = k_size;
+          part.accumulate = call.accumulate || k0 > 0;
+          const Index a_offset = call.transpose_a == Transpose::no ? m0 * lda + k0 : k0 * lda + m0;
+          const Index b_offset = call.transpose_b == Transpose::no ? k0 * ldb + n0 : n0 * ldb + k0;
+          run_piece(part, bf16, static_cast<const char*>(a_data) + a_offset * element, lda,
+                    static_cast<const char*>(b_data) + b_offset * element, ldb, call.c + m0 * call.ldc + n0);
+          m0 += m_size;
+        }
+        n0 += n_size;
+      }
+      k0 += k_size;
     }
   }
 
@@ -95,12 +109,24 @@ class DnnlGemm final : public GemmBackend {
     }
   };
 
-  static constexpr Index kRowQuantum = 16;
-  static constexpr Index kRowBlock = 256;
-  // Primitives kept at most (about 0.25 MB each); past this the cache starts afresh, and oneDNN's
-  // own primitive cache (its global setting, 1024 by default) makes re-creating a recent one cheap.
-  // Batches of changing shapes would otherwise grow it without bound.
-  static constexpr std::size_t kMaxPrimitives = 256;
+  static constexpr Index kQuantum = 16;
+
+  // The next piece of a dimension with `left` elements to go: the largest size of the form
+  // {1, 1.25, 1.5, 1.75} x 2^e that is a multiple of 16 and not above `left`, or `left` below 16.
+  // So any size is a few pieces (a power of two is one), from about 4 sizes per octave.
+  static Index piece(Index left) {
+    if (left < kQuantum) return left;
+    Index power = kQuantum;
+    while (power * 2 <= left) power *= 2;
+    for (Index quarters = 7; quarters >= 5; --quarters) {
+      const Index candidate = power * quarters / 4;
+      if (candidate <= left && candidate % kQuantum == 0) return candidate;
+    }
+    return power;
+  }
+  // Primitives kept at most (about 0.25 MB each; the translate trainer uses a few hundred); past
+  // this the cache starts afresh. Without a bound, batches of ever new shapes would grow it forever.
+  static constexpr std::size_t kMaxPrimitives = 1024;
   // Products of fewer multiply-adds go to Eigen (measured break-even: about 1e5).
   static constexpr double kSmallProduct = 1 << 17;
   // Fewer rows than this multiply in f32 even when bf16 is allowed (decoding steps, measured).
@@ -148,7 +174,8 @@ class DnnlGemm final : public GemmBackend {
     }
   }
 
-  std::shared_ptr<const Entry> entry(const GemmCall& call, Index rows, bool bf16, Index lda, Index ldb) const {
+  std::shared_ptr<const Entry> entry(const GemmCall& call, bool bf16, Index lda, Index ldb) const {
+    const Index rows = call.m;
     const Key key{call.transpose_a == Transpose::yes, call.transpose_b == Transpose::yes, call.accumulate, bf16,
                   rows, call.n, call.k, lda, ldb, call.ldc};
     std::lock_guard<std::mutex> lock(mutex_);
@@ -182,9 +209,8 @@ class DnnlGemm final : public GemmBackend {
     return created;
   }
 
-  void run_chunk(const GemmCall& call, Index rows, bool bf16, const void* a, Index lda, const void* b, Index ldb,
-                 float* c) const {
-    const std::shared_ptr<const Entry> held = entry(call, rows, bf16, lda, ldb);
+  void run_piece(const GemmCall& call, bool bf16, const void* a, Index lda, const void* b, Index ldb, float* c) const {
+    const std::shared_ptr<const Entry> held = entry(call, bf16, lda, ldb);
     const Entry& chosen = *held;
     thread_local std::vector<char> scratch;
     thread_local std::unordered_map<std::uint64_t, Bound> bound;
