@@ -301,3 +301,20 @@ TEST_CASE("CrossEntropyLoss on two threads: the same loss and gradient as on one
   REQUIRE(grad_one.row(0).isZero());  // an ignored row
   REQUIRE(!grad_one.row(1).isZero());
 }
+
+TEST_CASE("set_compute refuses a null compute, naming the layer", "[backend]") {
+  moa::Rng rng(1);
+  moa::Linear<float> linear(3, 2, true, rng);
+  REQUIRE_MOA_ERROR(linear.set_compute(nullptr), "Linear::set_compute: compute is null");
+  moa::FeedForward<float> ffn(3, 4, moa::Activation::relu, rng);
+  REQUIRE_MOA_ERROR(ffn.set_compute(nullptr), "FeedForward::set_compute: compute is null");
+  auto config = backend_moa_config();
+  moa::MixtureOfAttention<float> moa_layer(config, rng);
+  REQUIRE_MOA_ERROR(moa_layer.set_compute(nullptr), "MixtureOfAttention::set_compute: compute is null");
+  moa::MultiHeadAttention<float> mha({config.model_dim, 2, 4}, rng);
+  REQUIRE_MOA_ERROR(mha.set_compute(nullptr), "MultiHeadAttention::set_compute: compute is null");
+  moa::CrossEntropyLoss<float> loss;
+  REQUIRE_MOA_ERROR(loss.set_compute(nullptr), "CrossEntropyLoss::set_compute: compute is null");
+  // The layer still works on its previous compute.
+  REQUIRE(linear.forward(MatrixF::Ones(2, 3)).allFinite());
+}

@@ -70,7 +70,9 @@ class Embedding {
   }
 
   // The backend and threads of the tied output projection.
-  void set_compute(ComputePtr compute) { compute_ = std::move(compute); }
+  void set_compute(ComputePtr compute) {
+    compute_ = detail::checked_compute(std::move(compute), "Embedding::set_compute");
+  }
   const Compute& compute() const { return *compute_; }
 
   // Output projection tied to the table: logits = x W^T. input: [N, D] -> logits: [N, V].

@@ -44,6 +44,7 @@ class FeedForward {
   Activation activation() const { return activation_; }
 
   void set_compute(const ComputePtr& compute) {
+    MOA_CHECK(compute != nullptr, "FeedForward::set_compute", "compute is null");
     fc1.set_compute(compute);
     fc2.set_compute(compute);
   }

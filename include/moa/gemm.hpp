@@ -141,6 +141,16 @@ class Compute {
 
 using ComputePtr = std::shared_ptr<const Compute>;
 
+namespace detail {
+
+// A layer's set_compute argument, refused when null (the layer would fail at its next product).
+inline ComputePtr checked_compute(ComputePtr compute, const char* function) {
+  MOA_CHECK(compute != nullptr, function, "compute is null");
+  return compute;
+}
+
+}  // namespace detail
+
 // Whether a product may use bf16: only evaluation-mode forwards, and only when asked for.
 inline Precision product_precision(const Compute& compute, bool training) {
   return training ? Precision::f32 : compute.inference_precision();

@@ -30,7 +30,9 @@ class Linear {
 
   // The backend and threads its products run on; in evaluation (training false) they may use the
   // compute's inference precision.
-  void set_compute(ComputePtr compute) { compute_ = std::move(compute); }
+  void set_compute(ComputePtr compute) {
+    compute_ = detail::checked_compute(std::move(compute), "Linear::set_compute");
+  }
   const Compute& compute() const { return *compute_; }
   bool training() const { return training_; }
   void set_training(bool training) { training_ = training; }

@@ -26,7 +26,9 @@ class CrossEntropyLoss {
 
   // Rows are spread over the compute's threads; the sums stay in row order, so the loss does not
   // depend on the thread count.
-  void set_compute(ComputePtr compute) { compute_ = std::move(compute); }
+  void set_compute(ComputePtr compute) {
+    compute_ = detail::checked_compute(std::move(compute), "CrossEntropyLoss::set_compute");
+  }
 
   // logits: [N, V], targets: N ids in [0, V) or ignore_index. Returns the mean loss.
   Scalar forward(const Matrix<Scalar>& logits, const TokenIds& targets) {

@@ -70,8 +70,8 @@ class MixtureOfAttention {
   void set_training(bool training) { router.set_training(training); }
   // The backend and threads every product of the layer runs on.
   void set_compute(ComputePtr compute) {
-    router.set_compute(compute);
-    compute_ = std::move(compute);
+    compute_ = detail::checked_compute(std::move(compute), "MixtureOfAttention::set_compute");
+    router.set_compute(compute_);
   }
   const Compute& compute() const { return *compute_; }
 

@@ -60,7 +60,9 @@ class MultiHeadAttention {
   bool training() const { return training_; }
   void set_training(bool training) { training_ = training; }
   // The backend and threads every product of the layer runs on.
-  void set_compute(ComputePtr compute) { compute_ = std::move(compute); }
+  void set_compute(ComputePtr compute) {
+    compute_ = detail::checked_compute(std::move(compute), "MultiHeadAttention::set_compute");
+  }
   const Compute& compute() const { return *compute_; }
 
   // query: [B*Tq, d_model], key_value: [B*Tk, d_model] -> output: [B*Tq, d_model]; padding query

@@ -72,7 +72,9 @@ class Router {
   const RouterConfig& config() const { return config_; }
   bool training() const { return training_; }
   void set_training(bool training) { training_ = training; }
-  void set_compute(ComputePtr compute) { compute_ = std::move(compute); }
+  void set_compute(ComputePtr compute) {
+    compute_ = detail::checked_compute(std::move(compute), "Router::set_compute");
+  }
 
   // input: [N, d_model]; routed: N flags, false for padding. rng is needed in training with noisy
   // gating or sampled experts. Results: experts(), gates(), probabilities(), aux_loss().

@@ -377,8 +377,7 @@ class Seq2Seq {
 
   // The backend, threads and inference precision of every layer.
   void set_compute(const ComputePtr& compute) {
-    MOA_CHECK(compute != nullptr, "Seq2Seq::set_compute", "compute is null");
-    compute_ = compute;
+    compute_ = detail::checked_compute(compute, "Seq2Seq::set_compute");
     embed_tokens.set_compute(compute);
     for (auto& layer : encoder_layers) layer.set_compute(compute);
     for (auto& layer : decoder_layers) layer.set_compute(compute);
@@ -538,8 +537,7 @@ class MaskedLM {
 
   // The backend, threads and inference precision of every layer.
   void set_compute(const ComputePtr& compute) {
-    MOA_CHECK(compute != nullptr, "MaskedLM::set_compute", "compute is null");
-    compute_ = compute;
+    compute_ = detail::checked_compute(compute, "MaskedLM::set_compute");
     embed_tokens.set_compute(compute);
     for (auto& layer : encoder_layers) layer.set_compute(compute);
   }
