@@ -11,7 +11,7 @@
 #include "bench_support.hpp"
 
 #ifdef MOA_BENCH_HAVE_DNNL
-#include "moa/dnnl_gemm.hpp"
+#include "moa/backends/dnnl_gemm.hpp"
 #endif
 #ifdef MOA_BENCH_HAVE_OPENBLAS
 #include <cblas.h>

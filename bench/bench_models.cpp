@@ -5,7 +5,7 @@
 // bench/compare_torch.py times the same step in PyTorch.
 #include "bench_support.hpp"
 
-#include "moa/transformer.hpp"
+#include "moa/models.hpp"
 
 namespace {
 

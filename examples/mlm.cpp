@@ -5,16 +5,16 @@
 //
 //     mlm --attention moa:4K8E48D --baseline mha:4H32D --steps 1000 --output runs/mlm
 //     mlm --text my_corpus.txt --steps 500
-#include "moa/checkpoint.hpp"
-#include "moa/ding.hpp"
+#include "moa/io/checkpoint.hpp"
+#include "common/ding.hpp"
 #include "moa/moa.hpp"
-#include "moa/plot.hpp"
-#include "moa/seq2seq_data.hpp"
-#include "moa/tokenizer.hpp"
-#include "moa/training.hpp"
-#include "moa/transformer.hpp"
+#include "common/plot.hpp"
+#include "moa/text/batching.hpp"
+#include "moa/text/tokenizer.hpp"
+#include "common/training.hpp"
+#include "moa/models.hpp"
 
-#include "compute_options.hpp"
+#include "common/compute_options.hpp"
 
 #include <CLI/CLI.hpp>
 

@@ -2,7 +2,7 @@
 // batch, the aux loss and the expert loads, then a safetensors round trip.
 //     moa_layer [checkpoint.safetensors]
 #include "moa/moa.hpp"
-#include "moa/safetensors.hpp"
+#include "moa/io/safetensors.hpp"
 
 #include <cmath>
 #include <cstdio>

@@ -2,7 +2,7 @@
 // and loaded through safetensors.
 //     quickstart [checkpoint.safetensors]
 #include "moa/moa.hpp"
-#include "moa/safetensors.hpp"
+#include "moa/io/safetensors.hpp"
 
 #include <cstdio>
 #include <string>

@@ -5,18 +5,18 @@
 //
 //     translate --attention moa:4K8E48D --baseline mha:4H32D --steps 600 --output runs/demo
 //     translate --synthetic --steps 200          (no corpus needed: learn to reverse token strings)
-#include "moa/checkpoint.hpp"
-#include "moa/decoding.hpp"
-#include "moa/ding.hpp"
-#include "moa/metrics.hpp"
+#include "moa/io/checkpoint.hpp"
+#include "moa/models/decoding.hpp"
+#include "common/ding.hpp"
+#include "moa/text/metrics.hpp"
 #include "moa/moa.hpp"
-#include "moa/plot.hpp"
-#include "moa/seq2seq_data.hpp"
-#include "moa/tokenizer.hpp"
-#include "moa/training.hpp"
-#include "moa/transformer.hpp"
+#include "common/plot.hpp"
+#include "moa/text/batching.hpp"
+#include "moa/text/tokenizer.hpp"
+#include "common/training.hpp"
+#include "moa/models.hpp"
 
-#include "compute_options.hpp"
+#include "common/compute_options.hpp"
 
 #include <CLI/CLI.hpp>
 
@@ -385,12 +385,9 @@ class Run {
       bool encoder;
     };
     std::vector<Site> sites;
-    for (std::size_t i = 0; i < model_.encoder_layers.size(); ++i)
-      sites.push_back({"encoder." + std::to_string(i) + ".self", &model_.encoder_layers[i].self_attn, true});
-    for (std::size_t i = 0; i < model_.decoder_layers.size(); ++i) {
-      sites.push_back({"decoder." + std::to_string(i) + ".self", &model_.decoder_layers[i].self_attn, false});
-      sites.push_back({"decoder." + std::to_string(i) + ".cross", &model_.decoder_layers[i].encoder_attn, false});
-    }
+    model_.for_each_attention([&](const moa::AttentionSite& site, const moa::MixtureOfAttention<float>& attention) {
+      sites.push_back({site.name, &attention, site.queries_from_source});
+    });
     const Index experts = config_.attention.num_experts, k = config_.attention.top_k;
     std::vector<moa::ExpertTokenStatistics> statistics(sites.size(), moa::ExpertTokenStatistics(experts));
     moa::Rng order(0);

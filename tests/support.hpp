@@ -9,6 +9,7 @@ using Catch::Approx;
 #endif
 
 #include "moa/moa.hpp"
+#include "moa/testing/gradient_check.hpp"
 
 #include <unistd.h>
 

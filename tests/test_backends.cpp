@@ -3,10 +3,10 @@
 // references; determinism; bfloat16 inference where the CPU has it.
 #include "attention_support.hpp"
 
-#include "moa/transformer.hpp"
+#include "moa/models.hpp"
 
 #ifdef MOA_TEST_HAVE_DNNL
-#include "moa/dnnl_gemm.hpp"
+#include "moa/backends/dnnl_gemm.hpp"
 #endif
 
 #include <atomic>
@@ -243,8 +243,10 @@ TEST_CASE("Seq2Seq on every backend: float logits and gradients match double", "
     INFO(named.name);
     moa::Rng rng(4), float_rng(4);
     moa::Seq2Seq<moa::MixtureOfAttention<double>> reference(config, rng);
-    for (auto& layer : reference.encoder_layers) moa::init_normal(layer.self_attn.router.weight, rng, 0.0, 0.5);
-    for (auto& layer : reference.decoder_layers) moa::init_normal(layer.encoder_attn.router.weight, rng, 0.0, 0.5);
+    // Sharper routers than the initial ones, so routing decisions differ between tokens.
+    reference.for_each_attention([&](const moa::AttentionSite&, moa::MixtureOfAttention<double>& attention) {
+      moa::init_normal(attention.router.weight, rng, 0.0, 0.5);
+    });
     moa::Seq2Seq<moa::MixtureOfAttention<float>> model(config, float_rng);
     copy_parameters(model, reference);
     model.set_compute(named.compute);

@@ -1,7 +1,8 @@
 #include "support.hpp"
 
-#include "moa/decoding.hpp"
-#include "moa/transformer.hpp"
+#include "moa/models/decoding.hpp"
+#include "moa/models.hpp"
+#include "moa/text.hpp"
 
 using namespace moa_test;
 

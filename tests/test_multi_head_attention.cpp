@@ -1,6 +1,6 @@
 #include "attention_support.hpp"
 
-#include "moa/safetensors.hpp"
+#include "moa/io/safetensors.hpp"
 
 using namespace moa_test;
 

@@ -1,7 +1,7 @@
 #include "support.hpp"
 
-#include "moa/ding.hpp"
-#include "moa/metrics.hpp"
+#include "common/ding.hpp"
+#include "moa/text/metrics.hpp"
 
 #include <cmath>
 #include <fstream>

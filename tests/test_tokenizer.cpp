@@ -1,6 +1,6 @@
 #include "support.hpp"
 
-#include "moa/tokenizer.hpp"
+#include "moa/text/tokenizer.hpp"
 
 using namespace moa_test;
 

@@ -1,8 +1,8 @@
 #include "support.hpp"
 
-#include "moa/plot.hpp"
-#include "moa/seq2seq_data.hpp"
-#include "moa/training.hpp"
+#include "common/plot.hpp"
+#include "moa/text/batching.hpp"
+#include "common/training.hpp"
 
 #include <cmath>
 #include <fstream>

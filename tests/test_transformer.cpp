@@ -1,7 +1,7 @@
 #include "support.hpp"
 
-#include "moa/seq2seq_data.hpp"
-#include "moa/transformer.hpp"
+#include "moa/text/batching.hpp"
+#include "moa/models.hpp"
 
 using namespace moa_test;
 

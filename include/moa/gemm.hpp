@@ -3,7 +3,7 @@
 //     C = op(A) op(B)   or   C += op(A) op(B)        (row-major, op = identity or transpose)
 //
 // A GemmBackend computes float products; Eigen's (header-only, the default) is defined here, and
-// oneDNN's lives in moa/dnnl_gemm.hpp (optional target moa::dnnl). Double products always use
+// oneDNN's lives in moa/backends/dnnl_gemm.hpp (optional target moa::dnnl). Double products always use
 // Eigen: they serve the gradient checks, where oneDNN has no f64 matmul.
 //
 // A Compute bundles what a layer needs to run: the backend, a thread pool and the precision

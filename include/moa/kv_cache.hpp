@@ -6,7 +6,7 @@
 // cross-attention cache is filled once from the encoder output and then only read.
 #pragma once
 
-#include "moa/attention.hpp"
+#include "moa/attention_kernel.hpp"
 #include "moa/error.hpp"
 #include "moa/tensor.hpp"
 

@@ -3,6 +3,7 @@
 
 #include "moa/error.hpp"
 #include "moa/gemm.hpp"
+#include "moa/init.hpp"
 #include "moa/parameter.hpp"
 #include "moa/random.hpp"
 #include "moa/tensor.hpp"

@@ -16,9 +16,10 @@
 //     (+ router.noise_weight [E, d_model] with noisy gating)
 #pragma once
 
-#include "moa/attention.hpp"
+#include "moa/attention_kernel.hpp"
 #include "moa/error.hpp"
 #include "moa/gemm.hpp"
+#include "moa/init.hpp"
 #include "moa/kv_cache.hpp"
 #include "moa/parameter.hpp"
 #include "moa/random.hpp"

@@ -8,9 +8,10 @@
 // [h*d_h, d_model] and o_proj.weight [d_model, h*d_h], without biases as in MoA.
 #pragma once
 
-#include "moa/attention.hpp"
+#include "moa/attention_kernel.hpp"
 #include "moa/error.hpp"
 #include "moa/gemm.hpp"
+#include "moa/init.hpp"
 #include "moa/kv_cache.hpp"
 #include "moa/parameter.hpp"
 #include "moa/random.hpp"

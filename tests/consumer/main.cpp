@@ -1,7 +1,12 @@
+#include <moa/io.hpp>
+#include <moa/models.hpp>
 #include <moa/moa.hpp>
-#include <moa/safetensors.hpp>
+#include <moa/text.hpp>
+#ifdef CONSUMER_HAVE_TOKENIZER
+#include <moa/text/tokenizer.hpp>
+#endif
 #ifdef CONSUMER_HAVE_DNNL
-#include <moa/dnnl_gemm.hpp>
+#include <moa/backends/dnnl_gemm.hpp>
 #endif
 
 #include <cstdio>
@@ -17,6 +22,18 @@ int main() {
   moa::Linear<float> copy(8, 4, true, rng);
   moa::load_safetensors("consumer.safetensors", moa::parameters_of(copy, "layer."));
   bool ok = copy.forward(x) == y;
+  // The models and text layers: a tiny masked language model over one padded batch, and BLEU.
+  moa::TransformerConfig config;
+  config.vocab_size = 12;
+  config.model_dim = 8;
+  config.ffn_dim = 16;
+  config.encoder_layers = 1;
+  config.attention = moa::AttentionSpec::parse("moa:2K4E4D");
+  moa::MaskedLM<moa::MixtureOfAttention<float>> model(config, rng);
+  const moa::TokenIds ids{moa::kFirstRegularId, 5, 6, moa::kFirstRegularId, moa::kPadId, moa::kPadId};
+  const moa::Matrix<float> logits = model.forward(ids, moa::SequenceBatch::padded(3, {3, 1}), rng);
+  ok = ok && logits.rows() == 6 && logits.cols() == 12 && logits.allFinite();
+  ok = ok && moa::corpus_bleu({"the cat sat on the mat"}, {"the cat sat on the mat"}) > 99.9;
   const char* backend = "eigen";
 #ifdef CONSUMER_HAVE_DNNL
   // The same layer on oneDNN and two threads: the same output to float rounding.

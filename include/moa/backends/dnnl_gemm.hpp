@@ -1,4 +1,4 @@
-// moa/dnnl_gemm.hpp - the oneDNN GEMM backend (optional: link the target moa::dnnl).
+// moa/backends/dnnl_gemm.hpp - the oneDNN GEMM backend (optional: link the target moa::dnnl).
 //
 //     auto compute = std::make_shared<moa::Compute>(std::make_shared<moa::DnnlGemm>(), threads);
 //     model.set_compute(compute);

@@ -3,7 +3,7 @@
 
 #include "moa/gemm.hpp"
 #ifdef MOA_EXAMPLES_HAVE_DNNL
-#include "moa/dnnl_gemm.hpp"
+#include "moa/backends/dnnl_gemm.hpp"
 #endif
 
 #include <CLI/CLI.hpp>

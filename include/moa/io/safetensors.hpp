@@ -1,4 +1,4 @@
-// moa/safetensors.hpp - checkpoints in the safetensors format (optional: needs nlohmann_json).
+// moa/io/safetensors.hpp - checkpoints in the safetensors format (optional: needs nlohmann_json).
 //
 // Layout: an 8-byte little-endian header length N, N bytes of JSON
 //     {"name": {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, ...,

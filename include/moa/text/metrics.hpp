@@ -1,4 +1,4 @@
-// moa/metrics.hpp - corpus BLEU and chrF for translation outputs.
+// moa/text/metrics.hpp - corpus BLEU and chrF for translation outputs.
 //
 // BLEU is computed as multi-bleu.perl does: text split on whitespace, n-gram precisions for n = 1..4
 // with counts clipped by the reference and summed over the corpus, their geometric mean, and the

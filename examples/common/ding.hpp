@@ -1,4 +1,4 @@
-// moa/ding.hpp - German-English pairs from the Ding dictionary (Debian package trans-de-en).
+// examples/common/ding.hpp - German-English pairs from the Ding dictionary (Debian package trans-de-en).
 //
 // A line is "German :: English". Alternatives are separated by " | " in the same order on both
 // sides, synonyms within an alternative by ";". Annotations in {}, [], (), // and <> are dropped.

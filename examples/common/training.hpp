@@ -1,4 +1,4 @@
-// moa/training.hpp - pieces of a training program: a live progress line, a JSON-lines metrics log,
+// examples/common/training.hpp - pieces of a training program: a live progress line, a JSON-lines metrics log,
 // and per-expert token statistics with pointwise mutual information. Standard library only.
 #pragma once
 

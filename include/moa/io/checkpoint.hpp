@@ -1,5 +1,5 @@
-// moa/checkpoint.hpp - training checkpoints: parameters, Adam state and metadata in one
-// safetensors file (optional: needs nlohmann_json, as moa/safetensors.hpp).
+// moa/io/checkpoint.hpp - training checkpoints: parameters, Adam state and metadata in one
+// safetensors file (optional: needs nlohmann_json, as moa/io/safetensors.hpp).
 //
 // Tensors: every parameter under its name, and "optimizer.exp_avg.<name>",
 // "optimizer.exp_avg_sq.<name>" for Adam's moments. Metadata: the caller's strings plus
@@ -9,7 +9,7 @@
 #include "moa/error.hpp"
 #include "moa/optimizer.hpp"
 #include "moa/parameter.hpp"
-#include "moa/safetensors.hpp"
+#include "moa/io/safetensors.hpp"
 
 #include <map>
 #include <string>

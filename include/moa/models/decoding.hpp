@@ -1,16 +1,16 @@
-// moa/decoding.hpp - greedy and beam-search decoding of a Seq2Seq model with its KV caches.
+// moa/models/decoding.hpp - greedy and beam-search decoding of a Seq2Seq model with its KV caches.
 //
 // Outputs are token ids without BOS and EOS. Call with the model in evaluation mode
 // (model.set_training(false)). greedy_decode_uncached recomputes the whole prefix each step; it
 // exists to check the cached path.
 #pragma once
 
-#include "moa/attention.hpp"
 #include "moa/error.hpp"
 #include "moa/random.hpp"
-#include "moa/seq2seq_data.hpp"
+#include "moa/sequence_batch.hpp"
 #include "moa/softmax.hpp"
 #include "moa/tensor.hpp"
+#include "moa/text/special_ids.hpp"
 
 #include <algorithm>
 #include <cmath>

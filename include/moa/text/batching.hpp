@@ -1,25 +1,17 @@
-// moa/seq2seq_data.hpp - token pairs, padded batches, token-budget batching and a synthetic task.
-//
-// Special ids follow one convention everywhere (and the SentencePiece models the examples train):
-// 0 = padding, 1 = beginning of sequence, 2 = end of sequence, 3 = unknown.
+// moa/text/batching.hpp - token pairs, padded batches, token-budget batching and a synthetic task.
 #pragma once
 
-#include "moa/attention.hpp"
 #include "moa/error.hpp"
 #include "moa/random.hpp"
+#include "moa/sequence_batch.hpp"
 #include "moa/tensor.hpp"
+#include "moa/text/special_ids.hpp"
 
 #include <algorithm>
 #include <numeric>
 #include <vector>
 
 namespace moa {
-
-constexpr Index kPadId = 0;
-constexpr Index kBosId = 1;
-constexpr Index kEosId = 2;
-constexpr Index kUnkId = 3;
-constexpr Index kFirstRegularId = 4;
 
 struct TokenPair {
   TokenIds source;  // without BOS/EOS

@@ -1,4 +1,4 @@
-// moa/gradient_check.hpp - finite-difference gradient checking in double.
+// moa/testing/gradient_check.hpp - finite-difference gradient checking in double.
 //
 // Usage: compute the analytic gradients once at the current values (forward + backward of a scalar
 // loss), then hand check_gradients the loss as a function and every tensor with its analytic

@@ -1,4 +1,4 @@
-// moa/tokenizer.hpp - SentencePiece subword tokenizer (optional: needs libsentencepiece, Debian's
+// moa/text/tokenizer.hpp - SentencePiece subword tokenizer (optional: needs libsentencepiece, Debian's
 // libsentencepiece-dev, found through pkg-config).
 //
 // Models are trained with moa's special ids (0 padding, 1 BOS, 2 EOS, 3 unknown; see
@@ -6,7 +6,7 @@
 #pragma once
 
 #include "moa/error.hpp"
-#include "moa/seq2seq_data.hpp"
+#include "moa/text/special_ids.hpp"
 #include "moa/tensor.hpp"
 
 #include <sentencepiece_processor.h>

@@ -1,4 +1,4 @@
-// moa/plot.hpp - small SVG charts for training reports: line charts and heatmaps. No dependencies.
+// examples/common/plot.hpp - small SVG charts for training reports: line charts and heatmaps. No dependencies.
 #pragma once
 
 #include "moa/error.hpp"

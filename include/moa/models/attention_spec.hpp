@@ -1,0 +1,66 @@
+// moa/models/attention_spec.hpp - the attention of a model as a string: "moa:4K8E64D" (top-4 of 8
+// experts, head width 64) or "mha:4H64D" (4 heads of width 64), and its cost per token.
+#pragma once
+
+#include "moa/error.hpp"
+#include "moa/tensor.hpp"
+
+#include <cctype>
+#include <string>
+
+namespace moa {
+
+// "moa:4K8E64D" or "mha:4H64D".
+struct AttentionSpec {
+  enum class Kind { moa, mha };
+  Kind kind = Kind::moa;
+  Index top_k = 0;        // moa
+  Index num_experts = 0;  // moa
+  Index num_heads = 0;    // mha
+  Index head_dim = 0;
+
+  static AttentionSpec parse(const std::string& text) {
+    const char* function = "AttentionSpec::parse";
+    const std::string expected = "expected 'moa:<k>K<E>E<d_h>D' (e.g. moa:4K8E64D) or 'mha:<h>H<d_h>D' (e.g. mha:4H64D)";
+    MOA_CHECK(text.size() > 4 && (text.compare(0, 4, "moa:") == 0 || text.compare(0, 4, "mha:") == 0), function,
+              "unknown attention spec '", text, "': ", expected);
+    AttentionSpec spec;
+    spec.kind = text.compare(0, 4, "moa:") == 0 ? Kind::moa : Kind::mha;
+    const std::string letters = spec.kind == Kind::moa ? "KED" : "HD";
+    std::size_t position = 4;
+    for (char letter : letters) {
+      std::size_t end = position;
+      while (end < text.size() && std::isdigit(static_cast<unsigned char>(text[end]))) ++end;
+      MOA_CHECK(end > position && end < text.size() && end - position <= 9 && text[end] == letter, function,
+                "unknown attention spec '", text, "': ", expected);
+      const Index value = std::stol(text.substr(position, end - position));
+      MOA_CHECK(value > 0, function, "attention spec '", text, "' has a zero count");
+      if (letter == 'K') spec.top_k = value;
+      if (letter == 'E') spec.num_experts = value;
+      if (letter == 'H') spec.num_heads = value;
+      if (letter == 'D') spec.head_dim = value;
+      position = end + 1;
+    }
+    MOA_CHECK(position == text.size(), function, "unknown attention spec '", text, "': ", expected);
+    MOA_CHECK(spec.kind == Kind::mha || spec.top_k <= spec.num_experts, function, "attention spec '", text,
+              "' chooses top-", spec.top_k, " of only ", spec.num_experts, " experts");
+    return spec;
+  }
+
+  std::string to_string() const {
+    return kind == Kind::moa ? "moa:" + std::to_string(top_k) + "K" + std::to_string(num_experts) + "E" +
+                                   std::to_string(head_dim) + "D"
+                             : "mha:" + std::to_string(num_heads) + "H" + std::to_string(head_dim) + "D";
+  }
+
+  // Multiply-adds per token of one attention layer over `keys` keys (self or cross attention),
+  // counting projections and attention; MoA adds its router. MoA with k experts and MHA with k
+  // heads of the same width cost the same but for MHA's k key/value heads against MoA's one.
+  double macs_per_token(Index model_dim, Index keys) const {
+    const double d = static_cast<double>(model_dim), dh = static_cast<double>(head_dim), s = static_cast<double>(keys);
+    if (kind == Kind::moa) return d * num_experts + 2.0 * top_k * d * dh + 2.0 * d * dh + 2.0 * top_k * s * dh;
+    return 4.0 * num_heads * d * dh + 2.0 * num_heads * s * dh;
+  }
+};
+
+}  // namespace moa

@@ -1,0 +1,134 @@
+// moa/models/decoder_layer.hpp - one Transformer decoder layer: causal self-attention, attention
+// over the encoder's output, feed-forward; training (forward/backward) and incremental decoding
+// (step, with KV caches).
+//
+// Parameter names follow fairseq: self_attn.*, encoder_attn.*, *_layer_norm.*, fc1.*, fc2.*.
+#pragma once
+
+#include "moa/attention_kernel.hpp"
+#include "moa/dropout.hpp"
+#include "moa/feed_forward.hpp"
+#include "moa/kv_cache.hpp"
+#include "moa/layer_norm.hpp"
+#include "moa/models/transformer_config.hpp"
+#include "moa/parameter.hpp"
+#include "moa/random.hpp"
+#include "moa/sequence_batch.hpp"
+#include "moa/tensor.hpp"
+
+#include <string>
+
+namespace moa {
+
+template <typename Attention>
+class TransformerDecoderLayer {
+ public:
+  using Scalar = typename Attention::Scalar;
+
+  TransformerDecoderLayer(const TransformerConfig& config, Rng& rng)
+      : self_attn(AttentionTraits<Attention>::make(config, rng)),
+        self_attn_layer_norm(config.model_dim),
+        encoder_attn(AttentionTraits<Attention>::make(config, rng)),
+        encoder_attn_layer_norm(config.model_dim),
+        ffn(config.model_dim, config.ffn_dim, config.activation, rng),
+        final_layer_norm(config.model_dim),
+        self_dropout_(config.dropout),
+        cross_dropout_(config.dropout),
+        ffn_dropout_(config.dropout),
+        norm_(config.norm) {}
+
+  void set_training(bool training) {
+    self_attn.set_training(training);
+    encoder_attn.set_training(training);
+    ffn.set_training(training);
+    self_dropout_.set_training(training);
+    cross_dropout_.set_training(training);
+    ffn_dropout_.set_training(training);
+  }
+  void set_compute(const ComputePtr& compute) {
+    self_attn.set_compute(compute);
+    encoder_attn.set_compute(compute);
+    ffn.set_compute(compute);
+  }
+
+  // input: [B*T, d_model] (causal), memory: [B*S, d_model] -> output: [B*T, d_model]
+  Matrix<Scalar> forward(const Matrix<Scalar>& input, const SequenceBatch& batch, const Matrix<Scalar>& memory,
+                         const SequenceBatch& memory_batch, Rng& rng) {
+    auto self = [&](const Matrix<Scalar>& x) { return self_attn.forward_self(x, batch, true, &rng); };
+    auto cross = [&](const Matrix<Scalar>& x) { return encoder_attn.forward(x, batch, memory, memory_batch, false, &rng); };
+    return run(input, self, cross, rng);
+  }
+
+  struct Gradients {
+    Matrix<Scalar> input;   // [B*T, d_model]
+    Matrix<Scalar> memory;  // [B*S, d_model]
+  };
+
+  Gradients backward(const Matrix<Scalar>& grad_output) {
+    Gradients grads;
+    auto self_back = [&](const Matrix<Scalar>& g) { return self_attn.backward_self(g); };
+    auto cross_back = [&](const Matrix<Scalar>& g) {
+      AttentionGradients<Scalar> cross = encoder_attn.backward(g);
+      grads.memory = std::move(cross.key_value);
+      return std::move(cross.query);
+    };
+    if (norm_ == NormPlacement::post) {
+      const Matrix<Scalar> grad_third = final_layer_norm.backward(grad_output);
+      const Matrix<Scalar> grad_second_out = grad_third + ffn.backward(ffn_dropout_.backward(grad_third));
+      const Matrix<Scalar> grad_second = encoder_attn_layer_norm.backward(grad_second_out);
+      const Matrix<Scalar> grad_first_out = grad_second + cross_back(cross_dropout_.backward(grad_second));
+      const Matrix<Scalar> grad_first = self_attn_layer_norm.backward(grad_first_out);
+      grads.input = grad_first + self_back(self_dropout_.backward(grad_first));
+      return grads;
+    }
+    const Matrix<Scalar> grad_second =
+        grad_output + final_layer_norm.backward(ffn.backward(ffn_dropout_.backward(grad_output)));
+    const Matrix<Scalar> grad_first =
+        grad_second + encoder_attn_layer_norm.backward(cross_back(cross_dropout_.backward(grad_second)));
+    grads.input = grad_first + self_attn_layer_norm.backward(self_back(self_dropout_.backward(grad_first)));
+    return grads;
+  }
+
+  // Incremental decoding (evaluation): input [B*n, d_model], n new tokens per sequence.
+  Matrix<Scalar> step(const Matrix<Scalar>& input, KVCache<Scalar>& self_cache, KVCache<Scalar>& cross_cache, Rng& rng) {
+    auto self = [&](const Matrix<Scalar>& x) { return self_attn.step(x, self_cache); };
+    auto cross = [&](const Matrix<Scalar>& x) { return encoder_attn.step(x, cross_cache); };
+    return run(input, self, cross, rng);
+  }
+
+  Scalar aux_loss() const { return self_attn.aux_loss() + encoder_attn.aux_loss(); }
+
+  void collect_parameters(ParameterList<Scalar>& list, const std::string& prefix = "") {
+    self_attn.collect_parameters(list, prefix + "self_attn.");
+    self_attn_layer_norm.collect_parameters(list, prefix + "self_attn_layer_norm.");
+    encoder_attn.collect_parameters(list, prefix + "encoder_attn.");
+    encoder_attn_layer_norm.collect_parameters(list, prefix + "encoder_attn_layer_norm.");
+    ffn.collect_parameters(list, prefix);
+    final_layer_norm.collect_parameters(list, prefix + "final_layer_norm.");
+  }
+
+  Attention self_attn;
+  LayerNorm<Scalar> self_attn_layer_norm;
+  Attention encoder_attn;
+  LayerNorm<Scalar> encoder_attn_layer_norm;
+  FeedForward<Scalar> ffn;
+  LayerNorm<Scalar> final_layer_norm;
+
+ private:
+  template <typename Self, typename Cross>
+  Matrix<Scalar> run(const Matrix<Scalar>& input, Self&& self, Cross&& cross, Rng& rng) {
+    if (norm_ == NormPlacement::post) {
+      const Matrix<Scalar> first = self_attn_layer_norm.forward(input + self_dropout_.forward(self(input), rng));
+      const Matrix<Scalar> second = encoder_attn_layer_norm.forward(first + cross_dropout_.forward(cross(first), rng));
+      return final_layer_norm.forward(second + ffn_dropout_.forward(ffn.forward(second), rng));
+    }
+    const Matrix<Scalar> first = input + self_dropout_.forward(self(self_attn_layer_norm.forward(input)), rng);
+    const Matrix<Scalar> second = first + cross_dropout_.forward(cross(encoder_attn_layer_norm.forward(first)), rng);
+    return second + ffn_dropout_.forward(ffn.forward(final_layer_norm.forward(second)), rng);
+  }
+
+  Dropout<Scalar> self_dropout_, cross_dropout_, ffn_dropout_;
+  NormPlacement norm_;
+};
+
+}  // namespace moa

@@ -1,0 +1,76 @@
+// moa/models/transformer_config.hpp - the configuration of a Transformer model and how a model
+// builds its attention layers (MixtureOfAttention or MultiHeadAttention) from it.
+#pragma once
+
+#include "moa/error.hpp"
+#include "moa/feed_forward.hpp"
+#include "moa/mixture_of_attention.hpp"
+#include "moa/models/attention_spec.hpp"
+#include "moa/multi_head_attention.hpp"
+#include "moa/random.hpp"
+#include "moa/router.hpp"
+#include "moa/tensor.hpp"
+
+namespace moa {
+
+enum class NormPlacement { post, pre };  // post-LN as in the paper, or pre-LN
+
+struct TransformerConfig {
+  Index vocab_size = 0;
+  Index model_dim = 0;
+  Index ffn_dim = 0;
+  Index encoder_layers = 0;
+  Index decoder_layers = 0;
+  double dropout = 0.0;
+  NormPlacement norm = NormPlacement::post;
+  Activation activation = Activation::relu;
+  Index padding_index = 0;
+  AttentionSpec attention;
+  // MoA options (ignored for mha)
+  GateNormalization gate_normalization = GateNormalization::renormalized;
+  double load_balance_coefficient = 0.01;
+  double z_loss_coefficient = 0.001;
+
+  void validate(const char* function) const {
+    MOA_CHECK(vocab_size > 0 && model_dim > 0 && ffn_dim > 0, function, "vocab_size (", vocab_size, "), model_dim (",
+              model_dim, ") and ffn_dim (", ffn_dim, ") must be positive");
+    MOA_CHECK(encoder_layers >= 0 && decoder_layers >= 0, function, "layer counts must be non-negative");
+    MOA_CHECK(padding_index >= 0 && padding_index < vocab_size, function, "padding_index ", padding_index,
+              " is outside [0, ", vocab_size, ")");
+    MOA_CHECK(attention.head_dim > 0, function, "attention spec '", attention.to_string(), "' is not set");
+  }
+};
+
+// How a model builds its attention layers from the spec.
+template <typename Attention>
+struct AttentionTraits;
+
+template <typename S>
+struct AttentionTraits<MixtureOfAttention<S>> {
+  static constexpr AttentionSpec::Kind kind = AttentionSpec::Kind::moa;
+  static MixtureOfAttention<S> make(const TransformerConfig& config, Rng& rng) {
+    MOA_CHECK(config.attention.kind == kind, "Transformer", "a MixtureOfAttention model needs a moa: spec, got '",
+              config.attention.to_string(), "'");
+    MixtureOfAttentionConfig attention;
+    attention.model_dim = config.model_dim;
+    attention.num_experts = config.attention.num_experts;
+    attention.top_k = config.attention.top_k;
+    attention.head_dim = config.attention.head_dim;
+    attention.gate_normalization = config.gate_normalization;
+    attention.load_balance_coefficient = config.load_balance_coefficient;
+    attention.z_loss_coefficient = config.z_loss_coefficient;
+    return MixtureOfAttention<S>(attention, rng);
+  }
+};
+
+template <typename S>
+struct AttentionTraits<MultiHeadAttention<S>> {
+  static constexpr AttentionSpec::Kind kind = AttentionSpec::Kind::mha;
+  static MultiHeadAttention<S> make(const TransformerConfig& config, Rng& rng) {
+    MOA_CHECK(config.attention.kind == kind, "Transformer", "a MultiHeadAttention model needs an mha: spec, got '",
+              config.attention.to_string(), "'");
+    return MultiHeadAttention<S>({config.model_dim, config.attention.num_heads, config.attention.head_dim}, rng);
+  }
+};
+
+}  // namespace moa
