@@ -174,10 +174,11 @@ std::string describe(const moa::TransformerConfig& config) {
 // Multiply-adds per target token: encoder layers (per source token; equal lengths assumed),
 // decoder layers and the output projection.
 double macs_per_token(const moa::TransformerConfig& config, Index length) {
-  const double ffn = 2.0 * config.model_dim * config.ffn_dim;
-  const double attention = config.attention.macs_per_token(config.model_dim, length);
-  return config.encoder_layers * (attention + ffn) + config.decoder_layers * (2 * attention + ffn) +
-         static_cast<double>(config.model_dim) * config.vocab_size;
+  const double ffn = 2.0 * moa::cost::linear(1, config.model_dim, config.ffn_dim);
+  const double attention = config.attention.flops_per_token(config.model_dim, length);
+  const double flops = config.encoder_layers * (attention + ffn) + config.decoder_layers * (2 * attention + ffn) +
+                       moa::cost::linear(1, config.model_dim, config.vocab_size);
+  return flops / 2.0;
 }
 
 struct RunResult {

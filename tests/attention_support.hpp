@@ -119,9 +119,9 @@ moa::GradientCheckResult check_attention_gradients(Layer& layer, const Attention
   MatrixD memory = random_matrix(test_case.key_batch.rows(), model, rng);
   auto run = [&] {
     moa::Rng noise(noise_seed);
-    return test_case.self ? layer.forward_self(query, test_case.query_batch, test_case.causal, &noise)
-                          : layer.forward(query, test_case.query_batch, memory, test_case.key_batch,
-                                          test_case.causal, &noise);
+    return test_case.self ? moa::forward_self_attention(layer, query, test_case.query_batch, test_case.causal, noise)
+                          : moa::forward_attention(layer, query, test_case.query_batch, memory, test_case.key_batch,
+                                                   test_case.causal, noise);
   };
   const MatrixD output = run();
   const MatrixD output_weights = random_matrix(output.rows(), output.cols(), rng);

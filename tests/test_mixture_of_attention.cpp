@@ -105,12 +105,12 @@ TEST_CASE("MixtureOfAttention: gradient check with noisy gating and sampled expe
   }
   // Without an Rng, training with noise cannot run; evaluation can.
   const MatrixD input = random_matrix(4, 6, rng);
-  REQUIRE_MOA_ERROR(layer.forward_self(input, moa::SequenceBatch::full(1, 4), false), "need an Rng in training");
+  REQUIRE_MOA_ERROR(layer.forward_self(input, moa::SequenceBatch::full(1, 4), false), "draw random numbers in training: pass an Rng");
   layer.set_training(false);
   REQUIRE(layer.forward_self(input, moa::SequenceBatch::full(1, 4), false).allFinite());
 }
 
-TEST_CASE("MixtureOfAttention: the aux loss is part of the gradient and scaled by aux_scale", "[moa][gradient]") {
+TEST_CASE("MixtureOfAttention: the aux loss, weighted by its coefficients, is part of the gradient", "[moa][gradient]") {
   moa::Rng rng(5);
   auto config = small_config(4, 2);
   config.load_balance_coefficient = 0.5;
@@ -123,13 +123,13 @@ TEST_CASE("MixtureOfAttention: the aux loss is part of the gradient and scaled b
   // With a zero output gradient, only the aux loss drives the gradient.
   auto parameters = moa::parameters_of(layer);
   parameters.zero_grad();
-  const MatrixD grad_input = layer.backward_self(MatrixD::Zero(6, 6), 3.0);
+  const MatrixD grad_input = layer.backward_self(MatrixD::Zero(6, 6));
   REQUIRE(parameters.at("q_proj.weight").grad.isZero(0));
   const MatrixD analytic = parameters.at("router.weight").grad;
   REQUIRE_GRADIENTS_OK(moa::check_gradients(
       [&] {
         layer.forward_self(input, batch, true);
-        return 3.0 * layer.aux_loss();
+        return layer.aux_loss();
       },
       {{"router.weight", &layer.router.weight.value, &analytic}, {"input", &input, &grad_input}}));
 }

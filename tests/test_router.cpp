@@ -48,7 +48,7 @@ TEST_CASE("Router: a hand-computed case of gates, L_a and L_z", "[router]") {
     router.weight.value << 0, std::log(2.0), std::log(3.0);
     MatrixD input(3, 1);
     input << 1, -1, 5;
-    router.forward(input, {1, 1, 0}, nullptr);  // the third token is padding
+    router.forward(input, {1, 1, 0});  // the third token is padding
     // Token 0: p = [1, 2, 3] / 6 -> expert 2. Token 1: p = [6, 3, 2] / 11 -> expert 0.
     REQUIRE(router.experts() == std::vector<Index>{2, 0, -1});
     const bool raw = gates == moa::GateNormalization::raw;
@@ -67,7 +67,7 @@ TEST_CASE("Router: a uniform router gives L_a = 1 and L_z = (log E)^2; ties go t
   moa::Rng rng(1);
   for (Index k : {1, 2, 3}) {
     moa::Router<double> router(router_config(4, 5, k), rng);  // zero weights
-    router.forward(random_matrix(7, 4, rng), all_routed(7), nullptr);
+    router.forward(random_matrix(7, 4, rng), all_routed(7));
     REQUIRE(router.load_balance_loss() == Approx(1.0));
     REQUIRE(router.z_loss() == Approx(std::log(5.0) * std::log(5.0)));
     for (Index t = 0; t < 7; ++t)
@@ -82,7 +82,7 @@ TEST_CASE("Router: with k = E, L_a is constant and only the z-loss acts", "[rout
   moa::Router<double> router(config, rng);
   moa::init_normal(router.weight, rng, 0.0, 1.0);
   const MatrixD input = random_matrix(6, 4, rng);
-  router.forward(input, all_routed(6), nullptr);
+  router.forward(input, all_routed(6));
   REQUIRE(router.load_balance_loss() == Approx(1.0));
   router.weight.zero_grad();
   router.backward(MatrixD::Zero(6, 3));
@@ -105,7 +105,7 @@ TEST_CASE("Router: gradient check of gates and aux losses, with noise and sampli
     const MatrixD gate_weights = random_matrix(8, 3, rng);
     auto run = [&] {
       moa::Rng noise(5);
-      router.forward(input, routed, &noise);
+      router.forward(input, routed, noise);
       return router.gates().cwiseProduct(gate_weights).sum() + router.aux_loss();
     };
     run();
@@ -131,7 +131,7 @@ TEST_CASE("Router: sampled experts are distinct and follow the probabilities", "
   router.weight.value << 3, 0, 0, 0, 0, 0, -30, 0;  // expert 0 first, 1 and 2 alike, 3 almost never
   const MatrixD input = MatrixD::Constant(2000, 2, 1.0);
   moa::Rng sampler(6);
-  router.forward(input, all_routed(2000), &sampler);
+  router.forward(input, all_routed(2000), sampler);
   std::vector<int> second(4, 0);
   for (Index t = 0; t < 2000; ++t) {
     REQUIRE(router.experts()[t * 2] == 0);
@@ -142,7 +142,7 @@ TEST_CASE("Router: sampled experts are distinct and follow the probabilities", "
   REQUIRE(second[1] == Approx(1000).margin(120));
   REQUIRE(second[2] == Approx(1000).margin(120));
   router.set_training(false);  // evaluation takes the top k: experts 0 and 1
-  router.forward(input.topRows(1), all_routed(1), nullptr);
+  router.forward(input.topRows(1), all_routed(1));
   REQUIRE(router.experts() == std::vector<Index>{0, 1});
 }
 
@@ -150,9 +150,34 @@ TEST_CASE("Router: bad input throws moa::Error", "[router][errors]") {
   moa::Rng rng(5);
   REQUIRE_MOA_ERROR(moa::Router<float>(router_config(4, 0, 1), rng), "Router: num_experts must be positive");
   moa::Router<float> router(router_config(4, 3, 2), rng);
-  REQUIRE_MOA_ERROR(router.forward(MatrixF::Zero(2, 5), all_routed(2), nullptr),
+  REQUIRE_MOA_ERROR(router.forward(MatrixF::Zero(2, 5), all_routed(2)),
                     "Router::forward: input has shape [2, 5], expected [N, 4]");
-  REQUIRE_MOA_ERROR(router.forward(MatrixF::Zero(2, 4), all_routed(3), nullptr), "routed has 3 flags for 2 input rows");
-  router.forward(MatrixF::Zero(2, 4), all_routed(2), nullptr);
+  REQUIRE_MOA_ERROR(router.forward(MatrixF::Zero(2, 4), all_routed(3)), "routed has 3 flags for 2 input rows");
+  router.forward(MatrixF::Zero(2, 4), all_routed(2));
   REQUIRE_MOA_ERROR(router.backward(MatrixF::Zero(2, 3)), "Router::backward: grad_gates has shape [2, 3], expected [2, 2]");
+}
+
+TEST_CASE("Router::route gives evaluation's experts and gates and leaves the forward state alone", "[router]") {
+  moa::Rng rng(8);
+  auto config = router_config(4, 6, 2);
+  config.noisy_gating = true;
+  for (auto normalization : {moa::GateNormalization::renormalized, moa::GateNormalization::raw}) {
+    config.gate_normalization = normalization;
+    moa::Router<double> router(config, rng);
+    moa::init_normal(router.weight.value, rng, 0.0, 1.0);
+    const MatrixD input = random_matrix(5, 4, rng);
+    router.forward(input, all_routed(5), rng);  // training, noisy: what backward will use
+    const std::vector<Index> trained_experts = router.experts();
+    const MatrixD trained_gates = router.gates();
+    const auto routing = router.route(input);
+    REQUIRE(router.experts() == trained_experts);
+    REQUIRE(router.gates() == trained_gates);
+    REQUIRE(router.training());
+    router.set_training(false);
+    router.forward(input, all_routed(5));
+    REQUIRE(routing.experts == router.experts());
+    REQUIRE(routing.gates == router.gates());
+  }
+  REQUIRE_MOA_ERROR(moa::Router<float>(router_config(4, 6, 2), rng).route(MatrixF::Zero(2, 3)),
+                    "Router::route: input has shape [2, 3], expected [N, 4]");
 }

@@ -59,9 +59,11 @@ TEST_CASE("AttentionSpec parses moa:kKeEdD and mha:hHdD and rejects anything els
   const auto mha_spec = moa::AttentionSpec::parse("mha:8H128D");
   REQUIRE(mha_spec.num_heads == 8);
   REQUIRE(mha_spec.head_dim == 128);
-  // Equal multiply-adds but for the key/value heads: MoA has one, MHA k.
-  REQUIRE(moa::AttentionSpec::parse("moa:4K8E64D").macs_per_token(512, 0) ==
-          512.0 * 8 + 2.0 * 4 * 512 * 64 + 2.0 * 512 * 64);
+  // Equal FLOPs but for the router and the key/value heads: MoA has one, MHA k.
+  REQUIRE(moa::AttentionSpec::parse("moa:4K8E64D").flops_per_token(512, 0) ==
+          2.0 * (512.0 * 8 + 2.0 * 4 * 512 * 64 + 2.0 * 512 * 64));
+  REQUIRE(moa::AttentionSpec::parse("mha:4H64D").flops_per_token(512, 10) ==
+          2.0 * (4.0 * 4 * 512 * 64 + 2.0 * 4 * 10 * 64));
   for (const char* bad : {"moa:4K8E", "mha:4H64", "foo:4H64D", "moa:9K8E64D", "moa:0K8E64D", "moa:4K8E64Dx", "mha:H64D",
                           "moa:4k8e64d", ""}) {
     INFO(bad);

@@ -45,6 +45,13 @@ struct AttentionLayout {
       visit(first, count, visible_keys(first + count - 1));
     }
   }
+
+  // (query row, key) pairs actually attended: what the attention costs.
+  Index visible_pairs() const {
+    Index pairs = 0;
+    for (Index p = 0; p < positions; ++p) pairs += visible_keys(p);
+    return pairs * rows_per_position;
+  }
 };
 
 // queries: [R, d_h], keys/values: [S, d_h] with S >= key_length, probabilities: [R, S] (only the

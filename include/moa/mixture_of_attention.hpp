@@ -16,6 +16,8 @@
 //     (+ router.noise_weight [E, d_model] with noisy gating)
 #pragma once
 
+#include "moa/attention_cost.hpp"
+#include "moa/attention_interface.hpp"
 #include "moa/attention_kernel.hpp"
 #include "moa/error.hpp"
 #include "moa/gemm.hpp"
@@ -77,11 +79,26 @@ class MixtureOfAttention {
   const Compute& compute() const { return *compute_; }
 
   // query: [B*Tq, d_model], key_value: [B*Tk, d_model] -> output: [B*Tq, d_model]. Padding query
-  // rows get zeros and are not routed; padding keys are never attended to. `rng` is needed in
-  // training with noisy gating or sampled experts.
+  // rows get zeros and are not routed; padding keys are never attended to. Noisy gating and
+  // sampled experts draw from rng in training; without them the overloads without an Rng serve.
   Matrix<Scalar> forward(const Matrix<Scalar>& query, const SequenceBatch& query_batch,
-                         const Matrix<Scalar>& key_value, const SequenceBatch& key_batch, bool causal,
-                         Rng* rng = nullptr) {
+                         const Matrix<Scalar>& key_value, const SequenceBatch& key_batch, bool causal, Rng& rng) {
+    return forward_impl(query, query_batch, key_value, key_batch, causal, &rng);
+  }
+  Matrix<Scalar> forward(const Matrix<Scalar>& query, const SequenceBatch& query_batch,
+                         const Matrix<Scalar>& key_value, const SequenceBatch& key_batch, bool causal) {
+    return forward_impl(query, query_batch, key_value, key_batch, causal, nullptr);
+  }
+  Matrix<Scalar> forward_self(const Matrix<Scalar>& input, const SequenceBatch& batch, bool causal, Rng& rng) {
+    return forward_impl(input, batch, input, batch, causal, &rng);
+  }
+  Matrix<Scalar> forward_self(const Matrix<Scalar>& input, const SequenceBatch& batch, bool causal) {
+    return forward_impl(input, batch, input, batch, causal, nullptr);
+  }
+
+ private:
+  Matrix<Scalar> forward_impl(const Matrix<Scalar>& query, const SequenceBatch& query_batch,
+                              const Matrix<Scalar>& key_value, const SequenceBatch& key_batch, bool causal, Rng* rng) {
     detail::validate_attention_batches("MixtureOfAttention::forward", model_dim(), query.rows(), query.cols(),
                                        query_batch, key_value.rows(), key_value.cols(), key_batch, causal);
     const Index k = config_.top_k;
@@ -92,7 +109,8 @@ class MixtureOfAttention {
     query_batch_ = query_batch;
     key_batch_ = key_batch;
     causal_ = causal;
-    router.forward(query, detail::token_flags(query_batch), rng);
+    if (rng != nullptr) router.forward(query, detail::token_flags(query_batch), *rng);
+    else router.forward(query, detail::token_flags(query_batch));
     plan_ = DispatchPlan::build(router.experts(), config_.num_experts, k);
 
     const Precision precision = product_precision(*compute_, training());
@@ -113,18 +131,15 @@ class MixtureOfAttention {
                                 attended_.middleRows(first_query, query_rows), *compute_, precision);
     });
     for (Index b = 0; b < query_batch.batch_size; ++b)
-      last_flops_ += 4.0 * static_cast<double>(visible_pairs(layout_of(b)) * config_.head_dim);
+      last_flops_ += cost::attention(static_cast<double>(layout_of(b).visible_pairs()), static_cast<double>(config_.head_dim));
     return project_outputs(attended_, router.gates(), plan_, query.rows(), precision);
   }
 
-  Matrix<Scalar> forward_self(const Matrix<Scalar>& input, const SequenceBatch& batch, bool causal,
-                              Rng* rng = nullptr) {
-    return forward(input, batch, input, batch, causal, rng);
-  }
 
-  // grad_output: [B*Tq, d_model]. Accumulates every parameter gradient (the aux loss's scaled by
-  // aux_scale) and returns the gradients of both inputs.
-  AttentionGradients<Scalar> backward(const Matrix<Scalar>& grad_output, Scalar aux_scale = Scalar(1)) {
+ public:
+  // grad_output: [B*Tq, d_model]. Accumulates every parameter gradient (the aux loss's included)
+  // and returns the gradients of both inputs.
+  AttentionGradients<Scalar> backward(const Matrix<Scalar>& grad_output) {
     const Index k = config_.top_k, head_dim = config_.head_dim, model = model_dim();
     MOA_CHECK(grad_output.rows() == query_.rows() && grad_output.cols() == model, "MixtureOfAttention::backward",
               "grad_output has shape ", detail::shape_of(grad_output), ", expected ", detail::shape_of(query_),
@@ -180,7 +195,7 @@ class MixtureOfAttention {
     });
     // Query side: q = x Wq_e^T.
     AttentionGradients<Scalar> grads;
-    grads.query = router.backward(grad_gates, aux_scale);  // [N, d_model]
+    grads.query = router.backward(grad_gates);  // [N, d_model]
     plan_.for_each_expert([&](Index e, const Index* ids, Index count) {
       const auto weight = q_proj.value.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
       const bool everyone = count == query_.rows();  // every token chose e: inputs already in token order
@@ -210,8 +225,8 @@ class MixtureOfAttention {
     return grads;
   }
 
-  Matrix<Scalar> backward_self(const Matrix<Scalar>& grad_output, Scalar aux_scale = Scalar(1)) {
-    AttentionGradients<Scalar> grads = backward(grad_output, aux_scale);
+  Matrix<Scalar> backward_self(const Matrix<Scalar>& grad_output) {
+    AttentionGradients<Scalar> grads = backward(grad_output);
     grads.query += grads.key_value;
     return std::move(grads.query);
   }
@@ -247,11 +262,8 @@ class MixtureOfAttention {
     if (!cache.frozen())
       cache.append(linear_product<Scalar>(*compute_, input, k_proj.value, precision),
                    linear_product<Scalar>(*compute_, input, v_proj.value, precision));
-    const bool was_training = router.training();
-    router.set_training(false);
-    router.forward(input, std::vector<char>(static_cast<std::size_t>(input.rows()), 1), nullptr);
-    router.set_training(was_training);
-    const DispatchPlan plan = DispatchPlan::build(router.experts(), config_.num_experts, k);
+    const typename Router<Scalar>::Routing routing = router.route(input);
+    const DispatchPlan plan = DispatchPlan::build(routing.experts, config_.num_experts, k);
     Matrix<Scalar> queries;                                                     // [B*n*k, d_h]
     project_queries(input, plan, queries, precision);
     Matrix<Scalar> attended(input.rows() * k, config_.head_dim);                // [B*n*k, d_h]
@@ -267,9 +279,9 @@ class MixtureOfAttention {
       layout.block_positions = config_.causal_block;
       attention_forward<Scalar>(queries.middleRows(b * steps * k, steps * k), cache.keys(b), cache.values(b), layout,
                                 probabilities, attended.middleRows(b * steps * k, steps * k), *compute_, precision);
-      last_flops_ += 4.0 * static_cast<double>(visible_pairs(layout) * config_.head_dim);
+      last_flops_ += cost::attention(static_cast<double>(layout.visible_pairs()), static_cast<double>(config_.head_dim));
     }
-    return project_outputs(attended, router.gates(), plan, input.rows(), precision);
+    return project_outputs(attended, routing.gates, plan, input.rows(), precision);
   }
 
   void collect_parameters(ParameterList<Scalar>& list, const std::string& prefix = "") {
@@ -353,18 +365,10 @@ class MixtureOfAttention {
     return layout;
   }
 
-  // (query row, key) pairs that are actually attended, for the FLOP count.
-  static Index visible_pairs(const AttentionLayout& layout) {
-    Index pairs = 0;
-    for (Index p = 0; p < layout.positions; ++p) pairs += layout.visible_keys(p);
-    return pairs * layout.rows_per_position;
-  }
-
   double projection_flops(Index query_rows, Index key_rows, Index assignments) const {
-    const double model = static_cast<double>(model_dim()), head = static_cast<double>(config_.head_dim);
-    return 2.0 * query_rows * model * config_.num_experts  // router
-           + 2.0 * 2.0 * key_rows * model * head          // shared K and V
-           + 2.0 * 2.0 * assignments * model * head;      // per-expert Q and O
+    return cost::moa_projections(static_cast<double>(model_dim()), static_cast<double>(config_.head_dim),
+                                 static_cast<double>(config_.num_experts), static_cast<double>(query_rows),
+                                 static_cast<double>(key_rows), static_cast<double>(assignments));
   }
 
   MixtureOfAttentionConfig config_;
@@ -389,5 +393,8 @@ class MixtureOfAttention {
   Matrix<Scalar> grad_attended_, grad_queries_, grad_keys_, grad_values_;
   std::vector<Matrix<Scalar>> grad_scores_;  // one score-gradient workspace per thread
 };
+
+static_assert(is_attention_v<MixtureOfAttention<float>> && is_attention_v<MixtureOfAttention<double>>,
+              "MixtureOfAttention must provide the attention interface (moa/attention_interface.hpp)");
 
 }  // namespace moa

@@ -8,6 +8,8 @@
 // [h*d_h, d_model] and o_proj.weight [d_model, h*d_h], without biases as in MoA.
 #pragma once
 
+#include "moa/attention_cost.hpp"
+#include "moa/attention_interface.hpp"
 #include "moa/attention_kernel.hpp"
 #include "moa/error.hpp"
 #include "moa/gemm.hpp"
@@ -67,10 +69,9 @@ class MultiHeadAttention {
   const Compute& compute() const { return *compute_; }
 
   // query: [B*Tq, d_model], key_value: [B*Tk, d_model] -> output: [B*Tq, d_model]; padding query
-  // rows get zeros, padding keys are never attended to. rng is unused (the interface is MoA's).
+  // rows get zeros, padding keys are never attended to. Nothing random: no Rng.
   Matrix<Scalar> forward(const Matrix<Scalar>& query, const SequenceBatch& query_batch,
-                         const Matrix<Scalar>& key_value, const SequenceBatch& key_batch, bool causal,
-                         Rng* /*rng*/ = nullptr) {
+                         const Matrix<Scalar>& key_value, const SequenceBatch& key_batch, bool causal) {
     detail::validate_attention_batches("MultiHeadAttention::forward", model_dim(), query.rows(), query.cols(),
                                        query_batch, key_value.rows(), key_value.cols(), key_batch, causal);
     query_ = query;
@@ -98,17 +99,17 @@ class MultiHeadAttention {
           attended_.block(b * query_batch.length, h * head_dim, query_batch.length, head_dim), *compute_, precision);
     });
     for (Index b = 0; b < query_batch.batch_size; ++b)
-      last_flops_ += 4.0 * static_cast<double>(visible_pairs(layout_of(b)) * heads * head_dim);
+      last_flops_ += cost::attention(static_cast<double>(layout_of(b).visible_pairs() * heads), static_cast<double>(head_dim));
     return linear_product<Scalar>(*compute_, attended_, o_proj.value, precision);
   }
 
-  Matrix<Scalar> forward_self(const Matrix<Scalar>& input, const SequenceBatch& batch, bool causal,
-                              Rng* rng = nullptr) {
-    return forward(input, batch, input, batch, causal, rng);
+  Matrix<Scalar> forward_self(const Matrix<Scalar>& input, const SequenceBatch& batch, bool causal) {
+    return forward(input, batch, input, batch, causal);
   }
 
-  // grad_output: [B*Tq, d_model]; aux_scale is unused (no aux loss).
-  AttentionGradients<Scalar> backward(const Matrix<Scalar>& grad_output, Scalar /*aux_scale*/ = Scalar(1)) {
+  // grad_output: [B*Tq, d_model]. Accumulates every parameter gradient and returns the gradients
+  // of both inputs.
+  AttentionGradients<Scalar> backward(const Matrix<Scalar>& grad_output) {
     MOA_CHECK(grad_output.rows() == query_.rows() && grad_output.cols() == model_dim(), "MultiHeadAttention::backward",
               "grad_output has shape ", detail::shape_of(grad_output), ", expected ", detail::shape_of(query_),
               " (as the last forward)");
@@ -147,8 +148,8 @@ class MultiHeadAttention {
     return grads;
   }
 
-  Matrix<Scalar> backward_self(const Matrix<Scalar>& grad_output, Scalar aux_scale = Scalar(1)) {
-    AttentionGradients<Scalar> grads = backward(grad_output, aux_scale);
+  Matrix<Scalar> backward_self(const Matrix<Scalar>& grad_output) {
+    AttentionGradients<Scalar> grads = backward(grad_output);
     grads.query += grads.key_value;
     return std::move(grads.query);
   }
@@ -194,7 +195,7 @@ class MultiHeadAttention {
                                   cache.values(b).middleCols(h * head_dim, head_dim), layout, probabilities,
                                   attended.block(b * steps, h * head_dim, steps, head_dim), *compute_, precision);
       }
-      last_flops_ += 4.0 * static_cast<double>(visible_pairs(layout) * heads * head_dim);
+      last_flops_ += cost::attention(static_cast<double>(layout.visible_pairs() * heads), static_cast<double>(head_dim));
     }
     return linear_product<Scalar>(*compute_, attended, o_proj.value, precision);
   }
@@ -221,16 +222,9 @@ class MultiHeadAttention {
     return layout;
   }
 
-  static Index visible_pairs(const AttentionLayout& layout) {
-    Index pairs = 0;
-    for (Index p = 0; p < layout.positions; ++p) pairs += layout.visible_keys(p);
-    return pairs;
-  }
-
   double projection_flops(Index query_rows, Index key_rows) const {
-    const double model = static_cast<double>(model_dim()), total_width = static_cast<double>(width());
-    return 2.0 * 2.0 * query_rows * model * total_width  // Q and O
-           + 2.0 * 2.0 * key_rows * model * total_width;  // K and V
+    return cost::mha_projections(static_cast<double>(model_dim()), static_cast<double>(width()),
+                                 static_cast<double>(query_rows), static_cast<double>(key_rows));
   }
 
   MultiHeadAttentionConfig config_;
@@ -248,5 +242,8 @@ class MultiHeadAttention {
   std::vector<Matrix<Scalar>> grad_scores_;  // one score-gradient workspace per thread
   double last_flops_ = 0.0;
 };
+
+static_assert(is_attention_v<MultiHeadAttention<float>> && is_attention_v<MultiHeadAttention<double>>,
+              "MultiHeadAttention must provide the attention interface (moa/attention_interface.hpp)");
 
 }  // namespace moa

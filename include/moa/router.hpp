@@ -77,54 +77,40 @@ class Router {
     compute_ = detail::checked_compute(std::move(compute), "Router::set_compute");
   }
 
-  // input: [N, d_model]; routed: N flags, false for padding. rng is needed in training with noisy
-  // gating or sampled experts. Results: experts(), gates(), probabilities(), aux_loss().
-  void forward(const Matrix<Scalar>& input, const std::vector<char>& routed, Rng* rng) {
-    const char* function = "Router::forward";
-    const Index experts_count = config_.num_experts, top_k = config_.top_k;
-    MOA_CHECK(input.cols() == config_.model_dim, function, "input has shape ", detail::shape_of(input),
-              ", expected [N, ", config_.model_dim, "]");
-    MOA_CHECK(static_cast<Index>(routed.size()) == input.rows(), function, "routed has ", routed.size(),
-              " flags for ", input.rows(), " input rows");
-    const bool noisy = training_ && config_.noisy_gating;
-    const bool sampling = training_ && config_.sampled_experts > 0;
-    MOA_CHECK(rng != nullptr || !(noisy || sampling), function,
-              "noisy gating and sampled experts need an Rng in training");
-    input_ = input;
-    routed_ = routed;
-    const Index rows = input.rows();
-    logits_ = linear_product<Scalar>(*compute_, input, weight.value);  // [N, E]
-    if (noisy) {
-      noise_pre_ = linear_product<Scalar>(*compute_, input, noise_weight.value);  // [N, E]
-      noise_.resize(rows, experts_count);                              // [N, E] standard normal draws
-      for (Index i = 0; i < noise_.size(); ++i) noise_.data()[i] = static_cast<Scalar>(rng->normal());
-      logits_.array() += noise_.array() * (softplus(noise_pre_.array()) + Scalar(0.01));
-    }
-    noisy_ = noisy;
-    probabilities_ = softmax_rows(logits_);  // [N, E]
+  // input: [N, d_model]; routed: N flags, false for padding. Results: experts(), gates(),
+  // probabilities(), aux_loss(). Noisy gating and sampled experts draw from rng in training.
+  void forward(const Matrix<Scalar>& input, const std::vector<char>& routed, Rng& rng) {
+    forward_impl(input, routed, &rng);
+  }
+  // The same for a router that draws nothing (no noise or sampling, or evaluation).
+  void forward(const Matrix<Scalar>& input, const std::vector<char>& routed) { forward_impl(input, routed, nullptr); }
 
-    experts_.assign(static_cast<std::size_t>(rows * top_k), -1);
-    gates_ = Matrix<Scalar>::Zero(rows, top_k);       // [N, k]
-    gate_sums_ = ColumnVector<Scalar>::Ones(rows);    // [N]
-    routed_tokens_ = 0;
-    for (Index t = 0; t < rows; ++t) {
-      if (!routed_[t]) continue;
-      ++routed_tokens_;
-      Index* chosen = experts_.data() + t * top_k;
-      const Scalar* p = probabilities_.row(t).data();
-      top_k_indices(p, experts_count, top_k - (sampling ? config_.sampled_experts : 0), chosen);
-      if (sampling) sample_remaining(p, chosen, *rng);
-      Scalar sum = 0;
-      for (Index j = 0; j < top_k; ++j) sum += p[chosen[j]];
-      gate_sums_(t) = config_.gate_normalization == GateNormalization::renormalized ? sum : Scalar(1);
-      for (Index j = 0; j < top_k; ++j) gates_(t, j) = p[chosen[j]] / gate_sums_(t);
+  // What decoding needs, computed without touching the state forward caches for backward: each
+  // row's top-k experts and gates as in evaluation (no noise, no sampling).
+  struct Routing {
+    std::vector<Index> experts;  // [N*k]
+    Matrix<Scalar> gates;        // [N, k]
+  };
+  Routing route(const Matrix<Scalar>& input) const {
+    MOA_CHECK(input.cols() == config_.model_dim, "Router::route", "input has shape ", detail::shape_of(input),
+              ", expected [N, ", config_.model_dim, "]");
+    const Matrix<Scalar> probabilities = softmax_rows(linear_product<Scalar>(*compute_, input, weight.value));  // [N, E]
+    Routing routing;
+    routing.experts.assign(static_cast<std::size_t>(input.rows() * config_.top_k), -1);
+    routing.gates.resize(input.rows(), config_.top_k);
+    for (Index t = 0; t < input.rows(); ++t) {
+      Index* chosen = routing.experts.data() + t * config_.top_k;
+      const Scalar* p = probabilities.row(t).data();
+      top_k_indices(p, config_.num_experts, config_.top_k, chosen);
+      const Scalar sum = gate_normalizer(p, chosen);
+      for (Index j = 0; j < config_.top_k; ++j) routing.gates(t, j) = p[chosen[j]] / sum;
     }
-    compute_aux_losses();
+    return routing;
   }
 
-  // grad_gates: [N, k]; aux_scale weighs the aux loss's gradient (1 for task + aux).
+  // grad_gates: [N, k]; the aux losses' gradient (weighted by their coefficients) is added.
   // Accumulates into the router weights; returns grad_input: [N, d_model].
-  Matrix<Scalar> backward(const Matrix<Scalar>& grad_gates, Scalar aux_scale = Scalar(1)) {
+  Matrix<Scalar> backward(const Matrix<Scalar>& grad_gates) {
     const Index rows = input_.rows(), experts_count = config_.num_experts, top_k = config_.top_k;
     MOA_CHECK(grad_gates.rows() == rows && grad_gates.cols() == top_k, "Router::backward", "grad_gates has shape ",
               detail::shape_of(grad_gates), ", expected [", rows, ", ", top_k, "] (as the last forward)");
@@ -132,9 +118,9 @@ class Router {
     Matrix<Scalar> grad_logits_extra = Matrix<Scalar>::Zero(rows, experts_count);   // [N, E] z-loss term
     if (routed_tokens_ > 0) {
       const Scalar per_token = Scalar(1) / static_cast<Scalar>(routed_tokens_);
-      const Scalar balance = aux_scale * static_cast<Scalar>(config_.load_balance_coefficient) *
+      const Scalar balance = static_cast<Scalar>(config_.load_balance_coefficient) *
                              static_cast<Scalar>(experts_count) * per_token;
-      const Scalar z_scale = aux_scale * static_cast<Scalar>(config_.z_loss_coefficient) * Scalar(2) * per_token;
+      const Scalar z_scale = static_cast<Scalar>(config_.z_loss_coefficient) * Scalar(2) * per_token;
       for (Index t = 0; t < rows; ++t) {
         if (!routed_[t]) continue;
         const Index* chosen = experts_.data() + t * top_k;
@@ -207,6 +193,55 @@ class Router {
   Parameter<Scalar> noise_weight;  // [E, d_model], only with noisy gating
 
  private:
+  void forward_impl(const Matrix<Scalar>& input, const std::vector<char>& routed, Rng* rng) {
+    const char* function = "Router::forward";
+    const Index experts_count = config_.num_experts, top_k = config_.top_k;
+    MOA_CHECK(input.cols() == config_.model_dim, function, "input has shape ", detail::shape_of(input),
+              ", expected [N, ", config_.model_dim, "]");
+    MOA_CHECK(static_cast<Index>(routed.size()) == input.rows(), function, "routed has ", routed.size(),
+              " flags for ", input.rows(), " input rows");
+    const bool noisy = training_ && config_.noisy_gating;
+    const bool sampling = training_ && config_.sampled_experts > 0;
+    MOA_CHECK(rng != nullptr || !(noisy || sampling), function,
+              "noisy gating and sampled experts draw random numbers in training: pass an Rng");
+    input_ = input;
+    routed_ = routed;
+    const Index rows = input.rows();
+    logits_ = linear_product<Scalar>(*compute_, input, weight.value);  // [N, E]
+    if (noisy) {
+      noise_pre_ = linear_product<Scalar>(*compute_, input, noise_weight.value);  // [N, E]
+      noise_.resize(rows, experts_count);                              // [N, E] standard normal draws
+      for (Index i = 0; i < noise_.size(); ++i) noise_.data()[i] = static_cast<Scalar>(rng->normal());
+      logits_.array() += noise_.array() * (softplus(noise_pre_.array()) + Scalar(0.01));
+    }
+    noisy_ = noisy;
+    probabilities_ = softmax_rows(logits_);  // [N, E]
+
+    experts_.assign(static_cast<std::size_t>(rows * top_k), -1);
+    gates_ = Matrix<Scalar>::Zero(rows, top_k);       // [N, k]
+    gate_sums_ = ColumnVector<Scalar>::Ones(rows);    // [N]
+    routed_tokens_ = 0;
+    for (Index t = 0; t < rows; ++t) {
+      if (!routed_[t]) continue;
+      ++routed_tokens_;
+      Index* chosen = experts_.data() + t * top_k;
+      const Scalar* p = probabilities_.row(t).data();
+      top_k_indices(p, experts_count, top_k - (sampling ? config_.sampled_experts : 0), chosen);
+      if (sampling) sample_remaining(p, chosen, *rng);
+      gate_sums_(t) = gate_normalizer(p, chosen);
+      for (Index j = 0; j < top_k; ++j) gates_(t, j) = p[chosen[j]] / gate_sums_(t);
+    }
+    compute_aux_losses();
+  }
+
+  // S in g = p / S: the chosen experts' probability mass when renormalized, else 1.
+  Scalar gate_normalizer(const Scalar* p, const Index* chosen) const {
+    if (config_.gate_normalization == GateNormalization::raw) return Scalar(1);
+    Scalar sum = 0;
+    for (Index j = 0; j < config_.top_k; ++j) sum += p[chosen[j]];
+    return sum;
+  }
+
   template <typename ArrayLike>
   static auto softplus(const ArrayLike& x) {
     // log(1 + e^x) without overflow: max(x, 0) + log(1 + e^-|x|)

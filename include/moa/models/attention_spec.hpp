@@ -2,6 +2,7 @@
 // experts, head width 64) or "mha:4H64D" (4 heads of width 64), and its cost per token.
 #pragma once
 
+#include "moa/attention_cost.hpp"
 #include "moa/error.hpp"
 #include "moa/tensor.hpp"
 
@@ -53,13 +54,16 @@ struct AttentionSpec {
                              : "mha:" + std::to_string(num_heads) + "H" + std::to_string(head_dim) + "D";
   }
 
-  // Multiply-adds per token of one attention layer over `keys` keys (self or cross attention),
-  // counting projections and attention; MoA adds its router. MoA with k experts and MHA with k
-  // heads of the same width cost the same but for MHA's k key/value heads against MoA's one.
-  double macs_per_token(Index model_dim, Index keys) const {
+  // FLOPs per token of one attention layer over `keys` keys (self or cross attention), counting
+  // projections and attention; MoA adds its router. MoA with k experts and MHA with k heads of the
+  // same width cost the same but for MHA's k key/value heads against MoA's one.
+  double flops_per_token(Index model_dim, Index keys) const {
     const double d = static_cast<double>(model_dim), dh = static_cast<double>(head_dim), s = static_cast<double>(keys);
-    if (kind == Kind::moa) return d * num_experts + 2.0 * top_k * d * dh + 2.0 * d * dh + 2.0 * top_k * s * dh;
-    return 4.0 * num_heads * d * dh + 2.0 * num_heads * s * dh;
+    if (kind == Kind::moa)
+      return cost::moa_projections(d, dh, static_cast<double>(num_experts), 1.0, 1.0, static_cast<double>(top_k)) +
+             cost::attention(static_cast<double>(top_k) * s, dh);
+    const double heads = static_cast<double>(num_heads);
+    return cost::mha_projections(d, heads * dh, 1.0, 1.0) + cost::attention(heads * s, dh);
   }
 };
 

@@ -6,6 +6,7 @@
 #pragma once
 
 #include "moa/attention_kernel.hpp"
+#include "moa/attention_interface.hpp"
 #include "moa/dropout.hpp"
 #include "moa/feed_forward.hpp"
 #include "moa/kv_cache.hpp"
@@ -24,6 +25,7 @@ template <typename Attention>
 class TransformerDecoderLayer {
  public:
   using Scalar = typename Attention::Scalar;
+  static_assert(is_attention_v<Attention>, "Attention must provide moa/attention_interface.hpp");
 
   TransformerDecoderLayer(const TransformerConfig& config, Rng& rng)
       : self_attn(AttentionTraits<Attention>::make(config, rng)),
@@ -54,8 +56,8 @@ class TransformerDecoderLayer {
   // input: [B*T, d_model] (causal), memory: [B*S, d_model] -> output: [B*T, d_model]
   Matrix<Scalar> forward(const Matrix<Scalar>& input, const SequenceBatch& batch, const Matrix<Scalar>& memory,
                          const SequenceBatch& memory_batch, Rng& rng) {
-    auto self = [&](const Matrix<Scalar>& x) { return self_attn.forward_self(x, batch, true, &rng); };
-    auto cross = [&](const Matrix<Scalar>& x) { return encoder_attn.forward(x, batch, memory, memory_batch, false, &rng); };
+    auto self = [&](const Matrix<Scalar>& x) { return forward_self_attention(self_attn, x, batch, true, rng); };
+    auto cross = [&](const Matrix<Scalar>& x) { return forward_attention(encoder_attn, x, batch, memory, memory_batch, false, rng); };
     return run(input, self, cross, rng);
   }
 

@@ -5,6 +5,7 @@
 // final_layer_norm.*.
 #pragma once
 
+#include "moa/attention_interface.hpp"
 #include "moa/dropout.hpp"
 #include "moa/feed_forward.hpp"
 #include "moa/layer_norm.hpp"
@@ -22,6 +23,7 @@ template <typename Attention>
 class TransformerEncoderLayer {
  public:
   using Scalar = typename Attention::Scalar;
+  static_assert(is_attention_v<Attention>, "Attention must provide moa/attention_interface.hpp");
 
   TransformerEncoderLayer(const TransformerConfig& config, Rng& rng)
       : self_attn(AttentionTraits<Attention>::make(config, rng)),
@@ -47,11 +49,11 @@ class TransformerEncoderLayer {
   Matrix<Scalar> forward(const Matrix<Scalar>& input, const SequenceBatch& batch, Rng& rng) {
     if (norm_ == NormPlacement::post) {
       Matrix<Scalar> hidden =
-          self_attn_layer_norm.forward(input + attention_dropout_.forward(self_attn.forward_self(input, batch, false, &rng), rng));
+          self_attn_layer_norm.forward(input + attention_dropout_.forward(forward_self_attention(self_attn, input, batch, false, rng), rng));
       return final_layer_norm.forward(hidden + ffn_dropout_.forward(ffn.forward(hidden), rng));
     }
     Matrix<Scalar> hidden =
-        input + attention_dropout_.forward(self_attn.forward_self(self_attn_layer_norm.forward(input), batch, false, &rng), rng);
+        input + attention_dropout_.forward(forward_self_attention(self_attn, self_attn_layer_norm.forward(input), batch, false, rng), rng);
     return hidden + ffn_dropout_.forward(ffn.forward(final_layer_norm.forward(hidden)), rng);
   }
 

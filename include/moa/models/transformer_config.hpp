@@ -41,7 +41,8 @@ struct TransformerConfig {
   }
 };
 
-// How a model builds its attention layers from the spec.
+// How a model builds its attention layers from the spec: a new attention kind (one that satisfies
+// moa/attention_interface.hpp) adds a specialisation.
 template <typename Attention>
 struct AttentionTraits;
 

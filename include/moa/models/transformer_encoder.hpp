@@ -50,6 +50,7 @@ template <typename Attention>
 class TransformerEncoder {
  public:
   using Scalar = typename Attention::Scalar;
+  static_assert(is_attention_v<Attention>, "Attention must provide moa/attention_interface.hpp");
   using Layer = TransformerEncoderLayer<Attention>;
 
   TransformerEncoder(const TransformerConfig& config, Rng& rng)

@@ -1,0 +1,142 @@
+// moa/attention_interface.hpp - what an attention kind provides, so that the models (and anything
+// generic over attention) take MixtureOfAttention, MultiHeadAttention or a new kind alike.
+//
+// An attention kind A with A::Scalar = S has, with Matrix = Matrix<S>:
+//   Index model_dim() const;  bool training() const;  void set_training(bool);
+//   void set_compute(ComputePtr);
+//   Matrix forward(query, query_batch, key_value, key_batch, bool causal[, Rng&]);
+//   Matrix forward_self(input, batch, bool causal[, Rng&]);
+//   AttentionGradients<S> backward(grad_output);       // after forward: both inputs' gradients
+//   Matrix backward_self(grad_output);                 // after forward_self: their sum
+//   KVCache<S> make_self_cache(Index batch_size, Index capacity) const;
+//   KVCache<S> make_cross_cache(memory, memory_batch) const;
+//   Matrix step(input, KVCache<S>&);                   // incremental decoding, evaluation only
+//   S aux_loss() const;                                // 0 for kinds without one
+//   double last_forward_flops() const;                 // in the units of moa/attention_cost.hpp
+//   void collect_parameters(ParameterList<S>&, const std::string& prefix);
+// The Rng convention is the library's: a kind that may draw random numbers in training (MoA's
+// noisy gating and sampled experts) takes Rng& as the last argument of forward and forward_self;
+// a kind that never draws takes none. forward_attention and forward_self_attention call either.
+#pragma once
+
+#include "moa/attention_kernel.hpp"
+#include "moa/gemm.hpp"
+#include "moa/kv_cache.hpp"
+#include "moa/parameter.hpp"
+#include "moa/random.hpp"
+#include "moa/sequence_batch.hpp"
+#include "moa/tensor.hpp"
+
+#include <string>
+#include <type_traits>
+#include <utility>
+
+namespace moa {
+
+namespace detail {
+
+// The detection idiom: Op<Args...> is detected when it is well-formed, with its type.
+struct NotDetected {};
+template <typename AlwaysVoid, template <typename...> class Op, typename... Args>
+struct Detector {
+  using type = NotDetected;
+};
+template <template <typename...> class Op, typename... Args>
+struct Detector<std::void_t<Op<Args...>>, Op, Args...> {
+  using type = Op<Args...>;
+};
+template <typename Expected, template <typename...> class Op, typename... Args>
+constexpr bool detected_as = std::is_same_v<typename Detector<void, Op, Args...>::type, Expected>;
+
+template <typename A>
+using MatrixOf = Matrix<typename A::Scalar>;
+template <typename A>
+using ForwardOp = decltype(std::declval<A&>().forward(std::declval<const MatrixOf<A>&>(), std::declval<const SequenceBatch&>(),
+                                                      std::declval<const MatrixOf<A>&>(), std::declval<const SequenceBatch&>(), true));
+template <typename A>
+using ForwardRngOp =
+    decltype(std::declval<A&>().forward(std::declval<const MatrixOf<A>&>(), std::declval<const SequenceBatch&>(),
+                                        std::declval<const MatrixOf<A>&>(), std::declval<const SequenceBatch&>(), true,
+                                        std::declval<Rng&>()));
+template <typename A>
+using ForwardSelfOp =
+    decltype(std::declval<A&>().forward_self(std::declval<const MatrixOf<A>&>(), std::declval<const SequenceBatch&>(), true));
+template <typename A>
+using ForwardSelfRngOp = decltype(std::declval<A&>().forward_self(
+    std::declval<const MatrixOf<A>&>(), std::declval<const SequenceBatch&>(), true, std::declval<Rng&>()));
+template <typename A>
+using BackwardOp = decltype(std::declval<A&>().backward(std::declval<const MatrixOf<A>&>()));
+template <typename A>
+using BackwardSelfOp = decltype(std::declval<A&>().backward_self(std::declval<const MatrixOf<A>&>()));
+template <typename A>
+using MakeSelfCacheOp = decltype(std::declval<const A&>().make_self_cache(Index{}, Index{}));
+template <typename A>
+using MakeCrossCacheOp =
+    decltype(std::declval<const A&>().make_cross_cache(std::declval<const MatrixOf<A>&>(), std::declval<const SequenceBatch&>()));
+template <typename A>
+using StepOp = decltype(std::declval<A&>().step(std::declval<const MatrixOf<A>&>(), std::declval<KVCache<typename A::Scalar>&>()));
+template <typename A>
+using AuxLossOp = decltype(std::declval<const A&>().aux_loss());
+template <typename A>
+using FlopsOp = decltype(std::declval<const A&>().last_forward_flops());
+template <typename A>
+using ModelDimOp = decltype(std::declval<const A&>().model_dim());
+template <typename A>
+using TrainingOp = decltype(std::declval<const A&>().training());
+template <typename A>
+using SetTrainingOp = decltype(std::declval<A&>().set_training(true));
+template <typename A>
+using SetComputeOp = decltype(std::declval<A&>().set_compute(std::declval<ComputePtr>()));
+template <typename A>
+using CollectOp = decltype(std::declval<A&>().collect_parameters(std::declval<ParameterList<typename A::Scalar>&>(),
+                                                                 std::declval<const std::string&>()));
+template <typename A>
+using ScalarOf = typename A::Scalar;
+
+template <typename A>
+constexpr bool has_attention_interface() {
+  if constexpr (!std::is_floating_point_v<typename Detector<void, ScalarOf, A>::type>) {
+    return false;
+  } else {
+    using S = typename A::Scalar;
+    return (detected_as<Matrix<S>, ForwardOp, A> || detected_as<Matrix<S>, ForwardRngOp, A>) &&
+           (detected_as<Matrix<S>, ForwardSelfOp, A> || detected_as<Matrix<S>, ForwardSelfRngOp, A>) &&
+           detected_as<AttentionGradients<S>, BackwardOp, A> && detected_as<Matrix<S>, BackwardSelfOp, A> &&
+           detected_as<KVCache<S>, MakeSelfCacheOp, A> && detected_as<KVCache<S>, MakeCrossCacheOp, A> &&
+           detected_as<Matrix<S>, StepOp, A> && detected_as<S, AuxLossOp, A> && detected_as<double, FlopsOp, A> &&
+           detected_as<Index, ModelDimOp, A> && detected_as<bool, TrainingOp, A> && detected_as<void, SetTrainingOp, A> &&
+           detected_as<void, SetComputeOp, A> && detected_as<void, CollectOp, A>;
+  }
+}
+
+}  // namespace detail
+
+// True when A provides the whole attention interface above.
+template <typename A>
+constexpr bool is_attention_v = detail::has_attention_interface<A>();
+
+// True when A's forward takes an Rng (it may draw random numbers in training).
+template <typename A>
+constexpr bool attention_takes_rng_v = detail::detected_as<Matrix<typename A::Scalar>, detail::ForwardSelfRngOp, A>;
+
+// The forward of any attention kind; rng goes to the kinds that take one.
+template <typename Attention>
+Matrix<typename Attention::Scalar> forward_attention(Attention& attention, const Matrix<typename Attention::Scalar>& query,
+                                                     const SequenceBatch& query_batch,
+                                                     const Matrix<typename Attention::Scalar>& key_value,
+                                                     const SequenceBatch& key_batch, bool causal, Rng& rng) {
+  static_assert(is_attention_v<Attention>, "not an attention kind: see moa/attention_interface.hpp");
+  if constexpr (attention_takes_rng_v<Attention>) return attention.forward(query, query_batch, key_value, key_batch, causal, rng);
+  else return attention.forward(query, query_batch, key_value, key_batch, causal);
+}
+
+template <typename Attention>
+Matrix<typename Attention::Scalar> forward_self_attention(Attention& attention,
+                                                          const Matrix<typename Attention::Scalar>& input,
+                                                          const SequenceBatch& batch, bool causal, Rng& rng) {
+  static_assert(is_attention_v<Attention>, "not an attention kind: see moa/attention_interface.hpp");
+  if constexpr (attention_takes_rng_v<Attention>) return attention.forward_self(input, batch, causal, rng);
+  else return attention.forward_self(input, batch, causal);
+}
+
+}  // namespace moa
