@@ -243,7 +243,8 @@ RunResult run(const Options& options, const Data& data, const std::string& spec)
       result.valid_steps.push_back(static_cast<double>(step));
       result.valid_losses.push_back(result.valid.loss);
       moa::save_checkpoint(checkpoint, parameters, adam,
-                           {{"config", describe}, {"step", std::to_string(step)}, {"rng", std::to_string(rng.state())}});
+                           {{"config", describe}, {"step", std::to_string(step)}, {"rng", std::to_string(rng.state())}},
+                           moa::DType::F32, moa::sync_to_disk);
     }
     log.write(step, values);
   }

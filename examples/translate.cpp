@@ -306,7 +306,8 @@ class Run {
     moa::save_checkpoint(path, parameters_, adam_,
                          {{"config", describe(config_)},
                           {"step", std::to_string(step)},
-                          {"dropout_rng", std::to_string(dropout_rng_.state())}});
+                          {"dropout_rng", std::to_string(dropout_rng_.state())}},
+                         moa::DType::F32, moa::sync_to_disk);
   }
 
   // Drops logged steps after `step`, which a resumed run computes again.

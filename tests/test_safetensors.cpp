@@ -202,3 +202,23 @@ TEST_CASE("safetensors: writing bad names or to a missing folder throws", "[safe
   REQUIRE_MOA_ERROR(moa::write_safetensors<float>(temporary_path("meta.safetensors"), {{"__metadata__", {2}, values}}),
                     "invalid tensor name");
 }
+
+TEST_CASE("safetensors: the sync hook runs on the finished file; when it fails the old file stays", "[safetensors][errors]") {
+  const float first[2] = {1, 2}, second[2] = {3, 4};
+  const std::string path = temporary_path("sync.safetensors");
+  long synced_bytes = -1;
+  moa::write_safetensors<float>(path, {{"x", {2}, first}}, moa::DType::F32, {}, [&](std::FILE* file) {
+    synced_bytes = std::ftell(file);
+    return true;
+  });
+  REQUIRE(synced_bytes > 8);  // called after the last byte was written
+  REQUIRE_MOA_ERROR(moa::write_safetensors<float>(path, {{"x", {2}, second}}, moa::DType::F32, {},
+                                                  [](std::FILE*) { return false; }),
+                    "write_safetensors: writing '" + path + ".tmp' failed");
+  float loaded[2] = {0, 0};
+  moa::SafetensorsFile(path).read("x", loaded, 2);
+  REQUIRE(loaded[0] == 1.0f);
+  REQUIRE(loaded[1] == 2.0f);
+  REQUIRE_FALSE(std::ifstream(path + ".tmp").good());
+  std::remove(path.c_str());
+}

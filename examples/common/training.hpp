@@ -21,6 +21,17 @@
 
 namespace moa {
 
+// Forces a finished checkpoint file to the disk before it replaces the previous one (see
+// moa::SyncFile), where the platform can.
+inline bool sync_to_disk(std::FILE* file) {
+#if __has_include(<unistd.h>)
+  return ::fsync(::fileno(file)) == 0;
+#else
+  (void)file;
+  return true;
+#endif
+}
+
 // "step 120/2000 | loss 4.213 | 8.1k tok/s | lr 3.0e-04 | ETA 3m52s", redrawn in place on a
 // terminal and printed as a plain line every `plain_every` steps otherwise (logs, CI).
 class ProgressLine {

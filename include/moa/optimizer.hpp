@@ -76,6 +76,8 @@ class Adam {
   const AdamOptions& options() const { return options_; }
 
   // State for checkpoints: the moments, in the order of the parameter list, and the step count.
+  const std::vector<Matrix<Scalar>>& first_moments() const { return first_moment_; }
+  const std::vector<Matrix<Scalar>>& second_moments() const { return second_moment_; }
   std::vector<Matrix<Scalar>>& first_moments() { return first_moment_; }
   std::vector<Matrix<Scalar>>& second_moments() { return second_moment_; }
   void set_steps(long long steps) {

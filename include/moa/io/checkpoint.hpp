@@ -18,8 +18,8 @@
 namespace moa {
 
 template <typename Scalar>
-void save_checkpoint(const std::string& path, const ParameterList<Scalar>& parameters, Adam<Scalar>& optimizer,
-                     std::map<std::string, std::string> metadata, DType dtype = DType::F32) {
+void save_checkpoint(const std::string& path, const ParameterList<Scalar>& parameters, const Adam<Scalar>& optimizer,
+                     std::map<std::string, std::string> metadata, DType dtype = DType::F32, const SyncFile& sync = {}) {
   std::vector<TensorRef<Scalar>> tensors;
   for (const auto& entry : parameters) tensors.push_back({entry.name, entry.parameter->shape, entry.parameter->value.data()});
   for (std::size_t i = 0; i < parameters.size(); ++i) {
@@ -28,7 +28,7 @@ void save_checkpoint(const std::string& path, const ParameterList<Scalar>& param
     tensors.push_back({"optimizer.exp_avg_sq." + parameters[i].name, shape, optimizer.second_moments()[i].data()});
   }
   metadata["optimizer.steps"] = std::to_string(optimizer.steps());
-  write_safetensors(path, tensors, dtype, metadata);
+  write_safetensors(path, tensors, dtype, metadata, sync);
 }
 
 // Loads what save_checkpoint wrote. `expected` metadata entries must match (e.g. the model

@@ -19,15 +19,11 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <map>
 #include <string>
 #include <vector>
-
-#if __has_include(<unistd.h>)
-#include <unistd.h>
-#define MOA_HAVE_FSYNC 1
-#endif
 
 namespace moa {
 
@@ -79,11 +75,17 @@ inline bool is_safetensors_dtype(const std::string& name) {
 
 }  // namespace detail
 
+// Called on the finished temporary file before it is renamed; returns false on failure. Standard
+// C++ cannot force bytes to the disk, so a program that must survive power loss passes one that
+// does (POSIX: fsync(fileno(file))), as moa's trainers do.
+using SyncFile = std::function<bool(std::FILE*)>;
+
 // Writes the tensors to `path` atomically: the bytes go to a temporary file beside it, which is
-// flushed to disk and then renamed over `path`, so a crash leaves the old file or the new one.
+// flushed (and synced, given `sync`) and then renamed over `path`, so a crash of the program
+// leaves the old file or the new one.
 template <typename Scalar>
 void write_safetensors(const std::string& path, const std::vector<TensorRef<Scalar>>& tensors, DType dtype = DType::F32,
-                       const std::map<std::string, std::string>& metadata = {}) {
+                       const std::map<std::string, std::string>& metadata = {}, const SyncFile& sync = {}) {
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   std::uint64_t offset = 0;
@@ -129,9 +131,7 @@ void write_safetensors(const std::string& path, const std::vector<TensorRef<Scal
     put(buffer.data(), buffer.size());
   }
   ok = ok && std::fflush(file) == 0;
-#ifdef MOA_HAVE_FSYNC
-  ok = ok && ::fsync(::fileno(file)) == 0;
-#endif
+  ok = ok && (!sync || sync(file));
   ok = (std::fclose(file) == 0) && ok;
   if (!ok) std::remove(temporary.c_str());
   MOA_CHECK(ok, "write_safetensors", "writing '", temporary, "' failed");
@@ -292,10 +292,10 @@ class SafetensorsFile {
 // Saves every parameter under its full name.
 template <typename Scalar>
 void save_safetensors(const std::string& path, const ParameterList<Scalar>& parameters, DType dtype = DType::F32,
-                      const std::map<std::string, std::string>& metadata = {}) {
+                      const std::map<std::string, std::string>& metadata = {}, const SyncFile& sync = {}) {
   std::vector<TensorRef<Scalar>> tensors;
   for (const auto& entry : parameters) tensors.push_back({entry.name, entry.parameter->shape, entry.parameter->value.data()});
-  write_safetensors(path, tensors, dtype, metadata);
+  write_safetensors(path, tensors, dtype, metadata, sync);
 }
 
 // Loads every parameter by name. The file must hold exactly these names with these shapes: a
