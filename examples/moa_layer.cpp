@@ -36,7 +36,7 @@ int main(int argc, char** argv) {
   parameters.zero_grad();
   const moa::Matrix<float> grad_x = attention.backward_self(y);
   std::printf("input gradient norm %.4f, q_proj gradient norm %.4f\n", grad_x.norm(),
-              parameters.at("attn.q_proj.weight").grad.norm());
+              parameters.at("attn.q_proj.weight").grad().norm());
 
   const moa::RoutingStatistics stats = attention.routing_statistics();
   std::printf("expert loads:");

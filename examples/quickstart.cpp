@@ -54,7 +54,7 @@ int main(int argc, char** argv) {
   const Matrix logits = forward(inputs);
   moa::save_safetensors(checkpoint, parameters);
   parameters.zero_grad();
-  for (const auto& entry : parameters) entry.parameter->value.setZero();
+  for (const auto& entry : parameters) entry.value().setZero();
   moa::load_safetensors(checkpoint, parameters);
   const bool same = forward(inputs) == logits;
   int correct = 0;

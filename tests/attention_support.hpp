@@ -130,11 +130,11 @@ moa::GradientCheckResult check_attention_gradients(Layer& layer, const Attention
   moa::AttentionGradients<double> grads = layer.backward(output_weights);
   if (test_case.self) grads.query += grads.key_value;
   std::vector<MatrixD> analytic;
-  for (const auto& entry : parameters) analytic.push_back(entry.parameter->grad);
+  for (const auto& entry : parameters) analytic.push_back(entry.grad());
   std::vector<moa::GradientCheckTensor> tensors{{"query", &query, &grads.query}};
   if (!test_case.self) tensors.push_back({"key_value", &memory, &grads.key_value});
   for (std::size_t i = 0; i < parameters.size(); ++i)
-    tensors.push_back({parameters[i].name, &parameters[i].parameter->value, &analytic[i]});
+    tensors.push_back({parameters[i].name, parameters[i].value(), &analytic[i]});
   return moa::check_gradients([&] { return run().cwiseProduct(output_weights).sum() + layer.aux_loss(); }, tensors,
                               options);
 }

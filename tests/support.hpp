@@ -45,10 +45,10 @@ moa::GradientCheckResult check_layer_gradients(Layer& layer, MatrixD input, moa:
   parameters.zero_grad();
   const MatrixD grad_input = layer.backward(output_weights);
   std::vector<MatrixD> analytic;
-  for (const auto& entry : parameters) analytic.push_back(entry.parameter->grad);
+  for (const auto& entry : parameters) analytic.push_back(entry.grad());
   std::vector<moa::GradientCheckTensor> tensors{{"input", &input, &grad_input}};
   for (std::size_t i = 0; i < parameters.size(); ++i)
-    tensors.push_back({parameters[i].name, &parameters[i].parameter->value, &analytic[i]});
+    tensors.push_back({parameters[i].name, parameters[i].value(), &analytic[i]});
   return moa::check_gradients([&] { return layer.forward(input).cwiseProduct(output_weights).sum(); }, tensors,
                               options);
 }

@@ -54,7 +54,7 @@ TEST_CASE("for_each_attention visits every attention layer with its parameter pr
     names.push_back(site.name);
     from_source.push_back(site.queries_from_source);
     // The prefix names the layer's own parameters.
-    REQUIRE(&parameters.at(site.name + ".q_proj.weight") == &attention.q_proj);
+    REQUIRE(parameters.at(site.name + ".q_proj.weight").value().data() == attention.q_proj.value.data());
   });
   REQUIRE(names == std::vector<std::string>{"encoder.layers.0.self_attn", "encoder.layers.1.self_attn",
                                             "decoder.layers.0.self_attn", "decoder.layers.0.encoder_attn"});

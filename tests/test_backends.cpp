@@ -51,7 +51,7 @@ void copy_parameters(Target& target, Source& source) {
   REQUIRE(from.size() == to.size());
   for (std::size_t i = 0; i < from.size(); ++i) {
     REQUIRE(from[i].name == to[i].name);
-    to[i].parameter->value = from[i].parameter->value.template cast<typename Target::Scalar>();
+    to[i].value() = from[i].value().template cast<typename Target::Scalar>();
   }
 }
 
@@ -62,8 +62,8 @@ void require_same_gradients(Float& actual, Double& expected, double tolerance) {
   auto double_parameters = moa::parameters_of(expected);
   for (std::size_t i = 0; i < float_parameters.size(); ++i) {
     INFO("parameter " << double_parameters[i].name);
-    const MatrixD grad = float_parameters[i].parameter->grad.template cast<double>();
-    REQUIRE(relative_error(grad, double_parameters[i].parameter->grad) < tolerance);
+    const MatrixD grad = float_parameters[i].grad().template cast<double>();
+    REQUIRE(relative_error(grad, double_parameters[i].grad()) < tolerance);
   }
 }
 
@@ -212,7 +212,7 @@ TEST_CASE("Threads: bit-identical run to run at a fixed count; 1 and 2 threads a
       const MatrixF input = random_matrix<float>(batch.rows(), config.model_dim, rng);
       const MatrixF grad_output = random_matrix<float>(batch.rows(), config.model_dim, rng);
       std::vector<MatrixF> results{layer.forward_self(input, batch, true), layer.backward_self(grad_output)};
-      for (const auto& entry : moa::parameters_of(layer)) results.push_back(entry.parameter->grad);
+      for (const auto& entry : moa::parameters_of(layer)) results.push_back(entry.grad());
       return results;
     };
     const auto two = run(2), again = run(2), one = run(1);

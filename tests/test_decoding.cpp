@@ -19,7 +19,10 @@ moa::Seq2Seq<Attention> trained_reverser(const std::string& spec, moa::Rng& rng)
   config.attention = moa::AttentionSpec::parse(spec);
   moa::Seq2Seq<Attention> model(config, rng);
   for (const auto& entry : moa::parameters_of(model))
-    if (entry.name.find("router.weight") != std::string::npos) moa::init_normal(*entry.parameter, rng, 0.0, 0.5);
+    if (entry.name.find("router.weight") != std::string::npos) {
+      auto value = entry.value();
+      moa::init_normal(value, rng, 0.0, 0.5);
+    }
   // A few steps, so that the outputs are neither constant nor all EOS.
   const auto pairs = moa::synthetic_reverse_task(200, 10, 2, 5, rng);
   auto parameters = moa::parameters_of(model);

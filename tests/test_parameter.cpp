@@ -27,8 +27,45 @@ TEST_CASE("ParameterList names by dotted prefix, finds, zeroes and counts", "[pa
   REQUIRE(list.find("nope") == nullptr);
   REQUIRE_MOA_ERROR(list.at("nope"), "no parameter named 'nope'");
   REQUIRE(list.numel() == 8 * 4 + 8 + 4 * 8 + 4);
-  for (const auto& entry : list) entry.parameter->grad.setOnes();
+  for (const auto& entry : list) entry.grad().setOnes();
   list.zero_grad();
-  for (const auto& entry : list) REQUIRE(entry.parameter->grad.isZero(0));
+  for (const auto& entry : list) REQUIRE(entry.grad().isZero(0));
   REQUIRE_MOA_ERROR(ffn.collect_parameters(list, "encoder.layers.0.ffn."), "duplicate parameter name");
+}
+
+TEST_CASE("pack_parameters: one aligned block, values kept, a flat zero_grad", "[parameter]") {
+  moa::Rng rng(1);
+  moa::FeedForward<float> ffn(5, 7, moa::Activation::relu, rng);
+  const auto before = moa::parameters_of(ffn);
+  REQUIRE_FALSE(before.contiguous());
+  std::vector<MatrixF> values;
+  for (const auto& entry : before) values.push_back(entry.value());
+  const auto packed = moa::pack_parameters(ffn);
+  REQUIRE(packed.contiguous());
+  for (std::size_t i = 0; i < packed.size(); ++i) {
+    REQUIRE(MatrixF(packed[i].value()) == values[i]);
+    REQUIRE(reinterpret_cast<std::uintptr_t>(packed[i].value().data()) % 64 == 0);
+    REQUIRE(reinterpret_cast<std::uintptr_t>(packed[i].grad().data()) % 64 == 0);
+  }
+  // The layer computes with the block: a change through the list is seen by the layer.
+  REQUIRE(packed.at("fc1.weight").value().data() == ffn.fc1.weight.value.data());
+  REQUIRE(packed.flat_size() >= packed.numel());
+  packed.flat_grads().setOnes();
+  packed.zero_grad();
+  for (const auto& entry : packed) REQUIRE(entry.grad().isZero(0));
+}
+
+TEST_CASE("Parameter copies are independent; assigning the same shape keeps the memory", "[parameter]") {
+  moa::Parameter<float> a("w", {2, 3});
+  a.value.setConstant(1.0f);
+  moa::Parameter<float> b = a;
+  b.value.setConstant(2.0f);
+  REQUIRE(a.value.isConstant(1.0f));
+  float* const memory = a.value.data();
+  a = b;
+  REQUIRE(a.value.data() == memory);
+  REQUIRE(a.value.isConstant(2.0f));
+  moa::Parameter<float> c = std::move(b);
+  REQUIRE(c.value.isConstant(2.0f));
+  REQUIRE(b.value.size() == 0);
 }

@@ -115,9 +115,9 @@ TEST_CASE("Router: gradient check of gates and aux losses, with noise and sampli
     REQUIRE(grad_input.row(2).isZero(0));  // padding
     std::vector<moa::GradientCheckTensor> tensors{{"input", &input, &grad_input}};
     std::vector<MatrixD> analytic;
-    for (const auto& entry : parameters) analytic.push_back(entry.parameter->grad);
+    for (const auto& entry : parameters) analytic.push_back(entry.grad());
     for (std::size_t i = 0; i < parameters.size(); ++i)
-      tensors.push_back({parameters[i].name, &parameters[i].parameter->value, &analytic[i]});
+      tensors.push_back({parameters[i].name, parameters[i].value(), &analytic[i]});
     INFO("variant " << variant);
     REQUIRE_GRADIENTS_OK(moa::check_gradients(run, tensors));
   }

@@ -1,6 +1,7 @@
 #include "support.hpp"
 
 #include "moa/text/batching.hpp"
+#include "moa/io/safetensors.hpp"
 #include "moa/models.hpp"
 
 using namespace moa_test;
@@ -28,7 +29,10 @@ moa::TransformerConfig tiny_config(const std::string& spec, moa::NormPlacement n
 template <typename Scalar>
 void randomize_routers(const moa::ParameterList<Scalar>& parameters, moa::Rng& rng) {
   for (const auto& entry : parameters)
-    if (entry.name.find("router.weight") != std::string::npos) moa::init_normal(*entry.parameter, rng, 0.0, 1.0);
+    if (entry.name.find("router.weight") != std::string::npos) {
+      auto value = entry.value();
+      moa::init_normal(value, rng, 0.0, 1.0);
+    }
 }
 
 // Gradient check of cross-entropy + aux loss over every parameter of a model.
@@ -41,9 +45,9 @@ moa::GradientCheckResult check_model(Model& model, Forward&& forward, const moa:
   model.backward(loss.backward());
   std::vector<MatrixD> analytic;
   std::vector<moa::GradientCheckTensor> tensors;
-  for (const auto& entry : parameters) analytic.push_back(entry.parameter->grad);
+  for (const auto& entry : parameters) analytic.push_back(entry.grad());
   for (std::size_t i = 0; i < parameters.size(); ++i)
-    tensors.push_back({parameters[i].name, &parameters[i].parameter->value, &analytic[i]});
+    tensors.push_back({parameters[i].name, parameters[i].value(), &analytic[i]});
   return moa::check_gradients([&] { return loss.forward(forward(), targets) + model.aux_loss(); }, tensors);
 }
 
@@ -188,4 +192,54 @@ TEST_CASE("Transformer models reject bad configurations and inputs", "[transform
                     "source has 1 sequences but target_input has 2");
   REQUIRE_MOA_ERROR(model.forward({4, 50}, moa::SequenceBatch::full(1, 2), {1, 4}, moa::SequenceBatch::full(1, 2), rng),
                     "ids[1] = 50 is outside [0, 9)");
+}
+
+TEST_CASE("Seq2Seq: one parameter block; a moved model still trains and saves correctly", "[transformer][parameter]") {
+  auto config = tiny_config("moa:2K4E4D", moa::NormPlacement::pre, 0.1);
+  const auto source_batch = moa::SequenceBatch::padded(5, {5, 3});
+  const auto target_batch = moa::SequenceBatch::padded(4, {4, 2});
+  const moa::TokenIds source{4, 5, 6, 7, 8, 4, 5, 6, 0, 0}, target{1, 5, 6, 7, 1, 8, 0, 0};
+  const moa::TokenIds target_output{5, 6, 7, 2, 8, 2, 0, 0};
+  auto train_steps = [&](moa::Seq2Seq<MoA>& model, const moa::ParameterList<double>& parameters, moa::Adam<double>& adam,
+                         moa::Rng& rng, int steps) {
+    moa::CrossEntropyLoss<double> loss(0.0, moa::kPadId);
+    for (int step = 0; step < steps; ++step) {
+      loss.forward(model.forward(source, source_batch, target, target_batch, rng), target_output);
+      parameters.zero_grad();
+      model.backward(loss.backward());
+      adam.step(1e-2);
+    }
+  };
+  moa::Rng init_a(3), init_b(3), rng_a(4), rng_b(4);
+  moa::Seq2Seq<MoA> reference(config, init_a);
+  auto model = std::make_unique<moa::Seq2Seq<MoA>>(config, init_b);
+  const auto reference_parameters = moa::parameters_of(reference);
+  const auto parameters = moa::parameters_of(*model);
+  REQUIRE(parameters.contiguous());
+  REQUIRE(parameters.flat_size() < parameters.numel() + 16 * static_cast<moa::Index>(parameters.size()));
+  moa::Adam<double> reference_adam(reference_parameters), adam(parameters);
+  train_steps(reference, reference_parameters, reference_adam, rng_a, 2);
+  train_steps(*model, parameters, adam, rng_b, 2);
+  // Move the model out of its heap slot and free the slot: the list and Adam must follow the move.
+  moa::Seq2Seq<MoA> moved = std::move(*model);
+  model.reset();
+  train_steps(reference, reference_parameters, reference_adam, rng_a, 2);
+  train_steps(moved, parameters, adam, rng_b, 2);
+  for (std::size_t i = 0; i < parameters.size(); ++i) {
+    INFO(parameters[i].name);
+    REQUIRE(MatrixD(parameters[i].value()) == MatrixD(reference_parameters[i].value()));
+  }
+  REQUIRE(parameters.at("embed_tokens.weight").value().data() == moved.embed_tokens.weight.value.data());
+  // Saved through the list after the move, loaded into a fresh model: the same outputs.
+  const std::string path = temporary_path("moved.safetensors");
+  moa::save_safetensors(path, parameters, moa::DType::F64);
+  moa::Rng init_c(99);
+  moa::Seq2Seq<MoA> loaded(config, init_c);
+  moa::load_safetensors(path, moa::parameters_of(loaded));
+  moved.set_training(false);
+  loaded.set_training(false);
+  moa::Rng unused(0);
+  REQUIRE(loaded.forward(source, source_batch, target, target_batch, unused) ==
+          moved.forward(source, source_batch, target, target_batch, unused));
+  std::remove(path.c_str());
 }

@@ -134,7 +134,7 @@ Index check_step_input(const Matrix<Scalar>& input, const KVCache<Scalar>& cache
 // value_weight ([width, d_model] each), with memory_batch's true lengths.
 template <typename Scalar>
 KVCache<Scalar> make_cross_attention_cache(const Matrix<Scalar>& memory, const SequenceBatch& memory_batch,
-                                           const Matrix<Scalar>& key_weight, const Matrix<Scalar>& value_weight,
+                                           const ConstMatrixRef<Scalar>& key_weight, const ConstMatrixRef<Scalar>& value_weight,
                                            const char* function, const Compute& compute = *Compute::standard(),
                                            Precision precision = Precision::f32) {
   MOA_CHECK(memory.cols() == key_weight.cols(), function, "memory has shape ", detail::shape_of(memory),

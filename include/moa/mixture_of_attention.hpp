@@ -243,7 +243,7 @@ class MixtureOfAttention {
     return KVCache<Scalar>(batch_size, capacity, config_.head_dim);
   }
   KVCache<Scalar> make_cross_cache(const Matrix<Scalar>& memory, const SequenceBatch& memory_batch) const {
-    return make_cross_attention_cache(memory, memory_batch, k_proj.value, v_proj.value,
+    return make_cross_attention_cache<Scalar>(memory, memory_batch, k_proj.value, v_proj.value,
                                       "MixtureOfAttention::make_cross_cache", *compute_,
                                       product_precision(*compute_, false));
   }

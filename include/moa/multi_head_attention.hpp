@@ -163,7 +163,7 @@ class MultiHeadAttention {
     return KVCache<Scalar>(batch_size, capacity, width());
   }
   KVCache<Scalar> make_cross_cache(const Matrix<Scalar>& memory, const SequenceBatch& memory_batch) const {
-    return make_cross_attention_cache(memory, memory_batch, k_proj.value, v_proj.value,
+    return make_cross_attention_cache<Scalar>(memory, memory_batch, k_proj.value, v_proj.value,
                                       "MultiHeadAttention::make_cross_cache", *compute_,
                                       product_precision(*compute_, false));
   }

@@ -6,6 +6,7 @@
 #include "moa/tensor.hpp"
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace moa {
@@ -32,11 +33,16 @@ class Adam {
     MOA_CHECK(options.beta2 >= 0.0 && options.beta2 < 1.0, "Adam", "beta2 must be in [0, 1), got ", options.beta2);
     MOA_CHECK(options.epsilon > 0.0, "Adam", "epsilon must be positive, got ", options.epsilon);
     MOA_CHECK(options.weight_decay >= 0.0, "Adam", "weight_decay must be non-negative, got ", options.weight_decay);
-    for (const auto& entry : parameters_) {
-      const Matrix<Scalar>& value = entry.parameter->value;
-      first_moment_.push_back(Matrix<Scalar>::Zero(value.rows(), value.cols()));
-      second_moment_.push_back(Matrix<Scalar>::Zero(value.rows(), value.cols()));
+    // The moments mirror the parameters' layout: one flat block for a packed model's list.
+    contiguous_ = parameters_.contiguous();
+    Index offset = 0;
+    for (std::size_t i = 0; i < parameters_.size(); ++i) {
+      offsets_.push_back(contiguous_ ? parameters_.flat_offset(i) : offset);
+      offset += aligned_extent(parameters_[i].numel());
     }
+    const Index total = contiguous_ ? parameters_.flat_size() : offset;
+    first_moment_.assign(static_cast<std::size_t>(total), Scalar(0));
+    second_moment_.assign(static_cast<std::size_t>(total), Scalar(0));
   }
 
   void step(double learning_rate) {
@@ -45,51 +51,75 @@ class Adam {
     ++steps_;
     const double correction1 = 1.0 - std::pow(options_.beta1, static_cast<double>(steps_));
     const double correction2 = 1.0 - std::pow(options_.beta2, static_cast<double>(steps_));
-    const Scalar beta1 = static_cast<Scalar>(options_.beta1);
-    const Scalar beta2 = static_cast<Scalar>(options_.beta2);
-    const Scalar step_size = static_cast<Scalar>(learning_rate / correction1);
-    const Scalar root_correction2 = static_cast<Scalar>(std::sqrt(correction2));
-    const Scalar epsilon = static_cast<Scalar>(options_.epsilon);
-    const Scalar decay = static_cast<Scalar>(options_.weight_decay);
-    for (std::size_t i = 0; i < parameters_.size(); ++i) {
-      Parameter<Scalar>& parameter = *parameters_[i].parameter;
-      MOA_CHECK(parameter.grad.rows() == first_moment_[i].rows() && parameter.grad.cols() == first_moment_[i].cols(),
-                "Adam::step", "parameter '", parameters_[i].name, "' changed shape to ",
-                detail::shape_of(parameter.grad), " after the optimizer was made");
-      auto value = parameter.value.array();
-      auto first = first_moment_[i].array();
-      auto second = second_moment_[i].array();
-      if (options_.decoupled_weight_decay) {
-        value *= Scalar(1) - static_cast<Scalar>(learning_rate) * decay;
-        first = beta1 * first + (Scalar(1) - beta1) * parameter.grad.array();
-        second = beta2 * second + (Scalar(1) - beta2) * parameter.grad.array().square();
-      } else {
-        const auto gradient = parameter.grad.array() + decay * value;
-        first = beta1 * first + (Scalar(1) - beta1) * gradient;
-        second = beta2 * second + (Scalar(1) - beta2) * gradient.square();
-      }
-      value -= step_size * first / (second.sqrt() / root_correction2 + epsilon);
+    Update update;
+    update.beta1 = static_cast<Scalar>(options_.beta1);
+    update.beta2 = static_cast<Scalar>(options_.beta2);
+    update.step_size = static_cast<Scalar>(learning_rate / correction1);
+    update.root_correction2 = static_cast<Scalar>(std::sqrt(correction2));
+    update.epsilon = static_cast<Scalar>(options_.epsilon);
+    update.decay = static_cast<Scalar>(options_.weight_decay);
+    update.decay_factor = Scalar(1) - static_cast<Scalar>(learning_rate) * update.decay;
+    // A packed model's parameters are one block: one loop over all of them.
+    if (contiguous_) {
+      apply(update, parameters_.flat_values().data(), parameters_.flat_grads().data(), 0, parameters_.flat_size());
+      return;
     }
+    for (std::size_t i = 0; i < parameters_.size(); ++i)
+      apply(update, parameters_[i].value().data(), parameters_[i].grad().data(), offsets_[i], parameters_[i].numel());
   }
 
   long long steps() const { return steps_; }
   const AdamOptions& options() const { return options_; }
 
-  // State for checkpoints: the moments, in the order of the parameter list, and the step count.
-  const std::vector<Matrix<Scalar>>& first_moments() const { return first_moment_; }
-  const std::vector<Matrix<Scalar>>& second_moments() const { return second_moment_; }
-  std::vector<Matrix<Scalar>>& first_moments() { return first_moment_; }
-  std::vector<Matrix<Scalar>>& second_moments() { return second_moment_; }
+  // State for checkpoints: the moments of parameter i of the list (its value's shape), and the
+  // step count.
+  Eigen::Map<const Matrix<Scalar>> first_moment(std::size_t i) const { return moment(first_moment_, i); }
+  Eigen::Map<const Matrix<Scalar>> second_moment(std::size_t i) const { return moment(second_moment_, i); }
+  ParameterView<Scalar> first_moment(std::size_t i) { return moment(first_moment_, i); }
+  ParameterView<Scalar> second_moment(std::size_t i) { return moment(second_moment_, i); }
   void set_steps(long long steps) {
     MOA_CHECK(steps >= 0, "Adam::set_steps", "steps must be non-negative, got ", steps);
     steps_ = steps;
   }
 
  private:
+  struct Update {
+    Scalar beta1, beta2, step_size, root_correction2, epsilon, decay, decay_factor;
+  };
+
+  // The update of `count` consecutive numbers whose moments start at moment_offset.
+  void apply(const Update& u, Scalar* value_data, const Scalar* grad_data, Index moment_offset, Index count) {
+    Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> value(value_data, count);
+    Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>> grad(grad_data, count);
+    Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> first(first_moment_.data() + moment_offset, count);
+    Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> second(second_moment_.data() + moment_offset, count);
+    if (options_.decoupled_weight_decay) {
+      value *= u.decay_factor;
+      first = u.beta1 * first + (Scalar(1) - u.beta1) * grad;
+      second = u.beta2 * second + (Scalar(1) - u.beta2) * grad.square();
+    } else {
+      const auto gradient = grad + u.decay * value;
+      first = u.beta1 * first + (Scalar(1) - u.beta1) * gradient;
+      second = u.beta2 * second + (Scalar(1) - u.beta2) * gradient.square();
+    }
+    value -= u.step_size * first / (second.sqrt() / u.root_correction2 + u.epsilon);
+  }
+
+  template <typename Moments>
+  auto moment(Moments& moments, std::size_t i) const {
+    MOA_CHECK(i < parameters_.size(), "Adam::moment", "parameter index ", i, " is outside the list of ",
+              parameters_.size());
+    using Map = std::conditional_t<std::is_const_v<Moments>, Eigen::Map<const Matrix<Scalar>>, ParameterView<Scalar>>;
+    const auto& entry = parameters_[i];
+    return Map(moments.data() + offsets_[i], entry.value().rows(), entry.value().cols());
+  }
+
   ParameterList<Scalar> parameters_;
   AdamOptions options_;
-  std::vector<Matrix<Scalar>> first_moment_;   // per parameter, its value's shape
-  std::vector<Matrix<Scalar>> second_moment_;  // per parameter, its value's shape
+  bool contiguous_ = false;                  // the list is one block: one update loop
+  std::vector<Index> offsets_;              // where parameter i's moments start
+  ParameterStorage<Scalar> first_moment_;   // m, laid out as the parameters
+  ParameterStorage<Scalar> second_moment_;  // v, laid out as the parameters
   long long steps_ = 0;
 };
 
@@ -133,11 +163,11 @@ template <typename Scalar>
 double clip_grad_norm(const ParameterList<Scalar>& parameters, double max_norm) {
   MOA_CHECK(max_norm > 0.0, "clip_grad_norm", "max_norm must be positive, got ", max_norm);
   double squared = 0.0;
-  for (const auto& entry : parameters) squared += static_cast<double>(entry.parameter->grad.squaredNorm());
+  for (const auto& entry : parameters) squared += static_cast<double>(entry.grad().squaredNorm());
   const double norm = std::sqrt(squared);
   if (norm > max_norm) {
     const Scalar scale = static_cast<Scalar>(max_norm / (norm + 1e-6));
-    for (const auto& entry : parameters) entry.parameter->grad *= scale;
+    for (const auto& entry : parameters) entry.grad() *= scale;
   }
   return norm;
 }

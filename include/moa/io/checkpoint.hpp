@@ -21,11 +21,11 @@ template <typename Scalar>
 void save_checkpoint(const std::string& path, const ParameterList<Scalar>& parameters, const Adam<Scalar>& optimizer,
                      std::map<std::string, std::string> metadata, DType dtype = DType::F32, const SyncFile& sync = {}) {
   std::vector<TensorRef<Scalar>> tensors;
-  for (const auto& entry : parameters) tensors.push_back({entry.name, entry.parameter->shape, entry.parameter->value.data()});
+  for (const auto& entry : parameters) tensors.push_back({entry.name, entry.shape, entry.value().data()});
   for (std::size_t i = 0; i < parameters.size(); ++i) {
-    const auto& shape = parameters[i].parameter->shape;
-    tensors.push_back({"optimizer.exp_avg." + parameters[i].name, shape, optimizer.first_moments()[i].data()});
-    tensors.push_back({"optimizer.exp_avg_sq." + parameters[i].name, shape, optimizer.second_moments()[i].data()});
+    const auto& shape = parameters[i].shape;
+    tensors.push_back({"optimizer.exp_avg." + parameters[i].name, shape, optimizer.first_moment(i).data()});
+    tensors.push_back({"optimizer.exp_avg_sq." + parameters[i].name, shape, optimizer.second_moment(i).data()});
   }
   metadata["optimizer.steps"] = std::to_string(optimizer.steps());
   write_safetensors(path, tensors, dtype, metadata, sync);
@@ -53,9 +53,9 @@ std::map<std::string, std::string> load_checkpoint(const std::string& path, cons
     for (const char* kind : {"optimizer.exp_avg.", "optimizer.exp_avg_sq."}) {
       const std::string name = kind + entry.name;
       MOA_CHECK(file.contains(name), function, "'", path, "' is missing tensor '", name, "'");
-      MOA_CHECK(file.info(name).shape == entry.parameter->shape, function, "'", path, "': tensor '", name,
+      MOA_CHECK(file.info(name).shape == entry.shape, function, "'", path, "': tensor '", name,
                 "' has shape ", detail::shape_string(file.info(name).shape), " but the parameter has shape ",
-                detail::shape_string(entry.parameter->shape));
+                detail::shape_string(entry.shape));
     }
   }
   for (const auto& item : file.tensors()) {
@@ -66,17 +66,18 @@ std::map<std::string, std::string> load_checkpoint(const std::string& path, cons
   }
   for (const auto& entry : parameters) {
     MOA_CHECK(file.contains(entry.name), function, "'", path, "' is missing tensor '", entry.name, "'");
-    MOA_CHECK(file.info(entry.name).shape == entry.parameter->shape, function, "'", path, "': tensor '", entry.name,
+    MOA_CHECK(file.info(entry.name).shape == entry.shape, function, "'", path, "': tensor '", entry.name,
               "' has shape ", detail::shape_string(file.info(entry.name).shape), " but the parameter has shape ",
-              detail::shape_string(entry.parameter->shape));
+              detail::shape_string(entry.shape));
   }
   for (std::size_t i = 0; i < parameters.size(); ++i) {
-    Parameter<Scalar>& parameter = *parameters[i].parameter;
-    file.read(parameters[i].name, parameter.value.data(), static_cast<std::size_t>(parameter.value.size()));
-    file.read("optimizer.exp_avg." + parameters[i].name, optimizer.first_moments()[i].data(),
-              static_cast<std::size_t>(parameter.value.size()));
-    file.read("optimizer.exp_avg_sq." + parameters[i].name, optimizer.second_moments()[i].data(),
-              static_cast<std::size_t>(parameter.value.size()));
+    const auto& entry = parameters[i];
+    const std::size_t count = static_cast<std::size_t>(entry.numel());
+    file.read(entry.name, entry.value().data(), count);
+    file.read("optimizer.exp_avg." + parameters[i].name, optimizer.first_moment(i).data(),
+              count);
+    file.read("optimizer.exp_avg_sq." + parameters[i].name, optimizer.second_moment(i).data(),
+              count);
   }
   optimizer.set_steps(std::stoll(steps->second));
   return file.metadata();

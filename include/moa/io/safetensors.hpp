@@ -294,7 +294,7 @@ template <typename Scalar>
 void save_safetensors(const std::string& path, const ParameterList<Scalar>& parameters, DType dtype = DType::F32,
                       const std::map<std::string, std::string>& metadata = {}, const SyncFile& sync = {}) {
   std::vector<TensorRef<Scalar>> tensors;
-  for (const auto& entry : parameters) tensors.push_back({entry.name, entry.parameter->shape, entry.parameter->value.data()});
+  for (const auto& entry : parameters) tensors.push_back({entry.name, entry.shape, entry.value().data()});
   write_safetensors(path, tensors, dtype, metadata, sync);
 }
 
@@ -306,16 +306,16 @@ void load_safetensors(const SafetensorsFile& file, const ParameterList<Scalar>& 
   for (const auto& entry : parameters) {
     MOA_CHECK(file.contains(entry.name), function, "'", file.path(), "' is missing tensor '", entry.name, "'");
     const auto& info = file.info(entry.name);
-    MOA_CHECK(info.shape == entry.parameter->shape, function, "'", file.path(), "': tensor '", entry.name,
+    MOA_CHECK(info.shape == entry.shape, function, "'", file.path(), "': tensor '", entry.name,
               "' has shape ", detail::shape_string(info.shape), " but the parameter has shape ",
-              detail::shape_string(entry.parameter->shape));
+              detail::shape_string(entry.shape));
   }
   for (const auto& item : file.tensors()) {
     MOA_CHECK(parameters.find(item.first) != nullptr, function, "'", file.path(), "' has unexpected tensor '",
               item.first, "'");
   }
   for (const auto& entry : parameters) {
-    file.read(entry.name, entry.parameter->value.data(), static_cast<std::size_t>(entry.parameter->value.size()));
+    file.read(entry.name, entry.value().data(), static_cast<std::size_t>(entry.numel()));
   }
 }
 

@@ -28,7 +28,9 @@ class MaskedLM {
   MaskedLM(const TransformerConfig& config, Rng& rng)
       : embed_tokens((config.validate("MaskedLM"), config.vocab_size), config.model_dim, rng, config.padding_index),
         encoder((check_layers(config), config), rng),
-        config_(config) {}
+        config_(config) {
+    pack_parameters(*this);  // one block: see moa/parameter.hpp
+  }
 
   const TransformerConfig& config() const { return config_; }
 

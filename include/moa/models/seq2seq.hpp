@@ -44,6 +44,7 @@ class Seq2Seq {
         decoder_dropout_(config.dropout) {
     decoder_layers.reserve(static_cast<std::size_t>(config.decoder_layers));
     for (Index i = 0; i < config.decoder_layers; ++i) decoder_layers.emplace_back(config, rng);
+    pack_parameters(*this);  // one block: see moa/parameter.hpp
   }
 
   const TransformerConfig& config() const { return config_; }

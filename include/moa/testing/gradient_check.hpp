@@ -17,6 +17,8 @@
 #include <functional>
 #include <sstream>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace moa {
@@ -29,11 +31,38 @@ struct GradientCheckOptions {
   int max_reported = 8;         // failures listed in the message
 };
 
+// A tensor to check: its values (any contiguous Eigen matrix of doubles: a Matrix, a Parameter's
+// value view), perturbed in place and restored, and the analytic gradient of the same shape.
 struct GradientCheckTensor {
+  template <typename Value, typename Analytic>
+  GradientCheckTensor(std::string tensor_name, Value* value, const Analytic* analytic, bool zero_allowed = false)
+      : name(std::move(tensor_name)), may_be_zero(zero_allowed) {
+    static_assert(std::is_same_v<typename Value::Scalar, double> && std::is_same_v<typename Analytic::Scalar, double>,
+                  "gradient checks run in double");
+    if (value != nullptr) {
+      data = value->data();
+      rows = value->rows();
+      cols = value->cols();
+    }
+    if (analytic != nullptr) {
+      analytic_data = analytic->data();
+      analytic_rows = analytic->rows();
+      analytic_cols = analytic->cols();
+    }
+  }
+
+  // A view (a Parameter's value, a ParameterList entry's value()) is taken by value.
+  template <typename Analytic>
+  GradientCheckTensor(std::string tensor_name, Eigen::Map<Matrix<double>> value, const Analytic* analytic,
+                      bool zero_allowed = false)
+      : GradientCheckTensor(std::move(tensor_name), &value, analytic, zero_allowed) {}
+
   std::string name;
-  Matrix<double>* value;            // perturbed in place, restored afterwards
-  const Matrix<double>* analytic;   // same shape as value
-  bool may_be_zero = false;         // true where the loss may legitimately not depend on the tensor
+  double* data = nullptr;
+  Index rows = 0, cols = 0;
+  const double* analytic_data = nullptr;
+  Index analytic_rows = 0, analytic_cols = 0;
+  bool may_be_zero = false;  // true where the loss may legitimately not depend on the tensor
 };
 
 struct GradientCheckResult {
@@ -56,14 +85,14 @@ inline GradientCheckResult check_gradients(const std::function<double()>& loss,
     if (reported++ < options.max_reported) failures << line << "\n";
   };
   for (const GradientCheckTensor& tensor : tensors) {
-    MOA_CHECK(tensor.value != nullptr && tensor.analytic != nullptr, "check_gradients", "tensor '", tensor.name,
+    MOA_CHECK(tensor.data != nullptr && tensor.analytic_data != nullptr, "check_gradients", "tensor '", tensor.name,
               "' has a null value or gradient");
-    MOA_CHECK(tensor.value->rows() == tensor.analytic->rows() && tensor.value->cols() == tensor.analytic->cols(),
-              "check_gradients", "tensor '", tensor.name, "' has value shape ", detail::shape_of(*tensor.value),
-              " but analytic gradient shape ", detail::shape_of(*tensor.analytic));
+    MOA_CHECK(tensor.rows == tensor.analytic_rows && tensor.cols == tensor.analytic_cols, "check_gradients", "tensor '",
+              tensor.name, "' has value shape [", tensor.rows, ", ", tensor.cols, "] but analytic gradient shape [",
+              tensor.analytic_rows, ", ", tensor.analytic_cols, "]");
     double largest_numeric = 0.0;
-    for (Index i = 0; i < tensor.value->size(); ++i) {
-      double& entry = tensor.value->data()[i];
+    for (Index i = 0; i < tensor.rows * tensor.cols; ++i) {
+      double& entry = tensor.data[i];
       const double original = entry;
       entry = original + options.step;
       const double loss_plus = loss();
@@ -71,7 +100,7 @@ inline GradientCheckResult check_gradients(const std::function<double()>& loss,
       const double loss_minus = loss();
       entry = original;
       const double numeric = (loss_plus - loss_minus) / (2.0 * options.step);
-      const double analytic = tensor.analytic->data()[i];
+      const double analytic = tensor.analytic_data[i];
       const double error =
           std::abs(analytic - numeric) / std::max({std::abs(analytic), std::abs(numeric), options.floor});
       largest_numeric = std::max(largest_numeric, std::abs(numeric));
@@ -79,7 +108,7 @@ inline GradientCheckResult check_gradients(const std::function<double()>& loss,
       ++result.entries_checked;
       if (!(error <= options.tolerance)) {
         std::ostringstream line;
-        line << tensor.name << "[" << i / tensor.value->cols() << ", " << i % tensor.value->cols()
+        line << tensor.name << "[" << i / tensor.cols << ", " << i % tensor.cols
              << "]: analytic " << analytic << ", numeric " << numeric << ", relative error " << error;
         report(line.str());
       }
