@@ -12,6 +12,7 @@
 #include "moa/text/batching.hpp"
 #include "moa/text/tokenizer.hpp"
 #include "common/training.hpp"
+#include "common/training_loop.hpp"
 #include "moa/models.hpp"
 
 #include "common/compute_options.hpp"
@@ -145,7 +146,6 @@ struct RunResult {
   Index parameters = 0;
   double tokens_per_second = 0;
   Evaluation valid, test;
-  std::vector<double> steps, train_losses, valid_steps, valid_losses;
 };
 
 template <typename Attention>
@@ -172,16 +172,19 @@ RunResult run(const Options& options, const Data& data, const std::string& spec)
   moa::InverseSqrtSchedule schedule(options.learning_rate, options.warmup);
   const std::string describe = spec + " d" + std::to_string(config.model_dim) + " layers" + std::to_string(config.encoder_layers) +
                                " vocab" + std::to_string(config.vocab_size);
-  const std::string checkpoint = result.folder + "/checkpoint.safetensors";
-  long long step = 0;
-  if (options.resume && fs::exists(checkpoint)) {
-    const auto metadata = moa::load_checkpoint(checkpoint, parameters, adam, {{"config", describe}});
-    step = std::stoll(metadata.at("step"));
-    rng.set_state(std::stoull(metadata.at("rng")));
-  }
+  moa::TrainingSettings settings;
+  settings.folder = result.folder;
+  settings.config = describe;
+  settings.steps = options.steps;
+  settings.valid_every = options.valid_every;
+  settings.checkpoint_every = options.valid_every;
+  settings.seed = options.seed;
+  settings.batch_tokens = options.batch_tokens;
+  settings.clip_norm = 1.0;
+  settings.resume = options.resume;
+  moa::TrainingLoop<float> loop(settings, parameters, adam, schedule, rng);
+  const long long first_step = loop.restore();
   const auto train = as_pairs(data.splits[0]);
-  moa::Rng probe(0);
-  const long long per_epoch = static_cast<long long>(moa::make_token_batches(train, options.batch_tokens, probe).size());
 
   auto evaluate = [&](const std::vector<moa::TokenIds>& sequences) {
     model.set_training(false);
@@ -206,53 +209,30 @@ RunResult run(const Options& options, const Data& data, const std::string& spec)
     return Evaluation{nll / counted, correct / counted};
   };
 
-  moa::MetricsLog log(result.folder + "/metrics.jsonl", step > 0);
-  moa::ProgressLine progress(options.steps);
   moa::CrossEntropyLoss<float> loss_function(0.0, -1);
   loss_function.set_compute(compute);
-  std::vector<std::vector<std::size_t>> batches;
-  long long epoch = -1;
-  const long long first_step = step;
-  double tokens = 0;
-  while (step < options.steps) {
-    if (step / per_epoch != epoch) {
-      epoch = step / per_epoch;
-      moa::Rng order(options.seed * 1000003ULL + static_cast<std::uint64_t>(epoch));
-      batches = moa::make_token_batches(train, options.batch_tokens, order);
-    }
-    const auto& indices = batches[static_cast<std::size_t>(step % per_epoch)];
-    ++step;
+  auto train_step = [&](const std::vector<std::size_t>& indices, moa::Rng& step_rng) {
     model.set_training(true);
-    const MaskedBatch batch = mask_batch(data.splits[0], indices, data.mask_id, config.vocab_size, rng);
-    const double loss = loss_function.forward(model.forward(batch.inputs, batch.batch, rng), batch.targets);
-    parameters.zero_grad();
+    const MaskedBatch batch = mask_batch(data.splits[0], indices, data.mask_id, config.vocab_size, step_rng);
+    moa::StepReport report;
+    report.loss = loss_function.forward(model.forward(batch.inputs, batch.batch, step_rng), batch.targets);
+    report.tokens = static_cast<double>(batch.batch.tokens());
+    report.values = {{"aux_loss", model.aux_loss()}};
     model.backward(loss_function.backward());
-    moa::clip_grad_norm(parameters, 1.0);
-    adam.step(schedule(step));
-    tokens += static_cast<double>(batch.batch.tokens());
-    result.tokens_per_second = tokens / std::max(progress.seconds(), 1e-9);
-    progress.update(step, step - first_step, loss, result.tokens_per_second, schedule(step));
-    std::vector<std::pair<std::string, double>> values{{"train_loss", loss}, {"aux_loss", model.aux_loss()},
-                                                       {"tokens_per_second", result.tokens_per_second}};
-    result.steps.push_back(static_cast<double>(step));
-    result.train_losses.push_back(loss);
-    if (step % options.valid_every == 0 || step == options.steps) {
-      result.valid = evaluate(data.splits[1]);
-      values.push_back({"valid_loss", result.valid.loss});
-      values.push_back({"valid_accuracy", result.valid.accuracy});
-      result.valid_steps.push_back(static_cast<double>(step));
-      result.valid_losses.push_back(result.valid.loss);
-      moa::save_checkpoint(checkpoint, parameters, adam,
-                           {{"config", describe}, {"step", std::to_string(step)}, {"rng", std::to_string(rng.state())}},
-                           moa::DType::F32, moa::sync_to_disk);
-    }
-    log.write(step, values);
-  }
+    return report;
+  };
+  auto validate = [&]() -> std::vector<std::pair<std::string, double>> {
+    result.valid = evaluate(data.splits[1]);
+    return {{"valid_loss", result.valid.loss}, {"valid_accuracy", result.valid.accuracy}};
+  };
+  loop.run(first_step, train, train_step, validate);
+  result.tokens_per_second = loop.tokens_per_second();
+  const moa::TrainingCurves curves = loop.curves();
   result.test = evaluate(data.splits[2]);
   moa::write_line_chart(result.folder + "/loss.svg", result.name + " " + spec + ": masked-token loss", "step",
                         "loss (nats/token)",
-                        {{"train", result.steps, result.train_losses, "#1f77b4", false},
-                         {"valid", result.valid_steps, result.valid_losses, "#d62728", false}});
+                        {{"train", curves.steps, curves.train_losses, "#1f77b4", false},
+                         {"valid", curves.valid_steps, curves.valid_losses, "#d62728", false}});
   return result;
 }
 

@@ -14,6 +14,7 @@
 #include "moa/text/batching.hpp"
 #include "moa/text/tokenizer.hpp"
 #include "common/training.hpp"
+#include "common/training_loop.hpp"
 #include "moa/models.hpp"
 
 #include "common/compute_options.hpp"
@@ -212,54 +213,50 @@ class Run {
   }
 
   RunResult train_and_evaluate() {
-    const std::string checkpoint = folder_ + "/checkpoint.safetensors";
-    long long step = 0;
-    if (options_.resume && fs::exists(checkpoint)) {
-      const auto metadata = moa::load_checkpoint(checkpoint, parameters_, adam_, {{"config", describe(config_)}});
-      step = std::stoll(metadata.at("step"));
-      dropout_rng_.set_state(std::stoull(metadata.at("dropout_rng")));
-      std::fprintf(stderr, "[%s] resumed from %s at step %lld\n", result_.name.c_str(), checkpoint.c_str(), step);
-      truncate_metrics(step);
-    }
+    moa::TrainingSettings settings;
+    settings.folder = folder_;
+    settings.config = describe(config_);
+    settings.steps = options_.steps;
+    settings.valid_every = options_.valid_every;
+    settings.checkpoint_every = options_.checkpoint_every;
+    settings.seed = options_.seed;
+    settings.batch_tokens = options_.batch_tokens;
+    settings.clip_norm = options_.clip_norm;
+    settings.resume = options_.resume;
+    moa::TrainingLoop<float> loop(settings, parameters_, adam_, schedule_, dropout_rng_);
+    const long long first_step = loop.restore();
+    if (first_step > 0)
+      std::fprintf(stderr, "[%s] resumed from %s at step %lld\n", result_.name.c_str(), loop.checkpoint_path().c_str(),
+                   first_step);
     std::fprintf(stderr, "[%s] %s: %lld parameters, %zu train / %zu valid / %zu test pairs\n", result_.name.c_str(),
                  describe(config_).c_str(), static_cast<long long>(result_.parameters), data_.train.size(),
                  data_.valid.size(), data_.test.size());
-    moa::MetricsLog log(folder_ + "/metrics.jsonl", step > 0);
-    moa::ProgressLine progress(options_.steps);
     moa::CrossEntropyLoss<float> loss_function(options_.label_smoothing, moa::kPadId);
     loss_function.set_compute(compute_);
-    const long long first_step = step;
-    double tokens = 0;
-    while (step < options_.steps) {
-      const moa::Seq2SeqBatch batch = batch_for_step(step);
-      ++step;
+    auto train_step = [&](const std::vector<std::size_t>& indices, moa::Rng& rng) {
+      const moa::Seq2SeqBatch batch = moa::make_seq2seq_batch(data_.train, indices);
       model_.set_training(true);
       const moa::Matrix<float> logits =
-          model_.forward(batch.source, batch.source_batch, batch.target_input, batch.target_batch, dropout_rng_);
-      const double loss = loss_function.forward(logits, batch.target_output);
-      const double aux = model_.aux_loss();
-      parameters_.zero_grad();
+          model_.forward(batch.source, batch.source_batch, batch.target_input, batch.target_batch, rng);
+      moa::StepReport report;
+      report.loss = loss_function.forward(logits, batch.target_output);
+      report.tokens = static_cast<double>(batch.target_tokens);
+      report.values = {{"train_nll", loss_function.nll()}, {"aux_loss", model_.aux_loss()}};
       model_.backward(loss_function.backward());
-      if (options_.clip_norm > 0) moa::clip_grad_norm(parameters_, options_.clip_norm);
-      const double learning_rate = schedule_(step);
-      adam_.step(learning_rate);
-      tokens += static_cast<double>(batch.target_tokens);
-      const double tokens_per_second = tokens / std::max(progress.seconds(), 1e-9);
-      progress.update(step, step - first_step, loss, tokens_per_second, learning_rate);
-      std::vector<std::pair<std::string, double>> values{{"train_loss", loss},
-                                                         {"train_nll", loss_function.nll()},
-                                                         {"aux_loss", aux},
-                                                         {"lr", learning_rate},
-                                                         {"tokens_per_second", tokens_per_second}};
-      if (step % options_.valid_every == 0 || step == options_.steps) {
-        result_.valid_loss = validation_loss();
-        values.push_back({"valid_loss", result_.valid_loss});
-      }
-      log.write(step, values);
-      if (step % options_.checkpoint_every == 0 || step == options_.steps) save(checkpoint, step);
-      result_.tokens_per_second = tokens_per_second;
-    }
-    read_curves();
+      return report;
+    };
+    auto validate = [&]() -> std::vector<std::pair<std::string, double>> {
+      result_.valid_loss = validation_loss();
+      return {{"valid_loss", result_.valid_loss}};
+    };
+    loop.run(first_step, data_.train, train_step, validate);
+    result_.tokens_per_second = loop.tokens_per_second();
+    const moa::TrainingCurves curves = loop.curves();
+    result_.steps = curves.steps;
+    result_.train_losses = moa::moving_average(curves.train_losses, std::max<std::size_t>(1, curves.steps.size() / 40));
+    result_.valid_steps = curves.valid_steps;
+    result_.valid_losses = curves.valid_losses;
+    if (!curves.valid_losses.empty()) result_.valid_loss = curves.valid_losses.back();
     evaluate();
     if constexpr (std::is_same_v<Attention, moa::MixtureOfAttention<float>>) analyse_experts();
     moa::write_line_chart(folder_ + "/loss.svg", result_.name + " " + result_.spec + ": loss", "step", "loss (nats/token)",
@@ -269,22 +266,6 @@ class Run {
   }
 
  private:
-  // The batches of an epoch are fixed by the seed and the epoch number, so step s always sees the
-  // same batch: a resumed run continues exactly where it stopped.
-  moa::Seq2SeqBatch batch_for_step(long long step) {
-    if (epoch_batches_.empty()) {
-      moa::Rng probe(0);
-      batches_per_epoch_ = static_cast<long long>(moa::make_token_batches(data_.train, options_.batch_tokens, probe).size());
-    }
-    const long long epoch = step / batches_per_epoch_;
-    if (epoch != current_epoch_) {
-      moa::Rng order(options_.seed * 1000003ULL + static_cast<std::uint64_t>(epoch));
-      epoch_batches_ = moa::make_token_batches(data_.train, options_.batch_tokens, order);
-      current_epoch_ = epoch;
-    }
-    return moa::make_seq2seq_batch(data_.train, epoch_batches_[static_cast<std::size_t>(step % batches_per_epoch_)]);
-  }
-
   double validation_loss() {
     model_.set_training(false);
     moa::CrossEntropyLoss<float> loss_function(0.0, moa::kPadId);
@@ -300,43 +281,6 @@ class Run {
       count += static_cast<double>(loss_function.counted());
     }
     return count > 0 ? total / count : 0.0;
-  }
-
-  void save(const std::string& path, long long step) {
-    moa::save_checkpoint(path, parameters_, adam_,
-                         {{"config", describe(config_)},
-                          {"step", std::to_string(step)},
-                          {"dropout_rng", std::to_string(dropout_rng_.state())}},
-                         moa::DType::F32, moa::sync_to_disk);
-  }
-
-  // Drops logged steps after `step`, which a resumed run computes again.
-  void truncate_metrics(long long step) {
-    const std::string path = folder_ + "/metrics.jsonl";
-    std::vector<std::string> kept;
-    std::ifstream log(path);
-    for (std::string line; std::getline(log, line);)
-      if (std::strtoll(line.c_str() + line.find(':') + 1, nullptr, 10) <= step) kept.push_back(line);
-    log.close();
-    std::ofstream rewritten(path, std::ios::trunc);
-    for (const auto& line : kept) rewritten << line << '\n';
-  }
-
-  void read_curves() {
-    std::ifstream log(folder_ + "/metrics.jsonl");
-    for (std::string line; std::getline(log, line);) {
-      auto number = [&](const std::string& key) {
-        const auto at = line.find("\"" + key + "\": ");
-        return at == std::string::npos ? std::nan("") : std::strtod(line.c_str() + at + key.size() + 4, nullptr);
-      };
-      result_.steps.push_back(number("step"));
-      result_.train_losses.push_back(number("train_loss"));
-      if (!std::isnan(number("valid_loss"))) {
-        result_.valid_steps.push_back(number("step"));
-        result_.valid_losses.push_back(number("valid_loss"));
-      }
-    }
-    result_.train_losses = moa::moving_average(result_.train_losses, std::max<std::size_t>(1, result_.steps.size() / 40));
   }
 
   // BLEU and chrF on (a prefix of) the test split, beam search and greedy, both with the cache.
@@ -441,9 +385,6 @@ class Run {
   moa::Adam<float> adam_;
   moa::InverseSqrtSchedule schedule_;
   moa::Rng dropout_rng_;
-  long long batches_per_epoch_ = 0;
-  long long current_epoch_ = -1;
-  std::vector<std::vector<std::size_t>> epoch_batches_;
   RunResult result_;
   moa::ComputePtr compute_;
 };

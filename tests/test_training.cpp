@@ -3,6 +3,7 @@
 #include "common/plot.hpp"
 #include "moa/text/batching.hpp"
 #include "common/training.hpp"
+#include "common/training_loop.hpp"
 
 #include <cmath>
 #include <fstream>
@@ -60,4 +61,70 @@ TEST_CASE("Seq2Seq batches and token batching", "[training]") {
   REQUIRE(covered == 50);  // every pair in exactly one batch
   REQUIRE_MOA_ERROR(moa::synthetic_reverse_task(-1, 10, 2, 6, rng), "count must be non-negative");
   REQUIRE_MOA_ERROR(moa::make_token_batches(many, 0, rng), "max_tokens must be positive");
+}
+
+TEST_CASE("TrainingLoop: trains, checkpoints, resumes, and refuses bad checkpoint metadata", "[training][checkpoint]") {
+  const std::string folder = temporary_path("loop");
+  std::filesystem::create_directories(folder);
+  moa::Rng data_rng(2);
+  const auto pairs = moa::synthetic_reverse_task(40, 12, 2, 5, data_rng);
+  moa::Rng init(1);
+  moa::Linear<float> layer(3, 2, true, init);
+  const auto parameters = moa::pack_parameters(layer);
+  moa::Adam<float> adam(parameters);
+  moa::Rng rng(5);
+  moa::TrainingSettings settings;
+  settings.folder = folder;
+  settings.config = "linear 3x2";
+  settings.steps = 6;
+  settings.valid_every = 3;
+  settings.checkpoint_every = 3;
+  settings.batch_tokens = 32;
+  // A step that moves the weights toward a fixed target.
+  auto step = [&](const std::vector<std::size_t>& batch, moa::Rng&) {
+    const MatrixF input = MatrixF::Ones(static_cast<Index>(batch.size()), 3);
+    const MatrixF output = layer.forward(input);
+    layer.backward(output);
+    return moa::StepReport{0.5 * static_cast<double>(output.squaredNorm()), static_cast<double>(batch.size()), {}};
+  };
+  int validations = 0;
+  auto validate = [&]() -> std::vector<std::pair<std::string, double>> { return {{"valid_loss", ++validations}}; };
+  moa::TrainingLoop<float> loop(settings, parameters, adam, [](long long) { return 0.01; }, rng);
+  REQUIRE(loop.restore() == 0);  // not resuming
+  loop.run(0, pairs, step, validate);
+  REQUIRE(validations == 2);
+  REQUIRE(adam.steps() == 6);
+  REQUIRE(loop.curves().steps.size() == 6);
+  REQUIRE(loop.curves().valid_losses == std::vector<double>{1, 2});
+
+  // Resuming restores the step, the optimizer and the generator.
+  settings.resume = true;
+  settings.steps = 8;
+  moa::Rng resumed_rng(0);
+  moa::Adam<float> resumed_adam(parameters);
+  moa::TrainingLoop<float> resumed(settings, parameters, resumed_adam, [](long long) { return 0.01; }, resumed_rng);
+  REQUIRE(resumed.restore() == 6);
+  REQUIRE(resumed_adam.steps() == 6);
+  REQUIRE(resumed_rng.state() == rng.state());
+
+  // Bad metadata: each a clear error naming the file and the key.
+  const std::string path = folder + "/checkpoint.safetensors";
+  auto with_metadata = [&](const std::map<std::string, std::string>& metadata) {
+    moa::save_checkpoint(path, parameters, adam, metadata);
+    moa::Adam<float> fresh(parameters);
+    moa::Rng fresh_rng(0);
+    moa::TrainingLoop<float> attempt(settings, parameters, fresh, [](long long) { return 0.01; }, fresh_rng);
+    attempt.restore();
+  };
+  const std::string config = "linear 3x2";
+  REQUIRE_MOA_ERROR(with_metadata({{"config", config}, {"step", "-5"}, {"rng", "1"}}), "metadata 'step' = -5 is outside [0, 8]");
+  REQUIRE_MOA_ERROR(with_metadata({{"config", config}, {"step", "abc"}, {"rng", "1"}}), "'step' = 'abc' is not a whole number");
+  REQUIRE_MOA_ERROR(with_metadata({{"config", config}, {"step", "99999999999999999999"}, {"rng", "1"}}),
+                    "is not a whole number");
+  REQUIRE_MOA_ERROR(with_metadata({{"config", config}, {"step", "9"}, {"rng", "1"}}), "is outside [0, 8]");
+  REQUIRE_MOA_ERROR(with_metadata({{"config", config}, {"rng", "1"}}), "has no 'step' in its metadata");
+  REQUIRE_MOA_ERROR(with_metadata({{"config", config}, {"step", "5"}, {"rng", "1"}}), "is at step 5 but its optimizer at step 6");
+  REQUIRE_MOA_ERROR(with_metadata({{"config", config}, {"step", "6"}, {"rng", "x"}}), "'rng' = 'x' is not a generator state");
+  REQUIRE_MOA_ERROR(with_metadata({{"config", "other"}, {"step", "6"}, {"rng", "1"}}), "was written with config = 'other'");
+  std::filesystem::remove_all(folder);
 }
