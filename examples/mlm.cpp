@@ -67,12 +67,12 @@ Data load_data(const Options& options) {
     std::ifstream file(options.text);
     MOA_CHECK(file.good(), "mlm", "cannot open '", options.text, "'");
     for (std::string line; std::getline(file, line);)
-      if (!line.empty()) lines[static_cast<int>(moa::split_of({line, ""}))].push_back(line);
+      if (!line.empty()) lines[static_cast<int>(moa_examples::split_of({line, ""}))].push_back(line);
   } else {
-    moa::DingOptions ding;
+    moa_examples::DingOptions ding;
     ding.phrases = false;
-    for (const auto& pair : moa::load_ding(options.corpus, ding))
-      lines[static_cast<int>(moa::split_of(pair))].push_back(pair.target);
+    for (const auto& pair : moa_examples::load_ding(options.corpus, ding))
+      lines[static_cast<int>(moa_examples::split_of(pair))].push_back(pair.target);
   }
   const char* names[3] = {"train", "valid", "test"};
   for (int s = 0; s < 3; ++s) MOA_CHECK(!lines[s].empty(), "mlm", "the ", names[s], " split is empty");
@@ -172,7 +172,7 @@ RunResult run(const Options& options, const Data& data, const std::string& spec)
   moa::InverseSqrtSchedule schedule(options.learning_rate, options.warmup);
   const std::string describe = spec + " d" + std::to_string(config.model_dim) + " layers" + std::to_string(config.encoder_layers) +
                                " vocab" + std::to_string(config.vocab_size);
-  moa::TrainingSettings settings;
+  moa_examples::TrainingSettings settings;
   settings.folder = result.folder;
   settings.config = describe;
   settings.steps = options.steps;
@@ -182,7 +182,7 @@ RunResult run(const Options& options, const Data& data, const std::string& spec)
   settings.batch_tokens = options.batch_tokens;
   settings.clip_norm = 1.0;
   settings.resume = options.resume;
-  moa::TrainingLoop<float> loop(settings, parameters, adam, schedule, rng);
+  moa_examples::TrainingLoop<float> loop(settings, parameters, adam, schedule, rng);
   const long long first_step = loop.restore();
   const auto train = as_pairs(data.splits[0]);
 
@@ -214,7 +214,7 @@ RunResult run(const Options& options, const Data& data, const std::string& spec)
   auto train_step = [&](const std::vector<std::size_t>& indices, moa::Rng& step_rng) {
     model.set_training(true);
     const MaskedBatch batch = mask_batch(data.splits[0], indices, data.mask_id, config.vocab_size, step_rng);
-    moa::StepReport report;
+    moa_examples::StepReport report;
     report.loss = loss_function.forward(model.forward(batch.inputs, batch.batch, step_rng), batch.targets);
     report.tokens = static_cast<double>(batch.batch.tokens());
     report.values = {{"aux_loss", model.aux_loss()}};
@@ -227,9 +227,9 @@ RunResult run(const Options& options, const Data& data, const std::string& spec)
   };
   loop.run(first_step, train, train_step, validate);
   result.tokens_per_second = loop.tokens_per_second();
-  const moa::TrainingCurves curves = loop.curves();
+  const moa_examples::TrainingCurves curves = loop.curves();
   result.test = evaluate(data.splits[2]);
-  moa::write_line_chart(result.folder + "/loss.svg", result.name + " " + spec + ": masked-token loss", "step",
+  moa_examples::write_line_chart(result.folder + "/loss.svg", result.name + " " + spec + ": masked-token loss", "step",
                         "loss (nats/token)",
                         {{"train", curves.steps, curves.train_losses, "#1f77b4", false},
                          {"valid", curves.valid_steps, curves.valid_losses, "#d62728", false}});

@@ -103,14 +103,14 @@ Data load_data(const Options& options) {
     }
     return data;
   }
-  moa::DingOptions ding;
+  moa_examples::DingOptions ding;
   MOA_CHECK(options.data == "phrases" || options.data == "sentences" || options.data == "both", "translate",
             "--data must be phrases, sentences or both, got '", options.data, "'");
   ding.phrases = options.data != "sentences";
   ding.sentences = options.data != "phrases";
   ding.max_words = options.max_words;
-  std::vector<moa::SentencePair> splits[3];
-  for (auto& pair : moa::load_ding(options.corpus, ding)) splits[static_cast<int>(moa::split_of(pair))].push_back(pair);
+  std::vector<moa_examples::SentencePair> splits[3];
+  for (auto& pair : moa_examples::load_ding(options.corpus, ding)) splits[static_cast<int>(moa_examples::split_of(pair))].push_back(pair);
   const char* names[3] = {"train", "valid", "test"};
   for (int s = 0; s < 3; ++s)
     MOA_CHECK(!splits[s].empty(), "translate", "the ", names[s], " split of '", options.corpus,
@@ -131,7 +131,7 @@ Data load_data(const Options& options) {
   }
   data.tokenizer = std::make_unique<moa::SentencePieceTokenizer>(model_prefix + ".model");
   data.vocab_size = data.tokenizer->vocab_size();
-  auto tokenize = [&](const std::vector<moa::SentencePair>& pairs, std::vector<moa::TokenPair>& out, bool keep_text) {
+  auto tokenize = [&](const std::vector<moa_examples::SentencePair>& pairs, std::vector<moa::TokenPair>& out, bool keep_text) {
     for (const auto& pair : pairs) {
       moa::TokenPair tokens{data.tokenizer->encode(pair.source), data.tokenizer->encode(pair.target)};
       if (tokens.source.empty() || tokens.target.empty()) continue;
@@ -213,7 +213,7 @@ class Run {
   }
 
   RunResult train_and_evaluate() {
-    moa::TrainingSettings settings;
+    moa_examples::TrainingSettings settings;
     settings.folder = folder_;
     settings.config = describe(config_);
     settings.steps = options_.steps;
@@ -223,7 +223,7 @@ class Run {
     settings.batch_tokens = options_.batch_tokens;
     settings.clip_norm = options_.clip_norm;
     settings.resume = options_.resume;
-    moa::TrainingLoop<float> loop(settings, parameters_, adam_, schedule_, dropout_rng_);
+    moa_examples::TrainingLoop<float> loop(settings, parameters_, adam_, schedule_, dropout_rng_);
     const long long first_step = loop.restore();
     if (first_step > 0)
       std::fprintf(stderr, "[%s] resumed from %s at step %lld\n", result_.name.c_str(), loop.checkpoint_path().c_str(),
@@ -238,7 +238,7 @@ class Run {
       model_.set_training(true);
       const moa::Matrix<float> logits =
           model_.forward(batch.source, batch.source_batch, batch.target_input, batch.target_batch, rng);
-      moa::StepReport report;
+      moa_examples::StepReport report;
       report.loss = loss_function.forward(logits, batch.target_output);
       report.tokens = static_cast<double>(batch.target_tokens);
       report.values = {{"train_nll", loss_function.nll()}, {"aux_loss", model_.aux_loss()}};
@@ -251,15 +251,15 @@ class Run {
     };
     loop.run(first_step, data_.train, train_step, validate);
     result_.tokens_per_second = loop.tokens_per_second();
-    const moa::TrainingCurves curves = loop.curves();
+    const moa_examples::TrainingCurves curves = loop.curves();
     result_.steps = curves.steps;
-    result_.train_losses = moa::moving_average(curves.train_losses, std::max<std::size_t>(1, curves.steps.size() / 40));
+    result_.train_losses = moa_examples::moving_average(curves.train_losses, std::max<std::size_t>(1, curves.steps.size() / 40));
     result_.valid_steps = curves.valid_steps;
     result_.valid_losses = curves.valid_losses;
     if (!curves.valid_losses.empty()) result_.valid_loss = curves.valid_losses.back();
     evaluate();
     if constexpr (std::is_same_v<Attention, moa::MixtureOfAttention<float>>) analyse_experts();
-    moa::write_line_chart(folder_ + "/loss.svg", result_.name + " " + result_.spec + ": loss", "step", "loss (nats/token)",
+    moa_examples::write_line_chart(folder_ + "/loss.svg", result_.name + " " + result_.spec + ": loss", "step", "loss (nats/token)",
                           {{"train (moving average)", result_.steps, result_.train_losses, "#1f77b4", true},
                            {"valid", result_.valid_steps, result_.valid_losses, "#1f77b4", false}});
     return result_;
@@ -335,7 +335,7 @@ class Run {
       sites.push_back({site.name, &attention, site.queries_from_source});
     });
     const Index experts = config_.attention.num_experts, k = config_.attention.top_k;
-    std::vector<moa::ExpertTokenStatistics> statistics(sites.size(), moa::ExpertTokenStatistics(experts));
+    std::vector<moa_examples::ExpertTokenStatistics> statistics(sites.size(), moa_examples::ExpertTokenStatistics(experts));
     moa::Rng order(0);
     for (const auto& indices : moa::make_token_batches(data_.valid, options_.batch_tokens, order)) {
       const auto batch = moa::make_seq2seq_batch(data_.valid, indices);
@@ -369,7 +369,7 @@ class Run {
     }
     for (auto& row : loads)
       for (double& value : row) value = std::round(1000.0 * value) / 10.0;  // percent, one decimal
-    moa::write_heatmap(folder_ + "/expert_load.svg", "Expert load (% of assignments) on valid, " + result_.spec, rows,
+    moa_examples::write_heatmap(folder_ + "/expert_load.svg", "Expert load (% of assignments) on valid, " + result_.spec, rows,
                        columns, loads);
     std::fprintf(stderr, "[%s] expert report: %s/experts.txt, heatmap: %s/expert_load.svg\n", result_.name.c_str(),
                  folder_.c_str(), folder_.c_str());
@@ -489,7 +489,7 @@ int main(int argc, char** argv) {
     }
     for (const auto& failure : failures)
       if (failure) std::rethrow_exception(failure);
-    std::vector<moa::PlotSeries> curves;
+    std::vector<moa_examples::PlotSeries> curves;
     const char* colors[2] = {"#1f77b4", "#d62728"};
     for (std::size_t i = 0; i < results.size(); ++i) {
       curves.push_back({results[i].name + " train (moving average)", results[i].steps, results[i].train_losses, colors[i],
@@ -497,7 +497,7 @@ int main(int argc, char** argv) {
       curves.push_back({results[i].name + " valid", results[i].valid_steps, results[i].valid_losses, colors[i], false});
     }
     const std::string chart = options.output + "/loss.svg";
-    moa::write_line_chart(chart, "Translation loss: " + options.attention + (options.baseline.empty() ? "" : " vs " + options.baseline),
+    moa_examples::write_line_chart(chart, "Translation loss: " + options.attention + (options.baseline.empty() ? "" : " vs " + options.baseline),
                           "step", "loss (nats/token)", curves);
     print_table(results, chart);
   } catch (const std::exception& error) {

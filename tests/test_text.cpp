@@ -9,7 +9,7 @@
 using namespace moa_test;
 
 TEST_CASE("Ding: alternatives align, the first synonym is taken, annotations dropped", "[ding]") {
-  const auto pairs = moa::parse_ding_line(
+  const auto pairs = moa_examples::parse_ding_line(
       "Aalleiter {f}; Aaltreppe {f} (Wasserbau) | Aalleitern {pl}; Aaltreppen {pl} :: eel ladder (water engineering) | "
       "eel ladders");
   REQUIRE(pairs.size() == 2);
@@ -17,19 +17,19 @@ TEST_CASE("Ding: alternatives align, the first synonym is taken, annotations dro
   REQUIRE(pairs[0].target == "eel ladder");
   REQUIRE(pairs[1].source == "Aalleitern");
   REQUIRE(pairs[1].target == "eel ladders");
-  const auto annotated = moa::parse_ding_line("Haben Sie etwas gegen Sonnenbrand? [med.] /Abk./ :: Have you anything "
+  const auto annotated = moa_examples::parse_ding_line("Haben Sie etwas gegen Sonnenbrand? [med.] /Abk./ :: Have you anything "
                                               "for sunburn? <sunburn> {adj}");
   REQUIRE(annotated.size() == 1);
   REQUIRE(annotated[0].source == "Haben Sie etwas gegen Sonnenbrand?");
   REQUIRE(annotated[0].target == "Have you anything for sunburn?");
-  REQUIRE(moa::is_sentence(annotated[0]));
-  REQUIRE_FALSE(moa::is_sentence(pairs[0]));
-  REQUIRE(moa::parse_ding_line("und/oder :: and/or")[0].source == "und/oder");  // a lone slash is text
+  REQUIRE(moa_examples::is_sentence(annotated[0]));
+  REQUIRE_FALSE(moa_examples::is_sentence(pairs[0]));
+  REQUIRE(moa_examples::parse_ding_line("und/oder :: and/or")[0].source == "und/oder");  // a lone slash is text
   // Sides that do not align, comments and lines without a separator are skipped.
-  REQUIRE(moa::parse_ding_line("eins | zwei :: one").empty());
-  REQUIRE(moa::parse_ding_line("# Version :: devel").empty());
-  REQUIRE(moa::parse_ding_line("no separator here").empty());
-  REQUIRE(moa::parse_ding_line("{f} :: only annotation").empty());
+  REQUIRE(moa_examples::parse_ding_line("eins | zwei :: one").empty());
+  REQUIRE(moa_examples::parse_ding_line("# Version :: devel").empty());
+  REQUIRE(moa_examples::parse_ding_line("no separator here").empty());
+  REQUIRE(moa_examples::parse_ding_line("{f} :: only annotation").empty());
 }
 
 TEST_CASE("Ding: loading filters phrases, sentences and length and drops duplicates", "[ding]") {
@@ -42,20 +42,20 @@ TEST_CASE("Ding: loading filters phrases, sentences and length and drops duplica
          << "Der Hund bellt. :: The dog barks.\n"
          << "ein sehr langer deutscher Ausdruck hier :: a very long English expression here\n";
   }
-  REQUIRE(moa::load_ding(path).size() == 4);
-  moa::DingOptions sentences_only;
+  REQUIRE(moa_examples::load_ding(path).size() == 4);
+  moa_examples::DingOptions sentences_only;
   sentences_only.phrases = false;
-  REQUIRE(moa::load_ding(path, sentences_only).size() == 1);
-  moa::DingOptions short_ones;
+  REQUIRE(moa_examples::load_ding(path, sentences_only).size() == 1);
+  moa_examples::DingOptions short_ones;
   short_ones.max_words = 3;
-  REQUIRE(moa::load_ding(path, short_ones).size() == 3);
-  REQUIRE_MOA_ERROR(moa::load_ding(temporary_path("missing.txt")), "trans-de-en");
+  REQUIRE(moa_examples::load_ding(path, short_ones).size() == 3);
+  REQUIRE_MOA_ERROR(moa_examples::load_ding(temporary_path("missing.txt")), "trans-de-en");
 }
 
 TEST_CASE("Ding: the split is a fixed function of the pair", "[ding]") {
-  REQUIRE(moa::split_of({"Hund", "dog"}) == moa::split_of({"Hund", "dog"}));
+  REQUIRE(moa_examples::split_of({"Hund", "dog"}) == moa_examples::split_of({"Hund", "dog"}));
   int counts[3] = {0, 0, 0};
-  for (int i = 0; i < 10000; ++i) counts[static_cast<int>(moa::split_of({"w" + std::to_string(i), "x"}))]++;
+  for (int i = 0; i < 10000; ++i) counts[static_cast<int>(moa_examples::split_of({"w" + std::to_string(i), "x"}))]++;
   REQUIRE(counts[1] == Approx(100).margin(40));
   REQUIRE(counts[2] == Approx(100).margin(40));
 }

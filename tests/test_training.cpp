@@ -11,7 +11,7 @@
 using namespace moa_test;
 
 TEST_CASE("ExpertTokenStatistics: loads and PMI of a hand-computed case", "[training]") {
-  moa::ExpertTokenStatistics statistics(2);
+  moa_examples::ExpertTokenStatistics statistics(2);
   statistics.add({5, 5, 6, 6}, {0, 0, 0, 1}, 1);
   REQUIRE(statistics.total() == 4);
   REQUIRE(statistics.loads() == std::vector<double>{0.75, 0.25});
@@ -23,7 +23,7 @@ TEST_CASE("ExpertTokenStatistics: loads and PMI of a hand-computed case", "[trai
   REQUIRE(first[0].count == 2);
   REQUIRE(statistics.top_tokens(1, 5, 1)[0].pmi == Approx(std::log(2.0)));
   REQUIRE(statistics.top_tokens(1, 5, 3).empty());  // token 6 was seen twice, fewer than 3
-  moa::ExpertTokenStatistics empty(3);
+  moa_examples::ExpertTokenStatistics empty(3);
   REQUIRE(empty.top_tokens(2, 5, 1).empty());
   REQUIRE_MOA_ERROR(statistics.add({5}, {0, 1}, 1), "got 2 assignments for 1 tokens");
   REQUIRE_MOA_ERROR(statistics.add({5}, {2}, 1), "expert 2 is outside [0, 2)");
@@ -31,18 +31,18 @@ TEST_CASE("ExpertTokenStatistics: loads and PMI of a hand-computed case", "[trai
 }
 
 TEST_CASE("moving_average and the SVG writers", "[training]") {
-  REQUIRE(moa::moving_average({1, 3, 5, 7}, 2) == std::vector<double>{1, 2, 4, 6});
-  REQUIRE_MOA_ERROR(moa::moving_average({1}, 0), "window must be positive");
+  REQUIRE(moa_examples::moving_average({1, 3, 5, 7}, 2) == std::vector<double>{1, 2, 4, 6});
+  REQUIRE_MOA_ERROR(moa_examples::moving_average({1}, 0), "window must be positive");
   const std::string chart = temporary_path("chart.svg");
-  moa::write_line_chart(chart, "t", "x", "y", {{"a", {1, 2, 3}, {3, 2, 1}, "red", false}});
+  moa_examples::write_line_chart(chart, "t", "x", "y", {{"a", {1, 2, 3}, {3, 2, 1}, "red", false}});
   std::ifstream file(chart);
   const std::string text((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
   REQUIRE(text.find("<polyline") != std::string::npos);
   REQUIRE(text.find(">a</text>") != std::string::npos);
-  REQUIRE_MOA_ERROR(moa::write_line_chart(chart, "t", "x", "y", {{"a", {1, 2}, {1}, "red", false}}),
+  REQUIRE_MOA_ERROR(moa_examples::write_line_chart(chart, "t", "x", "y", {{"a", {1, 2}, {1}, "red", false}}),
                     "series 'a' has 2 x and 1 y values");
-  REQUIRE_MOA_ERROR(moa::write_heatmap(chart, "t", {"r"}, {"c1", "c2"}, {{1.0}}), "a row has 1 values for 2 columns");
-  REQUIRE_MOA_ERROR(moa::write_heatmap(temporary_path("no/dir/h.svg"), "t", {"r"}, {"c"}, {{1.0}}), "cannot write");
+  REQUIRE_MOA_ERROR(moa_examples::write_heatmap(chart, "t", {"r"}, {"c1", "c2"}, {{1.0}}), "a row has 1 values for 2 columns");
+  REQUIRE_MOA_ERROR(moa_examples::write_heatmap(temporary_path("no/dir/h.svg"), "t", {"r"}, {"c"}, {{1.0}}), "cannot write");
 }
 
 TEST_CASE("Seq2Seq batches and token batching", "[training]") {
@@ -73,7 +73,7 @@ TEST_CASE("TrainingLoop: trains, checkpoints, resumes, and refuses bad checkpoin
   const auto parameters = moa::pack_parameters(layer);
   moa::Adam<float> adam(parameters);
   moa::Rng rng(5);
-  moa::TrainingSettings settings;
+  moa_examples::TrainingSettings settings;
   settings.folder = folder;
   settings.config = "linear 3x2";
   settings.steps = 6;
@@ -85,11 +85,11 @@ TEST_CASE("TrainingLoop: trains, checkpoints, resumes, and refuses bad checkpoin
     const MatrixF input = MatrixF::Ones(static_cast<Index>(batch.size()), 3);
     const MatrixF output = layer.forward(input);
     layer.backward(output);
-    return moa::StepReport{0.5 * static_cast<double>(output.squaredNorm()), static_cast<double>(batch.size()), {}};
+    return moa_examples::StepReport{0.5 * static_cast<double>(output.squaredNorm()), static_cast<double>(batch.size()), {}};
   };
   int validations = 0;
   auto validate = [&]() -> std::vector<std::pair<std::string, double>> { return {{"valid_loss", ++validations}}; };
-  moa::TrainingLoop<float> loop(settings, parameters, adam, [](long long) { return 0.01; }, rng);
+  moa_examples::TrainingLoop<float> loop(settings, parameters, adam, [](long long) { return 0.01; }, rng);
   REQUIRE(loop.restore() == 0);  // not resuming
   loop.run(0, pairs, step, validate);
   REQUIRE(validations == 2);
@@ -102,7 +102,7 @@ TEST_CASE("TrainingLoop: trains, checkpoints, resumes, and refuses bad checkpoin
   settings.steps = 8;
   moa::Rng resumed_rng(0);
   moa::Adam<float> resumed_adam(parameters);
-  moa::TrainingLoop<float> resumed(settings, parameters, resumed_adam, [](long long) { return 0.01; }, resumed_rng);
+  moa_examples::TrainingLoop<float> resumed(settings, parameters, resumed_adam, [](long long) { return 0.01; }, resumed_rng);
   REQUIRE(resumed.restore() == 6);
   REQUIRE(resumed_adam.steps() == 6);
   REQUIRE(resumed_rng.state() == rng.state());
@@ -113,7 +113,7 @@ TEST_CASE("TrainingLoop: trains, checkpoints, resumes, and refuses bad checkpoin
     moa::save_checkpoint(path, parameters, adam, metadata);
     moa::Adam<float> fresh(parameters);
     moa::Rng fresh_rng(0);
-    moa::TrainingLoop<float> attempt(settings, parameters, fresh, [](long long) { return 0.01; }, fresh_rng);
+    moa_examples::TrainingLoop<float> attempt(settings, parameters, fresh, [](long long) { return 0.01; }, fresh_rng);
     attempt.restore();
   };
   const std::string config = "linear 3x2";

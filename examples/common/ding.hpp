@@ -16,7 +16,9 @@
 #include <utility>
 #include <vector>
 
-namespace moa {
+namespace moa_examples {
+
+using namespace moa;  // the examples are moa programs
 
 struct SentencePair {
   std::string source;  // German
@@ -147,4 +149,4 @@ inline Split split_of(const SentencePair& pair) {
   return bucket == 0 ? Split::valid : bucket == 1 ? Split::test : Split::train;
 }
 
-}  // namespace moa
+}  // namespace moa_examples

@@ -11,7 +11,9 @@
 #include <string>
 #include <vector>
 
-namespace moa {
+namespace moa_examples {
+
+using namespace moa;  // the examples are moa programs
 
 struct PlotSeries {
   std::string label;
@@ -154,4 +156,4 @@ inline void write_heatmap(const std::string& path, const std::string& title, con
   svg << "</svg>\n";
 }
 
-}  // namespace moa
+}  // namespace moa_examples

@@ -19,7 +19,9 @@
 #include <unistd.h>
 #endif
 
-namespace moa {
+namespace moa_examples {
+
+using namespace moa;  // the examples are moa programs
 
 // Forces a finished checkpoint file to the disk before it replaces the previous one (see
 // moa::SyncFile), where the platform can.
@@ -161,4 +163,4 @@ class ExpertTokenStatistics {
   long long total_ = 0;
 };
 
-}  // namespace moa
+}  // namespace moa_examples

@@ -29,7 +29,9 @@
 #include <utility>
 #include <vector>
 
-namespace moa {
+namespace moa_examples {
+
+using namespace moa;  // the examples are moa programs
 
 struct TrainingSettings {
   std::string folder;            // checkpoint.safetensors and metrics.jsonl go here
@@ -209,4 +211,4 @@ class TrainingLoop {
   double tokens_per_second_ = 0.0;
 };
 
-}  // namespace moa
+}  // namespace moa_examples
