@@ -29,28 +29,15 @@ moa::Matrix<Scalar> random_matrix(Index rows, Index cols, moa::Rng& rng, double 
   return matrix;
 }
 
+// ||actual - expected|| / ||expected||
+inline double relative_error(const MatrixD& actual, const MatrixD& expected) {
+  const double scale = std::max(expected.norm(), 1e-30);
+  return (actual - expected).norm() / scale;
+}
+
 // A path in the tests' scratch folder, unique to this process: ctest runs test cases in parallel.
 inline std::string temporary_path(const std::string& name) {
   return std::string(MOA_TEST_TMPDIR) + "/" + std::to_string(::getpid()) + "_" + name;
-}
-
-// Gradient check of a layer with Matrix forward(const Matrix&) and Matrix backward(const Matrix&):
-// loss = sum(forward(input) .* R) for a fixed random R, checked for the input and every parameter.
-template <typename Layer>
-moa::GradientCheckResult check_layer_gradients(Layer& layer, MatrixD input, moa::Rng& rng,
-                                               const moa::GradientCheckOptions& options = {}) {
-  const MatrixD output = layer.forward(input);
-  const MatrixD output_weights = random_matrix(output.rows(), output.cols(), rng);  // R
-  auto parameters = moa::parameters_of(layer);
-  parameters.zero_grad();
-  const MatrixD grad_input = layer.backward(output_weights);
-  std::vector<MatrixD> analytic;
-  for (const auto& entry : parameters) analytic.push_back(entry.grad());
-  std::vector<moa::GradientCheckTensor> tensors{{"input", &input, &grad_input}};
-  for (std::size_t i = 0; i < parameters.size(); ++i)
-    tensors.push_back({parameters[i].name, parameters[i].value(), &analytic[i]});
-  return moa::check_gradients([&] { return layer.forward(input).cwiseProduct(output_weights).sum(); }, tensors,
-                              options);
 }
 
 // REQUIRE that a gradient check passed, printing what failed.

@@ -38,11 +38,6 @@ std::vector<NamedCompute> float_computes() {
   return list;
 }
 
-double relative_error(const MatrixD& actual, const MatrixD& expected) {
-  const double scale = std::max(expected.norm(), 1e-30);
-  return (actual - expected).norm() / scale;
-}
-
 // Copies every parameter of `source` (double) into `target` (float), by name.
 template <typename Target, typename Source>
 void copy_parameters(Target& target, Source& source) {

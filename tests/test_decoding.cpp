@@ -4,6 +4,9 @@
 #include "moa/models.hpp"
 #include "moa/text.hpp"
 
+#include <cmath>
+#include <limits>
+
 using namespace moa_test;
 
 namespace {
@@ -73,4 +76,54 @@ TEST_CASE("Decoding: cached greedy equals uncached, beam 1 equals greedy (MoA)",
 
 TEST_CASE("Decoding: cached greedy equals uncached, beam 1 equals greedy (MHA)", "[decoding]") {
   check_decoders<moa::MultiHeadAttention<double>>("mha:2H8D");
+}
+
+TEST_CASE("Beam search with a beam wider than every prefix finds the exhaustive search's best", "[decoding]") {
+  moa::Rng rng(3);
+  auto model = trained_reverser<moa::MixtureOfAttention<double>>("moa:2K4E8D", rng);
+  const std::vector<moa::TokenPair> pairs{{{4, 5, 6}, {}}, {{7, 8, 9, 4, 5}, {}}, {{6}, {}}};
+  const auto batch = moa::make_seq2seq_batch(pairs, {0, 1, 2});
+  moa::BeamSearchOptions options;
+  options.max_length = 3;
+  options.beam_size = 1000;  // 10^3 > every prefix of 3 tokens: nothing is pruned
+  options.length_penalty = 0.6;
+  const auto found = moa::beam_search(model, batch.source, batch.source_batch, options, rng);
+  REQUIRE(found.size() == 3);
+  const Index vocab = model.config().vocab_size;
+  for (std::size_t sentence = 0; sentence < pairs.size(); ++sentence) {
+    INFO("sentence " << sentence);
+    const auto one = moa::make_seq2seq_batch(pairs, {sentence});
+    // Every hypothesis: tokens then EOS within max_length, or max_length tokens without EOS,
+    // scored log p / (length + 1)^penalty as the beam search scores them.
+    double best_score = -std::numeric_limits<double>::infinity();
+    moa::TokenIds best;
+    std::vector<std::pair<moa::TokenIds, double>> prefixes{{{}, 0.0}};
+    for (Index length = 0; length <= options.max_length; ++length) {
+      std::vector<std::pair<moa::TokenIds, double>> longer;
+      for (const auto& [prefix, log_p] : prefixes) {
+        const double penalty = std::pow(static_cast<double>(prefix.size() + 1), options.length_penalty);
+        if (length == options.max_length) {
+          if (log_p / penalty > best_score) best_score = log_p / penalty, best = prefix;
+          continue;
+        }
+        moa::TokenIds input{moa::kBosId};
+        input.insert(input.end(), prefix.begin(), prefix.end());
+        const auto logits = model.forward(one.source, one.source_batch, input,
+                                          moa::SequenceBatch::full(1, static_cast<Index>(input.size())), rng);
+        const MatrixD log_probabilities = moa::log_softmax_rows<double>(logits).bottomRows(1);
+        for (Index token = 0; token < vocab; ++token) {
+          const double next = log_p + log_probabilities(0, token);
+          if (token == moa::kEosId) {
+            if (next / penalty > best_score) best_score = next / penalty, best = prefix;
+            continue;
+          }
+          moa::TokenIds extended = prefix;
+          extended.push_back(token);
+          longer.push_back({extended, next});
+        }
+      }
+      prefixes.swap(longer);
+    }
+    REQUIRE(found[sentence] == best);
+  }
 }

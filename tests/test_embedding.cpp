@@ -1,6 +1,6 @@
+// Gradient checks, float against double and save/load: the op table (op_table.hpp, test_ops.cpp).
 #include "support.hpp"
 
-#include "moa/io/safetensors.hpp"
 
 #include <cmath>
 
@@ -31,15 +31,6 @@ TEST_CASE("Embedding: backward scatters, skips padding; gradient check", "[embed
   REQUIRE_GRADIENTS_OK(moa::check_gradients(
       [&] { return embedding.forward(ids).cwiseProduct(output_weights).sum(); },
       {{"weight", &embedding.weight.value, &analytic}}));
-}
-
-TEST_CASE("Embedding: safetensors round trip", "[embedding][safetensors]") {
-  moa::Rng rng(2);
-  moa::Embedding<double> saved(7, 4, rng), loaded(7, 4, rng);
-  const std::string path = temporary_path("embedding.safetensors");
-  moa::save_safetensors(path, moa::parameters_of(saved, "embed_tokens."), moa::DType::F64);
-  moa::load_safetensors(path, moa::parameters_of(loaded, "embed_tokens."));
-  REQUIRE(loaded.weight.value == saved.weight.value);
 }
 
 TEST_CASE("Embedding: bad input throws moa::Error", "[embedding][errors]") {

@@ -1,6 +1,6 @@
+// Gradient checks, float against double and save/load: the op table (op_table.hpp, test_ops.cpp).
 #include "support.hpp"
 
-#include "moa/io/safetensors.hpp"
 
 using namespace moa_test;
 
@@ -21,28 +21,6 @@ TEMPLATE_TEST_CASE("FeedForward: known forward for ReLU and GELU", "[feed_forwar
     REQUIRE(output(0, 0) == Approx(h0 + h1));
     REQUIRE(output(0, 1) == Approx(2 * h1 + 1));
   }
-}
-
-TEST_CASE("FeedForward: gradient check for ReLU and GELU", "[feed_forward][gradient]") {
-  moa::Rng rng(1);
-  for (auto activation : {moa::Activation::relu, moa::Activation::gelu}) {
-    moa::FeedForward<double> ffn(4, 7, activation, rng);
-    moa::init_normal(ffn.fc1.bias, rng, 0.0, 0.5);
-    moa::init_normal(ffn.fc2.bias, rng, 0.0, 0.5);
-    REQUIRE_GRADIENTS_OK(check_layer_gradients(ffn, random_matrix(3, 4, rng), rng));
-  }
-}
-
-TEST_CASE("FeedForward: safetensors round trip", "[feed_forward][safetensors]") {
-  moa::Rng rng(2);
-  moa::FeedForward<float> saved(3, 5, moa::Activation::gelu, rng), loaded(3, 5, moa::Activation::gelu, rng);
-  const std::string path = temporary_path("ffn.safetensors");
-  moa::save_safetensors(path, moa::parameters_of(saved, "ffn."));
-  moa::load_safetensors(path, moa::parameters_of(loaded, "ffn."));
-  REQUIRE(loaded.fc1.weight.value == saved.fc1.weight.value);
-  REQUIRE(loaded.fc2.weight.value == saved.fc2.weight.value);
-  const MatrixF input = random_matrix<float>(2, 3, rng);
-  REQUIRE(loaded.forward(input) == saved.forward(input));
 }
 
 TEST_CASE("FeedForward: bad input throws moa::Error", "[feed_forward][errors]") {

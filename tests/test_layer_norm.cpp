@@ -1,6 +1,6 @@
+// Gradient checks, float against double and save/load: the op table (op_table.hpp, test_ops.cpp).
 #include "support.hpp"
 
-#include "moa/io/safetensors.hpp"
 
 #include <cmath>
 
@@ -18,26 +18,6 @@ TEMPLATE_TEST_CASE("LayerNorm: known forward", "[layer_norm]", float, double) {
   REQUIRE(output(0, 1) == Approx(-1.0 * inverse_std));
   REQUIRE(output(0, 2) == Approx(0.5 * inverse_std));
   REQUIRE(output(0, 3) == Approx(1.5 * inverse_std + 1));
-}
-
-TEST_CASE("LayerNorm: gradient check", "[layer_norm][gradient]") {
-  moa::Rng rng(1);
-  moa::LayerNorm<double> norm(6);
-  moa::init_normal(norm.weight, rng, 1.0, 0.5);
-  moa::init_normal(norm.bias, rng, 0.0, 0.5);
-  REQUIRE_GRADIENTS_OK(check_layer_gradients(norm, random_matrix(5, 6, rng), rng));
-}
-
-TEST_CASE("LayerNorm: safetensors round trip", "[layer_norm][safetensors]") {
-  moa::Rng rng(2);
-  moa::LayerNorm<float> saved(5), loaded(5);
-  moa::init_normal(saved.weight, rng, 1.0, 0.5);
-  moa::init_normal(saved.bias, rng, 0.0, 0.5);
-  const std::string path = temporary_path("layer_norm.safetensors");
-  moa::save_safetensors(path, moa::parameters_of(saved, "norm."));
-  moa::load_safetensors(path, moa::parameters_of(loaded, "norm."));
-  REQUIRE(loaded.weight.value == saved.weight.value);
-  REQUIRE(loaded.bias.value == saved.bias.value);
 }
 
 TEST_CASE("LayerNorm: bad input throws moa::Error", "[layer_norm][errors]") {
