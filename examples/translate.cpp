@@ -296,8 +296,8 @@ class Run {
       std::vector<std::size_t> indices;
       for (std::size_t i = first; i < std::min(count, first + 16); ++i) indices.push_back(i);
       const auto batch = moa::make_seq2seq_batch(data_.test, indices);
-      const auto beams = moa::beam_search(model_, batch.source, batch.source_batch, beam, dropout_rng_);
-      const auto greedy = moa::greedy_decode(model_, batch.source, batch.source_batch, beam.max_length, dropout_rng_);
+      const auto beams = moa::beam_search(model_, batch.source, batch.source_batch, beam);
+      const auto greedy = moa::greedy_decode(model_, batch.source, batch.source_batch, beam.max_length);
       for (std::size_t i = 0; i < indices.size(); ++i) {
         beam_outputs[indices[i]] = data_.detokenize(beams[i]);
         greedy_outputs[indices[i]] = data_.detokenize(greedy[i]);

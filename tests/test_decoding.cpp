@@ -49,8 +49,8 @@ void check_decoders(const std::string& spec) {
   auto model = trained_reverser<Attention>(spec, rng);
   const std::vector<moa::TokenPair> pairs{{{4, 5, 6}, {}}, {{7, 8, 9, 4, 5}, {}}, {{6}, {}}};
   const auto batch = moa::make_seq2seq_batch(pairs, {0, 1, 2});
-  const auto cached = moa::greedy_decode(model, batch.source, batch.source_batch, 8, rng);
-  const auto uncached = moa::greedy_decode_uncached(model, batch.source, batch.source_batch, 8, rng);
+  const auto cached = moa::greedy_decode(model, batch.source, batch.source_batch, 8);
+  const auto uncached = moa::greedy_decode_uncached(model, batch.source, batch.source_batch, 8);
   REQUIRE(cached == uncached);
   std::size_t produced = 0;
   for (const auto& output : cached) produced += output.size();
@@ -58,14 +58,20 @@ void check_decoders(const std::string& spec) {
   moa::BeamSearchOptions one;
   one.beam_size = 1;
   one.max_length = 8;
-  REQUIRE(moa::beam_search(model, batch.source, batch.source_batch, one, rng) == cached);
+  REQUIRE(moa::beam_search(model, batch.source, batch.source_batch, one) == cached);
   moa::BeamSearchOptions four;
   four.max_length = 8;
-  const auto beams = moa::beam_search(model, batch.source, batch.source_batch, four, rng);
+  const auto beams = moa::beam_search(model, batch.source, batch.source_batch, four);
   REQUIRE(beams.size() == 3);
-  REQUIRE_MOA_ERROR(moa::greedy_decode(model, batch.source, batch.source_batch, 0, rng), "max_length must be positive");
+  REQUIRE_MOA_ERROR(moa::greedy_decode(model, batch.source, batch.source_batch, 0), "max_length must be positive");
   four.beam_size = 0;
-  REQUIRE_MOA_ERROR(moa::beam_search(model, batch.source, batch.source_batch, four, rng), "beam_size must be positive");
+  REQUIRE_MOA_ERROR(moa::beam_search(model, batch.source, batch.source_batch, four), "beam_size must be positive");
+  // Decoding is evaluation: a model left in training mode is refused, not silently switched.
+  model.set_training(true);
+  REQUIRE_MOA_ERROR(moa::greedy_decode(model, batch.source, batch.source_batch, 8),
+                    "Seq2Seq::encode: encoding without an Rng is for evaluation: call set_training(false) first");
+  REQUIRE_MOA_ERROR(moa::greedy_decode_uncached(model, batch.source, batch.source_batch, 8), "call set_training(false)");
+  REQUIRE(model.training());
 }
 
 }  // namespace
@@ -87,7 +93,7 @@ TEST_CASE("Beam search with a beam wider than every prefix finds the exhaustive 
   options.max_length = 3;
   options.beam_size = 1000;  // 10^3 > every prefix of 3 tokens: nothing is pruned
   options.length_penalty = 0.6;
-  const auto found = moa::beam_search(model, batch.source, batch.source_batch, options, rng);
+  const auto found = moa::beam_search(model, batch.source, batch.source_batch, options);
   REQUIRE(found.size() == 3);
   const Index vocab = model.config().vocab_size;
   for (std::size_t sentence = 0; sentence < pairs.size(); ++sentence) {

@@ -58,7 +58,8 @@ class TransformerDecoderLayer {
                          const SequenceBatch& memory_batch, Rng& rng) {
     auto self = [&](const Matrix<Scalar>& x) { return forward_self_attention(self_attn, x, batch, true, rng); };
     auto cross = [&](const Matrix<Scalar>& x) { return forward_attention(encoder_attn, x, batch, memory, memory_batch, false, rng); };
-    return run(input, self, cross, rng);
+    auto drop = [&](Dropout<Scalar>& dropout, const Matrix<Scalar>& x) { return dropout.forward(x, rng); };
+    return run(input, self, cross, drop);
   }
 
   struct Gradients {
@@ -91,11 +92,13 @@ class TransformerDecoderLayer {
     return grads;
   }
 
-  // Incremental decoding (evaluation): input [B*n, d_model], n new tokens per sequence.
-  Matrix<Scalar> step(const Matrix<Scalar>& input, KVCache<Scalar>& self_cache, KVCache<Scalar>& cross_cache, Rng& rng) {
+  // Incremental decoding (evaluation: no dropout, nothing random): input [B*n, d_model], n new
+  // tokens per sequence.
+  Matrix<Scalar> step(const Matrix<Scalar>& input, KVCache<Scalar>& self_cache, KVCache<Scalar>& cross_cache) {
     auto self = [&](const Matrix<Scalar>& x) { return self_attn.step(x, self_cache); };
     auto cross = [&](const Matrix<Scalar>& x) { return encoder_attn.step(x, cross_cache); };
-    return run(input, self, cross, rng);
+    auto keep = [](Dropout<Scalar>&, const Matrix<Scalar>& x) { return x; };
+    return run(input, self, cross, keep);
   }
 
   Scalar aux_loss() const { return self_attn.aux_loss() + encoder_attn.aux_loss(); }
@@ -117,16 +120,18 @@ class TransformerDecoderLayer {
   LayerNorm<Scalar> final_layer_norm;
 
  private:
-  template <typename Self, typename Cross>
-  Matrix<Scalar> run(const Matrix<Scalar>& input, Self&& self, Cross&& cross, Rng& rng) {
+  // The layer's wiring, shared by forward and step: self and cross are the two attentions, drop
+  // applies (or, decoding, skips) a dropout.
+  template <typename Self, typename Cross, typename Drop>
+  Matrix<Scalar> run(const Matrix<Scalar>& input, Self&& self, Cross&& cross, Drop&& drop) {
     if (norm_ == NormPlacement::post) {
-      const Matrix<Scalar> first = self_attn_layer_norm.forward(input + self_dropout_.forward(self(input), rng));
-      const Matrix<Scalar> second = encoder_attn_layer_norm.forward(first + cross_dropout_.forward(cross(first), rng));
-      return final_layer_norm.forward(second + ffn_dropout_.forward(ffn.forward(second), rng));
+      const Matrix<Scalar> first = self_attn_layer_norm.forward(input + drop(self_dropout_, self(input)));
+      const Matrix<Scalar> second = encoder_attn_layer_norm.forward(first + drop(cross_dropout_, cross(first)));
+      return final_layer_norm.forward(second + drop(ffn_dropout_, ffn.forward(second)));
     }
-    const Matrix<Scalar> first = input + self_dropout_.forward(self(self_attn_layer_norm.forward(input)), rng);
-    const Matrix<Scalar> second = first + cross_dropout_.forward(cross(encoder_attn_layer_norm.forward(first)), rng);
-    return second + ffn_dropout_.forward(ffn.forward(final_layer_norm.forward(second)), rng);
+    const Matrix<Scalar> first = input + drop(self_dropout_, self(self_attn_layer_norm.forward(input)));
+    const Matrix<Scalar> second = first + drop(cross_dropout_, cross(encoder_attn_layer_norm.forward(first)));
+    return second + drop(ffn_dropout_, ffn.forward(final_layer_norm.forward(second)));
   }
 
   Dropout<Scalar> self_dropout_, cross_dropout_, ffn_dropout_;

@@ -1,8 +1,8 @@
 // moa/models/decoding.hpp - greedy and beam-search decoding of a Seq2Seq model with its KV caches.
 //
 // Outputs are token ids without BOS and EOS. Call with the model in evaluation mode
-// (model.set_training(false)). greedy_decode_uncached recomputes the whole prefix each step; it
-// exists to check the cached path.
+// (model.set_training(false); otherwise a moa::Error): decoding draws nothing, so it takes no Rng.
+// greedy_decode_uncached recomputes the whole prefix each step; it exists to check the cached path.
 #pragma once
 
 #include "moa/error.hpp"
@@ -47,16 +47,16 @@ bool greedy_step(const Logits& logits, RowOf&& row_of, std::vector<TokenIds>& ou
 
 template <typename Model>
 std::vector<TokenIds> greedy_decode(Model& model, const TokenIds& source, const SequenceBatch& source_batch,
-                                    Index max_length, Rng& rng) {
+                                    Index max_length) {
   MOA_CHECK(max_length > 0, "greedy_decode", "max_length must be positive, got ", max_length);
-  const auto memory = model.encode(source, source_batch, rng);
+  const auto memory = model.encode(source, source_batch);
   auto state = model.start_decoding(memory, source_batch, max_length);
   const Index batch_size = source_batch.batch_size;
   std::vector<TokenIds> outputs(static_cast<std::size_t>(batch_size));
   std::vector<char> finished(static_cast<std::size_t>(batch_size), 0);
   TokenIds tokens(static_cast<std::size_t>(batch_size), kBosId);
   for (Index t = 0; t < max_length; ++t) {
-    const auto logits = model.step(tokens, state, rng);  // [B, V]
+    const auto logits = model.step(tokens, state);  // [B, V]
     if (detail::greedy_step(logits, [](Index b) { return b; }, outputs, finished, tokens)) break;
   }
   return outputs;
@@ -65,7 +65,9 @@ std::vector<TokenIds> greedy_decode(Model& model, const TokenIds& source, const 
 // The same as greedy_decode without caches: every step runs the full decoder over the prefix.
 template <typename Model>
 std::vector<TokenIds> greedy_decode_uncached(Model& model, const TokenIds& source, const SequenceBatch& source_batch,
-                                             Index max_length, Rng& rng) {
+                                             Index max_length) {
+  MOA_CHECK(!model.training(), "greedy_decode_uncached", "decoding is for evaluation: call set_training(false) first");
+  Rng unused(0);  // evaluation draws nothing
   const Index batch_size = source_batch.batch_size;
   std::vector<TokenIds> prefixes(static_cast<std::size_t>(batch_size), TokenIds{kBosId});
   std::vector<TokenIds> outputs(static_cast<std::size_t>(batch_size));
@@ -73,7 +75,7 @@ std::vector<TokenIds> greedy_decode_uncached(Model& model, const TokenIds& sourc
   for (Index t = 0; t < max_length; ++t) {
     TokenIds input;
     for (const auto& prefix : prefixes) input.insert(input.end(), prefix.begin(), prefix.end());
-    const auto logits = model.forward(source, source_batch, input, SequenceBatch::full(batch_size, t + 1), rng);
+    const auto logits = model.forward(source, source_batch, input, SequenceBatch::full(batch_size, t + 1), unused);
     TokenIds next(static_cast<std::size_t>(batch_size));
     const bool all_finished =
         detail::greedy_step(logits, [t](Index b) { return b * (t + 1) + t; }, outputs, finished, next);
@@ -93,12 +95,12 @@ struct BeamSearchOptions {
 // best finished hypothesis of each sequence. With beam_size 1 it equals greedy_decode.
 template <typename Model>
 std::vector<TokenIds> beam_search(Model& model, const TokenIds& source, const SequenceBatch& source_batch,
-                                  const BeamSearchOptions& options, Rng& rng) {
+                                  const BeamSearchOptions& options) {
   const char* function = "beam_search";
   MOA_CHECK(options.beam_size > 0, function, "beam_size must be positive, got ", options.beam_size);
   MOA_CHECK(options.max_length > 0, function, "max_length must be positive, got ", options.max_length);
   const Index batch_size = source_batch.batch_size, beams = options.beam_size;
-  const auto memory = model.encode(source, source_batch, rng);
+  const auto memory = model.encode(source, source_batch);
   auto state = model.start_decoding(memory, source_batch, options.max_length);
   std::vector<Index> expand;
   for (Index b = 0; b < batch_size; ++b)
@@ -134,7 +136,7 @@ std::vector<TokenIds> beam_search(Model& model, const TokenIds& source, const Se
     Index token;
   };
   for (Index t = 0; t < options.max_length; ++t) {
-    const Matrix<double> log_probabilities = log_softmax_rows<double>(model.step(inputs, state, rng).template cast<double>());
+    const Matrix<double> log_probabilities = log_softmax_rows<double>(model.step(inputs, state).template cast<double>());
     const Index vocab = log_probabilities.cols();
     std::vector<Index> origin(static_cast<std::size_t>(batch_size * beams));
     std::vector<double> next_scores(scores.size(), negative_infinity);

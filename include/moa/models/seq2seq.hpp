@@ -103,7 +103,15 @@ class Seq2Seq {
     return total;
   }
 
-  // memory: [B*S, d_model]
+  bool training() const { return training_; }
+
+  // memory: [B*S, d_model]. Without an Rng, for decoding: evaluation mode only, where nothing is
+  // drawn (no dropout, no noisy routing).
+  Matrix<Scalar> encode(const TokenIds& source, const SequenceBatch& source_batch) {
+    MOA_CHECK(!training_, "Seq2Seq::encode", "encoding without an Rng is for evaluation: call set_training(false) first");
+    Rng unused(0);
+    return encode(source, source_batch, unused);
+  }
   Matrix<Scalar> encode(const TokenIds& source, const SequenceBatch& source_batch, Rng& rng) {
     source_batch.validate("Seq2Seq::encode", "source", static_cast<Index>(source.size()));
     return encoder.forward(embed_tokens, source, source_batch, rng);
@@ -132,8 +140,9 @@ class Seq2Seq {
     return state;
   }
 
-  // tokens: one id per sequence of the state -> logits: [B, V] for the next token.
-  Matrix<Scalar> step(const TokenIds& tokens, DecoderState& state, Rng& rng) {
+  // tokens: one id per sequence of the state -> logits: [B, V] for the next token. Evaluation mode.
+  Matrix<Scalar> step(const TokenIds& tokens, DecoderState& state) {
+    MOA_CHECK(!training_, "Seq2Seq::step", "decoding is for evaluation: call set_training(false) first");
     MOA_CHECK(static_cast<Index>(tokens.size()) == state.batch_size(), "Seq2Seq::step", "got ", tokens.size(),
               " tokens for ", state.batch_size(), " sequences");
     Matrix<Scalar> hidden = embed_tokens.lookup(tokens) * embedding_scale<Scalar>(config_.model_dim);
@@ -141,7 +150,7 @@ class Seq2Seq {
     for (Index b = 0; b < hidden.rows(); ++b)
       if (tokens[static_cast<std::size_t>(b)] != embed_tokens.padding_index()) hidden.row(b) += position.row(0);
     for (std::size_t i = 0; i < decoder_layers.size(); ++i)
-      hidden = decoder_layers[i].step(hidden, state.self_caches[i], state.cross_caches[i], rng);
+      hidden = decoder_layers[i].step(hidden, state.self_caches[i], state.cross_caches[i]);
     if (config_.norm == NormPlacement::pre) hidden = decoder_norm.forward(hidden);
     ++state.length;
     return embed_tokens.project(hidden, product_precision(*compute_, false));
