@@ -96,7 +96,7 @@ void run_decode(benchmark::State& state, Layer& layer, const Shape& shape, moa::
     benchmark::DoNotOptimize(output.data());
     cache.truncate(cached);
   }
-  set_counters(state, clock, layer.last_forward_flops(), static_cast<double>(shape.batch));
+  set_counters(state, clock, cache.last_step_flops(), static_cast<double>(shape.batch));
 }
 
 void BM_MoADecode(benchmark::State& state, Shape shape) {

@@ -18,7 +18,7 @@ struct IncompleteAttention {
   moa::AttentionGradients<float> backward(const MatrixF&) { return {}; }
   moa::KVCache<float> make_self_cache(Index, Index) const { return moa::KVCache<float>(1, 1, 1); }
   moa::KVCache<float> make_cross_cache(const MatrixF&, const moa::SequenceBatch&) const { return moa::KVCache<float>(1, 1, 1); }
-  MatrixF step(const MatrixF& x, moa::KVCache<float>&) { return x; }
+  MatrixF step(const MatrixF& x, moa::KVCache<float>&) const { return x; }
   float aux_loss() const { return 0; }
   double last_forward_flops() const { return 0; }
   void collect_parameters(moa::ParameterList<float>&, const std::string&) {}

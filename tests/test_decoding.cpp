@@ -66,6 +66,14 @@ void check_decoders(const std::string& spec) {
   REQUIRE_MOA_ERROR(moa::greedy_decode(model, batch.source, batch.source_batch, 0), "max_length must be positive");
   four.beam_size = 0;
   REQUIRE_MOA_ERROR(moa::beam_search(model, batch.source, batch.source_batch, four), "beam_size must be positive");
+  // Decoding changes only its state: step runs on a const model, and two states do not interfere.
+  const moa::Seq2Seq<Attention>& frozen = model;
+  const auto memory = model.encode(batch.source, batch.source_batch);
+  auto first = frozen.start_decoding(memory, batch.source_batch, 4), second = first;
+  const moa::TokenIds bos(3, moa::kBosId);
+  const MatrixD logits = frozen.step(bos, first);
+  frozen.step({5, 6, 7}, first);
+  REQUIRE(frozen.step(bos, second) == logits);
   // Decoding is evaluation: a model left in training mode is refused, not silently switched.
   model.set_training(true);
   REQUIRE_MOA_ERROR(moa::greedy_decode(model, batch.source, batch.source_batch, 8),

@@ -10,7 +10,7 @@
 //   Matrix backward_self(grad_output);                 // after forward_self: their sum
 //   KVCache<S> make_self_cache(Index batch_size, Index capacity) const;
 //   KVCache<S> make_cross_cache(memory, memory_batch) const;
-//   Matrix step(input, KVCache<S>&);                   // incremental decoding, evaluation only
+//   Matrix step(input, KVCache<S>&) const;             // decoding: the cache is the state
 //   S aux_loss() const;                                // 0 for kinds without one
 //   double last_forward_flops() const;                 // in the units of moa/attention_cost.hpp
 //   void collect_parameters(ParameterList<S>&, const std::string& prefix);
@@ -74,7 +74,7 @@ template <typename A>
 using MakeCrossCacheOp =
     decltype(std::declval<const A&>().make_cross_cache(std::declval<const MatrixOf<A>&>(), std::declval<const SequenceBatch&>()));
 template <typename A>
-using StepOp = decltype(std::declval<A&>().step(std::declval<const MatrixOf<A>&>(), std::declval<KVCache<typename A::Scalar>&>()));
+using StepOp = decltype(std::declval<const A&>().step(std::declval<const MatrixOf<A>&>(), std::declval<KVCache<typename A::Scalar>&>()));
 template <typename A>
 using AuxLossOp = decltype(std::declval<const A&>().aux_loss());
 template <typename A>

@@ -62,6 +62,13 @@ class FeedForward {
     return fc2.forward(hidden);
   }
 
+  // The same output for inference, caching nothing.
+  Matrix<Scalar> infer(const Matrix<Scalar>& input) const {
+    MOA_CHECK(input.cols() == model_dim(), "FeedForward::infer", "input has shape ", detail::shape_of(input),
+              ", expected [N, ", model_dim(), "]");
+    return fc2.infer(fc1.infer(input).unaryExpr([this](Scalar x) { return activate(x); }));
+  }
+
   // grad_output: [N, d_model] -> grad_input: [N, d_model].
   Matrix<Scalar> backward(const Matrix<Scalar>& grad_output) {
     Matrix<Scalar> grad_hidden = fc2.backward(grad_output);  // [N, d_ff]

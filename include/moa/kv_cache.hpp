@@ -34,6 +34,9 @@ class KVCache {
   Index width() const { return width_; }
   Index length() const { return length_; }  // steps appended so far (self-attention)
   bool frozen() const { return frozen_; }   // a cross-attention cache does not grow
+  // FLOPs of the last attention step that used this cache (the layer's step is const).
+  double last_step_flops() const { return last_step_flops_; }
+  void set_last_step_flops(double flops) { last_step_flops_ = flops; }
   Index key_length(Index sequence) const { return key_lengths_[static_cast<std::size_t>(sequence)]; }
 
   // Rows of sequence b: [capacity, width] each.
@@ -113,6 +116,7 @@ class KVCache {
   Index width_ = 0;
   Index length_ = 0;
   bool frozen_ = false;
+  double last_step_flops_ = 0.0;
   Matrix<Scalar> keys_;             // [B*capacity, width]
   Matrix<Scalar> values_;           // [B*capacity, width]
   std::vector<Index> key_lengths_;  // [B]

@@ -27,18 +27,16 @@ class LayerNorm {
   Matrix<Scalar> forward(const Matrix<Scalar>& input) {
     MOA_CHECK(input.cols() == features(), "LayerNorm::forward", "input has shape ", detail::shape_of(input),
               ", expected [N, ", features(), "]");
-    const Index rows = input.rows();
-    normalized_.resize(rows, features());
-    inverse_std_.resize(rows);
-    for (Index i = 0; i < rows; ++i) {
-      const Scalar mean = input.row(i).mean();
-      const Scalar variance = (input.row(i).array() - mean).square().mean();
-      inverse_std_(i) = Scalar(1) / std::sqrt(variance + static_cast<Scalar>(epsilon_));
-      normalized_.row(i) = (input.row(i).array() - mean) * inverse_std_(i);
-    }
-    Matrix<Scalar> output = normalized_.array().rowwise() * weight.value.row(0).array();  // [N, D]
-    output.rowwise() += bias.value.row(0);
-    return output;
+    return apply(input, normalized_, inverse_std_);
+  }
+
+  // The same output for inference, caching nothing.
+  Matrix<Scalar> infer(const Matrix<Scalar>& input) const {
+    MOA_CHECK(input.cols() == features(), "LayerNorm::infer", "input has shape ", detail::shape_of(input),
+              ", expected [N, ", features(), "]");
+    Matrix<Scalar> normalized;
+    ColumnVector<Scalar> inverse_std;
+    return apply(input, normalized, inverse_std);
   }
 
   // grad_output: [N, D] -> grad_input: [N, D].
@@ -69,6 +67,22 @@ class LayerNorm {
   Parameter<Scalar> bias;    // [D], initialised to zeros
 
  private:
+  // normalized: [N, D] and inverse_std: [N] are filled (what backward needs).
+  Matrix<Scalar> apply(const Matrix<Scalar>& input, Matrix<Scalar>& normalized, ColumnVector<Scalar>& inverse_std) const {
+    const Index rows = input.rows();
+    normalized.resize(rows, features());
+    inverse_std.resize(rows);
+    for (Index i = 0; i < rows; ++i) {
+      const Scalar mean = input.row(i).mean();
+      const Scalar variance = (input.row(i).array() - mean).square().mean();
+      inverse_std(i) = Scalar(1) / std::sqrt(variance + static_cast<Scalar>(epsilon_));
+      normalized.row(i) = (input.row(i).array() - mean) * inverse_std(i);
+    }
+    Matrix<Scalar> output = normalized.array().rowwise() * weight.value.row(0).array();  // [N, D]
+    output.rowwise() += bias.value.row(0);
+    return output;
+  }
+
   static Index checked_features(Index features) {
     MOA_CHECK(features > 0, "LayerNorm", "features must be positive, got ", features);
     return features;

@@ -40,13 +40,15 @@ class Linear {
 
   // input: [N, in] -> output: [N, out]. Caches the input for backward.
   Matrix<Scalar> forward(const Matrix<Scalar>& input) {
-    MOA_CHECK(input.cols() == in_features(), "Linear::forward", "input has shape ", detail::shape_of(input),
-              ", expected [N, ", in_features(), "]");
+    check_input(input, "Linear::forward");
     input_ = input;
-    Matrix<Scalar> output =
-        linear_product<Scalar>(*compute_, input, weight.value, product_precision(*compute_, training_));  // [N, out]
-    if (with_bias_) output.rowwise() += bias.value.row(0);
-    return output;
+    return apply(input, product_precision(*compute_, training_));
+  }
+
+  // The same output for inference, caching nothing.
+  Matrix<Scalar> infer(const Matrix<Scalar>& input) const {
+    check_input(input, "Linear::infer");
+    return apply(input, product_precision(*compute_, false));
   }
 
   // grad_output: [N, out] -> grad_input: [N, in]; accumulates dW += dY^T X and db += colsum(dY).
@@ -70,6 +72,17 @@ class Linear {
   Parameter<Scalar> bias;    // [out], only with bias
 
  private:
+  void check_input(const Matrix<Scalar>& input, const char* function) const {
+    MOA_CHECK(input.cols() == in_features(), function, "input has shape ", detail::shape_of(input), ", expected [N, ",
+              in_features(), "]");
+  }
+
+  Matrix<Scalar> apply(const Matrix<Scalar>& input, Precision precision) const {
+    Matrix<Scalar> output = linear_product<Scalar>(*compute_, input, weight.value, precision);  // [N, out]
+    if (with_bias_) output.rowwise() += bias.value.row(0);
+    return output;
+  }
+
   static Index checked_extent(Index extent, const char* argument) {
     MOA_CHECK(extent > 0, "Linear", argument, " must be positive, got ", extent);
     return extent;

@@ -116,7 +116,7 @@ class MixtureOfAttention {
     const Precision precision = product_precision(*compute_, training());
     keys_ = linear_product<Scalar>(*compute_, key_value, k_proj.value, precision);    // [B*Tk, d_h]
     values_ = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision);  // [B*Tk, d_h]
-    project_queries(query, plan_, queries_, precision);                               // [B*Tq*k, d_h]
+    project_queries(query, plan_, queries_, precision, scratch_);                               // [B*Tq*k, d_h]
     probabilities_.resize(query.rows() * k, key_batch.length);  // [B*Tq*k, Tk]
     attended_.resize(query.rows() * k, config_.head_dim);        // [B*Tq*k, d_h], rows of routed tokens written
     last_flops_ = projection_flops(query.rows(), key_value.rows(), plan_.assignments());
@@ -132,7 +132,7 @@ class MixtureOfAttention {
     });
     for (Index b = 0; b < query_batch.batch_size; ++b)
       last_flops_ += cost::attention(static_cast<double>(layout_of(b).visible_pairs()), static_cast<double>(config_.head_dim));
-    return project_outputs(attended_, router.gates(), plan_, query.rows(), precision);
+    return project_outputs(attended_, router.gates(), plan_, query.rows(), precision, scratch_);
   }
 
 
@@ -154,10 +154,10 @@ class MixtureOfAttention {
     plan_.for_each_expert([&](Index e, const Index* ids, Index count) {
       const auto weight = o_proj.value.middleRows(e * model, model);  // [d_model, d_h]
       const bool everyone = count == query_.rows();  // every token chose e: rows already in token order
-      auto gathered = rows_of(wide_rows_, everyone ? 0 : count, model);  // [c, d_model]
+      auto gathered = rows_of(scratch_.wide_rows, everyone ? 0 : count, model);  // [c, d_model]
       const ConstMatrixRef<Scalar> grad_rows = everyone ? ConstMatrixRef<Scalar>(grad_output) : gathered;
-      auto scaled = rows_of(scaled_, count, head_dim);                 // [c, d_h] gate * a
-      auto grad_unscaled = rows_of(narrow_result_, count, head_dim);   // [c, d_h] d(gate * a)
+      auto scaled = rows_of(scratch_.scaled, count, head_dim);                 // [c, d_h] gate * a
+      auto grad_unscaled = rows_of(scratch_.narrow_result, count, head_dim);   // [c, d_h] d(gate * a)
       parallel_ranges(*compute_, count, kRowGrain, [&](Index first, Index rows, int) {
         for (Index i = first; i < first + rows; ++i) {
           if (!everyone) gathered.row(i) = grad_output.row(ids[i] / k);
@@ -199,10 +199,10 @@ class MixtureOfAttention {
     plan_.for_each_expert([&](Index e, const Index* ids, Index count) {
       const auto weight = q_proj.value.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
       const bool everyone = count == query_.rows();  // every token chose e: inputs already in token order
-      auto grad_rows = rows_of(narrow_rows_, count, head_dim);              // [c, d_h]
-      auto gathered = rows_of(wide_rows_, everyone ? 0 : count, model);     // [c, d_model]
+      auto grad_rows = rows_of(scratch_.narrow_rows, count, head_dim);              // [c, d_h]
+      auto gathered = rows_of(scratch_.wide_rows, everyone ? 0 : count, model);     // [c, d_model]
       const ConstMatrixRef<Scalar> inputs = everyone ? ConstMatrixRef<Scalar>(query_) : gathered;
-      auto grad_inputs = rows_of(wide_result_, count, model);               // [c, d_model]
+      auto grad_inputs = rows_of(scratch_.wide_result, count, model);               // [c, d_model]
       parallel_ranges(*compute_, count, kRowGrain, [&](Index first, Index rows, int) {
         for (Index i = first; i < first + rows; ++i) {
           grad_rows.row(i) = grad_queries.row(ids[i]);
@@ -234,7 +234,8 @@ class MixtureOfAttention {
   // alpha * L_a + beta * L_z of the last forward (0 without routed tokens).
   Scalar aux_loss() const { return router.aux_loss(); }
   RoutingStatistics routing_statistics() const { return router.statistics(); }
-  // FLOPs of the last forward or step: router, projections, and attention over the visible keys.
+  // FLOPs of the last forward: router, projections, and attention over the visible keys (a step's
+  // are its cache's last_step_flops()).
   double last_forward_flops() const { return last_flops_; }
 
   // Incremental decoding. A self-attention cache holds ONE key row and value row of width d_h per
@@ -253,7 +254,7 @@ class MixtureOfAttention {
   // values to a self-attention cache (causal among themselves and after the cached ones) or reads
   // a cross-attention cache, and returns output: [B*n, d_model]. It replaces what forward cached
   // for backward.
-  Matrix<Scalar> step(const Matrix<Scalar>& input, KVCache<Scalar>& cache) {
+  Matrix<Scalar> step(const Matrix<Scalar>& input, KVCache<Scalar>& cache) const {
     const char* function = "MixtureOfAttention::step";
     const Index steps = check_step_input(input, cache, model_dim(), config_.head_dim, function);
     const Index k = config_.top_k;
@@ -264,11 +265,12 @@ class MixtureOfAttention {
                    linear_product<Scalar>(*compute_, input, v_proj.value, precision));
     const typename Router<Scalar>::Routing routing = router.route(input);
     const DispatchPlan plan = DispatchPlan::build(routing.experts, config_.num_experts, k);
-    Matrix<Scalar> queries;                                                     // [B*n*k, d_h]
-    project_queries(input, plan, queries, precision);
+    ProjectionScratch scratch;  // a step changes nothing in the layer
+    Matrix<Scalar> queries;     // [B*n*k, d_h]
+    project_queries(input, plan, queries, precision, scratch);
     Matrix<Scalar> attended(input.rows() * k, config_.head_dim);                // [B*n*k, d_h]
     Matrix<Scalar> probabilities(steps * k, cache.capacity());                  // [n*k, capacity]
-    last_flops_ = projection_flops(input.rows(), cache.frozen() ? 0 : input.rows(), plan.assignments());
+    double flops = projection_flops(input.rows(), cache.frozen() ? 0 : input.rows(), plan.assignments());
     for (Index b = 0; b < cache.batch_size(); ++b) {
       AttentionLayout layout;
       layout.positions = steps;
@@ -279,9 +281,10 @@ class MixtureOfAttention {
       layout.block_positions = config_.causal_block;
       attention_forward<Scalar>(queries.middleRows(b * steps * k, steps * k), cache.keys(b), cache.values(b), layout,
                                 probabilities, attended.middleRows(b * steps * k, steps * k), *compute_, precision);
-      last_flops_ += cost::attention(static_cast<double>(layout.visible_pairs()), static_cast<double>(config_.head_dim));
+      flops += cost::attention(static_cast<double>(layout.visible_pairs()), static_cast<double>(config_.head_dim));
     }
-    return project_outputs(attended, routing.gates, plan, input.rows(), precision);
+    cache.set_last_step_flops(flops);
+    return project_outputs(attended, routing.gates, plan, input.rows(), precision, scratch);
   }
 
   void collect_parameters(ParameterList<Scalar>& list, const std::string& prefix = "") {
@@ -309,14 +312,22 @@ class MixtureOfAttention {
   }
 
   // queries: [N*k, d_h]; row t*k + j = x_t Wq_e^T for the expert e of slot j.
+  // Buffers reused across experts and calls, so a forward does not allocate per expert; one per
+  // width, so none is resized between uses.
+  struct ProjectionScratch {
+    Matrix<Scalar> wide_rows, wide_result;  // [c, d_model] gathered rows, per-expert results
+    Matrix<Scalar> narrow_rows, narrow_result;  // [c, d_h]
+    Matrix<Scalar> scaled;                  // [c, d_h] gate * attended
+  };
+
   void project_queries(const Matrix<Scalar>& input, const DispatchPlan& plan, Matrix<Scalar>& queries,
-                       Precision precision) {
+                       Precision precision, ProjectionScratch& scratch) const {
     const Index k = config_.top_k, head_dim = config_.head_dim;
     queries.resize(input.rows() * k, head_dim);  // rows of unrouted tokens are never read
     plan.for_each_expert([&](Index e, const Index* ids, Index count) {
       const auto weight = q_proj.value.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
-      auto inputs = rows_of(wide_rows_, count, input.cols());               // [c, d_model]
-      auto projected = rows_of(narrow_result_, count, head_dim);            // [c, d_h]
+      auto inputs = rows_of(scratch.wide_rows, count, input.cols());        // [c, d_model]
+      auto projected = rows_of(scratch.narrow_result, count, head_dim);     // [c, d_h]
       parallel_ranges(*compute_, count, kRowGrain, [&](Index first, Index rows, int) {
         if (count == input.rows()) {  // every token chose e (so in token order): no gather
           gemm<Scalar>(*compute_, input.middleRows(first, rows), Transpose::no, weight, Transpose::yes,
@@ -333,13 +344,13 @@ class MixtureOfAttention {
 
   // output: [N, d_model]; row t = sum_j gate_{t,j} attended_{t*k+j} Wo_e^T.
   Matrix<Scalar> project_outputs(const Matrix<Scalar>& attended, const Matrix<Scalar>& gates, const DispatchPlan& plan,
-                                 Index rows, Precision precision) {
+                                 Index rows, Precision precision, ProjectionScratch& scratch) const {
     const Index k = config_.top_k, model = model_dim(), head_dim = config_.head_dim;
     Matrix<Scalar> output = Matrix<Scalar>::Zero(rows, model);  // [N, d_model]
     plan.for_each_expert([&](Index e, const Index* ids, Index count) {
       const auto weight = o_proj.value.middleRows(e * model, model);  // [d_model, d_h]
-      auto scaled = rows_of(scaled_, count, head_dim);                // [c, d_h] gate * a
-      auto projected = rows_of(wide_result_, count, model);           // [c, d_model]
+      auto scaled = rows_of(scratch.scaled, count, head_dim);         // [c, d_h] gate * a
+      auto projected = rows_of(scratch.wide_result, count, model);    // [c, d_model]
       parallel_ranges(*compute_, count, kRowGrain, [&](Index first, Index slice, int) {
         for (Index i = first; i < first + slice; ++i) scaled.row(i) = gates.data()[ids[i]] * attended.row(ids[i]);
         if (count == rows) {  // every token chose e: accumulate in place
@@ -385,11 +396,7 @@ class MixtureOfAttention {
   Matrix<Scalar> probabilities_;  // [B*Tq*k, Tk]
   Matrix<Scalar> attended_;       // [B*Tq*k, d_h], before the gates
   double last_flops_ = 0.0;
-  // Scratch reused across experts and calls, so a forward does not allocate per expert; one
-  // buffer per width, so none is resized between uses.
-  Matrix<Scalar> wide_rows_, wide_result_;     // [c, d_model] gathered rows, per-expert results
-  Matrix<Scalar> narrow_rows_, narrow_result_;  // [c, d_h]
-  Matrix<Scalar> scaled_;                       // [c, d_h] gate * attended
+  ProjectionScratch scratch_;  // forward's
   Matrix<Scalar> grad_attended_, grad_queries_, grad_keys_, grad_values_;
   std::vector<Matrix<Scalar>> grad_scores_;  // one score-gradient workspace per thread
 };

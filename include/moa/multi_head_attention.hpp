@@ -169,7 +169,7 @@ class MultiHeadAttention {
   }
 
   // input: [B*n, d_model], n new tokens of each sequence; see MixtureOfAttention::step.
-  Matrix<Scalar> step(const Matrix<Scalar>& input, KVCache<Scalar>& cache) {
+  Matrix<Scalar> step(const Matrix<Scalar>& input, KVCache<Scalar>& cache) const {
     const char* function = "MultiHeadAttention::step";
     const Index steps = check_step_input(input, cache, model_dim(), width(), function);
     const Index heads = config_.num_heads, head_dim = config_.head_dim;
@@ -181,7 +181,7 @@ class MultiHeadAttention {
     const Matrix<Scalar> queries = linear_product<Scalar>(*compute_, input, q_proj.value, precision);  // [B*n, h*d_h]
     Matrix<Scalar> attended(input.rows(), width());                   // [B*n, h*d_h]
     Matrix<Scalar> probabilities(steps, cache.capacity());            // [n, capacity]
-    last_flops_ = projection_flops(input.rows(), cache.frozen() ? 0 : input.rows());
+    double flops = projection_flops(input.rows(), cache.frozen() ? 0 : input.rows());
     for (Index b = 0; b < cache.batch_size(); ++b) {
       AttentionLayout layout;
       layout.positions = steps;
@@ -195,8 +195,9 @@ class MultiHeadAttention {
                                   cache.values(b).middleCols(h * head_dim, head_dim), layout, probabilities,
                                   attended.block(b * steps, h * head_dim, steps, head_dim), *compute_, precision);
       }
-      last_flops_ += cost::attention(static_cast<double>(layout.visible_pairs() * heads), static_cast<double>(head_dim));
+      flops += cost::attention(static_cast<double>(layout.visible_pairs() * heads), static_cast<double>(head_dim));
     }
+    cache.set_last_step_flops(flops);
     return linear_product<Scalar>(*compute_, attended, o_proj.value, precision);
   }
 

@@ -58,8 +58,12 @@ class TransformerDecoderLayer {
                          const SequenceBatch& memory_batch, Rng& rng) {
     auto self = [&](const Matrix<Scalar>& x) { return forward_self_attention(self_attn, x, batch, true, rng); };
     auto cross = [&](const Matrix<Scalar>& x) { return forward_attention(encoder_attn, x, batch, memory, memory_batch, false, rng); };
-    auto drop = [&](Dropout<Scalar>& dropout, const Matrix<Scalar>& x) { return dropout.forward(x, rng); };
-    return run(input, self, cross, drop);
+    Dropout<Scalar>* dropouts[3] = {&self_dropout_, &cross_dropout_, &ffn_dropout_};
+    LayerNorm<Scalar>* norms[3] = {&self_attn_layer_norm, &encoder_attn_layer_norm, &final_layer_norm};
+    auto drop = [&](int which, const Matrix<Scalar>& x) { return dropouts[which]->forward(x, rng); };
+    auto norm = [&](int which, const Matrix<Scalar>& x) { return norms[which]->forward(x); };
+    auto feed_forward = [&](const Matrix<Scalar>& x) { return ffn.forward(x); };
+    return wire(input, self, cross, norm, feed_forward, drop);
   }
 
   struct Gradients {
@@ -94,11 +98,15 @@ class TransformerDecoderLayer {
 
   // Incremental decoding (evaluation: no dropout, nothing random): input [B*n, d_model], n new
   // tokens per sequence.
-  Matrix<Scalar> step(const Matrix<Scalar>& input, KVCache<Scalar>& self_cache, KVCache<Scalar>& cross_cache) {
+  // The layer is not changed: the caches are the decoding state.
+  Matrix<Scalar> step(const Matrix<Scalar>& input, KVCache<Scalar>& self_cache, KVCache<Scalar>& cross_cache) const {
     auto self = [&](const Matrix<Scalar>& x) { return self_attn.step(x, self_cache); };
     auto cross = [&](const Matrix<Scalar>& x) { return encoder_attn.step(x, cross_cache); };
-    auto keep = [](Dropout<Scalar>&, const Matrix<Scalar>& x) { return x; };
-    return run(input, self, cross, keep);
+    const LayerNorm<Scalar>* norms[3] = {&self_attn_layer_norm, &encoder_attn_layer_norm, &final_layer_norm};
+    auto norm = [&](int which, const Matrix<Scalar>& x) { return norms[which]->infer(x); };
+    auto feed_forward = [&](const Matrix<Scalar>& x) { return ffn.infer(x); };
+    auto keep = [](int, const Matrix<Scalar>& x) { return x; };
+    return wire(input, self, cross, norm, feed_forward, keep);
   }
 
   Scalar aux_loss() const { return self_attn.aux_loss() + encoder_attn.aux_loss(); }
@@ -120,18 +128,20 @@ class TransformerDecoderLayer {
   LayerNorm<Scalar> final_layer_norm;
 
  private:
-  // The layer's wiring, shared by forward and step: self and cross are the two attentions, drop
-  // applies (or, decoding, skips) a dropout.
-  template <typename Self, typename Cross, typename Drop>
-  Matrix<Scalar> run(const Matrix<Scalar>& input, Self&& self, Cross&& cross, Drop&& drop) {
+  // The layer's wiring, shared by forward (training: caching, dropout) and step (inference):
+  // self and cross are the two attentions, norm(i, x) the i-th layer norm (self, cross, final),
+  // drop(i, x) the i-th dropout.
+  template <typename Self, typename Cross, typename Norm, typename FeedForwardBlock, typename Drop>
+  Matrix<Scalar> wire(const Matrix<Scalar>& input, Self&& self, Cross&& cross, Norm&& norm, FeedForwardBlock&& feed_forward,
+                      Drop&& drop) const {
     if (norm_ == NormPlacement::post) {
-      const Matrix<Scalar> first = self_attn_layer_norm.forward(input + drop(self_dropout_, self(input)));
-      const Matrix<Scalar> second = encoder_attn_layer_norm.forward(first + drop(cross_dropout_, cross(first)));
-      return final_layer_norm.forward(second + drop(ffn_dropout_, ffn.forward(second)));
+      const Matrix<Scalar> first = norm(0, input + drop(0, self(input)));
+      const Matrix<Scalar> second = norm(1, first + drop(1, cross(first)));
+      return norm(2, second + drop(2, feed_forward(second)));
     }
-    const Matrix<Scalar> first = input + drop(self_dropout_, self(self_attn_layer_norm.forward(input)));
-    const Matrix<Scalar> second = first + drop(cross_dropout_, cross(encoder_attn_layer_norm.forward(first)));
-    return second + drop(ffn_dropout_, ffn.forward(final_layer_norm.forward(second)));
+    const Matrix<Scalar> first = input + drop(0, self(norm(0, input)));
+    const Matrix<Scalar> second = first + drop(1, cross(norm(1, first)));
+    return second + drop(2, feed_forward(norm(2, second)));
   }
 
   Dropout<Scalar> self_dropout_, cross_dropout_, ffn_dropout_;

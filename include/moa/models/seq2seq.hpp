@@ -117,7 +117,8 @@ class Seq2Seq {
     return encoder.forward(embed_tokens, source, source_batch, rng);
   }
 
-  // Incremental decoding state: per decoder layer a self-attention cache and a cross cache.
+  // Incremental decoding state: per decoder layer a self-attention cache and a cross cache. All a
+  // decoding changes is here: step is const over the model.
   struct DecoderState {
     std::vector<KVCache<Scalar>> self_caches;
     std::vector<KVCache<Scalar>> cross_caches;
@@ -141,7 +142,7 @@ class Seq2Seq {
   }
 
   // tokens: one id per sequence of the state -> logits: [B, V] for the next token. Evaluation mode.
-  Matrix<Scalar> step(const TokenIds& tokens, DecoderState& state) {
+  Matrix<Scalar> step(const TokenIds& tokens, DecoderState& state) const {
     MOA_CHECK(!training_, "Seq2Seq::step", "decoding is for evaluation: call set_training(false) first");
     MOA_CHECK(static_cast<Index>(tokens.size()) == state.batch_size(), "Seq2Seq::step", "got ", tokens.size(),
               " tokens for ", state.batch_size(), " sequences");
@@ -151,7 +152,7 @@ class Seq2Seq {
       if (tokens[static_cast<std::size_t>(b)] != embed_tokens.padding_index()) hidden.row(b) += position.row(0);
     for (std::size_t i = 0; i < decoder_layers.size(); ++i)
       hidden = decoder_layers[i].step(hidden, state.self_caches[i], state.cross_caches[i]);
-    if (config_.norm == NormPlacement::pre) hidden = decoder_norm.forward(hidden);
+    if (config_.norm == NormPlacement::pre) hidden = decoder_norm.infer(hidden);
     ++state.length;
     return embed_tokens.project(hidden, product_precision(*compute_, false));
   }
