@@ -43,6 +43,23 @@ TEST_CASE("moving_average and the SVG writers", "[training]") {
                     "series 'a' has 2 x and 1 y values");
   REQUIRE_MOA_ERROR(moa_examples::write_heatmap(chart, "t", {"r"}, {"c1", "c2"}, {{1.0}}), "a row has 1 values for 2 columns");
   REQUIRE_MOA_ERROR(moa_examples::write_heatmap(temporary_path("no/dir/h.svg"), "t", {"r"}, {"c"}, {{1.0}}), "cannot write");
+  // A long row label (a site's parameter prefix) gets a left margin wide enough to show it whole.
+  const std::string label = "decoder.layers.1.encoder_attn";
+  const std::string heatmap = temporary_path("heatmap.svg");
+  moa_examples::write_heatmap(heatmap, "t", {label}, {"c"}, {{1.0}});
+  std::ifstream heatmap_file(heatmap);
+  const std::string svg((std::istreambuf_iterator<char>(heatmap_file)), std::istreambuf_iterator<char>());
+  const auto at = svg.find(">" + label + "</text>");
+  REQUIRE(at != std::string::npos);
+  const auto x = svg.rfind("<text x='", at);
+  const double label_end = std::stod(svg.substr(x + 9));  // text-anchor end
+  REQUIRE(label_end - 6.5 * static_cast<double>(label.size()) >= 0.0);
+  // ... and a title longer than the cells are wide still fits.
+  const std::string title(60, 'x');
+  moa_examples::write_heatmap(heatmap, title, {"r"}, {"c"}, {{1.0}});
+  std::ifstream titled_file(heatmap);
+  const std::string titled((std::istreambuf_iterator<char>(titled_file)), std::istreambuf_iterator<char>());
+  REQUIRE(std::stod(titled.substr(titled.find("width='") + 7)) >= 8.5 * 60);
 }
 
 TEST_CASE("Seq2Seq batches and token batching", "[training]") {

@@ -127,8 +127,13 @@ inline void write_heatmap(const std::string& path, const std::string& title, con
               column_labels.size(), " columns");
     for (double v : row) max_value = std::max(max_value, v), min_value = std::min(min_value, v);
   }
-  const double cell = 36, left = 150, top = 60;
-  const double width = left + cell * static_cast<double>(column_labels.size()) + 30;
+  // The left margin fits the longest row label (about 6.5 px a character at font-size 11).
+  std::size_t longest = 0;
+  for (const auto& label : row_labels) longest = std::max(longest, label.size());
+  const double cell = 36, left = std::max(150.0, 6.5 * static_cast<double>(longest) + 16), top = 60;
+  // Wide enough for the cells and for the title (about 8.5 px a character at font-size 15).
+  const double width = std::max(left + cell * static_cast<double>(column_labels.size()) + 30,
+                                8.5 * static_cast<double>(title.size()) + 20);
   const double height = top + cell * static_cast<double>(row_labels.size()) + 30;
   std::ofstream svg(path);
   MOA_CHECK(svg.good(), "write_heatmap", "cannot write '", path, "'");
