@@ -47,10 +47,11 @@ template <typename Attention>
 void check_decoders(const std::string& spec) {
   moa::Rng rng(1);
   auto model = trained_reverser<Attention>(spec, rng);
+  const moa::Seq2Seq<Attention>& frozen = model;  // decoding is const over the model
   const std::vector<moa::TokenPair> pairs{{{4, 5, 6}, {}}, {{7, 8, 9, 4, 5}, {}}, {{6}, {}}};
   const auto batch = moa::make_seq2seq_batch(pairs, {0, 1, 2});
-  const auto cached = moa::greedy_decode(model, batch.source, batch.source_batch, 8);
-  const auto uncached = moa::greedy_decode_uncached(model, batch.source, batch.source_batch, 8);
+  const auto cached = moa::greedy_decode(frozen, batch.source, batch.source_batch, 8);
+  const auto uncached = moa::greedy_decode_uncached(frozen, batch.source, batch.source_batch, 8);
   REQUIRE(cached == uncached);
   std::size_t produced = 0;
   for (const auto& output : cached) produced += output.size();
@@ -61,14 +62,13 @@ void check_decoders(const std::string& spec) {
   REQUIRE(moa::beam_search(model, batch.source, batch.source_batch, one) == cached);
   moa::BeamSearchOptions four;
   four.max_length = 8;
-  const auto beams = moa::beam_search(model, batch.source, batch.source_batch, four);
+  const auto beams = moa::beam_search(frozen, batch.source, batch.source_batch, four);
   REQUIRE(beams.size() == 3);
   REQUIRE_MOA_ERROR(moa::greedy_decode(model, batch.source, batch.source_batch, 0), "max_length must be positive");
   four.beam_size = 0;
   REQUIRE_MOA_ERROR(moa::beam_search(model, batch.source, batch.source_batch, four), "beam_size must be positive");
-  // Decoding changes only its state: step runs on a const model, and two states do not interfere.
-  const moa::Seq2Seq<Attention>& frozen = model;
-  const auto memory = model.encode(batch.source, batch.source_batch);
+  // Decoding changes only its state: two states do not interfere.
+  const auto memory = frozen.encode(batch.source, batch.source_batch);
   auto first = frozen.start_decoding(memory, batch.source_batch, 4), second = first;
   const moa::TokenIds bos(3, moa::kBosId);
   const MatrixD logits = frozen.step(bos, first);

@@ -62,6 +62,8 @@ TEST_CASE("MixtureOfAttention equals the naive per-token, per-expert oracle to 1
                                            test_case.causal);
         REQUIRE(expected.cwiseAbs().maxCoeff() > 1e-3);  // the comparison is not of zeros
         REQUIRE((output - expected).cwiseAbs().maxCoeff() < 1e-12);
+        const auto& frozen = layer;  // the const inference path computes the same
+        REQUIRE(frozen.infer(query, test_case.query_batch, memory, test_case.key_batch, test_case.causal) == output);
       }
     }
   }

@@ -29,6 +29,8 @@ TEST_CASE("MultiHeadAttention equals the naive per-token, per-head oracle to 1e-
     const MatrixD expected = naive_mha(layer, query, test_case.query_batch, memory, test_case.key_batch, test_case.causal);
     REQUIRE(expected.cwiseAbs().maxCoeff() > 1e-3);
     REQUIRE((output - expected).cwiseAbs().maxCoeff() < 1e-12);
+    const auto& frozen = layer;  // the const inference path computes the same
+    REQUIRE(frozen.infer(query, test_case.query_batch, memory, test_case.key_batch, test_case.causal) == output);
   }
 }
 

@@ -133,6 +133,48 @@ TEST_CASE("MaskedLM: gradient check end to end", "[transformer][gradient]") {
   }
 }
 
+TEST_CASE("Seq2Seq and MaskedLM: infer on a const model equals forward in evaluation", "[transformer][inference]") {
+  moa::Rng rng(4);
+  const std::vector<moa::TokenPair> pairs{{{4, 5, 6}, {7, 8}}, {{5}, {4, 6, 7}}};
+  const moa::Seq2SeqBatch batch = moa::make_seq2seq_batch(pairs, {0, 1});
+  for (const char* spec : {"moa:2K3E4D", "mha:2H4D"}) {
+    for (auto norm : {moa::NormPlacement::post, moa::NormPlacement::pre}) {
+      INFO(spec << (norm == moa::NormPlacement::pre ? " pre-LN" : " post-LN"));
+      auto check = [&](auto& translator, auto& language_model) {
+        randomize_routers(moa::parameters_of(translator), rng);
+        randomize_routers(moa::parameters_of(language_model), rng);
+        translator.set_training(false);
+        language_model.set_training(false);
+        moa::Rng unused(0);
+        const MatrixD logits =
+            translator.forward(batch.source, batch.source_batch, batch.target_input, batch.target_batch, unused);
+        const auto& frozen = translator;
+        REQUIRE(frozen.infer(batch.source, batch.source_batch, batch.target_input, batch.target_batch) == logits);
+        const MatrixD masked = language_model.forward(batch.source, batch.source_batch, unused);
+        const auto& frozen_language_model = language_model;
+        REQUIRE(frozen_language_model.infer(batch.source, batch.source_batch) == masked);
+        // Inference is evaluation: a model in training mode is refused, not silently switched.
+        translator.set_training(true);
+        language_model.set_training(true);
+        REQUIRE_MOA_ERROR(frozen.infer(batch.source, batch.source_batch, batch.target_input, batch.target_batch),
+                          "Seq2Seq::infer: inference is evaluation: call set_training(false) first");
+        REQUIRE_MOA_ERROR(frozen_language_model.infer(batch.source, batch.source_batch),
+                          "MaskedLM::infer: inference is evaluation");
+      };
+      const auto config = tiny_config(spec, norm, 0.1);
+      if (config.attention.kind == moa::AttentionSpec::Kind::moa) {
+        moa::Seq2Seq<MoA> translator(config, rng);
+        moa::MaskedLM<MoA> language_model(config, rng);
+        check(translator, language_model);
+      } else {
+        moa::Seq2Seq<MHA> translator(config, rng);
+        moa::MaskedLM<MHA> language_model(config, rng);
+        check(translator, language_model);
+      }
+    }
+  }
+}
+
 TEST_CASE("Seq2Seq: the synthetic reverse task is learned by MoA and by MHA", "[transformer][convergence]") {
   for (const char* spec : {"moa:2K4E16D", "mha:2H16D"}) {
     INFO(spec);

@@ -8,6 +8,8 @@
 //   Matrix forward_self(input, batch, bool causal[, Rng&]);
 //   AttentionGradients<S> backward(grad_output);       // after forward: both inputs' gradients
 //   Matrix backward_self(grad_output);                 // after forward_self: their sum
+//   Matrix infer(query, query_batch, key_value, key_batch, bool causal) const;
+//                                                      // evaluation's forward, keeping nothing
 //   KVCache<S> make_self_cache(Index batch_size, Index capacity) const;
 //   KVCache<S> make_cross_cache(memory, memory_batch) const;
 //   Matrix step(input, KVCache<S>&) const;             // decoding: the cache is the state
@@ -69,6 +71,9 @@ using BackwardOp = decltype(std::declval<A&>().backward(std::declval<const Matri
 template <typename A>
 using BackwardSelfOp = decltype(std::declval<A&>().backward_self(std::declval<const MatrixOf<A>&>()));
 template <typename A>
+using InferOp = decltype(std::declval<const A&>().infer(std::declval<const MatrixOf<A>&>(), std::declval<const SequenceBatch&>(),
+                                                        std::declval<const MatrixOf<A>&>(), std::declval<const SequenceBatch&>(), true));
+template <typename A>
 using MakeSelfCacheOp = decltype(std::declval<const A&>().make_self_cache(Index{}, Index{}));
 template <typename A>
 using MakeCrossCacheOp =
@@ -102,6 +107,7 @@ constexpr bool has_attention_interface() {
     return (detected_as<Matrix<S>, ForwardOp, A> || detected_as<Matrix<S>, ForwardRngOp, A>) &&
            (detected_as<Matrix<S>, ForwardSelfOp, A> || detected_as<Matrix<S>, ForwardSelfRngOp, A>) &&
            detected_as<AttentionGradients<S>, BackwardOp, A> && detected_as<Matrix<S>, BackwardSelfOp, A> &&
+           detected_as<Matrix<S>, InferOp, A> &&
            detected_as<KVCache<S>, MakeSelfCacheOp, A> && detected_as<KVCache<S>, MakeCrossCacheOp, A> &&
            detected_as<Matrix<S>, StepOp, A> && detected_as<S, AuxLossOp, A> && detected_as<double, FlopsOp, A> &&
            detected_as<Index, ModelDimOp, A> && detected_as<bool, TrainingOp, A> && detected_as<void, SetTrainingOp, A> &&

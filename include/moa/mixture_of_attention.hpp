@@ -96,12 +96,43 @@ class MixtureOfAttention {
     return forward_impl(input, batch, input, batch, causal, nullptr);
   }
 
+  // The forward of evaluation without its state: routes as in evaluation (no noise, no sampling)
+  // and keeps nothing for backward, so a const layer serves (decoding's encoder, several threads).
+  Matrix<Scalar> infer(const Matrix<Scalar>& query, const SequenceBatch& query_batch, const Matrix<Scalar>& key_value,
+                       const SequenceBatch& key_batch, bool causal) const {
+    detail::validate_attention_batches("MixtureOfAttention::infer", model_dim(), query.rows(), query.cols(), query_batch,
+                                       key_value.rows(), key_value.cols(), key_batch, causal);
+    const typename Router<Scalar>::Routing routing = router.route(query, detail::token_flags(query_batch));
+    ForwardPass pass;
+    return run_forward(query, query_batch, key_value, key_batch, causal, routing.experts, routing.gates,
+                       product_precision(*compute_, false), pass);
+  }
+
  private:
+  // Buffers reused across experts and calls, so a forward does not allocate per expert; one per
+  // width, so none is resized between uses.
+  struct ProjectionScratch {
+    Matrix<Scalar> wide_rows, wide_result;  // [c, d_model] gathered rows, per-expert results
+    Matrix<Scalar> narrow_rows, narrow_result;  // [c, d_h]
+    Matrix<Scalar> scaled;                  // [c, d_h] gate * attended
+  };
+
+  // What a forward computes after routing, kept by forward for backward.
+  struct ForwardPass {
+    DispatchPlan plan;
+    Matrix<Scalar> keys;           // [B*Tk, d_h]
+    Matrix<Scalar> values;         // [B*Tk, d_h]
+    Matrix<Scalar> queries;        // [B*Tq*k, d_h]
+    Matrix<Scalar> probabilities;  // [B*Tq*k, Tk]
+    Matrix<Scalar> attended;       // [B*Tq*k, d_h], before the gates
+    ProjectionScratch scratch;
+    double flops = 0.0;
+  };
+
   Matrix<Scalar> forward_impl(const Matrix<Scalar>& query, const SequenceBatch& query_batch,
                               const Matrix<Scalar>& key_value, const SequenceBatch& key_batch, bool causal, Rng* rng) {
     detail::validate_attention_batches("MixtureOfAttention::forward", model_dim(), query.rows(), query.cols(),
                                        query_batch, key_value.rows(), key_value.cols(), key_batch, causal);
-    const Index k = config_.top_k;
     // forward_self passes one matrix twice; keep one copy of it.
     self_attention_ = &query == &key_value;
     query_ = query;
@@ -111,30 +142,39 @@ class MixtureOfAttention {
     causal_ = causal;
     if (rng != nullptr) router.forward(query, detail::token_flags(query_batch), *rng);
     else router.forward(query, detail::token_flags(query_batch));
-    plan_ = DispatchPlan::build(router.experts(), config_.num_experts, k);
+    return run_forward(query, query_batch, key_value, key_batch, causal, router.experts(), router.gates(),
+                       product_precision(*compute_, training()), pass_);
+  }
 
-    const Precision precision = product_precision(*compute_, training());
-    keys_ = linear_product<Scalar>(*compute_, key_value, k_proj.value, precision);    // [B*Tk, d_h]
-    values_ = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision);  // [B*Tk, d_h]
-    project_queries(query, plan_, queries_, precision, scratch_);                               // [B*Tq*k, d_h]
-    probabilities_.resize(query.rows() * k, key_batch.length);  // [B*Tq*k, Tk]
-    attended_.resize(query.rows() * k, config_.head_dim);        // [B*Tq*k, d_h], rows of routed tokens written
-    last_flops_ = projection_flops(query.rows(), key_value.rows(), plan_.assignments());
+  // experts: [N*k] and gates: [N, k], the routing of the N = B*Tq query rows.
+  Matrix<Scalar> run_forward(const Matrix<Scalar>& query, const SequenceBatch& query_batch,
+                             const Matrix<Scalar>& key_value, const SequenceBatch& key_batch, bool causal,
+                             const std::vector<Index>& experts, const Matrix<Scalar>& gates, Precision precision,
+                             ForwardPass& pass) const {
+    const Index k = config_.top_k;
+    pass.plan = DispatchPlan::build(experts, config_.num_experts, k);
+    pass.keys = linear_product<Scalar>(*compute_, key_value, k_proj.value, precision);    // [B*Tk, d_h]
+    pass.values = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision);  // [B*Tk, d_h]
+    project_queries(query, pass.plan, pass.queries, precision, pass.scratch);              // [B*Tq*k, d_h]
+    pass.probabilities.resize(query.rows() * k, key_batch.length);  // [B*Tq*k, Tk]
+    pass.attended.resize(query.rows() * k, config_.head_dim);        // [B*Tq*k, d_h], rows of routed tokens written
+    pass.flops = projection_flops(query.rows(), key_value.rows(), pass.plan.assignments());
     // Sequences are independent: one per thread.
     const double attention_work = static_cast<double>(query.rows() * k) * key_batch.length * config_.head_dim;
     parallel_parts(*compute_, query_batch.batch_size, attention_work, [&](Index b, int) {
       const Index query_rows = query_batch.length * k, first_query = b * query_rows;
-      attention_forward<Scalar>(queries_.middleRows(first_query, query_rows),
-                                keys_.middleRows(b * key_batch.length, key_batch.length),
-                                values_.middleRows(b * key_batch.length, key_batch.length), layout_of(b),
-                                probabilities_.middleRows(first_query, query_rows),
-                                attended_.middleRows(first_query, query_rows), *compute_, precision);
+      attention_forward<Scalar>(pass.queries.middleRows(first_query, query_rows),
+                                pass.keys.middleRows(b * key_batch.length, key_batch.length),
+                                pass.values.middleRows(b * key_batch.length, key_batch.length),
+                                layout_of(query_batch, key_batch, causal, b),
+                                pass.probabilities.middleRows(first_query, query_rows),
+                                pass.attended.middleRows(first_query, query_rows), *compute_, precision);
     });
     for (Index b = 0; b < query_batch.batch_size; ++b)
-      last_flops_ += cost::attention(static_cast<double>(layout_of(b).visible_pairs()), static_cast<double>(config_.head_dim));
-    return project_outputs(attended_, router.gates(), plan_, query.rows(), precision, scratch_);
+      pass.flops += cost::attention(static_cast<double>(layout_of(query_batch, key_batch, causal, b).visible_pairs()),
+                                    static_cast<double>(config_.head_dim));
+    return project_outputs(pass.attended, gates, pass.plan, query.rows(), precision, pass.scratch);
   }
-
 
  public:
   // grad_output: [B*Tq, d_model]. Accumulates every parameter gradient (the aux loss's included)
@@ -148,25 +188,25 @@ class MixtureOfAttention {
     Matrix<Scalar> grad_gates = Matrix<Scalar>::Zero(query_.rows(), k);  // [N, k]
     // Large buffers are members, reused by every call: fresh ones would page-fault each time.
     Matrix<Scalar>& grad_attended = grad_attended_;  // [N*k, d_h]
-    grad_attended.setZero(attended_.rows(), head_dim);
+    grad_attended.setZero(pass_.attended.rows(), head_dim);
     // Output side: y_t += gate * a Wo_e^T. Within an expert every row is another token, so row
     // slices run on separate threads without conflicts.
-    plan_.for_each_expert([&](Index e, const Index* ids, Index count) {
+    pass_.plan.for_each_expert([&](Index e, const Index* ids, Index count) {
       const auto weight = o_proj.value.middleRows(e * model, model);  // [d_model, d_h]
       const bool everyone = count == query_.rows();  // every token chose e: rows already in token order
-      auto gathered = rows_of(scratch_.wide_rows, everyone ? 0 : count, model);  // [c, d_model]
+      auto gathered = rows_of(pass_.scratch.wide_rows, everyone ? 0 : count, model);  // [c, d_model]
       const ConstMatrixRef<Scalar> grad_rows = everyone ? ConstMatrixRef<Scalar>(grad_output) : gathered;
-      auto scaled = rows_of(scratch_.scaled, count, head_dim);                 // [c, d_h] gate * a
-      auto grad_unscaled = rows_of(scratch_.narrow_result, count, head_dim);   // [c, d_h] d(gate * a)
+      auto scaled = rows_of(pass_.scratch.scaled, count, head_dim);                 // [c, d_h] gate * a
+      auto grad_unscaled = rows_of(pass_.scratch.narrow_result, count, head_dim);   // [c, d_h] d(gate * a)
       parallel_ranges(*compute_, count, kRowGrain, [&](Index first, Index rows, int) {
         for (Index i = first; i < first + rows; ++i) {
           if (!everyone) gathered.row(i) = grad_output.row(ids[i] / k);
-          scaled.row(i) = gates.data()[ids[i]] * attended_.row(ids[i]);
+          scaled.row(i) = gates.data()[ids[i]] * pass_.attended.row(ids[i]);
         }
         gemm<Scalar>(*compute_, grad_rows.middleRows(first, rows), Transpose::no, weight, Transpose::no,
                      grad_unscaled.middleRows(first, rows));
         for (Index i = first; i < first + rows; ++i) {
-          grad_gates.data()[ids[i]] = grad_unscaled.row(i).dot(attended_.row(ids[i]));
+          grad_gates.data()[ids[i]] = grad_unscaled.row(i).dot(pass_.attended.row(ids[i]));
           grad_attended.row(ids[i]) = gates.data()[ids[i]] * grad_unscaled.row(i);
         }
       });
@@ -177,18 +217,18 @@ class MixtureOfAttention {
     Matrix<Scalar>& grad_queries = grad_queries_;  // [N*k, d_h]
     Matrix<Scalar>& grad_keys = grad_keys_;        // [B*Tk, d_h]
     Matrix<Scalar>& grad_values = grad_values_;    // [B*Tk, d_h]
-    grad_queries.setZero(queries_.rows(), head_dim);
-    grad_keys.setZero(keys_.rows(), head_dim);
-    grad_values.setZero(values_.rows(), head_dim);
+    grad_queries.setZero(pass_.queries.rows(), head_dim);
+    grad_keys.setZero(pass_.keys.rows(), head_dim);
+    grad_values.setZero(pass_.values.rows(), head_dim);
     grad_scores_.resize(static_cast<std::size_t>(compute_->threads()));
-    const double attention_work = static_cast<double>(queries_.rows()) * key_batch_.length * head_dim;
+    const double attention_work = static_cast<double>(pass_.queries.rows()) * key_batch_.length * head_dim;
     parallel_parts(*compute_, query_batch_.batch_size, attention_work, [&](Index b, int thread) {
       const Index query_rows = query_batch_.length * k, first_query = b * query_rows;
       const Index key_rows = key_batch_.length, first_key = b * key_rows;
-      attention_backward<Scalar>(queries_.middleRows(first_query, query_rows), keys_.middleRows(first_key, key_rows),
-                                 values_.middleRows(first_key, key_rows),
-                                 probabilities_.middleRows(first_query, query_rows),
-                                 grad_attended.middleRows(first_query, query_rows), layout_of(b),
+      attention_backward<Scalar>(pass_.queries.middleRows(first_query, query_rows), pass_.keys.middleRows(first_key, key_rows),
+                                 pass_.values.middleRows(first_key, key_rows),
+                                 pass_.probabilities.middleRows(first_query, query_rows),
+                                 grad_attended.middleRows(first_query, query_rows), layout_of(query_batch_, key_batch_, causal_, b),
                                  grad_queries.middleRows(first_query, query_rows),
                                  grad_keys.middleRows(first_key, key_rows), grad_values.middleRows(first_key, key_rows),
                                  &grad_scores_[static_cast<std::size_t>(thread)], *compute_);
@@ -196,13 +236,13 @@ class MixtureOfAttention {
     // Query side: q = x Wq_e^T.
     AttentionGradients<Scalar> grads;
     grads.query = router.backward(grad_gates);  // [N, d_model]
-    plan_.for_each_expert([&](Index e, const Index* ids, Index count) {
+    pass_.plan.for_each_expert([&](Index e, const Index* ids, Index count) {
       const auto weight = q_proj.value.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
       const bool everyone = count == query_.rows();  // every token chose e: inputs already in token order
-      auto grad_rows = rows_of(scratch_.narrow_rows, count, head_dim);              // [c, d_h]
-      auto gathered = rows_of(scratch_.wide_rows, everyone ? 0 : count, model);     // [c, d_model]
+      auto grad_rows = rows_of(pass_.scratch.narrow_rows, count, head_dim);              // [c, d_h]
+      auto gathered = rows_of(pass_.scratch.wide_rows, everyone ? 0 : count, model);     // [c, d_model]
       const ConstMatrixRef<Scalar> inputs = everyone ? ConstMatrixRef<Scalar>(query_) : gathered;
-      auto grad_inputs = rows_of(scratch_.wide_result, count, model);               // [c, d_model]
+      auto grad_inputs = rows_of(pass_.scratch.wide_result, count, model);               // [c, d_model]
       parallel_ranges(*compute_, count, kRowGrain, [&](Index first, Index rows, int) {
         for (Index i = first; i < first + rows; ++i) {
           grad_rows.row(i) = grad_queries.row(ids[i]);
@@ -236,7 +276,7 @@ class MixtureOfAttention {
   RoutingStatistics routing_statistics() const { return router.statistics(); }
   // FLOPs of the last forward: router, projections, and attention over the visible keys (a step's
   // are its cache's last_step_flops()).
-  double last_forward_flops() const { return last_flops_; }
+  double last_forward_flops() const { return pass_.flops; }
 
   // Incremental decoding. A self-attention cache holds ONE key row and value row of width d_h per
   // past token per sequence; a cross-attention cache is filled once from the encoder output.
@@ -312,14 +352,6 @@ class MixtureOfAttention {
   }
 
   // queries: [N*k, d_h]; row t*k + j = x_t Wq_e^T for the expert e of slot j.
-  // Buffers reused across experts and calls, so a forward does not allocate per expert; one per
-  // width, so none is resized between uses.
-  struct ProjectionScratch {
-    Matrix<Scalar> wide_rows, wide_result;  // [c, d_model] gathered rows, per-expert results
-    Matrix<Scalar> narrow_rows, narrow_result;  // [c, d_h]
-    Matrix<Scalar> scaled;                  // [c, d_h] gate * attended
-  };
-
   void project_queries(const Matrix<Scalar>& input, const DispatchPlan& plan, Matrix<Scalar>& queries,
                        Precision precision, ProjectionScratch& scratch) const {
     const Index k = config_.top_k, head_dim = config_.head_dim;
@@ -366,12 +398,13 @@ class MixtureOfAttention {
     return output;
   }
 
-  AttentionLayout layout_of(Index sequence) const {
+  AttentionLayout layout_of(const SequenceBatch& query_batch, const SequenceBatch& key_batch, bool causal,
+                            Index sequence) const {
     AttentionLayout layout;
-    layout.positions = query_batch_.length_of(sequence);
+    layout.positions = query_batch.length_of(sequence);
     layout.rows_per_position = config_.top_k;
-    layout.key_length = key_batch_.length_of(sequence);
-    layout.causal = causal_;
+    layout.key_length = key_batch.length_of(sequence);
+    layout.causal = causal;
     layout.block_positions = config_.causal_block;
     return layout;
   }
@@ -387,16 +420,9 @@ class MixtureOfAttention {
   bool causal_ = false;
   bool self_attention_ = false;
   SequenceBatch query_batch_, key_batch_;
-  DispatchPlan plan_;
   Matrix<Scalar> query_;          // [B*Tq, d_model]
   Matrix<Scalar> key_value_;      // [B*Tk, d_model], empty for self-attention (query_ is both)
-  Matrix<Scalar> keys_;           // [B*Tk, d_h]
-  Matrix<Scalar> values_;         // [B*Tk, d_h]
-  Matrix<Scalar> queries_;        // [B*Tq*k, d_h]
-  Matrix<Scalar> probabilities_;  // [B*Tq*k, Tk]
-  Matrix<Scalar> attended_;       // [B*Tq*k, d_h], before the gates
-  double last_flops_ = 0.0;
-  ProjectionScratch scratch_;  // forward's
+  ForwardPass pass_;  // the last forward's, for backward
   Matrix<Scalar> grad_attended_, grad_queries_, grad_keys_, grad_values_;
   std::vector<Matrix<Scalar>> grad_scores_;  // one score-gradient workspace per thread
 };

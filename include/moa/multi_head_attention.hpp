@@ -79,32 +79,21 @@ class MultiHeadAttention {
     query_batch_ = query_batch;
     key_batch_ = key_batch;
     causal_ = causal;
-    const Precision precision = product_precision(*compute_, training_);
-    queries_ = linear_product<Scalar>(*compute_, query, q_proj.value, precision);    // [B*Tq, h*d_h]
-    keys_ = linear_product<Scalar>(*compute_, key_value, k_proj.value, precision);    // [B*Tk, h*d_h]
-    values_ = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision);  // [B*Tk, h*d_h]
-    const Index heads = config_.num_heads, head_dim = config_.head_dim;
-    probabilities_.resize(query_batch.batch_size * heads * query_batch.length, key_batch.length);  // [B*h*Tq, Tk]
-    attended_ = Matrix<Scalar>::Zero(query.rows(), width());  // [B*Tq, h*d_h]
-    last_flops_ = projection_flops(query.rows(), key_value.rows());
-    // (sequence, head) pairs are independent: one per thread.
-    const double attention_work = static_cast<double>(query.rows()) * key_batch.length * width();
-    parallel_parts(*compute_, query_batch.batch_size * heads, attention_work, [&](Index pair, int) {
-      const Index b = pair / heads, h = pair % heads;
-      attention_forward<Scalar>(
-          queries_.block(b * query_batch.length, h * head_dim, query_batch.length, head_dim),
-          keys_.block(b * key_batch.length, h * head_dim, key_batch.length, head_dim),
-          values_.block(b * key_batch.length, h * head_dim, key_batch.length, head_dim), layout_of(b),
-          probabilities_.middleRows((b * heads + h) * query_batch.length, query_batch.length),
-          attended_.block(b * query_batch.length, h * head_dim, query_batch.length, head_dim), *compute_, precision);
-    });
-    for (Index b = 0; b < query_batch.batch_size; ++b)
-      last_flops_ += cost::attention(static_cast<double>(layout_of(b).visible_pairs() * heads), static_cast<double>(head_dim));
-    return linear_product<Scalar>(*compute_, attended_, o_proj.value, precision);
+    return run_forward(query, query_batch, key_value, key_batch, causal, product_precision(*compute_, training_), pass_);
   }
 
   Matrix<Scalar> forward_self(const Matrix<Scalar>& input, const SequenceBatch& batch, bool causal) {
     return forward(input, batch, input, batch, causal);
+  }
+
+  // The forward of evaluation without its state: keeps nothing for backward, so a const layer
+  // serves (decoding's encoder, several threads).
+  Matrix<Scalar> infer(const Matrix<Scalar>& query, const SequenceBatch& query_batch, const Matrix<Scalar>& key_value,
+                       const SequenceBatch& key_batch, bool causal) const {
+    detail::validate_attention_batches("MultiHeadAttention::infer", model_dim(), query.rows(), query.cols(), query_batch,
+                                       key_value.rows(), key_value.cols(), key_batch, causal);
+    ForwardPass pass;
+    return run_forward(query, query_batch, key_value, key_batch, causal, product_precision(*compute_, false), pass);
   }
 
   // grad_output: [B*Tq, d_model]. Accumulates every parameter gradient and returns the gradients
@@ -114,23 +103,23 @@ class MultiHeadAttention {
               "grad_output has shape ", detail::shape_of(grad_output), ", expected ", detail::shape_of(query_),
               " (as the last forward)");
     const Index heads = config_.num_heads, head_dim = config_.head_dim;
-    gemm<Scalar>(*compute_, grad_output, Transpose::yes, attended_, Transpose::no, o_proj.grad, true);
+    gemm<Scalar>(*compute_, grad_output, Transpose::yes, pass_.attended, Transpose::no, o_proj.grad, true);
     Matrix<Scalar> grad_attended(grad_output.rows(), width());  // [B*Tq, h*d_h]
     gemm<Scalar>(*compute_, grad_output, Transpose::no, o_proj.value, Transpose::no, grad_attended);
-    Matrix<Scalar> grad_queries = Matrix<Scalar>::Zero(queries_.rows(), width());  // [B*Tq, h*d_h]
-    Matrix<Scalar> grad_keys = Matrix<Scalar>::Zero(keys_.rows(), width());        // [B*Tk, h*d_h]
-    Matrix<Scalar> grad_values = Matrix<Scalar>::Zero(values_.rows(), width());    // [B*Tk, h*d_h]
+    Matrix<Scalar> grad_queries = Matrix<Scalar>::Zero(pass_.queries.rows(), width());  // [B*Tq, h*d_h]
+    Matrix<Scalar> grad_keys = Matrix<Scalar>::Zero(pass_.keys.rows(), width());        // [B*Tk, h*d_h]
+    Matrix<Scalar> grad_values = Matrix<Scalar>::Zero(pass_.values.rows(), width());    // [B*Tk, h*d_h]
     const Index query_length = query_batch_.length, key_length = key_batch_.length;
     grad_scores_.resize(static_cast<std::size_t>(compute_->threads()));
     const double attention_work = static_cast<double>(query_.rows()) * key_length * width();
     parallel_parts(*compute_, query_batch_.batch_size * heads, attention_work, [&](Index pair, int thread) {
       const Index b = pair / heads, h = pair % heads;
       attention_backward<Scalar>(
-          queries_.block(b * query_length, h * head_dim, query_length, head_dim),
-          keys_.block(b * key_length, h * head_dim, key_length, head_dim),
-          values_.block(b * key_length, h * head_dim, key_length, head_dim),
-          probabilities_.middleRows((b * heads + h) * query_length, query_length),
-          grad_attended.block(b * query_length, h * head_dim, query_length, head_dim), layout_of(b),
+          pass_.queries.block(b * query_length, h * head_dim, query_length, head_dim),
+          pass_.keys.block(b * key_length, h * head_dim, key_length, head_dim),
+          pass_.values.block(b * key_length, h * head_dim, key_length, head_dim),
+          pass_.probabilities.middleRows((b * heads + h) * query_length, query_length),
+          grad_attended.block(b * query_length, h * head_dim, query_length, head_dim), layout_of(query_batch_, key_batch_, causal_, b),
           grad_queries.block(b * query_length, h * head_dim, query_length, head_dim),
           grad_keys.block(b * key_length, h * head_dim, key_length, head_dim),
           grad_values.block(b * key_length, h * head_dim, key_length, head_dim),
@@ -155,7 +144,7 @@ class MultiHeadAttention {
   }
 
   Scalar aux_loss() const { return Scalar(0); }
-  double last_forward_flops() const { return last_flops_; }
+  double last_forward_flops() const { return pass_.flops; }
 
   // A self-attention cache holds h key rows and value rows of width d_h per past token (stored as
   // one row of width h*d_h); a cross-attention cache is filled once from the encoder output.
@@ -214,11 +203,50 @@ class MultiHeadAttention {
   Parameter<Scalar> o_proj;  // [d_model, h*d_h]
 
  private:
-  AttentionLayout layout_of(Index sequence) const {
+  // What a forward computes, kept by forward for backward.
+  struct ForwardPass {
+    Matrix<Scalar> queries;        // [B*Tq, h*d_h]
+    Matrix<Scalar> keys;           // [B*Tk, h*d_h]
+    Matrix<Scalar> values;         // [B*Tk, h*d_h]
+    Matrix<Scalar> probabilities;  // [B*h*Tq, Tk]
+    Matrix<Scalar> attended;       // [B*Tq, h*d_h]
+    double flops = 0.0;
+  };
+
+  Matrix<Scalar> run_forward(const Matrix<Scalar>& query, const SequenceBatch& query_batch,
+                             const Matrix<Scalar>& key_value, const SequenceBatch& key_batch, bool causal,
+                             Precision precision, ForwardPass& pass) const {
+    pass.queries = linear_product<Scalar>(*compute_, query, q_proj.value, precision);    // [B*Tq, h*d_h]
+    pass.keys = linear_product<Scalar>(*compute_, key_value, k_proj.value, precision);    // [B*Tk, h*d_h]
+    pass.values = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision);  // [B*Tk, h*d_h]
+    const Index heads = config_.num_heads, head_dim = config_.head_dim;
+    pass.probabilities.resize(query_batch.batch_size * heads * query_batch.length, key_batch.length);  // [B*h*Tq, Tk]
+    pass.attended = Matrix<Scalar>::Zero(query.rows(), width());  // [B*Tq, h*d_h]
+    pass.flops = projection_flops(query.rows(), key_value.rows());
+    // (sequence, head) pairs are independent: one per thread.
+    const double attention_work = static_cast<double>(query.rows()) * key_batch.length * width();
+    parallel_parts(*compute_, query_batch.batch_size * heads, attention_work, [&](Index pair, int) {
+      const Index b = pair / heads, h = pair % heads;
+      attention_forward<Scalar>(
+          pass.queries.block(b * query_batch.length, h * head_dim, query_batch.length, head_dim),
+          pass.keys.block(b * key_batch.length, h * head_dim, key_batch.length, head_dim),
+          pass.values.block(b * key_batch.length, h * head_dim, key_batch.length, head_dim),
+          layout_of(query_batch, key_batch, causal, b),
+          pass.probabilities.middleRows((b * heads + h) * query_batch.length, query_batch.length),
+          pass.attended.block(b * query_batch.length, h * head_dim, query_batch.length, head_dim), *compute_, precision);
+    });
+    for (Index b = 0; b < query_batch.batch_size; ++b)
+      pass.flops += cost::attention(static_cast<double>(layout_of(query_batch, key_batch, causal, b).visible_pairs() * heads),
+                                    static_cast<double>(head_dim));
+    return linear_product<Scalar>(*compute_, pass.attended, o_proj.value, precision);
+  }
+
+  AttentionLayout layout_of(const SequenceBatch& query_batch, const SequenceBatch& key_batch, bool causal,
+                            Index sequence) const {
     AttentionLayout layout;
-    layout.positions = query_batch_.length_of(sequence);
-    layout.key_length = key_batch_.length_of(sequence);
-    layout.causal = causal_;
+    layout.positions = query_batch.length_of(sequence);
+    layout.key_length = key_batch.length_of(sequence);
+    layout.causal = causal;
     layout.block_positions = config_.causal_block;
     return layout;
   }
@@ -235,13 +263,8 @@ class MultiHeadAttention {
   SequenceBatch query_batch_, key_batch_;
   Matrix<Scalar> query_;          // [B*Tq, d_model]
   Matrix<Scalar> key_value_;      // [B*Tk, d_model]
-  Matrix<Scalar> queries_;        // [B*Tq, h*d_h]
-  Matrix<Scalar> keys_;           // [B*Tk, h*d_h]
-  Matrix<Scalar> values_;         // [B*Tk, h*d_h]
-  Matrix<Scalar> probabilities_;  // [B*h*Tq, Tk]
-  Matrix<Scalar> attended_;       // [B*Tq, h*d_h]
   std::vector<Matrix<Scalar>> grad_scores_;  // one score-gradient workspace per thread
-  double last_flops_ = 0.0;
+  ForwardPass pass_;  // the last forward's, for backward
 };
 
 static_assert(is_attention_v<MultiHeadAttention<float>> && is_attention_v<MultiHeadAttention<double>>,

@@ -91,14 +91,19 @@ class Router {
     std::vector<Index> experts;  // [N*k]
     Matrix<Scalar> gates;        // [N, k]
   };
-  Routing route(const Matrix<Scalar>& input) const {
+  Routing route(const Matrix<Scalar>& input) const { return route(input, std::vector<char>(input.rows(), 1)); }
+  // The same with routed: N flags, false for padding (not routed: experts -1, gates 0).
+  Routing route(const Matrix<Scalar>& input, const std::vector<char>& routed) const {
     MOA_CHECK(input.cols() == config_.model_dim, "Router::route", "input has shape ", detail::shape_of(input),
               ", expected [N, ", config_.model_dim, "]");
+    MOA_CHECK(static_cast<Index>(routed.size()) == input.rows(), "Router::route", "routed has ", routed.size(),
+              " flags for ", input.rows(), " input rows");
     const Matrix<Scalar> probabilities = softmax_rows(linear_product<Scalar>(*compute_, input, weight.value));  // [N, E]
     Routing routing;
     routing.experts.assign(static_cast<std::size_t>(input.rows() * config_.top_k), -1);
-    routing.gates.resize(input.rows(), config_.top_k);
+    routing.gates = Matrix<Scalar>::Zero(input.rows(), config_.top_k);
     for (Index t = 0; t < input.rows(); ++t) {
+      if (!routed[static_cast<std::size_t>(t)]) continue;
       Index* chosen = routing.experts.data() + t * config_.top_k;
       const Scalar* p = probabilities.row(t).data();
       top_k_indices(p, config_.num_experts, config_.top_k, chosen);

@@ -109,6 +109,18 @@ class TransformerDecoderLayer {
     return wire(input, self, cross, norm, feed_forward, keep);
   }
 
+  // The same output as forward in evaluation over whole sequences, keeping nothing for backward.
+  Matrix<Scalar> infer(const Matrix<Scalar>& input, const SequenceBatch& batch, const Matrix<Scalar>& memory,
+                       const SequenceBatch& memory_batch) const {
+    auto self = [&](const Matrix<Scalar>& x) { return self_attn.infer(x, batch, x, batch, true); };
+    auto cross = [&](const Matrix<Scalar>& x) { return encoder_attn.infer(x, batch, memory, memory_batch, false); };
+    const LayerNorm<Scalar>* norms[3] = {&self_attn_layer_norm, &encoder_attn_layer_norm, &final_layer_norm};
+    auto norm = [&](int which, const Matrix<Scalar>& x) { return norms[which]->infer(x); };
+    auto feed_forward = [&](const Matrix<Scalar>& x) { return ffn.infer(x); };
+    auto keep = [](int, const Matrix<Scalar>& x) { return x; };
+    return wire(input, self, cross, norm, feed_forward, keep);
+  }
+
   Scalar aux_loss() const { return self_attn.aux_loss() + encoder_attn.aux_loss(); }
 
   void collect_parameters(ParameterList<Scalar>& list, const std::string& prefix = "") {
@@ -128,7 +140,7 @@ class TransformerDecoderLayer {
   LayerNorm<Scalar> final_layer_norm;
 
  private:
-  // The layer's wiring, shared by forward (training: caching, dropout) and step (inference):
+  // The layer's wiring, shared by forward (training: caching, dropout), infer and step:
   // self and cross are the two attentions, norm(i, x) the i-th layer norm (self, cross, final),
   // drop(i, x) the i-th dropout.
   template <typename Self, typename Cross, typename Norm, typename FeedForwardBlock, typename Drop>

@@ -1,8 +1,9 @@
 // moa/models/decoding.hpp - greedy and beam-search decoding of a Seq2Seq model with its KV caches.
 //
 // Outputs are token ids without BOS and EOS. Call with the model in evaluation mode
-// (model.set_training(false); otherwise a moa::Error): decoding draws nothing, so it takes no Rng.
-// greedy_decode_uncached recomputes the whole prefix each step; it exists to check the cached path.
+// (model.set_training(false); otherwise a moa::Error): decoding draws nothing, so it takes no Rng,
+// and is const over the model (the decoder state holds all it changes). greedy_decode_uncached
+// recomputes the whole prefix each step (Model::infer); it exists to check the cached path.
 #pragma once
 
 #include "moa/error.hpp"
@@ -46,7 +47,7 @@ bool greedy_step(const Logits& logits, RowOf&& row_of, std::vector<TokenIds>& ou
 }  // namespace detail
 
 template <typename Model>
-std::vector<TokenIds> greedy_decode(Model& model, const TokenIds& source, const SequenceBatch& source_batch,
+std::vector<TokenIds> greedy_decode(const Model& model, const TokenIds& source, const SequenceBatch& source_batch,
                                     Index max_length) {
   MOA_CHECK(max_length > 0, "greedy_decode", "max_length must be positive, got ", max_length);
   const auto memory = model.encode(source, source_batch);
@@ -64,10 +65,9 @@ std::vector<TokenIds> greedy_decode(Model& model, const TokenIds& source, const 
 
 // The same as greedy_decode without caches: every step runs the full decoder over the prefix.
 template <typename Model>
-std::vector<TokenIds> greedy_decode_uncached(Model& model, const TokenIds& source, const SequenceBatch& source_batch,
+std::vector<TokenIds> greedy_decode_uncached(const Model& model, const TokenIds& source, const SequenceBatch& source_batch,
                                              Index max_length) {
   MOA_CHECK(!model.training(), "greedy_decode_uncached", "decoding is for evaluation: call set_training(false) first");
-  Rng unused(0);  // evaluation draws nothing
   const Index batch_size = source_batch.batch_size;
   std::vector<TokenIds> prefixes(static_cast<std::size_t>(batch_size), TokenIds{kBosId});
   std::vector<TokenIds> outputs(static_cast<std::size_t>(batch_size));
@@ -75,7 +75,7 @@ std::vector<TokenIds> greedy_decode_uncached(Model& model, const TokenIds& sourc
   for (Index t = 0; t < max_length; ++t) {
     TokenIds input;
     for (const auto& prefix : prefixes) input.insert(input.end(), prefix.begin(), prefix.end());
-    const auto logits = model.forward(source, source_batch, input, SequenceBatch::full(batch_size, t + 1), unused);
+    const auto logits = model.infer(source, source_batch, input, SequenceBatch::full(batch_size, t + 1));
     TokenIds next(static_cast<std::size_t>(batch_size));
     const bool all_finished =
         detail::greedy_step(logits, [t](Index b) { return b * (t + 1) + t; }, outputs, finished, next);
@@ -94,7 +94,7 @@ struct BeamSearchOptions {
 // Beam search per sequence, batched over sequences and beams in the caches (B*K rows); returns the
 // best finished hypothesis of each sequence. With beam_size 1 it equals greedy_decode.
 template <typename Model>
-std::vector<TokenIds> beam_search(Model& model, const TokenIds& source, const SequenceBatch& source_batch,
+std::vector<TokenIds> beam_search(const Model& model, const TokenIds& source, const SequenceBatch& source_batch,
                                   const BeamSearchOptions& options) {
   const char* function = "beam_search";
   MOA_CHECK(options.beam_size > 0, function, "beam_size must be positive, got ", options.beam_size);

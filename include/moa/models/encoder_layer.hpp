@@ -47,14 +47,24 @@ class TransformerEncoderLayer {
 
   // input: [B*T, d_model] -> output: [B*T, d_model]
   Matrix<Scalar> forward(const Matrix<Scalar>& input, const SequenceBatch& batch, Rng& rng) {
-    if (norm_ == NormPlacement::post) {
-      Matrix<Scalar> hidden =
-          self_attn_layer_norm.forward(input + attention_dropout_.forward(forward_self_attention(self_attn, input, batch, false, rng), rng));
-      return final_layer_norm.forward(hidden + ffn_dropout_.forward(ffn.forward(hidden), rng));
-    }
-    Matrix<Scalar> hidden =
-        input + attention_dropout_.forward(forward_self_attention(self_attn, self_attn_layer_norm.forward(input), batch, false, rng), rng);
-    return hidden + ffn_dropout_.forward(ffn.forward(final_layer_norm.forward(hidden)), rng);
+    auto self = [&](const Matrix<Scalar>& x) { return forward_self_attention(self_attn, x, batch, false, rng); };
+    Dropout<Scalar>* dropouts[2] = {&attention_dropout_, &ffn_dropout_};
+    LayerNorm<Scalar>* norms[2] = {&self_attn_layer_norm, &final_layer_norm};
+    auto drop = [&](int which, const Matrix<Scalar>& x) { return dropouts[which]->forward(x, rng); };
+    auto norm = [&](int which, const Matrix<Scalar>& x) { return norms[which]->forward(x); };
+    auto feed_forward = [&](const Matrix<Scalar>& x) { return ffn.forward(x); };
+    return wire(input, self, norm, feed_forward, drop);
+  }
+
+  // The same output as forward in evaluation (no dropout, routing as in evaluation), keeping
+  // nothing for backward: the layer is not changed.
+  Matrix<Scalar> infer(const Matrix<Scalar>& input, const SequenceBatch& batch) const {
+    auto self = [&](const Matrix<Scalar>& x) { return self_attn.infer(x, batch, x, batch, false); };
+    const LayerNorm<Scalar>* norms[2] = {&self_attn_layer_norm, &final_layer_norm};
+    auto norm = [&](int which, const Matrix<Scalar>& x) { return norms[which]->infer(x); };
+    auto feed_forward = [&](const Matrix<Scalar>& x) { return ffn.infer(x); };
+    auto keep = [](int, const Matrix<Scalar>& x) { return x; };
+    return wire(input, self, norm, feed_forward, keep);
   }
 
   // grad_output: [B*T, d_model] -> grad_input: [B*T, d_model]
@@ -84,6 +94,19 @@ class TransformerEncoderLayer {
   LayerNorm<Scalar> final_layer_norm;
 
  private:
+  // The layer's wiring, shared by forward (training: caching, dropout) and infer: norm(i, x) is
+  // the i-th layer norm (self-attention, final), drop(i, x) the i-th dropout.
+  template <typename Self, typename Norm, typename FeedForwardBlock, typename Drop>
+  Matrix<Scalar> wire(const Matrix<Scalar>& input, Self&& self, Norm&& norm, FeedForwardBlock&& feed_forward,
+                      Drop&& drop) const {
+    if (norm_ == NormPlacement::post) {
+      const Matrix<Scalar> hidden = norm(0, input + drop(0, self(input)));
+      return norm(1, hidden + drop(1, feed_forward(hidden)));
+    }
+    const Matrix<Scalar> hidden = input + drop(0, self(norm(0, input)));
+    return hidden + drop(1, feed_forward(norm(1, hidden)));
+  }
+
   Dropout<Scalar> attention_dropout_, ffn_dropout_;
   NormPlacement norm_;
 };

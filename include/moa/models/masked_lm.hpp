@@ -54,6 +54,14 @@ class MaskedLM {
     return embed_tokens.project(hidden_, product_precision(*compute_, training_));
   }
 
+  // The same logits as forward in evaluation, const over the model: nothing drawn, nothing kept
+  // for backward.
+  Matrix<Scalar> infer(const TokenIds& ids, const SequenceBatch& batch) const {
+    MOA_CHECK(!training_, "MaskedLM::infer", "inference is evaluation: call set_training(false) first");
+    batch.validate("MaskedLM::infer", "ids", static_cast<Index>(ids.size()));
+    return embed_tokens.project(encoder.infer(embed_tokens, ids, batch), product_precision(*compute_, false));
+  }
+
   // grad_logits: [B*T, V]; accumulates every parameter gradient, the aux losses' included.
   void backward(const Matrix<Scalar>& grad_logits) {
     encoder.backward(embed_tokens.project_backward(hidden_, grad_logits), embed_tokens);

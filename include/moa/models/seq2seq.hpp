@@ -83,6 +83,22 @@ class Seq2Seq {
     return embed_tokens.project(hidden, product_precision(*compute_, training_));
   }
 
+  // The same logits as forward in evaluation, const over the model: nothing drawn, nothing kept
+  // for backward.
+  Matrix<Scalar> infer(const TokenIds& source, const SequenceBatch& source_batch, const TokenIds& target_input,
+                       const SequenceBatch& target_batch) const {
+    const char* function = "Seq2Seq::infer";
+    MOA_CHECK(!training_, function, "inference is evaluation: call set_training(false) first");
+    target_batch.validate(function, "target_input", static_cast<Index>(target_input.size()));
+    MOA_CHECK(source_batch.batch_size == target_batch.batch_size, function, "source has ", source_batch.batch_size,
+              " sequences but target_input has ", target_batch.batch_size);
+    const Matrix<Scalar> memory = encode(source, source_batch);  // [B*S, d_model]
+    Matrix<Scalar> hidden = embed_sequence(embed_tokens, target_input, target_batch);
+    for (const auto& layer : decoder_layers) hidden = layer.infer(hidden, target_batch, memory, source_batch);
+    if (config_.norm == NormPlacement::pre) hidden = decoder_norm.infer(hidden);
+    return embed_tokens.project(hidden, product_precision(*compute_, false));
+  }
+
   // grad_logits: [B*T, V]; accumulates every parameter gradient, the aux losses' included.
   void backward(const Matrix<Scalar>& grad_logits) {
     Matrix<Scalar> grad = embed_tokens.project_backward(decoder_output_, grad_logits);  // [B*T, d_model]
@@ -105,12 +121,12 @@ class Seq2Seq {
 
   bool training() const { return training_; }
 
-  // memory: [B*S, d_model]. Without an Rng, for decoding: evaluation mode only, where nothing is
-  // drawn (no dropout, no noisy routing).
-  Matrix<Scalar> encode(const TokenIds& source, const SequenceBatch& source_batch) {
+  // memory: [B*S, d_model]. Without an Rng, for decoding: evaluation only, const over the model
+  // (nothing drawn, nothing kept for backward).
+  Matrix<Scalar> encode(const TokenIds& source, const SequenceBatch& source_batch) const {
     MOA_CHECK(!training_, "Seq2Seq::encode", "encoding without an Rng is for evaluation: call set_training(false) first");
-    Rng unused(0);
-    return encode(source, source_batch, unused);
+    source_batch.validate("Seq2Seq::encode", "source", static_cast<Index>(source.size()));
+    return encoder.infer(embed_tokens, source, source_batch);
   }
   Matrix<Scalar> encode(const TokenIds& source, const SequenceBatch& source_batch, Rng& rng) {
     source_batch.validate("Seq2Seq::encode", "source", static_cast<Index>(source.size()));

@@ -76,6 +76,14 @@ class TransformerEncoder {
     return hidden;
   }
 
+  // The same output as forward in evaluation, keeping nothing for backward.
+  Matrix<Scalar> infer(const Embedding<Scalar>& table, const TokenIds& ids, const SequenceBatch& batch) const {
+    Matrix<Scalar> hidden = embed_sequence(table, ids, batch);
+    for (const auto& layer : layers) hidden = layer.infer(hidden, batch);
+    if (norm_ == NormPlacement::pre) hidden = layer_norm.infer(hidden);
+    return hidden;
+  }
+
   // grad_output: [B*T, d_model]; accumulates the layers' gradients and the table's rows of the ids.
   void backward(Matrix<Scalar> grad, Embedding<Scalar>& table) {
     if (norm_ == NormPlacement::pre) grad = layer_norm.backward(grad);
