@@ -177,7 +177,17 @@ TEST_CASE("Router::route gives evaluation's experts and gates and leaves the for
     router.forward(input, all_routed(5));
     REQUIRE(routing.experts == router.experts());
     REQUIRE(routing.gates == router.gates());
+    // With padding flags: padding rows are not routed, as in forward.
+    const std::vector<char> routed{1, 0, 1, 1, 0};
+    router.forward(input, routed);
+    const auto padded = router.route(input, routed);
+    REQUIRE(padded.experts == router.experts());
+    REQUIRE(padded.gates == router.gates());
+    REQUIRE(padded.experts[2] == -1);
+    REQUIRE(padded.gates.row(4).isZero(0));
   }
   REQUIRE_MOA_ERROR(moa::Router<float>(router_config(4, 6, 2), rng).route(MatrixF::Zero(2, 3)),
                     "Router::route: input has shape [2, 3], expected [N, 4]");
+  REQUIRE_MOA_ERROR(moa::Router<float>(router_config(4, 6, 2), rng).route(MatrixF::Zero(2, 4), {1}),
+                    "Router::route: routed has 1 flags for 2 input rows");
 }
