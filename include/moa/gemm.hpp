@@ -63,6 +63,53 @@ using ConstStridedMap = Eigen::Map<const Matrix<Scalar>, 0, Eigen::OuterStride<>
 // Up to this many rows, a product is computed row by row as vector-matrix products.
 constexpr Index kMatrixVectorRows = 4;
 
+// Eigen's packet types carry vector attributes that GCC warns about dropping as template arguments
+// (Eigen's own headers, included as system headers, are spared the same warning).
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+#endif
+// c[M, R] += a[M, k] b[R, k]^T for M rows of a and R rows of b (row-major, unit column stride):
+// dot products in SIMD packets, so b is read once for all M rows. Each element's sum runs in the
+// same order wherever its column falls, so splitting columns across threads changes nothing.
+template <typename Scalar, int M, int R>
+void dot_block(Index k, const Scalar* a, Index lda, const Scalar* b, Index ldb, Scalar* c, Index ldc) {
+  using Packet = typename Eigen::internal::packet_traits<Scalar>::type;
+  constexpr Index width = Eigen::internal::packet_traits<Scalar>::size;
+  Packet sums[M][R];
+  for (int i = 0; i < M; ++i)
+    for (int r = 0; r < R; ++r) sums[i][r] = Eigen::internal::pset1<Packet>(Scalar(0));
+  Index p = 0;
+  for (; p + width <= k; p += width) {
+    Packet columns[R];
+    for (int r = 0; r < R; ++r) columns[r] = Eigen::internal::ploadu<Packet>(b + r * ldb + p);
+    for (int i = 0; i < M; ++i) {
+      const Packet row = Eigen::internal::ploadu<Packet>(a + i * lda + p);
+      for (int r = 0; r < R; ++r) sums[i][r] = Eigen::internal::pmadd(row, columns[r], sums[i][r]);
+    }
+  }
+  for (int i = 0; i < M; ++i)
+    for (int r = 0; r < R; ++r) {
+      Scalar sum = Eigen::internal::predux(sums[i][r]);
+      for (Index q = p; q < k; ++q) sum += a[i * lda + q] * b[r * ldb + q];
+      c[i * ldc + r] += sum;
+    }
+}
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+
+// c[M, n] += a[M, k] b[n, k]^T with M <= kMatrixVectorRows: a decoding step's product with a
+// weight, which streams the weight once (a matrix product would pack all of it first).
+template <typename Scalar, int M>
+void few_rows_times_transposed(Index n, Index k, const Scalar* a, Index lda, const Scalar* b, Index ldb, Scalar* c,
+                               Index ldc) {
+  constexpr Index block = 4;  // rows of b in flight: enough loads to hide latency, few registers
+  Index j = 0;
+  for (; j + block <= n; j += block) dot_block<Scalar, M, block>(k, a, lda, b + j * ldb, ldb, c + j, ldc);
+  for (; j < n; ++j) dot_block<Scalar, M, 1>(k, a, lda, b + j * ldb, ldb, c + j, ldc);
+}
+
 // The product with Eigen on raw row-major storage.
 template <typename Scalar>
 void eigen_gemm(Transpose transpose_a, Transpose transpose_b, Index m, Index n, Index k, const Scalar* a, Index lda,
@@ -74,9 +121,17 @@ void eigen_gemm(Transpose transpose_a, Transpose transpose_b, Index m, Index n, 
   StridedMap<Scalar> c_map(c, m, n, Eigen::OuterStride<>(ldc));
   if (!accumulate) c_map.setZero();
   if (k == 0) return;
+  if (m >= 1 && m <= kMatrixVectorRows && transpose_a == Transpose::no && transpose_b == Transpose::yes) {
+    switch (m) {  // x W^T with a weight W [n, k]: the layers' case
+      case 1: few_rows_times_transposed<Scalar, 1>(n, k, a, lda, b, ldb, c, ldc); return;
+      case 2: few_rows_times_transposed<Scalar, 2>(n, k, a, lda, b, ldb, c, ldc); return;
+      case 3: few_rows_times_transposed<Scalar, 3>(n, k, a, lda, b, ldb, c, ldc); return;
+      default: few_rows_times_transposed<Scalar, 4>(n, k, a, lda, b, ldb, c, ldc); return;
+    }
+  }
   if (m <= kMatrixVectorRows) {
-    // A few rows (a decoding step's): row-vector times matrix, which streams op(B) once per row
-    // instead of packing all of it as a matrix product does.
+    // A few rows otherwise: row-vector times matrix, which streams op(B) once per row instead of
+    // packing all of it as a matrix product does.
     for (Index i = 0; i < m; ++i) {
       if (transpose_a == Transpose::no) {
         if (transpose_b == Transpose::no) c_map.row(i).noalias() += a_map.row(i) * b_map;

@@ -47,7 +47,8 @@ class DnnlGemm final : public GemmBackend {
   void sgemm(const GemmCall& call) const override {
     // bf16 converts both operands on every call: for a few rows that costs more than it saves.
     const bool bf16 = call.precision == Precision::bf16 && has_bf16_ && call.m >= kMinBf16Rows;
-    if (!bf16 && static_cast<double>(call.m) * static_cast<double>(call.n) * static_cast<double>(call.k) < kSmallProduct) {
+    const bool few_rows = call.m <= detail::kMatrixVectorRows;  // streaming the weight once is all it takes
+    if (!bf16 && (few_rows || static_cast<double>(call.m) * static_cast<double>(call.n) * static_cast<double>(call.k) < kSmallProduct)) {
       // oneDNN's fixed cost per call (a few microseconds) exceeds such a product's own time.
       detail::eigen_gemm<float>(call.transpose_a, call.transpose_b, call.m, call.n, call.k, call.a, call.lda, call.b,
                                 call.ldb, call.c, call.ldc, call.accumulate);
