@@ -26,6 +26,7 @@ void run_translate_step(benchmark::State& state, const char* spec) {
   model.set_compute(moa_bench::compute());
   auto parameters = moa::parameters_of(model);
   moa::Adam<float> adam(parameters, {0.9, 0.98, 1e-9, 0.0, false});
+  adam.set_compute(moa_bench::compute());
   moa::CrossEntropyLoss<float> loss(0.1, 0);
   loss.set_compute(moa_bench::compute());
   const auto batch = moa::SequenceBatch::full(kBatch, kLength);

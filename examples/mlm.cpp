@@ -169,6 +169,7 @@ RunResult run(const Options& options, const Data& data, const std::string& spec)
   auto parameters = moa::parameters_of(model);
   result.parameters = parameters.numel();
   moa::Adam<float> adam(parameters, {0.9, 0.98, 1e-9, 0.01, true});
+  adam.set_compute(compute);
   moa::InverseSqrtSchedule schedule(options.learning_rate, options.warmup);
   const std::string describe = spec + " d" + std::to_string(config.model_dim) + " layers" + std::to_string(config.encoder_layers) +
                                " vocab" + std::to_string(config.vocab_size);

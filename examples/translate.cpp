@@ -202,6 +202,7 @@ class Run {
         dropout_rng_(options.seed + 1) {
     compute_ = options.compute.make("translate");
     model_.set_compute(compute_);
+    adam_.set_compute(compute_);
     fs::create_directories(folder_);
     result_.name = config_.attention.kind == moa::AttentionSpec::Kind::moa ? "MoA" : "MHA";
     result_.spec = spec;

@@ -299,6 +299,54 @@ TEST_CASE("CrossEntropyLoss on two threads: the same loss and gradient as on one
   REQUIRE(!grad_one.row(1).isZero());
 }
 
+TEST_CASE("Dropout, LayerNorm and Adam on two threads: the same numbers as on one", "[backend]") {
+  const auto two_threads = std::make_shared<moa::Compute>(std::make_shared<moa::EigenGemm>(), 2);
+  moa::Rng rng(21);
+  const MatrixF input = random_matrix<float>(300, 40, rng), grad_output = random_matrix<float>(300, 40, rng);
+  // Dropout: entry (i, j) is draw i*D + j of the generator's stream, whichever thread draws it,
+  // and the generator ends where a serial draw of every entry ends.
+  moa::Dropout<float> serial(0.3), parallel(0.3);
+  parallel.set_compute(two_threads);
+  moa::Rng serial_rng(5), parallel_rng(5), reference_rng(5);
+  const MatrixF dropped = serial.forward(input, serial_rng);
+  REQUIRE(parallel.forward(input, parallel_rng) == dropped);
+  REQUIRE(parallel.backward(grad_output) == serial.backward(grad_output));
+  for (Index i = 0; i < dropped.size(); ++i) {
+    const bool kept = !(reference_rng.uniform() < 0.3);
+    REQUIRE((dropped.data()[i] != 0.0f) == (kept && input.data()[i] != 0.0f));
+  }
+  REQUIRE(parallel_rng.state() == serial_rng.state());
+  REQUIRE(serial_rng.next_u64() == reference_rng.next_u64());
+  // LayerNorm: every row alone.
+  moa::LayerNorm<float> norm_one(40), norm_two(40);
+  norm_two.set_compute(two_threads);
+  for (auto* norm : {&norm_one, &norm_two}) {
+    norm->weight.value = random_matrix<float>(1, 40, rng);
+    norm->bias.value = random_matrix<float>(1, 40, rng);
+  }
+  norm_two.weight.value = norm_one.weight.value;
+  norm_two.bias.value = norm_one.bias.value;
+  REQUIRE(norm_two.forward(input) == norm_one.forward(input));
+  REQUIRE(norm_two.backward(grad_output) == norm_one.backward(grad_output));
+  // Adam: every number alone, over a packed block long enough to be split.
+  moa::Linear<float> layer_one(600, 300, true, rng), layer_two(600, 300, true, rng);
+  moa::pack_parameters(layer_one);
+  moa::pack_parameters(layer_two);
+  auto list_one = moa::parameters_of(layer_one), list_two = moa::parameters_of(layer_two);
+  for (std::size_t i = 0; i < list_one.size(); ++i) {
+    list_two[i].value() = list_one[i].value();
+    list_one[i].grad() = random_matrix<float>(list_one[i].value().rows(), list_one[i].value().cols(), rng);
+    list_two[i].grad() = list_one[i].grad();
+  }
+  moa::Adam<float> adam_one(list_one), adam_two(list_two);
+  adam_two.set_compute(two_threads);
+  for (int step = 0; step < 3; ++step) {
+    adam_one.step(1e-2);
+    adam_two.step(1e-2);
+  }
+  for (std::size_t i = 0; i < list_one.size(); ++i) REQUIRE(list_two[i].value() == list_one[i].value());
+}
+
 TEST_CASE("set_compute refuses a null compute, naming the layer", "[backend]") {
   moa::Rng rng(1);
   moa::Linear<float> linear(3, 2, true, rng);

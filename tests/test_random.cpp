@@ -21,6 +21,20 @@ TEST_CASE("Rng: the same seed gives the same numbers, state can be saved and res
   REQUIRE(a.normal() == first);
 }
 
+TEST_CASE("Rng::discard skips draws: a copy advanced by i continues from draw i", "[random]") {
+  moa::Rng serial(77);
+  std::vector<std::uint64_t> draws;
+  for (int i = 0; i < 10; ++i) draws.push_back(serial.next_u64());
+  for (std::uint64_t skip : {0u, 1u, 7u}) {
+    moa::Rng jumped(77);
+    jumped.discard(skip);
+    REQUIRE(jumped.next_u64() == draws[skip]);
+  }
+  moa::Rng jumped(77);
+  jumped.discard(10);
+  REQUIRE(jumped.state() == serial.state());
+}
+
 TEST_CASE("Rng: uniform, below and normal have the right moments", "[random]") {
   moa::Rng rng(7);
   const int draws = 200000;

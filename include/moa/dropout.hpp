@@ -2,6 +2,7 @@
 #pragma once
 
 #include "moa/error.hpp"
+#include "moa/gemm.hpp"
 #include "moa/random.hpp"
 #include "moa/tensor.hpp"
 
@@ -19,6 +20,8 @@ class Dropout {
   double probability() const { return probability_; }
   bool training() const { return training_; }
   void set_training(bool training) { training_ = training; }
+  // The threads the mask is drawn and applied on; the mask is the same on any number.
+  void set_compute(ComputePtr compute) { compute_ = detail::checked_compute(std::move(compute), "Dropout::set_compute"); }
 
   // input: [N, D] -> output: [N, D]. In training, zeroes each entry with the given probability and
   // scales the kept ones by 1 / (1 - p), drawing from `rng`; in evaluation it is the identity.
@@ -28,10 +31,17 @@ class Dropout {
       return input;
     }
     const Scalar scale = static_cast<Scalar>(1.0 / (1.0 - probability_));
-    mask_.resize(input.rows(), input.cols());
-    for (Index i = 0; i < input.rows(); ++i)
-      for (Index j = 0; j < input.cols(); ++j) mask_(i, j) = rng.uniform() < probability_ ? Scalar(0) : scale;
-    return input.cwiseProduct(mask_);
+    const Index cols = input.cols();
+    mask_.resize(input.rows(), cols);
+    Matrix<Scalar> output(input.rows(), cols);  // [N, D]
+    // Entry (i, j) takes draw i*D + j of rng's stream, whichever thread draws it.
+    const Rng start = rng;
+    rng.discard(static_cast<std::uint64_t>(input.size()));
+    parallel_ranges(*compute_, input.rows(), kRowGrain, [&](Index first, Index rows, int) {
+      draw_mask(start, first * cols, rows * cols, scale, mask_.data() + first * cols);
+      output.middleRows(first, rows) = input.middleRows(first, rows).cwiseProduct(mask_.middleRows(first, rows));
+    });
+    return output;
   }
 
   // grad_output: [N, D] -> grad_input: [N, D], through the mask of the last forward.
@@ -40,12 +50,27 @@ class Dropout {
     MOA_CHECK(grad_output.rows() == mask_.rows() && grad_output.cols() == mask_.cols(), "Dropout::backward",
               "grad_output has shape ", detail::shape_of(grad_output), ", expected ", detail::shape_of(mask_),
               " (as the last forward)");
-    return grad_output.cwiseProduct(mask_);
+    Matrix<Scalar> grad_input(grad_output.rows(), grad_output.cols());  // [N, D]
+    parallel_ranges(*compute_, grad_output.rows(), kRowGrain, [&](Index first, Index rows, int) {
+      grad_input.middleRows(first, rows) = grad_output.middleRows(first, rows).cwiseProduct(mask_.middleRows(first, rows));
+    });
+    return grad_input;
   }
 
  private:
+  // mask[0, count): draws first... of the stream that starts at `stream`. A plain loop over a
+  // local generator, which the compiler vectorises.
+  void draw_mask(Rng stream, Index first, Index count, Scalar scale, Scalar* mask) const {
+    stream.discard(static_cast<std::uint64_t>(first));
+    const double probability = probability_;
+    for (Index i = 0; i < count; ++i) mask[i] = stream.uniform() < probability ? Scalar(0) : scale;
+  }
+
+  static constexpr Index kRowGrain = 64;  // rows per thread at least: below, waking one costs more
+
   double probability_;
   bool training_ = true;
+  ComputePtr compute_ = Compute::standard();
   Matrix<Scalar> mask_;  // [N, D] of 0 or 1/(1-p); empty when the last forward was the identity
 };
 

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "moa/error.hpp"
+#include "moa/gemm.hpp"
 #include "moa/parameter.hpp"
 #include "moa/tensor.hpp"
 
@@ -22,6 +23,10 @@ class LayerNorm {
   }
 
   Index features() const { return weight.shape[0]; }
+  // The threads rows are normalised on (each row alone: the same result on any number).
+  void set_compute(ComputePtr compute) {
+    compute_ = detail::checked_compute(std::move(compute), "LayerNorm::set_compute");
+  }
 
   // input: [N, D] -> output: [N, D]. Caches the normalised input and the inverse deviations.
   Matrix<Scalar> forward(const Matrix<Scalar>& input) {
@@ -48,13 +53,15 @@ class LayerNorm {
     weight.grad.row(0) += grad_output.cwiseProduct(normalized_).colwise().sum();
     bias.grad.row(0) += grad_output.colwise().sum();
     Matrix<Scalar> grad_input(grad_output.rows(), features());  // [N, D]
-    for (Index i = 0; i < grad_output.rows(); ++i) {
-      const RowVector<Scalar> scaled = grad_output.row(i).cwiseProduct(weight.value.row(0));  // [D]
-      const Scalar mean_scaled = scaled.mean();
-      const Scalar mean_scaled_normalized = scaled.cwiseProduct(normalized_.row(i)).mean();
-      grad_input.row(i) =
-          (scaled.array() - mean_scaled - normalized_.row(i).array() * mean_scaled_normalized) * inverse_std_(i);
-    }
+    parallel_ranges(*compute_, grad_output.rows(), kRowGrain, [&](Index first, Index rows, int) {
+      for (Index i = first; i < first + rows; ++i) {
+        const RowVector<Scalar> scaled = grad_output.row(i).cwiseProduct(weight.value.row(0));  // [D]
+        const Scalar mean_scaled = scaled.mean();
+        const Scalar mean_scaled_normalized = scaled.cwiseProduct(normalized_.row(i)).mean();
+        grad_input.row(i) =
+            (scaled.array() - mean_scaled - normalized_.row(i).array() * mean_scaled_normalized) * inverse_std_(i);
+      }
+    });
     return grad_input;
   }
 
@@ -72,14 +79,16 @@ class LayerNorm {
     const Index rows = input.rows();
     normalized.resize(rows, features());
     inverse_std.resize(rows);
-    for (Index i = 0; i < rows; ++i) {
-      const Scalar mean = input.row(i).mean();
-      const Scalar variance = (input.row(i).array() - mean).square().mean();
-      inverse_std(i) = Scalar(1) / std::sqrt(variance + static_cast<Scalar>(epsilon_));
-      normalized.row(i) = (input.row(i).array() - mean) * inverse_std(i);
-    }
-    Matrix<Scalar> output = normalized.array().rowwise() * weight.value.row(0).array();  // [N, D]
-    output.rowwise() += bias.value.row(0);
+    Matrix<Scalar> output(rows, features());  // [N, D]
+    parallel_ranges(*compute_, rows, kRowGrain, [&](Index first, Index count, int) {
+      for (Index i = first; i < first + count; ++i) {
+        const Scalar mean = input.row(i).mean();
+        const Scalar variance = (input.row(i).array() - mean).square().mean();
+        inverse_std(i) = Scalar(1) / std::sqrt(variance + static_cast<Scalar>(epsilon_));
+        normalized.row(i) = (input.row(i).array() - mean) * inverse_std(i);
+        output.row(i) = normalized.row(i).array() * weight.value.row(0).array() + bias.value.row(0).array();
+      }
+    });
     return output;
   }
 
@@ -88,7 +97,10 @@ class LayerNorm {
     return features;
   }
 
+  static constexpr Index kRowGrain = 64;  // rows per thread at least: below, waking one costs more
+
   double epsilon_;
+  ComputePtr compute_ = Compute::standard();
   Matrix<Scalar> normalized_;          // [N, D]
   ColumnVector<Scalar> inverse_std_;   // [N]
 };

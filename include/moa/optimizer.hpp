@@ -2,9 +2,11 @@
 #pragma once
 
 #include "moa/error.hpp"
+#include "moa/gemm.hpp"
 #include "moa/parameter.hpp"
 #include "moa/tensor.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -45,6 +47,9 @@ class Adam {
     second_moment_.assign(static_cast<std::size_t>(total), Scalar(0));
   }
 
+  // The threads an update runs on (every number alone: the same result on any number).
+  void set_compute(ComputePtr compute) { compute_ = detail::checked_compute(std::move(compute), "Adam::set_compute"); }
+
   void step(double learning_rate) {
     MOA_CHECK(learning_rate >= 0.0 && std::isfinite(learning_rate), "Adam::step",
               "learning_rate must be finite and non-negative, got ", learning_rate);
@@ -61,7 +66,15 @@ class Adam {
     update.decay_factor = Scalar(1) - static_cast<Scalar>(learning_rate) * update.decay;
     // A packed model's parameters are one block: one loop over all of them.
     if (contiguous_) {
-      apply(update, parameters_.flat_values().data(), parameters_.flat_grads().data(), 0, parameters_.flat_size());
+      Scalar* values = parameters_.flat_values().data();
+      const Scalar* grads = parameters_.flat_grads().data();
+      // Ranges start at multiples of a SIMD block, so each number takes the same (vector or
+      // scalar) path on any number of threads and the result is bit-identical.
+      const Index total = parameters_.flat_size(), blocks = (total + kBlock - 1) / kBlock;
+      parallel_ranges(*compute_, blocks, kGrain / kBlock, [&](Index first_block, Index block_count, int) {
+        const Index first = first_block * kBlock, last = std::min(total, (first_block + block_count) * kBlock);
+        apply(update, values + first, grads + first, first, last - first);
+      });
       return;
     }
     for (std::size_t i = 0; i < parameters_.size(); ++i)
@@ -83,6 +96,9 @@ class Adam {
   }
 
  private:
+  static constexpr Index kGrain = Index(1) << 16;  // numbers per thread at least
+  static constexpr Index kBlock = 64;               // a multiple of every SIMD width
+
   struct Update {
     Scalar beta1, beta2, step_size, root_correction2, epsilon, decay, decay_factor;
   };
@@ -121,6 +137,7 @@ class Adam {
   ParameterStorage<Scalar> first_moment_;   // m, laid out as the parameters
   ParameterStorage<Scalar> second_moment_;  // v, laid out as the parameters
   long long steps_ = 0;
+  ComputePtr compute_ = Compute::standard();
 };
 
 // AdamW: Adam with decoupled weight decay (PyTorch's default decay 0.01).

@@ -25,6 +25,10 @@ class Rng {
     return z ^ (z >> 31);
   }
 
+  // Skips `count` draws in O(1) (SplitMix64's state advances by a constant per draw): a copy
+  // advanced by i draws continues the stream from draw i, so parts of it can be drawn in parallel.
+  void discard(std::uint64_t count) { state_ += count * 0x9E3779B97F4A7C15ULL; }
+
   // Uniform in [0, 1) with 53 random bits.
   double uniform() { return static_cast<double>(next_u64() >> 11) * 0x1.0p-53; }
 

@@ -51,6 +51,9 @@ class TransformerDecoderLayer {
     self_attn.set_compute(compute);
     encoder_attn.set_compute(compute);
     ffn.set_compute(compute);
+    for (LayerNorm<Scalar>* norm : {&self_attn_layer_norm, &encoder_attn_layer_norm, &final_layer_norm})
+      norm->set_compute(compute);
+    for (Dropout<Scalar>* dropout : {&self_dropout_, &cross_dropout_, &ffn_dropout_}) dropout->set_compute(compute);
   }
 
   // input: [B*T, d_model] (causal), memory: [B*S, d_model] -> output: [B*T, d_model]

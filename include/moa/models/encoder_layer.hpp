@@ -43,6 +43,10 @@ class TransformerEncoderLayer {
   void set_compute(const ComputePtr& compute) {
     self_attn.set_compute(compute);
     ffn.set_compute(compute);
+    self_attn_layer_norm.set_compute(compute);
+    final_layer_norm.set_compute(compute);
+    attention_dropout_.set_compute(compute);
+    ffn_dropout_.set_compute(compute);
   }
 
   // input: [B*T, d_model] -> output: [B*T, d_model]

@@ -62,6 +62,8 @@ class Seq2Seq {
     embed_tokens.set_compute(compute);
     encoder.set_compute(compute);
     for (auto& layer : decoder_layers) layer.set_compute(compute);
+    decoder_norm.set_compute(compute);
+    decoder_dropout_.set_compute(compute);
   }
   const Compute& compute() const { return *compute_; }
 

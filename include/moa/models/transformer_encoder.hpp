@@ -65,6 +65,8 @@ class TransformerEncoder {
   }
   void set_compute(const ComputePtr& compute) {
     for (auto& layer : layers) layer.set_compute(compute);
+    layer_norm.set_compute(compute);
+    dropout_.set_compute(compute);
   }
 
   // ids: B*T -> output: [B*T, d_model]
