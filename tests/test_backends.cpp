@@ -79,7 +79,7 @@ TEST_CASE("gemm: every backend and thread count equals a naive product", "[gemm]
   moa::Rng rng(11);
   for (const NamedCompute& named : float_computes()) {
     // 200 x 130 x 64 is past the size at which a product is split over threads.
-    for (const Index m : {1, 15, 16, 17, 47, 100, 200}) {
+    for (const Index m : {1, 3, 4, 15, 16, 17, 47, 100, 200}) {
       for (const Index n : {1, 5, 64, 130}) {
         for (const Index k : {1, 7, 64}) {
           for (const bool transpose_a : {false, true}) {
@@ -283,6 +283,51 @@ TEST_CASE("bfloat16 inference: evaluation forwards within 1e-2 of f32 where the 
   layer.set_training(true);
   const MatrixF trained = layer.forward_self(input, batch, true);
   REQUIRE(relative_error(trained.cast<double>(), f32.cast<double>()) < 1e-6);
+}
+
+TEST_CASE("bfloat16 decoding: caches carry rounded weights; steps within 1e-2 of f32", "[moa][mha][bf16][cache]") {
+  std::shared_ptr<const moa::GemmBackend> bf16_backend;
+  for (const auto& backend : backends())
+    if (backend->has_bf16()) bf16_backend = backend;
+  if (!bf16_backend || !moa::kFastBFloat16) {
+    WARN("no native bfloat16 (backend and build): bf16 decoding not tested");
+    return;
+  }
+  const auto f32 = std::make_shared<moa::Compute>(bf16_backend, 1, moa::Precision::f32);
+  const auto bf16 = std::make_shared<moa::Compute>(bf16_backend, 1, moa::Precision::bf16);
+  auto check = [&](auto& layer) {
+    moa::Rng rng(23);
+    layer.set_training(false);
+    const MatrixF prefix = random_matrix<float>(3 * 5, layer.model_dim(), rng);  // 3 sequences, 5 tokens
+    const MatrixF token = random_matrix<float>(3, layer.model_dim(), rng);
+    const MatrixF memory = random_matrix<float>(3 * 7, layer.model_dim(), rng);
+    const auto memory_batch = moa::SequenceBatch::padded(7, {7, 4, 6});
+    auto run = [&](const moa::ComputePtr& compute) {
+      layer.set_compute(compute);
+      auto self = layer.make_self_cache(3, 6);
+      auto cross = layer.make_cross_cache(memory, memory_batch);
+      const bool rounded = self.rounded_weight(self.kQueryWeight) != nullptr &&
+                           self.rounded_weight(self.kKeyWeight) != nullptr &&
+                           cross.rounded_weight(cross.kOutputWeight) != nullptr;
+      REQUIRE(rounded == (compute == bf16));
+      layer.step(prefix, self);
+      return std::vector<MatrixF>{layer.step(token, self), layer.step(token, cross)};
+    };
+    const std::vector<MatrixF> exact = run(f32), rounded = run(bf16);
+    for (std::size_t i = 0; i < exact.size(); ++i) {
+      const double error = relative_error(rounded[i].cast<double>(), exact[i].cast<double>());
+      INFO("step " << i << ": relative error of bf16 against f32 " << error);
+      REQUIRE(error < 1e-2);
+      REQUIRE(error > 1e-6);  // the rounded weights were used
+    }
+  };
+  const auto config = backend_moa_config();
+  moa::Rng rng(22);
+  moa::MixtureOfAttention<float> mixture(config, rng);
+  moa::init_normal(mixture.router.weight, rng, 0.0, 0.5);
+  check(mixture);
+  moa::MultiHeadAttention<float> heads({config.model_dim, 2, config.head_dim}, rng);
+  check(heads);
 }
 
 TEST_CASE("CrossEntropyLoss on two threads: the same loss and gradient as on one", "[loss][backend]") {

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <memory>
 #include <string>
+#include <type_traits>
 
 namespace moa {
 
@@ -95,9 +96,49 @@ void dot_block(Index k, const Scalar* a, Index lda, const Scalar* b, Index ldb, 
       c[i * ldc + r] += sum;
     }
 }
+
+// c[M, T*width] += a[M, k] b[k, T*width] (b row-major with stride ldb): T packets of columns held
+// in M*T accumulators while the k rows of b stream past, each read once for all M rows.
+template <typename Scalar, int M, int T>
+void axpy_tile(Index k, const Scalar* a, Index lda, const Scalar* b, Index ldb, Scalar* c, Index ldc) {
+  using Packet = typename Eigen::internal::packet_traits<Scalar>::type;
+  constexpr Index width = Eigen::internal::packet_traits<Scalar>::size;
+  Packet sums[M][T];
+  for (int i = 0; i < M; ++i)
+    for (int t = 0; t < T; ++t) sums[i][t] = Eigen::internal::pset1<Packet>(Scalar(0));
+  for (Index p = 0; p < k; ++p) {
+    Packet columns[T];
+    for (int t = 0; t < T; ++t) columns[t] = Eigen::internal::ploadu<Packet>(b + p * ldb + t * width);
+    for (int i = 0; i < M; ++i) {
+      const Packet broadcast = Eigen::internal::pset1<Packet>(a[i * lda + p]);
+      for (int t = 0; t < T; ++t) sums[i][t] = Eigen::internal::pmadd(broadcast, columns[t], sums[i][t]);
+    }
+  }
+  for (int i = 0; i < M; ++i)
+    for (int t = 0; t < T; ++t)
+      Eigen::internal::pstoreu(c + i * ldc + t * width,
+                               Eigen::internal::padd(Eigen::internal::ploadu<Packet>(c + i * ldc + t * width), sums[i][t]));
+}
 #if defined(__GNUC__)
 #pragma GCC diagnostic pop
 #endif
+
+// c[M, n] += a[M, k] b[k, n] with M <= kMatrixVectorRows (attention weights times values in a
+// decoding step): b is read once for all rows.
+template <typename Scalar, int M>
+void few_rows_times(Index n, Index k, const Scalar* a, Index lda, const Scalar* b, Index ldb, Scalar* c, Index ldc) {
+  constexpr Index width = Eigen::internal::packet_traits<Scalar>::size;
+  constexpr int tile = width >= 8 ? 4 : 2;  // accumulators that fit the register file with M = 4
+  Index j = 0;
+  for (; j + tile * width <= n; j += tile * width) axpy_tile<Scalar, M, tile>(k, a, lda, b + j, ldb, c + j, ldc);
+  for (; j + width <= n; j += width) axpy_tile<Scalar, M, 1>(k, a, lda, b + j, ldb, c + j, ldc);
+  for (; j < n; ++j)
+    for (int i = 0; i < M; ++i) {
+      Scalar sum = 0;
+      for (Index p = 0; p < k; ++p) sum += a[i * lda + p] * b[p * ldb + j];
+      c[i * ldc + j] += sum;
+    }
+}
 
 // c[M, n] += a[M, k] b[n, k]^T with M <= kMatrixVectorRows: a decoding step's product with a
 // weight, which streams the weight once (a matrix product would pack all of it first).
@@ -121,12 +162,24 @@ void eigen_gemm(Transpose transpose_a, Transpose transpose_b, Index m, Index n, 
   StridedMap<Scalar> c_map(c, m, n, Eigen::OuterStride<>(ldc));
   if (!accumulate) c_map.setZero();
   if (k == 0) return;
-  if (m >= 1 && m <= kMatrixVectorRows && transpose_a == Transpose::no && transpose_b == Transpose::yes) {
+  // float only: double (the gradient checks' arithmetic) keeps Eigen's own order of summation.
+  constexpr bool few_rows_kernels = std::is_same_v<Scalar, float>;
+  if (few_rows_kernels && m >= 1 && m <= kMatrixVectorRows && transpose_a == Transpose::no &&
+      transpose_b == Transpose::yes) {
     switch (m) {  // x W^T with a weight W [n, k]: the layers' case
       case 1: few_rows_times_transposed<Scalar, 1>(n, k, a, lda, b, ldb, c, ldc); return;
       case 2: few_rows_times_transposed<Scalar, 2>(n, k, a, lda, b, ldb, c, ldc); return;
       case 3: few_rows_times_transposed<Scalar, 3>(n, k, a, lda, b, ldb, c, ldc); return;
       default: few_rows_times_transposed<Scalar, 4>(n, k, a, lda, b, ldb, c, ldc); return;
+    }
+  }
+  if (few_rows_kernels && m >= 1 && m <= kMatrixVectorRows && transpose_a == Transpose::no &&
+      transpose_b == Transpose::no) {
+    switch (m) {  // p V in attention
+      case 1: few_rows_times<Scalar, 1>(n, k, a, lda, b, ldb, c, ldc); return;
+      case 2: few_rows_times<Scalar, 2>(n, k, a, lda, b, ldb, c, ldc); return;
+      case 3: few_rows_times<Scalar, 3>(n, k, a, lda, b, ldb, c, ldc); return;
+      default: few_rows_times<Scalar, 4>(n, k, a, lda, b, ldb, c, ldc); return;
     }
   }
   if (m <= kMatrixVectorRows) {

@@ -4,12 +4,18 @@
 // rows of `width` columns: width d_h for MoA (ONE shared key and value head, whatever E and k are),
 // h*d_h for multi-head attention. A self-attention cache grows by the new tokens every step; a
 // cross-attention cache is filled once from the encoder output and then only read.
+//
+// A cache may also carry its layer's weights rounded to bfloat16 (moa/bfloat16.hpp), made once
+// when the cache is made and the layer's compute allows bf16: a decoding step streams those, half
+// the bytes. Copies of a cache share them.
 #pragma once
 
 #include "moa/attention_kernel.hpp"
+#include "moa/bfloat16.hpp"
 #include "moa/error.hpp"
 #include "moa/tensor.hpp"
 
+#include <memory>
 #include <vector>
 
 namespace moa {
@@ -38,6 +44,15 @@ class KVCache {
   double last_step_flops() const { return last_step_flops_; }
   void set_last_step_flops(double flops) { last_step_flops_ = flops; }
   Index key_length(Index sequence) const { return key_lengths_[static_cast<std::size_t>(sequence)]; }
+
+  // The layer's weights rounded to bfloat16 for this decoding, in this order (a cross-attention
+  // cache needs no key and value weights); none unless the layer made them.
+  using RoundedWeights = std::vector<BFloat16Weight>;
+  static constexpr std::size_t kQueryWeight = 0, kOutputWeight = 1, kKeyWeight = 2, kValueWeight = 3;
+  const BFloat16Weight* rounded_weight(std::size_t index) const {
+    return rounded_weights_ != nullptr && index < rounded_weights_->size() ? &(*rounded_weights_)[index] : nullptr;
+  }
+  void set_rounded_weights(std::shared_ptr<const RoundedWeights> weights) { rounded_weights_ = std::move(weights); }
 
   // Rows of sequence b: [capacity, width] each.
   auto keys(Index sequence) const { return keys_.middleRows(sequence * capacity_, capacity_); }
@@ -120,6 +135,7 @@ class KVCache {
   Matrix<Scalar> keys_;             // [B*capacity, width]
   Matrix<Scalar> values_;           // [B*capacity, width]
   std::vector<Index> key_lengths_;  // [B]
+  std::shared_ptr<const RoundedWeights> rounded_weights_;
 };
 
 // Checks a decoding step's input [B*n, model_dim] against a cache of B sequences and `width`

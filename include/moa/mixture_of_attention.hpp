@@ -19,6 +19,7 @@
 #include "moa/attention_cost.hpp"
 #include "moa/attention_interface.hpp"
 #include "moa/attention_kernel.hpp"
+#include "moa/bfloat16.hpp"
 #include "moa/error.hpp"
 #include "moa/gemm.hpp"
 #include "moa/init.hpp"
@@ -280,13 +281,22 @@ class MixtureOfAttention {
 
   // Incremental decoding. A self-attention cache holds ONE key row and value row of width d_h per
   // past token per sequence; a cross-attention cache is filled once from the encoder output.
+  // With a bf16 compute, a cache carries the expert weights (and a self-attention cache the key
+  // and value weights) rounded to bfloat16, which its steps stream instead.
   KVCache<Scalar> make_self_cache(Index batch_size, Index capacity) const {
-    return KVCache<Scalar>(batch_size, capacity, config_.head_dim);
+    KVCache<Scalar> cache(batch_size, capacity, config_.head_dim);
+    cache.set_rounded_weights(round_weights_for_decoding<Scalar>(
+        *compute_, {{q_proj.value, config_.head_dim}, {o_proj.value, model_dim()}, {k_proj.value, config_.head_dim},
+                    {v_proj.value, config_.head_dim}}));
+    return cache;
   }
   KVCache<Scalar> make_cross_cache(const Matrix<Scalar>& memory, const SequenceBatch& memory_batch) const {
-    return make_cross_attention_cache<Scalar>(memory, memory_batch, k_proj.value, v_proj.value,
-                                      "MixtureOfAttention::make_cross_cache", *compute_,
-                                      product_precision(*compute_, false));
+    KVCache<Scalar> cache = make_cross_attention_cache<Scalar>(memory, memory_batch, k_proj.value, v_proj.value,
+                                                               "MixtureOfAttention::make_cross_cache", *compute_,
+                                                               product_precision(*compute_, false));
+    cache.set_rounded_weights(
+        round_weights_for_decoding<Scalar>(*compute_, {{q_proj.value, config_.head_dim}, {o_proj.value, model_dim()}}));
+    return cache;
   }
 
   // input: [B*n, d_model], n new tokens of each of the cache's B sequences (sequence-major).
@@ -301,13 +311,13 @@ class MixtureOfAttention {
     const Index offset = cache.frozen() ? 0 : cache.length();
     const Precision precision = product_precision(*compute_, false);
     if (!cache.frozen())
-      cache.append(linear_product<Scalar>(*compute_, input, k_proj.value, precision),
-                   linear_product<Scalar>(*compute_, input, v_proj.value, precision));
+      cache.append(weight_product<Scalar>(*compute_, input, k_proj.value, cache.rounded_weight(cache.kKeyWeight), precision),
+                   weight_product<Scalar>(*compute_, input, v_proj.value, cache.rounded_weight(cache.kValueWeight), precision));
     const typename Router<Scalar>::Routing routing = router.route(input);
     const DispatchPlan plan = DispatchPlan::build(routing.experts, config_.num_experts, k);
     ProjectionScratch scratch;  // a step changes nothing in the layer
     Matrix<Scalar> queries;     // [B*n*k, d_h]
-    project_queries(input, plan, queries, precision, scratch);
+    project_queries(input, plan, queries, precision, scratch, cache.rounded_weight(cache.kQueryWeight));
     Matrix<Scalar> attended(input.rows() * k, config_.head_dim);                // [B*n*k, d_h]
     Matrix<Scalar> probabilities(steps * k, cache.capacity());                  // [n*k, capacity]
     double flops = projection_flops(input.rows(), cache.frozen() ? 0 : input.rows(), plan.assignments());
@@ -324,7 +334,8 @@ class MixtureOfAttention {
       flops += cost::attention(static_cast<double>(layout.visible_pairs()), static_cast<double>(config_.head_dim));
     }
     cache.set_last_step_flops(flops);
-    return project_outputs(attended, routing.gates, plan, input.rows(), precision, scratch);
+    return project_outputs(attended, routing.gates, plan, input.rows(), precision, scratch,
+                           cache.rounded_weight(cache.kOutputWeight));
   }
 
   void collect_parameters(ParameterList<Scalar>& list, const std::string& prefix = "") {
@@ -352,8 +363,9 @@ class MixtureOfAttention {
   }
 
   // queries: [N*k, d_h]; row t*k + j = x_t Wq_e^T for the expert e of slot j.
+  // rounded: the query weights rounded to bfloat16 (a decoding's), or null.
   void project_queries(const Matrix<Scalar>& input, const DispatchPlan& plan, Matrix<Scalar>& queries,
-                       Precision precision, ProjectionScratch& scratch) const {
+                       Precision precision, ProjectionScratch& scratch, const BFloat16Weight* rounded = nullptr) const {
     const Index k = config_.top_k, head_dim = config_.head_dim;
     queries.resize(input.rows() * k, head_dim);  // rows of unrouted tokens are never read
     plan.for_each_expert([&](Index e, const Index* ids, Index count) {
@@ -362,12 +374,12 @@ class MixtureOfAttention {
       auto projected = rows_of(scratch.narrow_result, count, head_dim);     // [c, d_h]
       parallel_ranges(*compute_, count, kRowGrain, [&](Index first, Index rows, int) {
         if (count == input.rows()) {  // every token chose e (so in token order): no gather
-          gemm<Scalar>(*compute_, input.middleRows(first, rows), Transpose::no, weight, Transpose::yes,
-                       projected.middleRows(first, rows), false, precision);
+          weight_product<Scalar>(*compute_, input.middleRows(first, rows), weight, rounded, e,
+                                 projected.middleRows(first, rows), false, precision);
         } else {
           for (Index i = first; i < first + rows; ++i) inputs.row(i) = input.row(ids[i] / k);
-          gemm<Scalar>(*compute_, inputs.middleRows(first, rows), Transpose::no, weight, Transpose::yes,
-                       projected.middleRows(first, rows), false, precision);
+          weight_product<Scalar>(*compute_, inputs.middleRows(first, rows), weight, rounded, e,
+                                 projected.middleRows(first, rows), false, precision);
         }
         for (Index i = first; i < first + rows; ++i) queries.row(ids[i]) = projected.row(i);
       });
@@ -376,7 +388,8 @@ class MixtureOfAttention {
 
   // output: [N, d_model]; row t = sum_j gate_{t,j} attended_{t*k+j} Wo_e^T.
   Matrix<Scalar> project_outputs(const Matrix<Scalar>& attended, const Matrix<Scalar>& gates, const DispatchPlan& plan,
-                                 Index rows, Precision precision, ProjectionScratch& scratch) const {
+                                 Index rows, Precision precision, ProjectionScratch& scratch,
+                                 const BFloat16Weight* rounded = nullptr) const {
     const Index k = config_.top_k, model = model_dim(), head_dim = config_.head_dim;
     Matrix<Scalar> output = Matrix<Scalar>::Zero(rows, model);  // [N, d_model]
     plan.for_each_expert([&](Index e, const Index* ids, Index count) {
@@ -386,12 +399,12 @@ class MixtureOfAttention {
       parallel_ranges(*compute_, count, kRowGrain, [&](Index first, Index slice, int) {
         for (Index i = first; i < first + slice; ++i) scaled.row(i) = gates.data()[ids[i]] * attended.row(ids[i]);
         if (count == rows) {  // every token chose e: accumulate in place
-          gemm<Scalar>(*compute_, scaled.middleRows(first, slice), Transpose::no, weight, Transpose::yes,
-                       output.middleRows(first, slice), true, precision);
+          weight_product<Scalar>(*compute_, scaled.middleRows(first, slice), weight, rounded, e,
+                                 output.middleRows(first, slice), true, precision);
           return;
         }
-        gemm<Scalar>(*compute_, scaled.middleRows(first, slice), Transpose::no, weight, Transpose::yes,
-                     projected.middleRows(first, slice), false, precision);
+        weight_product<Scalar>(*compute_, scaled.middleRows(first, slice), weight, rounded, e,
+                               projected.middleRows(first, slice), false, precision);
         for (Index i = first; i < first + slice; ++i) output.row(ids[i] / k) += projected.row(i);
       });
     });

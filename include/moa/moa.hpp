@@ -14,6 +14,7 @@
 #include "moa/tensor.hpp"
 #include "moa/thread_pool.hpp"
 #include "moa/gemm.hpp"
+#include "moa/bfloat16.hpp"
 #include "moa/parameter.hpp"
 #include "moa/random.hpp"
 #include "moa/init.hpp"

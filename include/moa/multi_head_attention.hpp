@@ -11,6 +11,7 @@
 #include "moa/attention_cost.hpp"
 #include "moa/attention_interface.hpp"
 #include "moa/attention_kernel.hpp"
+#include "moa/bfloat16.hpp"
 #include "moa/error.hpp"
 #include "moa/gemm.hpp"
 #include "moa/init.hpp"
@@ -148,13 +149,19 @@ class MultiHeadAttention {
 
   // A self-attention cache holds h key rows and value rows of width d_h per past token (stored as
   // one row of width h*d_h); a cross-attention cache is filled once from the encoder output.
+  // With a bf16 compute, a cache carries the weights its steps use rounded to bfloat16.
   KVCache<Scalar> make_self_cache(Index batch_size, Index capacity) const {
-    return KVCache<Scalar>(batch_size, capacity, width());
+    KVCache<Scalar> cache(batch_size, capacity, width());
+    cache.set_rounded_weights(round_weights_for_decoding<Scalar>(
+        *compute_, {{q_proj.value, width()}, {o_proj.value, model_dim()}, {k_proj.value, width()}, {v_proj.value, width()}}));
+    return cache;
   }
   KVCache<Scalar> make_cross_cache(const Matrix<Scalar>& memory, const SequenceBatch& memory_batch) const {
-    return make_cross_attention_cache<Scalar>(memory, memory_batch, k_proj.value, v_proj.value,
-                                      "MultiHeadAttention::make_cross_cache", *compute_,
-                                      product_precision(*compute_, false));
+    KVCache<Scalar> cache = make_cross_attention_cache<Scalar>(memory, memory_batch, k_proj.value, v_proj.value,
+                                                               "MultiHeadAttention::make_cross_cache", *compute_,
+                                                               product_precision(*compute_, false));
+    cache.set_rounded_weights(round_weights_for_decoding<Scalar>(*compute_, {{q_proj.value, width()}, {o_proj.value, model_dim()}}));
+    return cache;
   }
 
   // input: [B*n, d_model], n new tokens of each sequence; see MixtureOfAttention::step.
@@ -165,9 +172,10 @@ class MultiHeadAttention {
     const Index offset = cache.frozen() ? 0 : cache.length();
     const Precision precision = product_precision(*compute_, false);
     if (!cache.frozen())
-      cache.append(linear_product<Scalar>(*compute_, input, k_proj.value, precision),
-                   linear_product<Scalar>(*compute_, input, v_proj.value, precision));
-    const Matrix<Scalar> queries = linear_product<Scalar>(*compute_, input, q_proj.value, precision);  // [B*n, h*d_h]
+      cache.append(weight_product<Scalar>(*compute_, input, k_proj.value, cache.rounded_weight(cache.kKeyWeight), precision),
+                   weight_product<Scalar>(*compute_, input, v_proj.value, cache.rounded_weight(cache.kValueWeight), precision));
+    const Matrix<Scalar> queries =
+        weight_product<Scalar>(*compute_, input, q_proj.value, cache.rounded_weight(cache.kQueryWeight), precision);  // [B*n, h*d_h]
     Matrix<Scalar> attended(input.rows(), width());                   // [B*n, h*d_h]
     Matrix<Scalar> probabilities(steps, cache.capacity());            // [n, capacity]
     double flops = projection_flops(input.rows(), cache.frozen() ? 0 : input.rows());
@@ -187,7 +195,7 @@ class MultiHeadAttention {
       flops += cost::attention(static_cast<double>(layout.visible_pairs() * heads), static_cast<double>(head_dim));
     }
     cache.set_last_step_flops(flops);
-    return linear_product<Scalar>(*compute_, attended, o_proj.value, precision);
+    return weight_product<Scalar>(*compute_, attended, o_proj.value, cache.rounded_weight(cache.kOutputWeight), precision);
   }
 
   void collect_parameters(ParameterList<Scalar>& list, const std::string& prefix = "") {

@@ -1,0 +1,216 @@
+// moa/bfloat16.hpp - weights rounded to bfloat16, for products that are bound by reading them.
+//
+// A decoding step multiplies a few rows by each weight it touches, so its time is the time to
+// stream the weights (MoA's chosen experts: megabytes per step). Rounded to bfloat16 once for a
+// whole decoding, a weight is half the bytes; the rows stay float and the sums are float, so the
+// only rounding is that of the weight itself (relative 2^-9).
+#pragma once
+
+#include "moa/error.hpp"
+#include "moa/gemm.hpp"
+#include "moa/tensor.hpp"
+
+#include <Eigen/Core>
+
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <initializer_list>
+#include <memory>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace moa {
+
+// x rounded to the nearest bfloat16 (ties to even): the upper 16 bits of a float. x is finite.
+inline std::uint16_t round_to_bfloat16(float x) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<std::uint16_t>(bits >> 16);
+}
+
+inline float bfloat16_to_float(std::uint16_t x) {
+  const std::uint32_t bits = static_cast<std::uint32_t>(x) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+// A layer's weight W [out, in] rounded to bfloat16 for products x W^T with few rows x. Its rows
+// are cut into blocks of block_rows (MoA: one expert's projection each; one block for a dense
+// layer), and each block is stored transposed, [in, block_rows], so a product streams it row by
+// row into accumulators (no horizontal sums).
+class BFloat16Weight {
+ public:
+  BFloat16Weight() = default;
+  BFloat16Weight(const ConstMatrixRef<float>& weight, Index block_rows)
+      : blocks_(block_rows > 0 ? weight.rows() / block_rows : 0), block_rows_(block_rows), in_(weight.cols()) {
+    MOA_CHECK(block_rows > 0 && weight.rows() % block_rows == 0, "BFloat16Weight", "the weight's ", weight.rows(),
+              " rows do not split into blocks of ", block_rows);
+    data_.resize(static_cast<std::size_t>(weight.rows() * in_));
+    for (Index block = 0; block < blocks_; ++block)
+      for (Index r = 0; r < block_rows_; ++r)
+        for (Index c = 0; c < in_; ++c)
+          data_[static_cast<std::size_t>((block * in_ + c) * block_rows_ + r)] =
+              round_to_bfloat16(weight(block * block_rows_ + r, c));
+  }
+
+  Index blocks() const { return blocks_; }
+  Index block_rows() const { return block_rows_; }
+  Index in_features() const { return in_; }
+  // Block b transposed: [in, block_rows], row-major.
+  const std::uint16_t* block(Index b) const { return data_.data() + b * in_ * block_rows_; }
+
+ private:
+  Index blocks_ = 0, block_rows_ = 0, in_ = 0;
+  std::vector<std::uint16_t> data_;  // [blocks, in, block_rows]
+};
+
+// True where the build's vector unit widens bfloat16 in registers (AVX2, AVX-512): only there do
+// rounded weights beat float ones.
+constexpr bool kFastBFloat16 =
+#if defined(__AVX512F__) || defined(__AVX2__)
+    true;
+#else
+    false;
+#endif
+
+namespace detail {
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"  // see dot_block in moa/gemm.hpp
+#endif
+// A packet of floats from as many bfloat16 numbers.
+template <typename Packet, Index width>
+Packet load_bfloat16(const std::uint16_t* source) {
+  // Widening each 16-bit number into the upper half of a 32-bit lane is two instructions where
+  // the vector unit has integer shifts; elsewhere the lanes go through memory.
+#if defined(__AVX512F__)
+  if constexpr (width == 16)
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(source))), 16));
+#endif
+#if defined(__AVX2__)
+  if constexpr (width == 8)
+    return _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(source))), 16));
+#endif
+  alignas(64) float expanded[width];
+  for (Index lane = 0; lane < width; ++lane) expanded[lane] = bfloat16_to_float(source[lane]);
+  return Eigen::internal::pload<Packet>(expanded);
+}
+
+// c[M, T*width] += a[M, k] b[k, T*width]: T packets of columns of the transposed weight b held in
+// M*T accumulators while the k rows of b stream past.
+template <int M, int T>
+void bfloat16_tile(Index k, const float* a, Index lda, const std::uint16_t* b, Index ldb, float* c, Index ldc) {
+  using Packet = typename Eigen::internal::packet_traits<float>::type;
+  constexpr Index width = Eigen::internal::packet_traits<float>::size;
+  Packet sums[M][T];
+  for (int i = 0; i < M; ++i)
+    for (int t = 0; t < T; ++t) sums[i][t] = Eigen::internal::pset1<Packet>(0.0f);
+  for (Index p = 0; p < k; ++p) {
+    Packet columns[T];
+    for (int t = 0; t < T; ++t) columns[t] = load_bfloat16<Packet, width>(b + p * ldb + t * width);
+    for (int i = 0; i < M; ++i) {
+      const Packet broadcast = Eigen::internal::pset1<Packet>(a[i * lda + p]);
+      for (int t = 0; t < T; ++t) sums[i][t] = Eigen::internal::pmadd(broadcast, columns[t], sums[i][t]);
+    }
+  }
+  for (int i = 0; i < M; ++i)
+    for (int t = 0; t < T; ++t)
+      Eigen::internal::pstoreu(c + i * ldc + t * width,
+                               Eigen::internal::padd(Eigen::internal::ploadu<Packet>(c + i * ldc + t * width), sums[i][t]));
+}
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+
+// c[M, n] += a[M, k] b[k, n] for M <= 4 rows, b a transposed bfloat16 block with row stride n.
+template <int M>
+void rows_times_bfloat16(Index n, Index k, const float* a, Index lda, const std::uint16_t* b, float* c, Index ldc) {
+  constexpr Index width = Eigen::internal::packet_traits<float>::size;
+  constexpr int tile = width >= 16 ? 4 : 2;  // accumulators that fit the register file with M = 4
+  Index j = 0;
+  for (; j + tile * width <= n; j += tile * width) bfloat16_tile<M, tile>(k, a, lda, b + j, n, c + j, ldc);
+  for (; j + width <= n; j += width) bfloat16_tile<M, 1>(k, a, lda, b + j, n, c + j, ldc);
+  for (; j < n; ++j)
+    for (int i = 0; i < M; ++i) {
+      float sum = 0.0f;
+      for (Index p = 0; p < k; ++p) sum += a[i * lda + p] * bfloat16_to_float(b[p * n + j]);
+      c[i * ldc + j] += sum;
+    }
+}
+
+}  // namespace detail
+
+// c = a W_b^T, or c += a W_b^T with accumulate, where W_b is block b of a rounded weight: a [m, in]
+// float, c [m, block_rows]. Streams the block once per 4 rows of a: for few rows (decoding steps);
+// larger products belong to gemm().
+inline void gemm_bfloat16_weight(const ConstMatrixRef<float>& a, const BFloat16Weight& weight, Index block,
+                                 MatrixRef<float> c, bool accumulate = false) {
+  const Index m = a.rows(), n = weight.block_rows(), k = weight.in_features();
+  MOA_CHECK(a.cols() == k && c.rows() == m && c.cols() == n && block >= 0 && block < weight.blocks(),
+            "moa::gemm_bfloat16_weight", "a is [", m, ", ", a.cols(), "] and c [", c.rows(), ", ", c.cols(),
+            "] for block ", block, " of a weight of ", weight.blocks(), " blocks [", n, ", ", k, "]");
+  if (!accumulate) c.setZero();
+  const std::uint16_t* b = weight.block(block);
+  for (Index i = 0; i < m; i += 4) {
+    const float* rows = a.data() + i * a.outerStride();
+    float* out = c.data() + i * c.outerStride();
+    switch (std::min<Index>(4, m - i)) {
+      case 1: detail::rows_times_bfloat16<1>(n, k, rows, a.outerStride(), b, out, c.outerStride()); break;
+      case 2: detail::rows_times_bfloat16<2>(n, k, rows, a.outerStride(), b, out, c.outerStride()); break;
+      case 3: detail::rows_times_bfloat16<3>(n, k, rows, a.outerStride(), b, out, c.outerStride()); break;
+      default: detail::rows_times_bfloat16<4>(n, k, rows, a.outerStride(), b, out, c.outerStride()); break;
+    }
+  }
+}
+
+// Up to this many rows, a product streams a rounded weight; above, gemm() with the float one.
+constexpr Index kRoundedWeightRows = 16;
+
+// c = a W^T (or c += with accumulate) for the float weight W [n, k], or for block `block` of its
+// rounded copy when there is one (rounded not null) and a has few rows.
+template <typename Scalar>
+void weight_product(const Compute& compute, const ConstMatrixRef<Scalar>& a, const ConstMatrixRef<Scalar>& weight,
+                    const BFloat16Weight* rounded, Index block, MatrixRef<Scalar> c, bool accumulate,
+                    Precision precision) {
+  if constexpr (std::is_same_v<Scalar, float>) {
+    if (rounded != nullptr && a.rows() <= kRoundedWeightRows) {
+      gemm_bfloat16_weight(a, *rounded, block, c, accumulate);
+      return;
+    }
+  }
+  gemm<Scalar>(compute, a, Transpose::no, weight, Transpose::yes, c, accumulate, precision);
+}
+
+// input W^T as a new matrix [N, out], as linear_product, from the rounded weight when it serves.
+template <typename Scalar>
+Matrix<Scalar> weight_product(const Compute& compute, const ConstMatrixRef<Scalar>& input,
+                              const ConstMatrixRef<Scalar>& weight, const BFloat16Weight* rounded, Precision precision) {
+  Matrix<Scalar> output(input.rows(), weight.rows());  // [N, out]
+  weight_product<Scalar>(compute, input, weight, rounded, 0, output, false, precision);
+  return output;
+}
+
+// The rounded copies of a layer's weights for a decoding, when its compute allows bf16 and the
+// build widens bfloat16 in registers (else null: steps use the float weights). Each entry is a
+// weight and its block rows.
+template <typename Scalar>
+std::shared_ptr<const std::vector<BFloat16Weight>> round_weights_for_decoding(
+    const Compute& compute, std::initializer_list<std::pair<ConstMatrixRef<Scalar>, Index>> weights) {
+  if constexpr (std::is_same_v<Scalar, float>) {
+    if (kFastBFloat16 && product_precision(compute, false) == Precision::bf16) {
+      auto rounded = std::make_shared<std::vector<BFloat16Weight>>();
+      for (const auto& [weight, block_rows] : weights) rounded->emplace_back(weight, block_rows);
+      return rounded;
+    }
+  }
+  return nullptr;
+}
+
+}  // namespace moa
