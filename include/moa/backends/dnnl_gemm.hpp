@@ -17,6 +17,7 @@
 // converts its inputs to bfloat16 and accumulates in f32.
 #pragma once
 
+#include "moa/bfloat16.hpp"
 #include "moa/error.hpp"
 #include "moa/gemm.hpp"
 
@@ -24,7 +25,6 @@
 #include <omp.h>
 
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <atomic>
 #include <mutex>
@@ -166,12 +166,7 @@ class DnnlGemm final : public GemmBackend {
     for (Index r = 0; r < rows; ++r) {
       const float* row = source + r * ld;
       std::uint16_t* out = target.data() + r * cols;
-      for (Index c = 0; c < cols; ++c) {
-        std::uint32_t bits;
-        std::memcpy(&bits, row + c, sizeof bits);
-        bits += 0x7FFFu + ((bits >> 16) & 1u);  // round to nearest even (inputs are finite)
-        out[c] = static_cast<std::uint16_t>(bits >> 16);
-      }
+      for (Index c = 0; c < cols; ++c) out[c] = round_to_bfloat16(row[c]);
     }
   }
 
