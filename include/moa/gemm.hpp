@@ -70,6 +70,34 @@ constexpr Index kMatrixVectorRows = 4;
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wignored-attributes"
 #endif
+// totals[j] = the sum of the lanes of packets[j], for `count` packets.
+template <typename Scalar, int count, typename Packet>
+EIGEN_ALWAYS_INLINE void reduce_packets(const Packet* packets, Scalar* totals) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<Packet, __m512> && count == 16) {
+    // Sixteen sums at once by a transposing tree (a horizontal sum per packet costs as much as
+    // the dot product itself at d_h = 64): pairs within 128-bit lanes, then lanes.
+    __m512 pairs[8], quads[4];
+    for (int j = 0; j < 8; ++j)
+      pairs[j] = _mm512_add_ps(_mm512_unpacklo_ps(packets[2 * j], packets[2 * j + 1]),
+                               _mm512_unpackhi_ps(packets[2 * j], packets[2 * j + 1]));
+    for (int j = 0; j < 4; ++j) {
+      const __m512d low = _mm512_unpacklo_pd(_mm512_castps_pd(pairs[2 * j]), _mm512_castps_pd(pairs[2 * j + 1]));
+      const __m512d high = _mm512_unpackhi_pd(_mm512_castps_pd(pairs[2 * j]), _mm512_castps_pd(pairs[2 * j + 1]));
+      quads[j] = _mm512_add_ps(_mm512_castpd_ps(low), _mm512_castpd_ps(high));  // lane L: chunk L of 4 packets
+    }
+    __m512 halves[2];
+    for (int j = 0; j < 2; ++j)
+      halves[j] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * j], quads[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                _mm512_shuffle_f32x4(quads[2 * j], quads[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    _mm512_storeu_ps(totals, _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                           _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1))));
+    return;
+  }
+#endif
+  for (int j = 0; j < count; ++j) totals[j] = Eigen::internal::predux(packets[j]);
+}
+
 // c[M, R] += a[M, k] b[R, k]^T for M rows of a and R rows of b (row-major, unit column stride):
 // dot products in SIMD packets, so b is read once for all M rows. Each element's sum runs in the
 // same order wherever its column falls, so splitting columns across threads changes nothing.
@@ -89,9 +117,11 @@ void dot_block(Index k, const Scalar* a, Index lda, const Scalar* b, Index ldb, 
       for (int r = 0; r < R; ++r) sums[i][r] = Eigen::internal::pmadd(row, columns[r], sums[i][r]);
     }
   }
+  Scalar totals[M][R];
+  reduce_packets<Scalar, M * R>(&sums[0][0], &totals[0][0]);
   for (int i = 0; i < M; ++i)
     for (int r = 0; r < R; ++r) {
-      Scalar sum = Eigen::internal::predux(sums[i][r]);
+      Scalar sum = totals[i][r];
       for (Index q = p; q < k; ++q) sum += a[i * lda + q] * b[r * ldb + q];
       c[i * ldc + r] += sum;
     }
