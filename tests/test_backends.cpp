@@ -195,10 +195,18 @@ TEST_CASE("MoA and MHA on every backend and thread count: float forward and back
 
 TEST_CASE("Threads: bit-identical run to run at a fixed count; 1 and 2 threads agree to rounding",
           "[moa][backend]") {
-  const auto config = backend_moa_config();
+  // The small layer splits each expert's rows across threads; the larger one (enough experts and
+  // work) gives each thread a run of whole experts, summing into token rows per run.
+  auto larger = backend_moa_config();
+  larger.model_dim = 128;
+  larger.num_experts = 8;
+  larger.top_k = 4;
+  larger.head_dim = 32;
   const auto batch = moa::SequenceBatch::padded(64, {64, 50, 61, 7});
+  STATIC_REQUIRE(moa::detail::kParallelGemmFlops <= 182.0 * 4 * 128 * 32);  // the larger layer's work per product
+  for (const auto& config : {backend_moa_config(), larger})
   for (const auto& backend : backends()) {
-    INFO(backend->name());
+    INFO(backend->name() << ", d_model " << config.model_dim);
     auto run = [&](int threads) {
       moa::Rng rng(9);
       moa::MixtureOfAttention<float> layer(config, rng);

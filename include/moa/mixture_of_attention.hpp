@@ -126,7 +126,7 @@ class MixtureOfAttention {
     Matrix<Scalar> queries;        // [B*Tq*k, d_h]
     Matrix<Scalar> probabilities;  // [B*Tq*k, Tk]
     Matrix<Scalar> attended;       // [B*Tq*k, d_h], before the gates
-    ProjectionScratch scratch;
+    std::vector<ProjectionScratch> scratch;  // one per part of the experts (see expert_parts)
     double flops = 0.0;
   };
 
@@ -192,13 +192,17 @@ class MixtureOfAttention {
     grad_attended.setZero(pass_.attended.rows(), head_dim);
     // Output side: y_t += gate * a Wo_e^T. Within an expert every row is another token, so row
     // slices run on separate threads without conflicts.
-    pass_.plan.for_each_expert([&](Index e, const Index* ids, Index count) {
+    // Experts write disjoint rows and weight slices here: parts of them run on separate threads.
+    const Index parts = expert_parts(pass_.plan);
+    pass_.scratch.resize(static_cast<std::size_t>(parts));
+    for_each_expert_in_parts(pass_.plan, parts, [&](Index e, const Index* ids, Index count, Index part) {
+      ProjectionScratch& scratch = pass_.scratch[static_cast<std::size_t>(part)];
       const auto weight = o_proj.value.middleRows(e * model, model);  // [d_model, d_h]
       const bool everyone = count == query_.rows();  // every token chose e: rows already in token order
-      auto gathered = rows_of(pass_.scratch.wide_rows, everyone ? 0 : count, model);  // [c, d_model]
+      auto gathered = rows_of(scratch.wide_rows, everyone ? 0 : count, model);  // [c, d_model]
       const ConstMatrixRef<Scalar> grad_rows = everyone ? ConstMatrixRef<Scalar>(grad_output) : gathered;
-      auto scaled = rows_of(pass_.scratch.scaled, count, head_dim);                 // [c, d_h] gate * a
-      auto grad_unscaled = rows_of(pass_.scratch.narrow_result, count, head_dim);   // [c, d_h] d(gate * a)
+      auto scaled = rows_of(scratch.scaled, count, head_dim);                 // [c, d_h] gate * a
+      auto grad_unscaled = rows_of(scratch.narrow_result, count, head_dim);   // [c, d_h] d(gate * a)
       parallel_ranges(*compute_, count, kRowGrain, [&](Index first, Index rows, int) {
         for (Index i = first; i < first + rows; ++i) {
           if (!everyone) gathered.row(i) = grad_output.row(ids[i] / k);
@@ -237,13 +241,17 @@ class MixtureOfAttention {
     // Query side: q = x Wq_e^T.
     AttentionGradients<Scalar> grads;
     grads.query = router.backward(grad_gates);  // [N, d_model]
-    pass_.plan.for_each_expert([&](Index e, const Index* ids, Index count) {
+    // Experts of one part add into the token rows of the part's own sum, added up in part order.
+    PartSums part_sums(grads.query, parts);
+    for_each_expert_in_parts(pass_.plan, parts, [&](Index e, const Index* ids, Index count, Index part) {
+      ProjectionScratch& scratch = pass_.scratch[static_cast<std::size_t>(part)];
+      Matrix<Scalar>& grad_query = part_sums.of(part);  // [N, d_model]
       const auto weight = q_proj.value.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
       const bool everyone = count == query_.rows();  // every token chose e: inputs already in token order
-      auto grad_rows = rows_of(pass_.scratch.narrow_rows, count, head_dim);              // [c, d_h]
-      auto gathered = rows_of(pass_.scratch.wide_rows, everyone ? 0 : count, model);     // [c, d_model]
+      auto grad_rows = rows_of(scratch.narrow_rows, count, head_dim);              // [c, d_h]
+      auto gathered = rows_of(scratch.wide_rows, everyone ? 0 : count, model);     // [c, d_model]
       const ConstMatrixRef<Scalar> inputs = everyone ? ConstMatrixRef<Scalar>(query_) : gathered;
-      auto grad_inputs = rows_of(pass_.scratch.wide_result, count, model);               // [c, d_model]
+      auto grad_inputs = rows_of(scratch.wide_result, count, model);               // [c, d_model]
       parallel_ranges(*compute_, count, kRowGrain, [&](Index first, Index rows, int) {
         for (Index i = first; i < first + rows; ++i) {
           grad_rows.row(i) = grad_queries.row(ids[i]);
@@ -251,11 +259,12 @@ class MixtureOfAttention {
         }
         gemm<Scalar>(*compute_, grad_rows.middleRows(first, rows), Transpose::no, weight, Transpose::no,
                      grad_inputs.middleRows(first, rows));
-        for (Index i = first; i < first + rows; ++i) grads.query.row(ids[i] / k) += grad_inputs.row(i);
+        for (Index i = first; i < first + rows; ++i) grad_query.row(ids[i] / k) += grad_inputs.row(i);
       });
       gemm<Scalar>(*compute_, grad_rows, Transpose::yes, inputs, Transpose::no,
                    q_proj.grad.middleRows(e * head_dim, head_dim), true);
     });
+    part_sums.add_up(*compute_);
     // The shared key and value heads.
     const Matrix<Scalar>& key_value = self_attention_ ? query_ : key_value_;
     gemm<Scalar>(*compute_, grad_keys, Transpose::yes, key_value, Transpose::no, k_proj.grad, true);
@@ -315,7 +324,7 @@ class MixtureOfAttention {
                    weight_product<Scalar>(*compute_, input, v_proj.value, cache.rounded_weight(cache.kValueWeight), precision));
     const typename Router<Scalar>::Routing routing = router.route(input);
     const DispatchPlan plan = DispatchPlan::build(routing.experts, config_.num_experts, k);
-    ProjectionScratch scratch;  // a step changes nothing in the layer
+    std::vector<ProjectionScratch> scratch;  // a step changes nothing in the layer
     Matrix<Scalar> queries;     // [B*n*k, d_h]
     project_queries(input, plan, queries, precision, scratch, cache.rounded_weight(cache.kQueryWeight));
     Matrix<Scalar> attended(input.rows() * k, config_.head_dim);                // [B*n*k, d_h]
@@ -356,6 +365,55 @@ class MixtureOfAttention {
   // Rows of one expert handed to a thread at a time.
   static constexpr Index kRowGrain = 32;
 
+  // How many parts the experts are cut into, each run on a thread of its own: one per thread when
+  // there are at least two busy experts per thread and work enough to repay waking them;
+  // otherwise one part, whose experts split their rows across the threads instead. A part holds
+  // consecutive experts of about equal assignments (DispatchPlan::expert_runs), so the split, and
+  // with it every result, depends on the plan and the thread count alone.
+  Index expert_parts(const DispatchPlan& plan) const {
+    const int threads = compute_->threads();
+    if (threads == 1) return 1;
+    Index busy = 0;
+    for (Index e = 0; e < plan.num_experts; ++e) busy += plan.count(e) > 0 ? 1 : 0;
+    const double work = static_cast<double>(plan.assignments()) * static_cast<double>(model_dim() * config_.head_dim);
+    return busy >= 2 * threads && work >= detail::kParallelGemmFlops ? threads : 1;
+  }
+
+  // visit(expert, ids, count, part) for every expert with assignments, the parts on the compute's
+  // threads, each part's experts in order.
+  template <typename Visit>
+  void for_each_expert_in_parts(const DispatchPlan& plan, Index parts, Visit&& visit) const {
+    if (parts == 1) {
+      plan.for_each_expert([&](Index e, const Index* ids, Index count) { visit(e, ids, count, Index(0)); });
+      return;
+    }
+    const std::vector<Index> runs = plan.expert_runs(parts);
+    compute_->pool().run(parts, [&](Index part, int) {
+      for (Index e = runs[static_cast<std::size_t>(part)]; e < runs[static_cast<std::size_t>(part + 1)]; ++e)
+        if (plan.count(e) > 0) visit(e, plan.order.data() + plan.offsets[e], plan.count(e), part);
+    });
+  }
+
+  // Sums into token rows from parts of the experts: part 0 adds into `total` itself, every other
+  // part into a zeroed matrix of its own, and add_up adds those in part order.
+  class PartSums {
+   public:
+    PartSums(Matrix<Scalar>& total, Index parts) : total_(total) {
+      for (Index part = 1; part < parts; ++part) others_.push_back(Matrix<Scalar>::Zero(total.rows(), total.cols()));
+    }
+    Matrix<Scalar>& of(Index part) { return part == 0 ? total_ : others_[static_cast<std::size_t>(part - 1)]; }
+    void add_up(const Compute& compute) {
+      if (others_.empty()) return;
+      parallel_ranges(compute, total_.rows(), kRowGrain, [&](Index first, Index rows, int) {
+        for (const Matrix<Scalar>& other : others_) total_.middleRows(first, rows) += other.middleRows(first, rows);
+      });
+    }
+
+   private:
+    Matrix<Scalar>& total_;
+    std::vector<Matrix<Scalar>> others_;
+  };
+
   // The first `rows` rows of a scratch buffer, grown (never shrunk) to fit.
   static auto rows_of(Matrix<Scalar>& buffer, Index rows, Index cols) {
     if (buffer.rows() < rows || buffer.cols() != cols) buffer.resize(std::max(rows, buffer.rows()), cols);
@@ -365,10 +423,15 @@ class MixtureOfAttention {
   // queries: [N*k, d_h]; row t*k + j = x_t Wq_e^T for the expert e of slot j.
   // rounded: the query weights rounded to bfloat16 (a decoding's), or null.
   void project_queries(const Matrix<Scalar>& input, const DispatchPlan& plan, Matrix<Scalar>& queries,
-                       Precision precision, ProjectionScratch& scratch, const BFloat16Weight* rounded = nullptr) const {
+                       Precision precision, std::vector<ProjectionScratch>& scratches,
+                       const BFloat16Weight* rounded = nullptr) const {
     const Index k = config_.top_k, head_dim = config_.head_dim;
     queries.resize(input.rows() * k, head_dim);  // rows of unrouted tokens are never read
-    plan.for_each_expert([&](Index e, const Index* ids, Index count) {
+    // Experts write disjoint rows: parts of them run on separate threads.
+    const Index parts = expert_parts(plan);
+    scratches.resize(static_cast<std::size_t>(parts));
+    for_each_expert_in_parts(plan, parts, [&](Index e, const Index* ids, Index count, Index part) {
+      ProjectionScratch& scratch = scratches[static_cast<std::size_t>(part)];
       const auto weight = q_proj.value.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
       auto inputs = rows_of(scratch.wide_rows, count, input.cols());        // [c, d_model]
       auto projected = rows_of(scratch.narrow_result, count, head_dim);     // [c, d_h]
@@ -388,11 +451,17 @@ class MixtureOfAttention {
 
   // output: [N, d_model]; row t = sum_j gate_{t,j} attended_{t*k+j} Wo_e^T.
   Matrix<Scalar> project_outputs(const Matrix<Scalar>& attended, const Matrix<Scalar>& gates, const DispatchPlan& plan,
-                                 Index rows, Precision precision, ProjectionScratch& scratch,
+                                 Index rows, Precision precision, std::vector<ProjectionScratch>& scratches,
                                  const BFloat16Weight* rounded = nullptr) const {
     const Index k = config_.top_k, model = model_dim(), head_dim = config_.head_dim;
     Matrix<Scalar> output = Matrix<Scalar>::Zero(rows, model);  // [N, d_model]
-    plan.for_each_expert([&](Index e, const Index* ids, Index count) {
+    // Experts of one part add into the token rows of the part's own sum, added up in part order.
+    const Index parts = expert_parts(plan);
+    scratches.resize(static_cast<std::size_t>(parts));
+    PartSums part_sums(output, parts);
+    for_each_expert_in_parts(plan, parts, [&](Index e, const Index* ids, Index count, Index part) {
+      ProjectionScratch& scratch = scratches[static_cast<std::size_t>(part)];
+      Matrix<Scalar>& target = part_sums.of(part);  // [N, d_model]
       const auto weight = o_proj.value.middleRows(e * model, model);  // [d_model, d_h]
       auto scaled = rows_of(scratch.scaled, count, head_dim);         // [c, d_h] gate * a
       auto projected = rows_of(scratch.wide_result, count, model);    // [c, d_model]
@@ -400,14 +469,15 @@ class MixtureOfAttention {
         for (Index i = first; i < first + slice; ++i) scaled.row(i) = gates.data()[ids[i]] * attended.row(ids[i]);
         if (count == rows) {  // every token chose e: accumulate in place
           weight_product<Scalar>(*compute_, scaled.middleRows(first, slice), weight, rounded, e,
-                                 output.middleRows(first, slice), true, precision);
+                                 target.middleRows(first, slice), true, precision);
           return;
         }
         weight_product<Scalar>(*compute_, scaled.middleRows(first, slice), weight, rounded, e,
                                projected.middleRows(first, slice), false, precision);
-        for (Index i = first; i < first + slice; ++i) output.row(ids[i] / k) += projected.row(i);
+        for (Index i = first; i < first + slice; ++i) target.row(ids[i] / k) += projected.row(i);
       });
     });
+    part_sums.add_up(*compute_);
     return output;
   }
 

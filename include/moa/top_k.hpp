@@ -9,6 +9,7 @@
 #include "moa/error.hpp"
 #include "moa/tensor.hpp"
 
+#include <algorithm>
 #include <vector>
 
 namespace moa {
@@ -48,6 +49,20 @@ struct DispatchPlan {
   void for_each_expert(Visit&& visit) const {
     for (Index e = 0; e < num_experts; ++e)
       if (count(e) > 0) visit(e, order.data() + offsets[e], count(e));
+  }
+
+  // The experts cut into `parts` runs of consecutive experts with about equal assignments: run g
+  // is experts [bounds[g], bounds[g + 1]). Depends on the plan and `parts` alone.
+  std::vector<Index> expert_runs(Index parts) const {
+    std::vector<Index> bounds(static_cast<std::size_t>(parts + 1), num_experts);
+    bounds[0] = 0;
+    Index expert = 0;
+    for (Index g = 1; g < parts; ++g) {
+      const Index target = assignments() * g / parts;  // assignments before run g
+      while (expert < num_experts && offsets[expert + 1] <= target) ++expert;
+      bounds[static_cast<std::size_t>(g)] = std::max(expert, bounds[static_cast<std::size_t>(g - 1)]);
+    }
+    return bounds;
   }
 
   // experts: [N*k], the expert of each assignment, or -1 for an unrouted (padding) token.
