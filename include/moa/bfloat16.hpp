@@ -103,47 +103,17 @@ Packet load_bfloat16(const std::uint16_t* source) {
   return Eigen::internal::pload<Packet>(expanded);
 }
 
-// c[M, T*width] += a[M, k] b[k, T*width]: T packets of columns of the transposed weight b held in
-// M*T accumulators while the k rows of b stream past.
-template <int M, int T>
-void bfloat16_tile(Index k, const float* a, Index lda, const std::uint16_t* b, Index ldb, float* c, Index ldc) {
-  using Packet = typename Eigen::internal::packet_traits<float>::type;
-  constexpr Index width = Eigen::internal::packet_traits<float>::size;
-  Packet sums[M][T];
-  for (int i = 0; i < M; ++i)
-    for (int t = 0; t < T; ++t) sums[i][t] = Eigen::internal::pset1<Packet>(0.0f);
-  for (Index p = 0; p < k; ++p) {
-    Packet columns[T];
-    for (int t = 0; t < T; ++t) columns[t] = load_bfloat16<Packet, width>(b + p * ldb + t * width);
-    for (int i = 0; i < M; ++i) {
-      const Packet broadcast = Eigen::internal::pset1<Packet>(a[i * lda + p]);
-      for (int t = 0; t < T; ++t) sums[i][t] = Eigen::internal::pmadd(broadcast, columns[t], sums[i][t]);
-    }
+// Reads a transposed rounded weight for few_rows_times (moa/gemm.hpp).
+struct BFloat16Load {
+  template <typename Packet>
+  static Packet packet(const std::uint16_t* source) {
+    return load_bfloat16<Packet, Eigen::internal::packet_traits<float>::size>(source);
   }
-  for (int i = 0; i < M; ++i)
-    for (int t = 0; t < T; ++t)
-      Eigen::internal::pstoreu(c + i * ldc + t * width,
-                               Eigen::internal::padd(Eigen::internal::ploadu<Packet>(c + i * ldc + t * width), sums[i][t]));
-}
+  static float scalar(std::uint16_t value) { return bfloat16_to_float(value); }
+};
 #if defined(__GNUC__)
 #pragma GCC diagnostic pop
 #endif
-
-// c[M, n] += a[M, k] b[k, n] for M <= 4 rows, b a transposed bfloat16 block with row stride n.
-template <int M>
-void rows_times_bfloat16(Index n, Index k, const float* a, Index lda, const std::uint16_t* b, float* c, Index ldc) {
-  constexpr Index width = Eigen::internal::packet_traits<float>::size;
-  constexpr int tile = width >= 16 ? 4 : 2;  // accumulators that fit the register file with M = 4
-  Index j = 0;
-  for (; j + tile * width <= n; j += tile * width) bfloat16_tile<M, tile>(k, a, lda, b + j, n, c + j, ldc);
-  for (; j + width <= n; j += width) bfloat16_tile<M, 1>(k, a, lda, b + j, n, c + j, ldc);
-  for (; j < n; ++j)
-    for (int i = 0; i < M; ++i) {
-      float sum = 0.0f;
-      for (Index p = 0; p < k; ++p) sum += a[i * lda + p] * bfloat16_to_float(b[p * n + j]);
-      c[i * ldc + j] += sum;
-    }
-}
 
 }  // namespace detail
 
@@ -157,15 +127,16 @@ inline void gemm_bfloat16_weight(const ConstMatrixRef<float>& a, const BFloat16W
             "moa::gemm_bfloat16_weight", "a is [", m, ", ", a.cols(), "] and c [", c.rows(), ", ", c.cols(),
             "] for block ", block, " of a weight of ", weight.blocks(), " blocks [", n, ", ", k, "]");
   if (!accumulate) c.setZero();
-  const std::uint16_t* b = weight.block(block);
+  const std::uint16_t* b = weight.block(block);  // [k, n]
+  using Load = detail::BFloat16Load;
   for (Index i = 0; i < m; i += 4) {
     const float* rows = a.data() + i * a.outerStride();
     float* out = c.data() + i * c.outerStride();
     switch (std::min<Index>(4, m - i)) {
-      case 1: detail::rows_times_bfloat16<1>(n, k, rows, a.outerStride(), b, out, c.outerStride()); break;
-      case 2: detail::rows_times_bfloat16<2>(n, k, rows, a.outerStride(), b, out, c.outerStride()); break;
-      case 3: detail::rows_times_bfloat16<3>(n, k, rows, a.outerStride(), b, out, c.outerStride()); break;
-      default: detail::rows_times_bfloat16<4>(n, k, rows, a.outerStride(), b, out, c.outerStride()); break;
+      case 1: detail::few_rows_times<float, 1, Load>(n, k, rows, a.outerStride(), b, n, out, c.outerStride()); break;
+      case 2: detail::few_rows_times<float, 2, Load>(n, k, rows, a.outerStride(), b, n, out, c.outerStride()); break;
+      case 3: detail::few_rows_times<float, 3, Load>(n, k, rows, a.outerStride(), b, n, out, c.outerStride()); break;
+      default: detail::few_rows_times<float, 4, Load>(n, k, rows, a.outerStride(), b, n, out, c.outerStride()); break;
     }
   }
 }

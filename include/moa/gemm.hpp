@@ -127,10 +127,21 @@ void dot_block(Index k, const Scalar* a, Index lda, const Scalar* b, Index ldb, 
     }
 }
 
+// How a kernel reads b: packets of Scalar from b's elements, and one element as a Scalar. Plain
+// loads here; moa/bfloat16.hpp widens bfloat16 weights.
+template <typename Scalar>
+struct PlainLoad {
+  template <typename Packet>
+  static Packet packet(const Scalar* source) {
+    return Eigen::internal::ploadu<Packet>(source);
+  }
+  static Scalar scalar(Scalar value) { return value; }
+};
+
 // c[M, T*width] += a[M, k] b[k, T*width] (b row-major with stride ldb): T packets of columns held
 // in M*T accumulators while the k rows of b stream past, each read once for all M rows.
-template <typename Scalar, int M, int T>
-void axpy_tile(Index k, const Scalar* a, Index lda, const Scalar* b, Index ldb, Scalar* c, Index ldc) {
+template <typename Scalar, int M, int T, typename Load, typename Element>
+void axpy_tile(Index k, const Scalar* a, Index lda, const Element* b, Index ldb, Scalar* c, Index ldc) {
   using Packet = typename Eigen::internal::packet_traits<Scalar>::type;
   constexpr Index width = Eigen::internal::packet_traits<Scalar>::size;
   Packet sums[M][T];
@@ -138,7 +149,7 @@ void axpy_tile(Index k, const Scalar* a, Index lda, const Scalar* b, Index ldb, 
     for (int t = 0; t < T; ++t) sums[i][t] = Eigen::internal::pset1<Packet>(Scalar(0));
   for (Index p = 0; p < k; ++p) {
     Packet columns[T];
-    for (int t = 0; t < T; ++t) columns[t] = Eigen::internal::ploadu<Packet>(b + p * ldb + t * width);
+    for (int t = 0; t < T; ++t) columns[t] = Load::template packet<Packet>(b + p * ldb + t * width);
     for (int i = 0; i < M; ++i) {
       const Packet broadcast = Eigen::internal::pset1<Packet>(a[i * lda + p]);
       for (int t = 0; t < T; ++t) sums[i][t] = Eigen::internal::pmadd(broadcast, columns[t], sums[i][t]);
@@ -154,18 +165,19 @@ void axpy_tile(Index k, const Scalar* a, Index lda, const Scalar* b, Index ldb, 
 #endif
 
 // c[M, n] += a[M, k] b[k, n] with M <= kMatrixVectorRows (attention weights times values in a
-// decoding step): b is read once for all rows.
-template <typename Scalar, int M>
-void few_rows_times(Index n, Index k, const Scalar* a, Index lda, const Scalar* b, Index ldb, Scalar* c, Index ldc) {
+// decoding step; a transposed rounded weight): b is read once for all rows.
+template <typename Scalar, int M, typename Load = PlainLoad<Scalar>, typename Element = Scalar>
+void few_rows_times(Index n, Index k, const Scalar* a, Index lda, const Element* b, Index ldb, Scalar* c, Index ldc) {
   constexpr Index width = Eigen::internal::packet_traits<Scalar>::size;
-  constexpr int tile = width >= 8 ? 4 : 2;  // accumulators that fit the register file with M = 4
+  constexpr int tile = width >= 16 ? 4 : 2;  // accumulators that fit the register file with M = 4
   Index j = 0;
-  for (; j + tile * width <= n; j += tile * width) axpy_tile<Scalar, M, tile>(k, a, lda, b + j, ldb, c + j, ldc);
-  for (; j + width <= n; j += width) axpy_tile<Scalar, M, 1>(k, a, lda, b + j, ldb, c + j, ldc);
+  for (; j + tile * width <= n; j += tile * width)
+    axpy_tile<Scalar, M, tile, Load>(k, a, lda, b + j, ldb, c + j, ldc);
+  for (; j + width <= n; j += width) axpy_tile<Scalar, M, 1, Load>(k, a, lda, b + j, ldb, c + j, ldc);
   for (; j < n; ++j)
     for (int i = 0; i < M; ++i) {
       Scalar sum = 0;
-      for (Index p = 0; p < k; ++p) sum += a[i * lda + p] * b[p * ldb + j];
+      for (Index p = 0; p < k; ++p) sum += a[i * lda + p] * Load::scalar(b[p * ldb + j]);
       c[i * ldc + j] += sum;
     }
 }
