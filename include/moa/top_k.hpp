@@ -54,6 +54,7 @@ struct DispatchPlan {
   // The experts cut into `parts` runs of consecutive experts with about equal assignments: run g
   // is experts [bounds[g], bounds[g + 1]). Depends on the plan and `parts` alone.
   std::vector<Index> expert_runs(Index parts) const {
+    MOA_CHECK(parts > 0, "DispatchPlan::expert_runs", "parts must be positive, got ", parts);
     std::vector<Index> bounds(static_cast<std::size_t>(parts + 1), num_experts);
     bounds[0] = 0;
     Index expert = 0;
