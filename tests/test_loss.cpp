@@ -1,6 +1,7 @@
 #include "support.hpp"
 
 #include <cmath>
+#include <limits>
 
 using namespace moa_test;
 
@@ -26,6 +27,17 @@ TEST_CASE("CrossEntropyLoss: all tokens ignored gives 0 and no NaN", "[loss]") {
   moa::CrossEntropyLoss<double> loss(0.1, 3);
   REQUIRE(loss.forward(MatrixD::Ones(2, 4), {3, 3}) == 0.0);
   REQUIRE(loss.backward().isZero(0));
+}
+
+TEST_CASE("CrossEntropyLoss: a NaN logit gives a NaN loss and gradient, never 0", "[loss]") {
+  MatrixD logits = MatrixD::Zero(2, 4);
+  logits(1, 2) = std::numeric_limits<double>::quiet_NaN();
+  moa::CrossEntropyLoss<double> loss(0.1, -100);
+  REQUIRE(std::isnan(loss.forward(logits, {0, 1})));
+  REQUIRE(std::isnan(loss.nll()));
+  const MatrixD grad = loss.backward();
+  REQUIRE(grad.row(0).allFinite());
+  REQUIRE(std::isnan(grad(1, 0)));
 }
 
 TEST_CASE("CrossEntropyLoss: gradient check with smoothing and an ignored row", "[loss][gradient]") {

@@ -47,6 +47,41 @@ TEST_CASE("softmax_rows with masks: masked entries get 0, a fully masked row is 
   REQUIRE(log_probabilities(0, 0) == Approx(std::log(probabilities(0, 0))));
 }
 
+TEMPLATE_TEST_CASE("softmax_rows and log_softmax_rows never hide a NaN as a masked row", "[softmax]", float, double) {
+  // A NaN compares false with everything: a max scan with > alone would skip it and take the row
+  // for fully masked (zeros). Every position of the NaN is tried, the first one included.
+  const TestType nan = std::numeric_limits<TestType>::quiet_NaN();
+  for (moa::Index column = 0; column < 3; ++column) {
+    moa::Matrix<TestType> logits(2, 3);
+    logits << 1, 2, 3, 4, 5, 6;
+    logits(0, column) = nan;
+    const moa::Matrix<TestType> probabilities = moa::softmax_rows(logits);
+    const moa::Matrix<TestType> log_probabilities = moa::log_softmax_rows(logits);
+    for (moa::Index j = 0; j < 3; ++j) {
+      REQUIRE(std::isnan(probabilities(0, j)));
+      REQUIRE(std::isnan(log_probabilities(0, j)));
+    }
+    REQUIRE(probabilities.row(1).allFinite());
+    REQUIRE(log_probabilities.row(1).allFinite());
+  }
+  // NaN beside masked entries: the whole row is NaN.
+  moa::Matrix<TestType> masked(1, 3);
+  masked << -std::numeric_limits<TestType>::infinity(), nan, 0;
+  REQUIRE(moa::softmax_rows(masked).array().isNaN().all());
+  REQUIRE(moa::log_softmax_rows(masked).array().isNaN().all());
+}
+
+TEST_CASE("softmax_rows: masked entries are exactly 0 in double (Eigen's exp(-inf) is a denormal)", "[softmax]") {
+  MatrixD logits(1, 20);  // wide enough for the vectorized path
+  for (moa::Index j = 0; j < 20; ++j) logits(0, j) = j % 3 == 0 ? -kInfinity : 0.1 * static_cast<double>(j);
+  const MatrixD probabilities = moa::softmax_rows(logits);
+  for (moa::Index j = 0; j < 20; ++j) {
+    if (j % 3 == 0) REQUIRE(probabilities(0, j) == 0.0);
+    else REQUIRE(probabilities(0, j) > 0.0);
+  }
+  REQUIRE(probabilities.sum() == Approx(1.0));
+}
+
 TEST_CASE("softmax_rows and log_softmax_rows: gradient check with a partial and a full mask", "[softmax][gradient]") {
   moa::Rng rng(11);
   MatrixD logits = random_matrix(4, 5, rng);

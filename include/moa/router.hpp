@@ -220,7 +220,10 @@ class Router {
       logits_.array() += noise_.array() * (softplus(noise_pre_.array()) + Scalar(0.01));
     }
     noisy_ = noisy;
-    probabilities_ = softmax_rows(logits_);  // [N, E]
+    probabilities_ = logits_;                     // [N, E]
+    log_normalizers_.resize(rows);                // [N] for the z-loss
+    for (Index t = 0; t < rows; ++t)
+      log_normalizers_(t) = detail::softmax_row_inplace(probabilities_.row(t).data(), experts_count);
 
     experts_.assign(static_cast<std::size_t>(rows * top_k), -1);
     gates_ = Matrix<Scalar>::Zero(rows, top_k);       // [N, k]
@@ -281,7 +284,8 @@ class Router {
   void compute_aux_losses() {
     const Index experts_count = config_.num_experts;
     fractions_.assign(static_cast<std::size_t>(experts_count), Scalar(0));
-    log_normalizers_ = ColumnVector<Scalar>::Zero(logits_.rows());  // [N]
+    for (Index t = 0; t < logits_.rows(); ++t)
+      if (!routed_[t]) log_normalizers_(t) = 0;  // padding takes no part in the z-loss
     load_balance_loss_ = 0;
     z_loss_ = 0;
     if (routed_tokens_ == 0) return;
@@ -292,8 +296,6 @@ class Router {
     for (Index t = 0; t < logits_.rows(); ++t) {
       if (!routed_[t]) continue;
       mean_probability += probabilities_.row(t);
-      const Scalar max_logit = logits_.row(t).maxCoeff();
-      log_normalizers_(t) = max_logit + std::log((logits_.row(t).array() - max_logit).exp().sum());
       z_loss_ += log_normalizers_(t) * log_normalizers_(t);
     }
     mean_probability /= static_cast<Scalar>(routed_tokens_);

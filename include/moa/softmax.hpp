@@ -2,7 +2,8 @@
 //
 // A mask is either additive (added to the logits; -infinity removes an entry) or boolean (true =
 // keep). A masked entry gets probability 0 and gradient 0. A row with every entry masked yields
-// all zeros - never NaN - so a padded query row is harmless.
+// all zeros - never NaN - so a padded query row is harmless. A NaN logit is never hidden: its row
+// comes out NaN.
 #pragma once
 
 #include "moa/error.hpp"
@@ -15,37 +16,49 @@ namespace moa {
 
 namespace detail {
 
-// In-place softmax of one row of `length` values; entries equal to -inf count as masked.
+// The largest of a row's values; NaN if any is NaN, so that a NaN row is never taken for a fully
+// masked one (whose largest value is -inf).
 template <typename Scalar>
-void softmax_row_inplace(Scalar* row, Index length) {
-  Scalar max_value = -std::numeric_limits<Scalar>::infinity();
-  for (Index j = 0; j < length; ++j) max_value = row[j] > max_value ? row[j] : max_value;
-  if (max_value == -std::numeric_limits<Scalar>::infinity()) {
-    for (Index j = 0; j < length; ++j) row[j] = Scalar(0);
-    return;
-  }
-  Scalar sum = 0;
-  for (Index j = 0; j < length; ++j) {
-    row[j] = std::exp(row[j] - max_value);
-    sum += row[j];
-  }
-  const Scalar inverse = Scalar(1) / sum;
-  for (Index j = 0; j < length; ++j) row[j] *= inverse;
+Scalar row_max(const Scalar* row, Index length) {
+  if (length == 0) return -std::numeric_limits<Scalar>::infinity();
+  return Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>(row, length).template maxCoeff<Eigen::PropagateNaN>();
 }
 
-// In-place log-softmax of one row; masked entries stay -inf, a fully masked row becomes zeros.
+// In-place softmax of one row of `length` values; entries equal to -inf count as masked and get
+// exactly 0. Returns the row's log-sum-exp (-inf for a fully masked row, which becomes zeros). A
+// NaN anywhere in the row makes the whole row NaN.
+template <typename Scalar>
+Scalar softmax_row_inplace(Scalar* row, Index length) {
+  const Scalar negative_infinity = -std::numeric_limits<Scalar>::infinity();
+  Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> values(row, length);
+  const Scalar max_value = row_max(row, length);
+  if (max_value == negative_infinity) {
+    values.setZero();
+    return negative_infinity;
+  }
+  values = (values - max_value).exp();  // Eigen's packet exp
+  // Its exp(-inf) is a denormal in double, not 0; flushing what underflows keeps masked entries at
+  // exactly 0 (a plain loop, as Eigen's select would not vectorize here).
+  const Scalar smallest_normal = std::numeric_limits<Scalar>::min();
+  for (Index j = 0; j < length; ++j) row[j] = row[j] < smallest_normal ? Scalar(0) : row[j];
+  const Scalar sum = values.sum();
+  values *= Scalar(1) / sum;
+  return max_value + std::log(sum);
+}
+
+// In-place log-softmax of one row; masked entries stay -inf, a fully masked row becomes zeros, and
+// a NaN anywhere makes the whole row NaN.
 template <typename Scalar>
 void log_softmax_row_inplace(Scalar* row, Index length) {
   const Scalar negative_infinity = -std::numeric_limits<Scalar>::infinity();
-  Scalar max_value = negative_infinity;
-  for (Index j = 0; j < length; ++j) max_value = row[j] > max_value ? row[j] : max_value;
+  Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> values(row, length);
+  const Scalar max_value = row_max(row, length);
   if (max_value == negative_infinity) {
-    for (Index j = 0; j < length; ++j) row[j] = Scalar(0);
+    values.setZero();
     return;
   }
-  // Eigen's packet exp: the loss over a vocabulary spends most of its time here. (Its exp of -inf
-  // is a denormal rather than 0, which cannot move a sum that is at least 1.)
-  Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> values(row, length);
+  // The loss over a vocabulary spends most of its time in this exp. (The denormal exp(-inf)
+  // cannot move a sum that is at least 1.)
   const Scalar log_normaliser = max_value + std::log((values - max_value).exp().sum());
   values -= log_normaliser;
 }

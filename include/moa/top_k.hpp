@@ -21,15 +21,19 @@ void top_k_indices(const Scalar* values, Index length, Index k, Index* chosen) {
   MOA_CHECK(k > 0 && k <= length, "top_k_indices", "k = ", k, " must be in [1, ", length, "]");
   // Insertion into a sorted list of k: one pass, and only strictly larger values move ahead, so
   // among equal values the earlier index stays first.
+  // The k-th largest value so far is kept at hand: most values fall below it and cost one compare.
   Index filled = 0;
+  Scalar kth_largest{};
   for (Index i = 0; i < length; ++i) {
-    if (filled == k && !(values[i] > values[chosen[k - 1]])) continue;
+    const Scalar value = values[i];
+    if (filled == k && !(value > kth_largest)) continue;
     Index slot = filled < k ? filled++ : k - 1;
-    while (slot > 0 && values[i] > values[chosen[slot - 1]]) {
+    while (slot > 0 && value > values[chosen[slot - 1]]) {
       chosen[slot] = chosen[slot - 1];
       --slot;
     }
     chosen[slot] = i;
+    kth_largest = values[chosen[filled - 1]];
   }
 }
 
