@@ -3,7 +3,7 @@
 # so a second run does nothing. Run as root (or with sudo available).
 set -euo pipefail
 
-packages=(cmake make g++ pkg-config libeigen3-dev catch2 nlohmann-json3-dev libbenchmark-dev
+packages=(cmake make g++ pkg-config libeigen3-dev catch2 nlohmann-json3-dev libxxhash-dev libbenchmark-dev
           libsentencepiece-dev libcli11-dev trans-de-en libdnnl-dev ocl-icd-opencl-dev libopenblas-dev)
 
 missing=()

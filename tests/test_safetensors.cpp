@@ -3,7 +3,9 @@
 #include "moa/io/safetensors.hpp"
 
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
+#include <map>
 
 using namespace moa_test;
 
@@ -221,4 +223,95 @@ TEST_CASE("safetensors: the sync hook runs on the finished file; when it fails t
   REQUIRE(loaded[1] == 2.0f);
   REQUIRE_FALSE(std::ifstream(path + ".tmp").good());
   std::remove(path.c_str());
+}
+
+TEST_CASE("safetensors: every tensor carries a checksum; a corrupted data byte is refused, naming the tensor",
+          "[safetensors][errors]") {
+  moa::Parameter<float> a("a", {3}), b("b", {2, 2});
+  a.value << 1.0f, 2.0f, 3.0f;
+  b.value << 4.0f, 5.0f, 6.0f, 7.0f;
+  moa::ParameterList<float> list;
+  list.add("", a);
+  list.add("", b);
+  const std::string path = temporary_path("checksum.safetensors");
+  moa::save_safetensors(path, list, moa::DType::F32, {{"step", "3"}});
+  const moa::SafetensorsFile good(path);
+  REQUIRE(good.has_checksums());
+  REQUIRE(good.metadata() == std::map<std::string, std::string>{{"step", "3"}});  // checksums kept apart
+  std::string bytes;
+  {
+    std::ifstream file(path, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>());
+  }
+  // Flip the exponent byte of each float in turn: the tensor it belongs to is named.
+  const std::size_t data_start = bytes.size() - 7 * 4;
+  for (std::size_t element = 0; element < 7; ++element) {
+    std::string corrupted = bytes;
+    corrupted[data_start + element * 4 + 3] = static_cast<char>(corrupted[data_start + element * 4 + 3] ^ 0x40);
+    const std::string bad = temporary_path("checksum_bad.safetensors");
+    std::ofstream(bad, std::ios::binary) << corrupted;
+    REQUIRE_MOA_ERROR(moa::SafetensorsFile{bad},
+                      std::string("tensor '") + (element < 3 ? "a" : "b") + "' fails its checksum");
+  }
+  // A stored checksum that does not match its own tensor, and checksums for some tensors only.
+  const std::string header_a = R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)";
+  REQUIRE_MOA_ERROR(moa::SafetensorsFile(write_raw("wrong_sum.safetensors",
+                                                   header_a + R"("__metadata__":{"checksum.a":"xxh3_64:0000000000000000"}})",
+                                                   kTwoFloats)),
+                    "tensor 'a' fails its checksum (stored xxh3_64:0000000000000000");
+  REQUIRE_MOA_ERROR(moa::SafetensorsFile(write_raw("orphan_sum.safetensors",
+                                                   header_a + R"("__metadata__":{"checksum.z":"xxh3_64:0"}})",
+                                                   kTwoFloats)),
+                    "has a checksum for tensor 'z', which it does not hold");
+  const float values[1] = {1};
+  REQUIRE_MOA_ERROR(moa::write_safetensors<float>(temporary_path("reserved.safetensors"), {{"x", {1}, values}},
+                                                  moa::DType::F32, {{"checksum.x", "mine"}}),
+                    "metadata key 'checksum.x' is reserved");
+}
+
+TEST_CASE("safetensors: a file with checksums for some tensors only is refused", "[safetensors][errors]") {
+  const float values[1] = {1};
+  const std::string path = temporary_path("one_sum.safetensors");
+  moa::write_safetensors<float>(path, {{"a", {1}, values}});
+  const std::string stored = [&] {
+    std::ifstream file(path, std::ios::binary);
+    const std::string bytes((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+    const auto at = bytes.find("xxh3_64:");
+    return bytes.substr(at, 24);
+  }();
+  const std::string header =
+      R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]},)"
+      R"("__metadata__":{"checksum.a":")" + stored + R"("}})";
+  const std::string one_one("\x00\x00\x80\x3F\x00\x00\x80\x3F", 8);
+  REQUIRE_MOA_ERROR(moa::SafetensorsFile(write_raw("some_sums.safetensors", header, one_one)),
+                    "has checksums, but none for tensor 'b'");
+}
+
+TEST_CASE("safetensors: non-finite values are refused on load, naming the tensor; nothing changes",
+          "[safetensors][errors]") {
+  TwoTensors model;
+  model.a.value << 7.0, 8.0;
+  const std::string header =
+      R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1,1],"data_offsets":[8,12]}})";
+  const std::string nan_bytes("\x00\x00\xC0\x7F", 4), infinity_bytes("\x00\x00\x80\x7F", 4);
+  REQUIRE_MOA_ERROR(moa::load_safetensors(write_raw("nan.safetensors", header, kTwoFloats + nan_bytes), model.list()),
+                    "tensor 'b' holds a non-finite value (nan at element 0)");
+  REQUIRE_MOA_ERROR(moa::load_safetensors(write_raw("inf.safetensors", header, infinity_bytes + kTwoFloats),
+                                          model.list()),
+                    "tensor 'a' holds a non-finite value (inf at element 0)");
+  REQUIRE(model.a.value(0, 0) == 7.0);  // nothing was loaded
+}
+
+TEST_CASE("safetensors: file errors name the path and the system's reason", "[safetensors][errors]") {
+  REQUIRE_MOA_ERROR(moa::SafetensorsFile(temporary_path("no_such.safetensors")),
+                    "cannot open '" + temporary_path("no_such.safetensors") + "': No such file or directory");
+  const float values[1] = {1};
+  REQUIRE_MOA_ERROR(moa::write_safetensors<float>(temporary_path("no/such/folder/x.safetensors"), {{"x", {1}, values}}),
+                    "No such file or directory");
+  // A folder where the file should go: the rename fails, with the reason, and the .tmp is removed.
+  const std::string folder = temporary_path("a_folder.safetensors");
+  std::filesystem::create_directories(folder + "/inside");
+  REQUIRE_MOA_ERROR(moa::write_safetensors<float>(folder, {{"x", {1}, values}}), "cannot rename");
+  REQUIRE_MOA_ERROR(moa::SafetensorsFile{folder}, "'" + folder + "' is a directory, not a file");
+  REQUIRE_FALSE(std::filesystem::exists(folder + ".tmp"));
 }

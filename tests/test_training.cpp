@@ -6,7 +6,10 @@
 #include "common/training_loop.hpp"
 
 #include <cmath>
+#include <filesystem>
 #include <fstream>
+#include <limits>
+#include <set>
 
 using namespace moa_test;
 
@@ -144,4 +147,167 @@ TEST_CASE("TrainingLoop: trains, checkpoints, resumes, and refuses bad checkpoin
   REQUIRE_MOA_ERROR(with_metadata({{"config", config}, {"step", "6"}, {"rng", "x"}}), "'rng' = 'x' is not a generator state");
   REQUIRE_MOA_ERROR(with_metadata({{"config", "other"}, {"step", "6"}, {"rng", "1"}}), "was written with config = 'other'");
   std::filesystem::remove_all(folder);
+}
+
+namespace {
+
+// A tiny training setup for the loop's failure tests: a linear layer pulled toward zero, with a
+// step that can be told to return a loss (and gradient) that is not finite.
+struct LoopFixture {
+  std::string folder;
+  std::vector<moa::TokenPair> pairs;
+  moa::Rng init{1};
+  moa::Linear<float> layer{3, 2, true, init};
+  moa::ParameterList<float> parameters = moa::pack_parameters(layer);
+  moa::Adam<float> adam{parameters};
+  moa::Rng rng{5};
+  moa_examples::TrainingSettings settings;
+  std::set<long long> bad_steps;  // steps whose loss and gradients are NaN
+  long long step_count = 0;
+
+  explicit LoopFixture(const std::string& name) : folder(temporary_path(name)) {
+    std::filesystem::remove_all(folder);
+    std::filesystem::create_directories(folder);
+    moa::Rng data_rng(2);
+    pairs = moa::synthetic_reverse_task(40, 12, 2, 5, data_rng);
+    settings.folder = folder;
+    settings.config = "linear 3x2";
+    settings.steps = 8;
+    settings.valid_every = 100;
+    settings.checkpoint_every = 3;
+    settings.batch_tokens = 32;
+  }
+
+  moa_examples::TrainingLoop<float> loop() {
+    return moa_examples::TrainingLoop<float>(settings, parameters, adam, [](long long) { return 0.01; }, rng);
+  }
+
+  void run(moa_examples::TrainingLoop<float>& loop, long long first_step) {
+    auto step = [&](const std::vector<std::size_t>& batch, moa::Rng&) {
+      ++step_count;
+      const MatrixF input = MatrixF::Ones(static_cast<Index>(batch.size()), 3);
+      MatrixF output = layer.forward(input);
+      if (bad_steps.count(step_count) != 0) output(0, 0) = std::numeric_limits<float>::quiet_NaN();
+      layer.backward(output);
+      return moa_examples::StepReport{0.5 * static_cast<double>(output.squaredNorm()), static_cast<double>(batch.size()), {}};
+    };
+    loop.run(first_step, pairs, step, [] { return std::vector<std::pair<std::string, double>>{{"valid_loss", 1.0}}; });
+  }
+
+  long long checkpoint_step(const std::string& path) const {
+    return std::stoll(moa::SafetensorsFile(path).metadata().at("step"));
+  }
+};
+
+}  // namespace
+
+TEST_CASE("TrainingLoop: a NaN loss stops the run, naming the step; the last good checkpoint stays", "[training][checkpoint]") {
+  LoopFixture fixture("diverge_stop");
+  fixture.bad_steps = {5};
+  auto loop = fixture.loop();
+  REQUIRE_MOA_ERROR(fixture.run(loop, 0),
+                    "training diverged at step 5: the loss is nan and the gradient norm nan (lower the learning rate, "
+                    "or try --on-divergence skip); the last good checkpoint, step 3, is kept in '" +
+                        fixture.folder + "/checkpoint.safetensors'");
+  REQUIRE(fixture.checkpoint_step(fixture.folder + "/checkpoint.safetensors") == 3);
+  REQUIRE(fixture.adam.steps() == 4);  // the bad step took no optimizer step
+  REQUIRE(fixture.parameters[0].value().allFinite());
+}
+
+TEST_CASE("TrainingLoop: --on-divergence skip skips the step, halves the learning rate, and resumes with it",
+          "[training][checkpoint]") {
+  LoopFixture fixture("diverge_skip");
+  fixture.settings.on_divergence = moa_examples::OnDivergence::skip;
+  fixture.bad_steps = {2};
+  auto loop = fixture.loop();
+  fixture.run(loop, 0);
+  REQUIRE(fixture.adam.steps() == 7);  // 8 steps, one skipped
+  REQUIRE(moa::SafetensorsFile(fixture.folder + "/checkpoint.safetensors").metadata().at("lr_scale") == "0.5");
+  // Too many in a row: the run stops.
+  LoopFixture again("diverge_skip_many");
+  again.settings.on_divergence = moa_examples::OnDivergence::skip;
+  again.settings.max_consecutive_skips = 2;
+  again.bad_steps = {4, 5, 6};
+  auto second = again.loop();
+  REQUIRE_MOA_ERROR(again.run(second, 0), "training diverged at step 6");
+}
+
+TEST_CASE("save_checkpoint: refuses values that are not finite, keeps the previous file, verifies before replacing",
+          "[training][checkpoint]") {
+  LoopFixture fixture("save_refuses");
+  const std::string path = fixture.folder + "/checkpoint.safetensors";
+  moa::CheckpointWriting keep;
+  keep.keep_previous = true;
+  moa::save_checkpoint(path, fixture.parameters, fixture.adam, {{"step", "1"}}, keep);
+  moa::save_checkpoint(path, fixture.parameters, fixture.adam, {{"step", "2"}}, keep);
+  REQUIRE(fixture.checkpoint_step(path) == 2);
+  REQUIRE(fixture.checkpoint_step(moa::previous_checkpoint(path)) == 1);
+  fixture.layer.weight.value(1, 2) = std::numeric_limits<float>::infinity();
+  REQUIRE_MOA_ERROR(moa::save_checkpoint(path, fixture.parameters, fixture.adam, {{"step", "3"}}, keep),
+                    "holds a non-finite value (inf at element 5): '" + path + "' was not written");
+  REQUIRE(fixture.checkpoint_step(path) == 2);
+  REQUIRE(fixture.checkpoint_step(moa::previous_checkpoint(path)) == 1);
+  REQUIRE_FALSE(std::filesystem::exists(path + ".tmp"));
+}
+
+TEST_CASE("TrainingLoop: resume falls back to the previous checkpoint only when the current one is missing",
+          "[training][checkpoint]") {
+  LoopFixture fixture("resume_previous");
+  auto loop = fixture.loop();
+  fixture.run(loop, 0);  // checkpoints at 3, 6 and 8
+  const std::string path = fixture.folder + "/checkpoint.safetensors";
+  REQUIRE(fixture.checkpoint_step(moa::previous_checkpoint(path)) == 6);
+  fixture.settings.resume = true;
+  // A corrupted current checkpoint: an error that names the previous one, nothing silent.
+  std::string bytes;
+  {
+    std::ifstream file(path, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(file), std::istreambuf_iterator<char>());
+  }
+  bytes[bytes.size() - 2] = static_cast<char>(bytes[bytes.size() - 2] ^ 0x10);
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
+  moa::Adam<float> fresh(fixture.parameters);
+  moa::Rng fresh_rng(0);
+  moa_examples::TrainingLoop<float> corrupted(fixture.settings, fixture.parameters, fresh,
+                                              [](long long) { return 0.01; }, fresh_rng);
+  REQUIRE_MOA_ERROR(corrupted.restore(), "fails its checksum (stored");
+  REQUIRE_MOA_ERROR(corrupted.restore(), "rename it to '" + path + "' to resume from there");
+  // Killed between the two renames: only the previous file is there, and the run resumes from it.
+  std::filesystem::remove(path);
+  moa_examples::TrainingLoop<float> resumed(fixture.settings, fixture.parameters, fresh, [](long long) { return 0.01; },
+                                            fresh_rng);
+  REQUIRE(resumed.restore() == 6);
+  REQUIRE(fresh.steps() == 6);
+}
+
+TEST_CASE("load_checkpoint: a bad optimizer.steps or a NaN moment is refused by name", "[training][checkpoint]") {
+  LoopFixture fixture("bad_optimizer");
+  const std::string path = fixture.folder + "/checkpoint.safetensors";
+  moa::save_checkpoint(path, fixture.parameters, fixture.adam, {{"step", "0"}});
+  // Rewrite the metadata by hand: a file PyTorch could have written (no checksums).
+  const moa::SafetensorsFile file(path);
+  std::vector<std::vector<float>> storage;
+  std::vector<moa::TensorRef<float>> tensors;
+  for (const auto& [name, info] : file.tensors()) {
+    std::size_t count = 1;
+    for (Index extent : info.shape) count *= static_cast<std::size_t>(extent);
+    storage.emplace_back(count);
+    file.read(name, storage.back().data(), count);
+  }
+  auto rewrite = [&](const std::string& steps, bool nan_moment) {
+    tensors.clear();
+    std::size_t i = 0;
+    for (const auto& [name, info] : file.tensors()) {
+      if (nan_moment && name.rfind("optimizer.exp_avg_sq.", 0) == 0) storage[i][0] = std::nanf("");
+      tensors.push_back({name, info.shape, storage[i++].data()});
+    }
+    moa::write_safetensors(path, tensors, moa::DType::F32, {{"optimizer.steps", steps}});
+  };
+  moa::Adam<float> adam(fixture.parameters);
+  rewrite("abc", false);
+  REQUIRE_MOA_ERROR(moa::load_checkpoint(path, fixture.parameters, adam), "metadata 'optimizer.steps' = 'abc' is not a whole number");
+  rewrite("-1", false);
+  REQUIRE_MOA_ERROR(moa::load_checkpoint(path, fixture.parameters, adam), "'optimizer.steps' = -1 is outside");
+  rewrite("0", true);
+  REQUIRE_MOA_ERROR(moa::load_checkpoint(path, fixture.parameters, adam), "holds a non-finite value (nan at element 0)");
 }

@@ -5,6 +5,12 @@
 // A trainer supplies what is its own: the training pairs (batched by tokens), one training step
 // (forward, loss, backward; the loop zeroes the gradients before and updates after), and a
 // validation. Everything else, including the checkpoint format and its metadata, is here once.
+//
+// Divergence: a loss or gradient norm that is not finite stops the run with a message naming the
+// step, the value and the last good checkpoint (which is never overwritten by a bad one), or, with
+// OnDivergence::skip, skips the step and halves the learning rate (a few times in a row at most).
+// A loss far above its running average is warned about. Each checkpoint replaces the last only
+// after it is verified, and the one before is kept beside it (checkpoint.safetensors.previous).
 #pragma once
 
 #include "training.hpp"
@@ -33,6 +39,9 @@ namespace moa_examples {
 
 using namespace moa;  // the examples are moa programs
 
+// What a loss or gradient norm that is not finite does.
+enum class OnDivergence { stop, skip };
+
 struct TrainingSettings {
   std::string folder;            // checkpoint.safetensors and metrics.jsonl go here
   std::string config;            // the model's description; a checkpoint of another one is refused
@@ -43,6 +52,8 @@ struct TrainingSettings {
   Index batch_tokens = 2048;     // padded tokens per batch
   double clip_norm = 0.0;        // gradient clipping by global norm, 0 for none
   bool resume = false;           // continue from the folder's checkpoint when there is one
+  OnDivergence on_divergence = OnDivergence::stop;
+  int max_consecutive_skips = 5;  // with OnDivergence::skip: more in a row stop the run
 };
 
 // What a training step reports: its loss, the tokens it trained on (for tokens/s), and any more
@@ -76,21 +87,47 @@ class TrainingLoop {
   std::string checkpoint_path() const { return settings_.folder + "/checkpoint.safetensors"; }
   std::string metrics_path() const { return settings_.folder + "/metrics.jsonl"; }
 
-  // Loads the checkpoint when resuming; returns the step to continue from (0 for a fresh run).
+  // Loads the checkpoint when resuming; returns the step to continue from (0 for a fresh run). A
+  // run killed between the two renames of a checkpoint write has only the previous file: it
+  // resumes from that one.
   long long restore() {
-    if (!settings_.resume || !std::filesystem::exists(checkpoint_path())) return 0;
-    const std::string path = checkpoint_path();
-    const auto metadata = load_checkpoint(path, parameters_, adam_, {{"config", settings_.config}});
-    const long long step = metadata_integer(metadata, "step", path, 0, settings_.steps);
+    if (!settings_.resume) return 0;
+    std::string path = checkpoint_path();
+    std::error_code error;
+    if (!std::filesystem::exists(path, error)) {
+      if (!std::filesystem::exists(previous_checkpoint(path), error)) return 0;
+      path = previous_checkpoint(path);
+      std::fprintf(stderr, "resume: '%s' is missing (a write was interrupted); resuming from '%s'\n",
+                   checkpoint_path().c_str(), path.c_str());
+    }
+    std::map<std::string, std::string> metadata;
+    try {
+      metadata = load_checkpoint(path, parameters_, adam_, {{"config", settings_.config}});
+    } catch (const Error& failure) {
+      if (path != checkpoint_path() || !std::filesystem::exists(previous_checkpoint(path), error)) throw;
+      MOA_CHECK(false, "resume", failure.what(), "; the checkpoint before it is kept as '", previous_checkpoint(path),
+                "': rename it to '", path, "' to resume from there");
+    }
+    const long long step = metadata_integer(metadata, path, "step", 0, settings_.steps, "resume");
     MOA_CHECK(step == adam_.steps(), "resume", "'", path, "' is at step ", step, " but its optimizer at step ",
               adam_.steps());
-    const std::string& rng_state = metadata_value(metadata, "rng", path);
+    MOA_CHECK(metadata.count("rng") != 0, "resume", "'", path, "' has no 'rng' in its metadata");
+    const std::string& rng_state = metadata.at("rng");
     char* end = nullptr;
     errno = 0;
     const unsigned long long state = std::strtoull(rng_state.c_str(), &end, 10);
     MOA_CHECK(!rng_state.empty() && rng_state[0] != '-' && end == rng_state.c_str() + rng_state.size() && errno == 0,
               "resume", "'", path, "': metadata 'rng' = '", rng_state, "' is not a generator state");
     rng_.set_state(static_cast<std::uint64_t>(state));
+    learning_rate_scale_ = 1.0;
+    if (metadata.count("lr_scale") != 0) {
+      const std::string& text = metadata.at("lr_scale");
+      const double scale = std::strtod(text.c_str(), &end);
+      MOA_CHECK(!text.empty() && end == text.c_str() + text.size() && scale > 0.0 && scale <= 1.0, "resume", "'", path,
+                "': metadata 'lr_scale' = '", text, "' is not a number in (0, 1]");
+      learning_rate_scale_ = scale;
+    }
+    last_good_step_ = step;
     truncate_metrics(step);
     return step;
   }
@@ -101,29 +138,55 @@ class TrainingLoop {
     ProgressLine progress(settings_.steps);
     double tokens = 0;
     long long step = first_step;
+    int skipped_in_a_row = 0;
+    LossWatch watch;
     while (step < settings_.steps) {
       const Batch& batch = batch_for_step(train, step);
       ++step;
       parameters_.zero_grad();
       StepReport report = train_step(batch, rng_);
-      if (settings_.clip_norm > 0) clip_grad_norm(parameters_, settings_.clip_norm);
-      const double learning_rate = schedule_(step);
+      const double norm = settings_.clip_norm > 0 ? clip_grad_norm(parameters_, settings_.clip_norm)
+                                                  : grad_norm(parameters_);
+      if (!std::isfinite(report.loss) || !std::isfinite(norm)) {
+        const std::string what = "step " + std::to_string(step) + ": the loss is " + number_text(report.loss) +
+                                 " and the gradient norm " + number_text(norm);
+        if (settings_.on_divergence == OnDivergence::skip && ++skipped_in_a_row <= settings_.max_consecutive_skips) {
+          learning_rate_scale_ *= 0.5;
+          std::fprintf(stderr, "\nwarning: %s: step skipped, learning rate scaled by %g from now on\n", what.c_str(),
+                       learning_rate_scale_);
+          continue;
+        }
+        MOA_CHECK(false, "TrainingLoop", "training diverged at ", what, " (",
+                  skipped_in_a_row > 1 ? "after skipping steps; " : "",
+                  "lower the learning rate, or try --on-divergence skip); ", last_good_description());
+      }
+      skipped_in_a_row = 0;
+      if (watch.exploded(report.loss))
+        std::fprintf(stderr, "\nwarning: step %lld: loss %s is far above its running average %s (learning rate too high?)\n",
+                     step, number_text(report.loss).c_str(), number_text(watch.average()).c_str());
+      const double learning_rate = schedule_(step) * learning_rate_scale_;
       adam_.step(learning_rate);
       tokens += report.tokens;
       tokens_per_second_ = tokens / std::max(progress.seconds(), 1e-9);
       progress.update(step, step - first_step, report.loss, tokens_per_second_, learning_rate);
-      std::vector<std::pair<std::string, double>> values{{"train_loss", report.loss}};
+      std::vector<std::pair<std::string, double>> values{{"train_loss", report.loss}, {"grad_norm", norm}};
       values.insert(values.end(), report.values.begin(), report.values.end());
       values.push_back({"lr", learning_rate});
       values.push_back({"tokens_per_second", tokens_per_second_});
       if (step % settings_.valid_every == 0 || step == settings_.steps) {
         const auto validation = validate();
+        MOA_CHECK(std::isfinite(validation.front().second), "TrainingLoop", "training diverged at step ", step, ": the ",
+                  validation.front().first, " is ", number_text(validation.front().second), "; ",
+                  last_good_description());
         values.insert(values.end(), validation.begin(), validation.end());
       }
       log.write(step, values);
       if (step % settings_.checkpoint_every == 0 || step == settings_.steps) save(step);
     }
   }
+
+  // The step of the last checkpoint written or resumed from (0: none yet).
+  long long last_good_step() const { return last_good_step_; }
 
   double tokens_per_second() const { return tokens_per_second_; }
 
@@ -162,32 +225,68 @@ class TrainingLoop {
     return epoch_batches_[static_cast<std::size_t>(step % batches_per_epoch_)];
   }
 
+  // Written only when every value is finite (save_checkpoint refuses otherwise), verified, with the
+  // checkpoint before kept beside it.
   void save(long long step) {
-    save_checkpoint(checkpoint_path(), parameters_, adam_,
-                    {{"config", settings_.config}, {"step", std::to_string(step)}, {"rng", std::to_string(rng_.state())}},
-                    DType::F32, sync_to_disk);
+    CheckpointWriting writing;
+    writing.sync = sync_to_disk;
+    writing.keep_previous = true;
+    char scale[32];
+    std::snprintf(scale, sizeof scale, "%.17g", learning_rate_scale_);
+    try {
+      save_checkpoint(checkpoint_path(), parameters_, adam_,
+                      {{"config", settings_.config}, {"step", std::to_string(step)},
+                       {"rng", std::to_string(rng_.state())}, {"lr_scale", scale}},
+                      writing);
+    } catch (const Error& failure) {
+      MOA_CHECK(false, "TrainingLoop", "the checkpoint of step ", step, " failed: ", failure.what(), "; ", last_good_description());
+    }
+    last_good_step_ = step;
+    if (abort_after_this_checkpoint()) std::abort();
   }
 
-  static const std::string& metadata_value(const std::map<std::string, std::string>& metadata, const std::string& key,
-                                           const std::string& path) {
-    const auto found = metadata.find(key);
-    MOA_CHECK(found != metadata.end(), "resume", "'", path, "' has no '", key, "' in its metadata");
-    return found->second;
+  // For the crash test: MOA_TEST_ABORT_AFTER_CHECKPOINT=N aborts the program right after the Nth
+  // checkpoint this process writes, as a kill would.
+  static bool abort_after_this_checkpoint() {
+    static long long remaining = [] {
+      const char* value = std::getenv("MOA_TEST_ABORT_AFTER_CHECKPOINT");
+      return value != nullptr ? std::atoll(value) : 0LL;
+    }();
+    return remaining > 0 && --remaining == 0;
   }
 
-  // A whole decimal number in [low, high], or an error naming the file and the key.
-  static long long metadata_integer(const std::map<std::string, std::string>& metadata, const std::string& key,
-                                    const std::string& path, long long low, long long high) {
-    const std::string& text = metadata_value(metadata, key, path);
-    char* end = nullptr;
-    errno = 0;
-    const long long value = std::strtoll(text.c_str(), &end, 10);
-    MOA_CHECK(!text.empty() && end == text.c_str() + text.size() && errno == 0, "resume", "'", path, "': metadata '",
-              key, "' = '", text, "' is not a whole number");
-    MOA_CHECK(value >= low && value <= high, "resume", "'", path, "': metadata '", key, "' = ", value,
-              " is outside [", low, ", ", high, "] (is --steps smaller than the checkpoint's step?)");
-    return value;
+  std::string last_good_description() const {
+    if (last_good_step_ == 0) return "no checkpoint had been written";
+    return "the last good checkpoint, step " + std::to_string(last_good_step_) + ", is kept in '" + checkpoint_path() +
+           "'";
   }
+
+  static std::string number_text(double value) {
+    char text[40];
+    std::snprintf(text, sizeof text, "%.6g", value);
+    return text;
+  }
+
+  // A loss far above its running average (about the last hundred steps): more than four times it
+  // and more than two nats above, once a first hundred steps have set the average. Reported at
+  // most every hundred steps.
+  class LossWatch {
+   public:
+    bool exploded(double loss) {
+      const bool far = steps_ >= 100 && loss > 4.0 * average_ && loss > average_ + 2.0;
+      average_ = steps_ == 0 ? loss : 0.99 * average_ + 0.01 * loss;
+      ++steps_;
+      if (!far || (last_warning_ > 0 && steps_ - last_warning_ < 100)) return false;
+      last_warning_ = steps_;
+      return true;
+    }
+    double average() const { return average_; }
+
+   private:
+    double average_ = 0.0;
+    long long steps_ = 0;
+    long long last_warning_ = 0;
+  };
 
   // Drops logged steps after `step`, which the resumed run computes again.
   void truncate_metrics(long long step) const {
@@ -209,6 +308,8 @@ class TrainingLoop {
   long long current_epoch_ = -1;
   std::vector<Batch> epoch_batches_;
   double tokens_per_second_ = 0.0;
+  double learning_rate_scale_ = 1.0;  // halved by each skipped step (OnDivergence::skip)
+  long long last_good_step_ = 0;
 };
 
 }  // namespace moa_examples

@@ -175,13 +175,19 @@ class InverseSqrtSchedule {
 };
 
 // Scales all gradients by max_norm / (norm + 1e-6) when their global L2 norm exceeds max_norm, as
-// torch.nn.utils.clip_grad_norm_. Returns the norm before clipping.
+// The global L2 norm of every gradient; NaN or infinity when any gradient is not finite.
+template <typename Scalar>
+double grad_norm(const ParameterList<Scalar>& parameters) {
+  double squared = 0.0;
+  for (const auto& entry : parameters) squared += static_cast<double>(entry.grad().squaredNorm());
+  return std::sqrt(squared);
+}
+
+// torch.nn.utils.clip_grad_norm_. Returns the norm before clipping (a non-finite norm clips nothing).
 template <typename Scalar>
 double clip_grad_norm(const ParameterList<Scalar>& parameters, double max_norm) {
   MOA_CHECK(max_norm > 0.0, "clip_grad_norm", "max_norm must be positive, got ", max_norm);
-  double squared = 0.0;
-  for (const auto& entry : parameters) squared += static_cast<double>(entry.grad().squaredNorm());
-  const double norm = std::sqrt(squared);
+  const double norm = grad_norm(parameters);
   if (norm > max_norm) {
     const Scalar scale = static_cast<Scalar>(max_norm / (norm + 1e-6));
     for (const auto& entry : parameters) entry.grad() *= scale;

@@ -6,6 +6,11 @@
 // then the raw little-endian tensor data, offsets relative to the end of the header. The reader
 // checks everything before touching data: a malformed file is a moa::Error, never a crash.
 // F32 and F64 are read and written; a file written here loads in PyTorch's safetensors and back.
+//
+// Integrity: the format has no checksum, so the writer records one per tensor in __metadata__
+// ("checksum.<name>": "xxh3_64:<16 hex digits>", xxHash's XXH3 over the tensor's stored bytes) and
+// the reader verifies every one, naming the tensor that fails. Files without checksums (written by
+// PyTorch) load as before; a file with some but not all is refused.
 #pragma once
 
 #include "moa/error.hpp"
@@ -13,12 +18,15 @@
 #include "moa/tensor.hpp"
 
 #include <nlohmann/json.hpp>
+#include <xxhash.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
+#include <filesystem>
 #include <functional>
 #include <limits>
 #include <map>
@@ -73,6 +81,20 @@ inline bool is_safetensors_dtype(const std::string& name) {
   return std::find_if(std::begin(known), std::end(known), [&](const char* k) { return name == k; }) != std::end(known);
 }
 
+// The metadata key of a tensor's checksum, and its value for the stored bytes.
+inline const std::string& checksum_prefix() {
+  static const std::string prefix = "checksum.";
+  return prefix;
+}
+inline std::string checksum_of(const unsigned char* bytes, std::size_t size) {
+  char text[32];
+  std::snprintf(text, sizeof text, "xxh3_64:%016llx", static_cast<unsigned long long>(XXH3_64bits(bytes, size)));
+  return text;
+}
+
+// The system's reason for the last failed call, for messages: "No such file or directory".
+inline std::string system_reason() { return std::strerror(errno); }
+
 }  // namespace detail
 
 // Called on the finished temporary file before it is renamed; returns false on failure. Standard
@@ -80,64 +102,93 @@ inline bool is_safetensors_dtype(const std::string& name) {
 // does (POSIX: fsync(fileno(file))), as moa's trainers do.
 using SyncFile = std::function<bool(std::FILE*)>;
 
+// Writes the tensors to `path` itself (not atomically; see write_safetensors), with a checksum
+// of each tensor in the metadata. Keys starting with "checksum." are reserved for those.
+template <typename Scalar>
+void write_safetensors_file(const std::string& path, const std::vector<TensorRef<Scalar>>& tensors,
+                            DType dtype = DType::F32, const std::map<std::string, std::string>& metadata = {},
+                            const SyncFile& sync = {}) {
+  const char* function = "write_safetensors";
+  // Every tensor in its stored form first: the checksums go in the header, before the data.
+  std::vector<unsigned char> data;              // the data section
+  std::vector<std::uint64_t> offsets{0};        // tensor i is data[offsets[i], offsets[i + 1])
+  for (const TensorRef<Scalar>& tensor : tensors) {
+    MOA_CHECK(!tensor.name.empty() && tensor.name != "__metadata__", function, "invalid tensor name '", tensor.name,
+              "'");
+    std::size_t count = 1;
+    for (Index extent : tensor.shape) {
+      MOA_CHECK(extent >= 0, function, "tensor '", tensor.name, "' has shape ", detail::shape_string(tensor.shape));
+      count *= static_cast<std::size_t>(extent);
+    }
+    const std::size_t first = data.size();
+    data.resize(first + count * dtype_size(dtype));
+    if (dtype == DType::F32) {
+      const std::vector<float> converted(tensor.data, tensor.data + count);
+      detail::copy_little_endian(data.data() + first, reinterpret_cast<const unsigned char*>(converted.data()), count, 4);
+    } else {
+      const std::vector<double> converted(tensor.data, tensor.data + count);
+      detail::copy_little_endian(data.data() + first, reinterpret_cast<const unsigned char*>(converted.data()), count, 8);
+    }
+    offsets.push_back(data.size());
+  }
+  std::map<std::string, std::string> all_metadata = metadata;
+  for (const auto& entry : metadata)
+    MOA_CHECK(entry.first.rfind(detail::checksum_prefix(), 0) != 0, function, "metadata key '", entry.first,
+              "' is reserved for the checksums");
+  for (std::size_t i = 0; i < tensors.size(); ++i)
+    all_metadata[detail::checksum_prefix() + tensors[i].name] =
+        detail::checksum_of(data.data() + offsets[i], static_cast<std::size_t>(offsets[i + 1] - offsets[i]));
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  header["__metadata__"] = all_metadata;
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    MOA_CHECK(!header.contains(tensors[i].name), function, "duplicate tensor name '", tensors[i].name, "'");
+    header[tensors[i].name] = {
+        {"dtype", dtype_name(dtype)}, {"shape", tensors[i].shape}, {"data_offsets", {offsets[i], offsets[i + 1]}}};
+  }
+  std::string header_text = header.dump();
+  header_text.append((8 - header_text.size() % 8) % 8, ' ');  // align the data to 8 bytes
+
+  std::FILE* file = std::fopen(path.c_str(), "wb");
+  MOA_CHECK(file != nullptr, function, "cannot open '", path, "' for writing: ", detail::system_reason());
+  bool ok = true;
+  int failure = 0;  // errno of the first failed call
+  auto note = [&](bool success) {
+    if (ok && !success) failure = errno;
+    ok = ok && success;
+  };
+  auto put = [&](const void* bytes, std::size_t size) { note(size == 0 || std::fwrite(bytes, 1, size, file) == size); };
+  unsigned char length_bytes[8];
+  const std::uint64_t header_length = header_text.size();
+  for (int b = 0; b < 8; ++b) length_bytes[b] = static_cast<unsigned char>(header_length >> (8 * b));
+  put(length_bytes, 8);
+  put(header_text.data(), header_text.size());
+  put(data.data(), data.size());
+  note(std::fflush(file) == 0);
+  if (ok && sync) note(sync(file));
+  note(std::fclose(file) == 0);
+  if (!ok) std::remove(path.c_str());
+  MOA_CHECK(ok, function, "writing '", path, "' failed: ", failure != 0 ? std::strerror(failure) : "unknown reason");
+}
+
+// Renames `from` to `to`, replacing it; a failure names both paths and the system's reason.
+inline void replace_file(const std::string& from, const std::string& to) {
+  MOA_CHECK(std::rename(from.c_str(), to.c_str()) == 0, "replace_file", "cannot rename '", from, "' to '", to,
+            "': ", detail::system_reason());
+}
+
 // Writes the tensors to `path` atomically: the bytes go to a temporary file beside it, which is
 // flushed (and synced, given `sync`) and then renamed over `path`, so a crash of the program
 // leaves the old file or the new one.
 template <typename Scalar>
 void write_safetensors(const std::string& path, const std::vector<TensorRef<Scalar>>& tensors, DType dtype = DType::F32,
                        const std::map<std::string, std::string>& metadata = {}, const SyncFile& sync = {}) {
-  nlohmann::ordered_json header = nlohmann::ordered_json::object();
-  if (!metadata.empty()) header["__metadata__"] = metadata;
-  std::uint64_t offset = 0;
-  for (const TensorRef<Scalar>& tensor : tensors) {
-    MOA_CHECK(!tensor.name.empty() && tensor.name != "__metadata__", "write_safetensors", "invalid tensor name '",
-              tensor.name, "'");
-    MOA_CHECK(!header.contains(tensor.name), "write_safetensors", "duplicate tensor name '", tensor.name, "'");
-    std::uint64_t count = 1;
-    for (Index extent : tensor.shape) {
-      MOA_CHECK(extent >= 0, "write_safetensors", "tensor '", tensor.name, "' has shape ",
-                detail::shape_string(tensor.shape));
-      count *= static_cast<std::uint64_t>(extent);
-    }
-    const std::uint64_t bytes = count * dtype_size(dtype);
-    header[tensor.name] = {{"dtype", dtype_name(dtype)}, {"shape", tensor.shape}, {"data_offsets", {offset, offset + bytes}}};
-    offset += bytes;
-  }
-  std::string header_text = header.dump();
-  header_text.append((8 - header_text.size() % 8) % 8, ' ');  // align the data to 8 bytes
-
   const std::string temporary = path + ".tmp";
-  std::FILE* file = std::fopen(temporary.c_str(), "wb");
-  MOA_CHECK(file != nullptr, "write_safetensors", "cannot open '", temporary, "' for writing");
-  bool ok = true;
-  auto put = [&](const void* data, std::size_t size) { ok = ok && std::fwrite(data, 1, size, file) == size; };
-  unsigned char length_bytes[8];
-  const std::uint64_t header_length = header_text.size();
-  for (int b = 0; b < 8; ++b) length_bytes[b] = static_cast<unsigned char>(header_length >> (8 * b));
-  put(length_bytes, 8);
-  put(header_text.data(), header_text.size());
-  std::vector<unsigned char> buffer;
-  for (const TensorRef<Scalar>& tensor : tensors) {
-    std::size_t count = 1;
-    for (Index extent : tensor.shape) count *= static_cast<std::size_t>(extent);
-    buffer.resize(count * dtype_size(dtype));
-    if (dtype == DType::F32) {
-      std::vector<float> converted(tensor.data, tensor.data + count);
-      detail::copy_little_endian(buffer.data(), reinterpret_cast<const unsigned char*>(converted.data()), count, 4);
-    } else {
-      std::vector<double> converted(tensor.data, tensor.data + count);
-      detail::copy_little_endian(buffer.data(), reinterpret_cast<const unsigned char*>(converted.data()), count, 8);
-    }
-    put(buffer.data(), buffer.size());
-  }
-  ok = ok && std::fflush(file) == 0;
-  ok = ok && (!sync || sync(file));
-  ok = (std::fclose(file) == 0) && ok;
-  if (!ok) std::remove(temporary.c_str());
-  MOA_CHECK(ok, "write_safetensors", "writing '", temporary, "' failed");
-  if (std::rename(temporary.c_str(), path.c_str()) != 0) {
+  write_safetensors_file(temporary, tensors, dtype, metadata, sync);
+  try {
+    replace_file(temporary, path);
+  } catch (...) {
     std::remove(temporary.c_str());
-    MOA_CHECK(false, "write_safetensors", "cannot rename '", temporary, "' to '", path, "'");
+    throw;
   }
 }
 
@@ -153,14 +204,26 @@ class SafetensorsFile {
   };
 
   explicit SafetensorsFile(const std::string& path) : path_(path) {
-    std::ifstream stream(path, std::ios::binary);
-    MOA_CHECK(stream.good(), "SafetensorsFile", "cannot open '", path, "'");
-    bytes_.assign(std::istreambuf_iterator<char>(stream), std::istreambuf_iterator<char>());
+    const char* function = "SafetensorsFile";
+    std::error_code error;
+    MOA_CHECK(!std::filesystem::is_directory(path, error), function, "'", path, "' is a directory, not a file");
+    std::FILE* file = std::fopen(path.c_str(), "rb");
+    MOA_CHECK(file != nullptr, function, "cannot open '", path, "': ", detail::system_reason());
+    char chunk[1 << 16];
+    std::size_t got = 0;
+    while ((got = std::fread(chunk, 1, sizeof chunk, file)) > 0) bytes_.insert(bytes_.end(), chunk, chunk + got);
+    const bool failed = std::ferror(file) != 0;
+    const std::string reason = detail::system_reason();
+    std::fclose(file);
+    MOA_CHECK(!failed, function, "cannot read '", path, "': ", reason);
     parse();
   }
 
   const std::string& path() const { return path_; }
+  // The file's metadata, without the checksums.
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  // Whether the file carries checksums (files written by moa do; PyTorch's do not).
+  bool has_checksums() const { return !checksums_.empty(); }
   const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
   bool contains(const std::string& name) const { return tensors_.count(name) != 0; }
 
@@ -223,7 +286,11 @@ class SafetensorsFile {
         for (auto meta = entry.begin(); meta != entry.end(); ++meta) {
           MOA_CHECK(meta.value().is_string(), function, "'", path_, "': __metadata__ value of '", meta.key(),
                     "' is not a string");
-          metadata_[meta.key()] = meta.value().get<std::string>();
+          const std::string& key = meta.key();
+          if (key.rfind(detail::checksum_prefix(), 0) == 0)
+            checksums_[key.substr(detail::checksum_prefix().size())] = meta.value().get<std::string>();
+          else
+            metadata_[key] = meta.value().get<std::string>();
         }
         continue;
       }
@@ -280,14 +347,50 @@ class SafetensorsFile {
     }
     MOA_CHECK(expected == data_size, function, "'", path_, "': the data section has ", data_size,
               " bytes but the tensors cover ", expected);
+    verify_checksums();
+  }
+
+  void verify_checksums() const {
+    const char* function = "SafetensorsFile";
+    if (checksums_.empty()) return;
+    for (const auto& [name, stored] : checksums_)
+      MOA_CHECK(tensors_.count(name) != 0, function, "'", path_, "' has a checksum for tensor '", name,
+                "', which it does not hold");
+    for (const auto& [name, tensor] : tensors_) {
+      const auto found = checksums_.find(name);
+      MOA_CHECK(found != checksums_.end(), function, "'", path_, "' has checksums, but none for tensor '", name, "'");
+      const std::string computed = detail::checksum_of(
+          reinterpret_cast<const unsigned char*>(bytes_.data()) + data_start_ + tensor.begin,
+          static_cast<std::size_t>(tensor.end - tensor.begin));
+      MOA_CHECK(found->second == computed, function, "'", path_, "': tensor '", name, "' fails its checksum (stored ",
+                found->second, ", computed ", computed, "): the file is corrupted");
+    }
   }
 
   std::string path_;
   std::vector<char> bytes_;
   std::uint64_t data_start_ = 0;
   std::map<std::string, std::string> metadata_;
+  std::map<std::string, std::string> checksums_;  // tensor name -> "xxh3_64:<hex>"
   std::map<std::string, TensorInfo> tensors_;
 };
+
+namespace detail {
+
+// Tensor `name` read as `count` values, refused if any is not finite: a checkpoint that holds a NaN
+// or an infinity would only train on garbage.
+template <typename Scalar>
+std::vector<Scalar> read_finite(const SafetensorsFile& file, const std::string& name, std::size_t count,
+                                const char* function) {
+  std::vector<Scalar> values(count);
+  file.read(name, values.data(), count);
+  for (std::size_t i = 0; i < count; ++i)
+    MOA_CHECK(std::isfinite(values[i]), function, "'", file.path(), "': tensor '", name, "' holds a non-finite value (",
+              values[i], " at element ", i, ")");
+  return values;
+}
+
+}  // namespace detail
 
 // Saves every parameter under its full name.
 template <typename Scalar>
@@ -314,9 +417,12 @@ void load_safetensors(const SafetensorsFile& file, const ParameterList<Scalar>& 
     MOA_CHECK(parameters.find(item.first) != nullptr, function, "'", file.path(), "' has unexpected tensor '",
               item.first, "'");
   }
-  for (const auto& entry : parameters) {
-    file.read(entry.name, entry.value().data(), static_cast<std::size_t>(entry.numel()));
-  }
+  // Everything read and checked before any parameter changes.
+  std::vector<std::vector<Scalar>> values;
+  for (const auto& entry : parameters)
+    values.push_back(detail::read_finite<Scalar>(file, entry.name, static_cast<std::size_t>(entry.numel()), function));
+  for (std::size_t i = 0; i < parameters.size(); ++i)
+    std::copy(values[i].begin(), values[i].end(), parameters[i].value().data());
 }
 
 template <typename Scalar>
