@@ -16,12 +16,15 @@
 #include "moa/models.hpp"
 
 #include "common/compute_options.hpp"
+#include "common/flags.hpp"
 
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -51,7 +54,9 @@ struct Options {
   Index vocab_size = 2000;
   Index max_tokens = 40;
   bool resume = false;
+  bool reuse_tokenizer = false;
   long long valid_every = 100;
+  std::string on_divergence = "stop";
   moa_examples::ComputeOptions compute;
 };
 
@@ -64,8 +69,10 @@ struct Data {
 Data load_data(const Options& options) {
   std::vector<std::string> lines[3];
   if (!options.text.empty()) {
+    std::error_code error;
+    MOA_CHECK(!fs::is_directory(options.text, error), "mlm", "--text '", options.text, "' is a directory, not a file");
     std::ifstream file(options.text);
-    MOA_CHECK(file.good(), "mlm", "cannot open '", options.text, "'");
+    MOA_CHECK(file.good(), "mlm", "cannot open '", options.text, "': ", std::strerror(errno));
     for (std::string line; std::getline(file, line);)
       if (!line.empty()) lines[static_cast<int>(moa_examples::split_of({line, ""}))].push_back(line);
   } else {
@@ -78,8 +85,13 @@ Data load_data(const Options& options) {
   for (int s = 0; s < 3; ++s) MOA_CHECK(!lines[s].empty(), "mlm", "the ", names[s], " split is empty");
   Data data;
   const std::string prefix = options.output + "/spm";
-  if (!fs::exists(prefix + ".model")) moa::SentencePieceTokenizer::train(lines[0], prefix, options.vocab_size, "unigram", {"<mask>"});
+  const std::string tokenizer_flags = "--vocab-size " + std::to_string(options.vocab_size) +
+                                      (options.text.empty() ? " --corpus " + options.corpus : " --text " + options.text);
+  const bool train_tokenizer = moa_examples::tokenizer_needs_training("mlm", prefix, tokenizer_flags, options.reuse_tokenizer);
+  if (train_tokenizer) moa::SentencePieceTokenizer::train(lines[0], prefix, options.vocab_size, "unigram", {"<mask>"});
   data.tokenizer = std::make_unique<moa::SentencePieceTokenizer>(prefix + ".model");
+  if (train_tokenizer)
+    moa_examples::record_tokenizer("mlm", prefix, tokenizer_flags, options.vocab_size, data.tokenizer->vocab_size());
   data.mask_id = data.tokenizer->id_of("<mask>");
   for (int s = 0; s < 3; ++s)
     for (const auto& line : lines[s]) {
@@ -148,8 +160,22 @@ struct RunResult {
   Evaluation valid, test;
 };
 
+// Refuses a model too large for this machine before anything is allocated.
+void check_memory(const Options& options, const std::string& spec, Index vocab_size) {
+  const moa::AttentionSpec attention = moa::AttentionSpec::parse(spec);
+  const double d = static_cast<double>(options.model_dim), ffn = static_cast<double>(options.ffn_dim);
+  const double layers = static_cast<double>(options.layers), vocab = static_cast<double>(vocab_size);
+  const double parameters = vocab * d + layers * (moa_examples::attention_parameters(attention, d) + 2.0 * d * ffn);
+  const double activations =
+      layers * (moa_examples::attention_activations(attention, d, static_cast<double>(options.max_tokens)) + 2.0 * ffn) +
+      2.0 * vocab;
+  moa_examples::check_memory("mlm", parameters, static_cast<double>(options.batch_tokens), activations);
+}
+
+// Trains and evaluates one model; with check_only, stops after the setup (the resume included), so
+// that a mistake in a later run is reported before an earlier one trains.
 template <typename Attention>
-RunResult run(const Options& options, const Data& data, const std::string& spec) {
+RunResult run(const Options& options, const Data& data, const std::string& spec, bool check_only = false) {
   RunResult result;
   result.spec = spec;
   result.folder = options.output + "/" + spec.substr(0, 3) + "_" + spec.substr(4);
@@ -183,8 +209,11 @@ RunResult run(const Options& options, const Data& data, const std::string& spec)
   settings.batch_tokens = options.batch_tokens;
   settings.clip_norm = 1.0;
   settings.resume = options.resume;
+  settings.on_divergence =
+      options.on_divergence == "skip" ? moa_examples::OnDivergence::skip : moa_examples::OnDivergence::stop;
   moa_examples::TrainingLoop<float> loop(settings, parameters, adam, schedule, rng);
   const long long first_step = loop.restore();
+  if (check_only) return result;
   const auto train = as_pairs(data.splits[0]);
 
   auto evaluate = [&](const std::vector<moa::TokenIds>& sequences) {
@@ -249,34 +278,29 @@ int main(int argc, char** argv) {
   app.add_option("--output", options.output, "output folder")->capture_default_str();
   app.add_option("--corpus", options.corpus, "Ding dictionary (its English sentences are the text)")->capture_default_str();
   app.add_option("--text", options.text, "a text file, one sentence a line, instead of the dictionary");
-  app.add_option("--seed", options.seed, "random seed")->capture_default_str();
-  app.add_option("--steps", options.steps, "training steps")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--batch-tokens", options.batch_tokens, "padded tokens per batch")->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  app.add_option("--lr", options.learning_rate, "peak learning rate")->capture_default_str();
-  app.add_option("--warmup", options.warmup, "warm-up steps")->capture_default_str();
-  app.add_option("--dropout", options.dropout, "dropout")->capture_default_str();
-  app.add_option("--model-dim", options.model_dim, "d_model")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--ffn-dim", options.ffn_dim, "feed-forward width")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--layers", options.layers, "encoder layers")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--vocab-size", options.vocab_size, "SentencePiece vocabulary")->capture_default_str();
-  app.add_option("--max-tokens", options.max_tokens, "drop sentences this long or longer")->capture_default_str();
-  app.add_flag("--resume", options.resume, "continue from the checkpoints in the output folder");
-  app.add_option("--valid-every", options.valid_every, "validate and checkpoint every N steps")->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  options.compute.add_to(app);
+  moa_examples::add_training_flags(app, options, "encoder layers");
   CLI11_PARSE(app, argc, argv);
   try {
-    options.compute.make("mlm");  // an unavailable backend fails here, before any work
+    // Everything that can be checked before any work: specs, sizes, the backend, the folders.
+    std::vector<std::string> specs{moa::AttentionSpec::parse(options.attention).to_string()};
+    if (!options.baseline.empty()) {
+      specs.push_back(moa::AttentionSpec::parse(options.baseline).to_string());
+      MOA_CHECK(specs[1] != specs[0], "mlm", "--baseline ", options.baseline, " is the same model as --attention ",
+                options.attention, ": both runs would write one folder");
+    }
+    for (const std::string& spec : specs) check_memory(options, spec, options.vocab_size);
+    options.compute.make("mlm");  // an unavailable backend fails here
     fs::create_directories(options.output);
     const Data data = load_data(options);
+    auto run_spec = [&](const std::string& spec, bool check_only) {
+      check_memory(options, spec, data.tokenizer->vocab_size());
+      return moa::AttentionSpec::parse(spec).kind == moa::AttentionSpec::Kind::moa
+                 ? run<moa::MixtureOfAttention<float>>(options, data, spec, check_only)
+                 : run<moa::MultiHeadAttention<float>>(options, data, spec, check_only);
+    };
+    for (const std::string& spec : specs) run_spec(spec, true);  // every setup, before any training
     std::vector<RunResult> results;
-    for (const std::string& spec : {options.attention, options.baseline}) {
-      if (spec.empty()) continue;
-      results.push_back(moa::AttentionSpec::parse(spec).kind == moa::AttentionSpec::Kind::moa
-                            ? run<moa::MixtureOfAttention<float>>(options, data, spec)
-                            : run<moa::MultiHeadAttention<float>>(options, data, spec));
-    }
+    for (const std::string& spec : specs) results.push_back(run_spec(spec, false));
     std::printf("\n%-5s %-14s %11s %9s %11s %10s %10s %10s\n", "model", "attention", "parameters", "tokens/s",
                 "valid ppl", "valid acc", "test ppl", "test acc");
     for (const auto& r : results)
@@ -284,7 +308,7 @@ int main(int argc, char** argv) {
                   static_cast<long long>(r.parameters), r.tokens_per_second, std::exp(r.valid.loss),
                   100 * r.valid.accuracy, std::exp(r.test.loss), 100 * r.test.accuracy);
   } catch (const std::exception& error) {
-    std::fprintf(stderr, "mlm: error: %s\n", error.what());
+    moa_examples::print_error("mlm", error);
     return 1;
   }
   return 0;

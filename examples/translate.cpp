@@ -18,6 +18,7 @@
 #include "moa/models.hpp"
 
 #include "common/compute_options.hpp"
+#include "common/flags.hpp"
 
 #include <CLI/CLI.hpp>
 
@@ -30,6 +31,7 @@
 #include <map>
 #include <memory>
 #include <exception>
+#include <optional>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -65,12 +67,14 @@ struct Options {
   std::string tokenizer_type = "unigram";
   Index max_tokens = 40;
   bool resume = false;
+  bool reuse_tokenizer = false;
   long long valid_every = 100;
   long long checkpoint_every = 100;
   Index eval_sentences = 200;
   Index beam = 4;
   double length_penalty = 0.6;
   int jobs = 2;
+  std::string on_divergence = "stop";
 };
 
 // Tokenised splits, plus the test split's text for BLEU.
@@ -119,7 +123,12 @@ Data load_data(const Options& options) {
   // One vocabulary for both languages (the embeddings are shared), trained on the train split
   // only, kept in the output folder and reused by later runs and resumes.
   const std::string model_prefix = options.output + "/spm";
-  if (!fs::exists(model_prefix + ".model")) {
+  const std::string tokenizer_flags = "--tokenizer " + options.tokenizer_type + " --vocab-size " +
+                                      std::to_string(options.vocab_size) + " --data " + options.data +
+                                      " --max-words " + std::to_string(options.max_words);
+  const bool train_tokenizer = moa_examples::tokenizer_needs_training("translate", model_prefix, tokenizer_flags,
+                                                                           options.reuse_tokenizer);
+  if (train_tokenizer) {
     std::vector<std::string> text;
     for (const auto& pair : splits[0]) {
       text.push_back(pair.source);
@@ -131,6 +140,8 @@ Data load_data(const Options& options) {
   }
   data.tokenizer = std::make_unique<moa::SentencePieceTokenizer>(model_prefix + ".model");
   data.vocab_size = data.tokenizer->vocab_size();
+  if (train_tokenizer)
+    moa_examples::record_tokenizer("translate", model_prefix, tokenizer_flags, options.vocab_size, data.vocab_size);
   auto tokenize = [&](const std::vector<moa_examples::SentencePair>& pairs, std::vector<moa::TokenPair>& out, bool keep_text) {
     for (const auto& pair : pairs) {
       moa::TokenPair tokens{data.tokenizer->encode(pair.source), data.tokenizer->encode(pair.target)};
@@ -182,6 +193,19 @@ double macs_per_token(const moa::TransformerConfig& config, Index length) {
   return flops / 2.0;
 }
 
+// Refuses a model too large for this machine before anything is allocated.
+void check_memory(const Options& options, const std::string& spec, Index vocab_size) {
+  const moa::AttentionSpec attention = moa::AttentionSpec::parse(spec);
+  const double d = static_cast<double>(options.model_dim), ffn = static_cast<double>(options.ffn_dim);
+  const double layers = static_cast<double>(options.layers), vocab = static_cast<double>(vocab_size);
+  const double attention_parameters = moa_examples::attention_parameters(attention, d);
+  const double parameters = vocab * d + layers * (3.0 * attention_parameters + 4.0 * d * ffn);
+  const double keys = static_cast<double>(options.max_tokens);
+  const double activations =
+      layers * (3.0 * moa_examples::attention_activations(attention, d, keys) + 2.0 * ffn) + 2.0 * vocab;
+  moa_examples::check_memory("translate", parameters, static_cast<double>(options.batch_tokens), activations);
+}
+
 struct RunResult {
   std::string name, spec;
   Index parameters = 0;
@@ -213,7 +237,8 @@ class Run {
     result_.macs = macs_per_token(config_, data_.train.empty() ? 1 : average / static_cast<Index>(data_.train.size()));
   }
 
-  RunResult train_and_evaluate() {
+  // Everything that can fail before training: the training loop's settings and the resume.
+  void prepare() {
     moa_examples::TrainingSettings settings;
     settings.folder = folder_;
     settings.config = describe(config_);
@@ -224,11 +249,18 @@ class Run {
     settings.batch_tokens = options_.batch_tokens;
     settings.clip_norm = options_.clip_norm;
     settings.resume = options_.resume;
-    moa_examples::TrainingLoop<float> loop(settings, parameters_, adam_, schedule_, dropout_rng_);
-    const long long first_step = loop.restore();
-    if (first_step > 0)
-      std::fprintf(stderr, "[%s] resumed from %s at step %lld\n", result_.name.c_str(), loop.checkpoint_path().c_str(),
-                   first_step);
+    settings.on_divergence =
+        options_.on_divergence == "skip" ? moa_examples::OnDivergence::skip : moa_examples::OnDivergence::stop;
+    loop_.emplace(settings, parameters_, adam_, schedule_, dropout_rng_);
+    first_step_ = loop_->restore();
+    if (first_step_ > 0)
+      std::fprintf(stderr, "[%s] resumed from %s at step %lld\n", result_.name.c_str(), loop_->checkpoint_path().c_str(),
+                   first_step_);
+  }
+
+  RunResult train_and_evaluate() {
+    moa_examples::TrainingLoop<float>& loop = *loop_;
+    const long long first_step = first_step_;
     std::fprintf(stderr, "[%s] %s: %lld parameters, %zu train / %zu valid / %zu test pairs\n", result_.name.c_str(),
                  describe(config_).c_str(), static_cast<long long>(result_.parameters), data_.train.size(),
                  data_.valid.size(), data_.test.size());
@@ -388,12 +420,26 @@ class Run {
   moa::Rng dropout_rng_;
   RunResult result_;
   moa::ComputePtr compute_;
+  std::optional<moa_examples::TrainingLoop<float>> loop_;
+  long long first_step_ = 0;
 };
 
-RunResult run_one(const Options& options, const Data& data, const std::string& spec, const std::string& folder) {
+// A run of either attention kind, prepared (resume included) before any run trains.
+struct PreparedRun {
+  std::function<RunResult()> train_and_evaluate;
+};
+
+template <typename Attention>
+PreparedRun prepare(const Options& options, const Data& data, const std::string& spec, const std::string& folder) {
+  auto run = std::make_shared<Run<Attention>>(options, data, spec, folder);
+  run->prepare();
+  return {[run] { return run->train_and_evaluate(); }};
+}
+
+PreparedRun prepare_run(const Options& options, const Data& data, const std::string& spec, const std::string& folder) {
   if (moa::AttentionSpec::parse(spec).kind == moa::AttentionSpec::Kind::moa)
-    return Run<moa::MixtureOfAttention<float>>(options, data, spec, folder).train_and_evaluate();
-  return Run<moa::MultiHeadAttention<float>>(options, data, spec, folder).train_and_evaluate();
+    return prepare<moa::MixtureOfAttention<float>>(options, data, spec, folder);
+  return prepare<moa::MultiHeadAttention<float>>(options, data, spec, folder);
 }
 
 void print_table(const std::vector<RunResult>& results, const std::string& chart) {
@@ -424,43 +470,40 @@ int main(int argc, char** argv) {
   app.add_option("--baseline", options.baseline, "a second spec to train and compare (e.g. mha:4H32D)");
   app.add_option("--output", options.output, "output folder")->capture_default_str();
   app.add_option("--corpus", options.corpus, "Ding dictionary file (Debian package trans-de-en)")->capture_default_str();
-  app.add_option("--data", options.data, "phrases, sentences or both")->capture_default_str();
-  app.add_option("--max-words", options.max_words, "longest pair in words, 0 for any")->capture_default_str();
+  app.add_option("--data", options.data, "phrases, sentences or both")->capture_default_str()
+      ->check(CLI::IsMember({"phrases", "sentences", "both"}));
+  app.add_option("--max-words", options.max_words, "longest pair in words, 0 for any")->capture_default_str()
+      ->check(moa_examples::whole_number(0, 100000));
   app.add_flag("--synthetic", options.synthetic, "the built-in reverse-a-sequence task instead of the corpus");
-  app.add_option("--seed", options.seed, "random seed")->capture_default_str();
-  app.add_option("--steps", options.steps, "training steps")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--batch-tokens", options.batch_tokens, "padded tokens per batch")->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  app.add_option("--lr", options.learning_rate, "peak learning rate")->capture_default_str();
-  app.add_option("--warmup", options.warmup, "linear warm-up steps")->capture_default_str();
-  app.add_option("--label-smoothing", options.label_smoothing, "label smoothing")->capture_default_str();
-  app.add_option("--dropout", options.dropout, "dropout")->capture_default_str();
-  app.add_option("--clip-norm", options.clip_norm, "gradient clipping by global norm, 0 for none")->capture_default_str();
-  options.compute.add_to(app);
-  app.add_option("--model-dim", options.model_dim, "d_model")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--ffn-dim", options.ffn_dim, "feed-forward width")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--layers", options.layers, "encoder and decoder layers (each)")->capture_default_str()
-      ->check(CLI::PositiveNumber);
+  moa_examples::add_training_flags(app, options, "encoder and decoder layers (each)");
+  app.add_option("--label-smoothing", options.label_smoothing, "label smoothing")->capture_default_str()
+      ->check(moa_examples::real_number(0.0, 1.0));
+  app.add_option("--clip-norm", options.clip_norm, "gradient clipping by global norm, 0 for none")->capture_default_str()
+      ->check(moa_examples::real_number(0.0, 1e30));
   app.add_flag("--pre-norm", options.pre_norm, "pre-LN instead of post-LN");
-  app.add_option("--vocab-size", options.vocab_size, "SentencePiece vocabulary")->capture_default_str();
-  app.add_option("--tokenizer", options.tokenizer_type, "unigram or bpe")->capture_default_str();
-  app.add_option("--max-tokens", options.max_tokens, "drop pairs with a side this long or longer")->capture_default_str();
-  app.add_flag("--resume", options.resume, "continue from the checkpoints in the output folder");
-  app.add_option("--valid-every", options.valid_every, "validation loss every N steps")->capture_default_str()
-      ->check(CLI::PositiveNumber);
+  app.add_option("--tokenizer", options.tokenizer_type, "unigram or bpe")->capture_default_str()
+      ->check(CLI::IsMember({"unigram", "bpe"}));
   app.add_option("--checkpoint-every", options.checkpoint_every, "checkpoint every N steps")->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  app.add_option("--eval-sentences", options.eval_sentences, "test sentences to translate")->capture_default_str();
-  app.add_option("--beam", options.beam, "beam size")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--length-penalty", options.length_penalty, "beam length penalty")->capture_default_str();
+      ->check(moa_examples::whole_number(1, moa_examples::kMaxSteps));
+  app.add_option("--eval-sentences", options.eval_sentences, "test sentences to translate")->capture_default_str()
+      ->check(moa_examples::whole_number(0, 1000000000));
+  app.add_option("--beam", options.beam, "beam size")->capture_default_str()->check(moa_examples::whole_number(1, 1000));
+  app.add_option("--length-penalty", options.length_penalty, "beam length penalty")->capture_default_str()
+      ->check(moa_examples::real_number(0.0, 10.0));
   app.add_option("--jobs", options.jobs, "models trained at once (each with --threads threads)")->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(moa_examples::whole_number(1, 2));
   CLI11_PARSE(app, argc, argv);
 
   try {
-    moa::AttentionSpec::parse(options.attention);
-    if (!options.baseline.empty()) moa::AttentionSpec::parse(options.baseline);
-    options.compute.make("translate");  // an unavailable backend fails here, before any work
+    // Everything that can be checked before any work: specs, sizes, the backend, the folders.
+    std::vector<std::string> specs{moa::AttentionSpec::parse(options.attention).to_string()};
+    if (!options.baseline.empty()) {
+      specs.push_back(moa::AttentionSpec::parse(options.baseline).to_string());
+      MOA_CHECK(specs[1] != specs[0], "translate", "--baseline ", options.baseline, " is the same model as --attention ",
+                options.attention, ": both runs would write one folder");
+    }
+    for (const std::string& spec : specs) check_memory(options, spec, options.vocab_size);
+    options.compute.make("translate");  // an unavailable backend fails here
     fs::create_directories(options.output);
     const Data data = load_data(options);
     std::vector<RunResult> results;
@@ -469,14 +512,19 @@ int main(int argc, char** argv) {
       std::replace(name.begin(), name.end(), ':', '_');
       return options.output + "/" + name;
     };
-    // The runs share nothing but the read-only data, so training them at once changes no number.
-    std::vector<std::string> specs{options.attention};
-    if (!options.baseline.empty()) specs.push_back(options.baseline);
+    // Both runs are set up (a resume included) before either trains, so a mistake in the second
+    // is reported at once. The runs share nothing but the read-only data, so training them at
+    // once changes no number.
+    std::vector<PreparedRun> prepared;
+    for (const std::string& spec : specs) {
+      check_memory(options, spec, data.vocab_size);
+      prepared.push_back(prepare_run(options, data, spec, folder_of(spec)));
+    }
     results.resize(specs.size());
     std::vector<std::exception_ptr> failures(specs.size());
     auto run_at = [&](std::size_t i) {
       try {
-        results[i] = run_one(options, data, specs[i], folder_of(specs[i]));
+        results[i] = prepared[i].train_and_evaluate();
       } catch (...) {
         failures[i] = std::current_exception();
       }
@@ -502,7 +550,7 @@ int main(int argc, char** argv) {
                           "step", "loss (nats/token)", curves);
     print_table(results, chart);
   } catch (const std::exception& error) {
-    std::fprintf(stderr, "translate: error: %s\n", error.what());
+    moa_examples::print_error("translate", error);
     return 1;
   }
   return 0;

@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <csignal>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -161,9 +162,10 @@ class TrainingLoop {
                   "lower the learning rate, or try --on-divergence skip); ", last_good_description());
       }
       skipped_in_a_row = 0;
-      if (watch.exploded(report.loss))
-        std::fprintf(stderr, "\nwarning: step %lld: loss %s is far above its running average %s (learning rate too high?)\n",
-                     step, number_text(report.loss).c_str(), number_text(watch.average()).c_str());
+      const std::string warning = watch.check(report.loss);
+      if (!warning.empty())
+        std::fprintf(stderr, "\nwarning: step %lld: the loss %s %s (learning rate too high?)\n", step,
+                     number_text(report.loss).c_str(), warning.c_str());
       const double learning_rate = schedule_(step) * learning_rate_scale_;
       adam_.step(learning_rate);
       tokens += report.tokens;
@@ -229,7 +231,7 @@ class TrainingLoop {
   // checkpoint before kept beside it.
   void save(long long step) {
     CheckpointWriting writing;
-    writing.sync = sync_to_disk;
+    writing.sync = sync_checkpoint;
     writing.keep_previous = true;
     char scale[32];
     std::snprintf(scale, sizeof scale, "%.17g", learning_rate_scale_);
@@ -239,20 +241,28 @@ class TrainingLoop {
                        {"rng", std::to_string(rng_.state())}, {"lr_scale", scale}},
                       writing);
     } catch (const Error& failure) {
-      MOA_CHECK(false, "TrainingLoop", "the checkpoint of step ", step, " failed: ", failure.what(), "; ", last_good_description());
+      MOA_CHECK(false, "TrainingLoop", "the checkpoint of step ", step, " failed: ", failure.what(), "; ",
+                last_good_description());
     }
     last_good_step_ = step;
-    if (abort_after_this_checkpoint()) std::abort();
   }
 
-  // For the crash test: MOA_TEST_ABORT_AFTER_CHECKPOINT=N aborts the program right after the Nth
-  // checkpoint this process writes, as a kill would.
-  static bool abort_after_this_checkpoint() {
+  // Forces a finished checkpoint to the disk. For the crash test, MOA_TEST_KILL_IN_CHECKPOINT=N
+  // kills the process (SIGKILL, as kill -9) in its Nth checkpoint write, when the new file is
+  // complete but has not yet replaced the old one.
+  static bool sync_checkpoint(std::FILE* file) {
+    const bool synced = sync_to_disk(file);
     static long long remaining = [] {
-      const char* value = std::getenv("MOA_TEST_ABORT_AFTER_CHECKPOINT");
+      const char* value = std::getenv("MOA_TEST_KILL_IN_CHECKPOINT");
       return value != nullptr ? std::atoll(value) : 0LL;
     }();
-    return remaining > 0 && --remaining == 0;
+    if (remaining > 0 && --remaining == 0) {
+#ifdef SIGKILL
+      std::raise(SIGKILL);
+#endif
+      std::abort();
+    }
+    return synced;
   }
 
   std::string last_good_description() const {
@@ -262,27 +272,33 @@ class TrainingLoop {
   }
 
   static std::string number_text(double value) {
+    if (std::isnan(value)) return "nan";  // never "-nan"
     char text[40];
     std::snprintf(text, sizeof text, "%.6g", value);
     return text;
   }
 
-  // A loss far above its running average (about the last hundred steps): more than four times it
-  // and more than two nats above, once a first hundred steps have set the average. Reported at
-  // most every hundred steps.
+  // A loss far above the first one of the run (worse than the model it started from) or above
+  // its running average (about the last hundred steps, once a hundred have set it): more than four
+  // times it and more than two nats above. Gives the warning's text, at most every hundred steps.
   class LossWatch {
    public:
-    bool exploded(double loss) {
-      const bool far = steps_ >= 100 && loss > 4.0 * average_ && loss > average_ + 2.0;
+    std::string check(double loss) {
+      std::string warning;
+      if (steps_ == 0) first_ = loss;
+      else if (loss > 4.0 * first_ && loss > first_ + 2.0)
+        warning = "is far above the first step's " + number_text(first_);
+      else if (steps_ >= 100 && loss > 4.0 * average_ && loss > average_ + 2.0)
+        warning = "is far above its running average " + number_text(average_);
       average_ = steps_ == 0 ? loss : 0.99 * average_ + 0.01 * loss;
       ++steps_;
-      if (!far || (last_warning_ > 0 && steps_ - last_warning_ < 100)) return false;
+      if (warning.empty() || (last_warning_ > 0 && steps_ - last_warning_ < 100)) return {};
       last_warning_ = steps_;
-      return true;
+      return warning;
     }
-    double average() const { return average_; }
 
    private:
+    double first_ = 0.0;
     double average_ = 0.0;
     long long steps_ = 0;
     long long last_warning_ = 0;
