@@ -9,8 +9,12 @@
 
 #include "moa/error.hpp"
 
+#include <cerrno>
 #include <cstdint>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
+#include <istream>
 #include <set>
 #include <string>
 #include <utility>
@@ -114,14 +118,11 @@ struct DingOptions {
   std::size_t max_words = 0;  // on either side; 0 = no limit
 };
 
-// The distinct pairs of a Ding file, in file order, filtered by the options.
-inline std::vector<SentencePair> load_ding(const std::string& path, const DingOptions& options = {}) {
-  std::ifstream file(path);
-  MOA_CHECK(file.good(), "load_ding", "cannot open '", path,
-            "' (the German-English dictionary comes with Debian's trans-de-en package)");
+// The distinct pairs of a Ding file's text, in file order, filtered by the options.
+inline std::vector<SentencePair> read_ding(std::istream& text, const DingOptions& options = {}) {
   std::vector<SentencePair> pairs;
   std::set<SentencePair> seen;
-  for (std::string line; std::getline(file, line);) {
+  for (std::string line; std::getline(text, line);) {
     for (SentencePair& pair : parse_ding_line(line)) {
       const bool sentence = is_sentence(pair);
       if ((sentence && !options.sentences) || (!sentence && !options.phrases)) continue;
@@ -132,6 +133,16 @@ inline std::vector<SentencePair> load_ding(const std::string& path, const DingOp
     }
   }
   return pairs;
+}
+
+// The same from the file at `path`.
+inline std::vector<SentencePair> load_ding(const std::string& path, const DingOptions& options = {}) {
+  std::error_code error;
+  MOA_CHECK(!std::filesystem::is_directory(path, error), "load_ding", "'", path, "' is a directory, not a file");
+  std::ifstream file(path);
+  MOA_CHECK(file.good(), "load_ding", "cannot open '", path, "': ", std::strerror(errno),
+            " (the German-English dictionary comes with Debian's trans-de-en package)");
+  return read_ding(file, options);
 }
 
 enum class Split { train, valid, test };

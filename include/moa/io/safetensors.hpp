@@ -219,6 +219,15 @@ class SafetensorsFile {
     parse();
   }
 
+  // The same from the file's bytes, in memory; `name` stands for its path in messages.
+  static SafetensorsFile from_bytes(std::vector<char> bytes, std::string name) {
+    SafetensorsFile file;
+    file.path_ = std::move(name);
+    file.bytes_ = std::move(bytes);
+    file.parse();
+    return file;
+  }
+
   const std::string& path() const { return path_; }
   // The file's metadata, without the checksums.
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
@@ -349,6 +358,8 @@ class SafetensorsFile {
               " bytes but the tensors cover ", expected);
     verify_checksums();
   }
+
+  SafetensorsFile() = default;
 
   void verify_checksums() const {
     const char* function = "SafetensorsFile";
