@@ -137,11 +137,15 @@ TEST_CASE("TrainingLoop: trains, checkpoints, resumes, and refuses bad checkpoin
     attempt.restore();
   };
   const std::string config = "linear 3x2";
-  REQUIRE_MOA_ERROR(with_metadata({{"config", config}, {"step", "-5"}, {"rng", "1"}}), "metadata 'step' = -5 is outside [0, 8]");
+  REQUIRE_MOA_ERROR(with_metadata({{"config", config}, {"step", "-5"}, {"rng", "1"}}), "metadata 'step' = -5 is outside [0, ");
   REQUIRE_MOA_ERROR(with_metadata({{"config", config}, {"step", "abc"}, {"rng", "1"}}), "'step' = 'abc' is not a whole number");
   REQUIRE_MOA_ERROR(with_metadata({{"config", config}, {"step", "99999999999999999999"}, {"rng", "1"}}),
                     "is not a whole number");
-  REQUIRE_MOA_ERROR(with_metadata({{"config", config}, {"step", "9"}, {"rng", "1"}}), "is outside [0, 8]");
+  REQUIRE_MOA_ERROR(with_metadata({{"config", config}, {"step", "9"}, {"rng", "1"}}),
+                    "is at step 9, beyond --steps 8: there is nothing left to train");
+  REQUIRE_MOA_ERROR(with_metadata({{"config", config}, {"step", "6"}, {"rng", "1"}, {"lr_scale", "nan"}}),
+                    "metadata 'lr_scale' = 'nan' is not a number in (0, 1]");
+  REQUIRE_MOA_ERROR(with_metadata({{"config", config}, {"step", "6"}}), "has no 'rng' in its metadata");
   REQUIRE_MOA_ERROR(with_metadata({{"config", config}, {"rng", "1"}}), "has no 'step' in its metadata");
   REQUIRE_MOA_ERROR(with_metadata({{"config", config}, {"step", "5"}, {"rng", "1"}}), "is at step 5 but its optimizer at step 6");
   REQUIRE_MOA_ERROR(with_metadata({{"config", config}, {"step", "6"}, {"rng", "x"}}), "'rng' = 'x' is not a generator state");

@@ -31,6 +31,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <map>
 #include <string>
 #include <utility>
@@ -109,7 +110,9 @@ class TrainingLoop {
       MOA_CHECK(false, "resume", failure.what(), "; the checkpoint before it is kept as '", previous_checkpoint(path),
                 "': rename it to '", path, "' to resume from there");
     }
-    const long long step = metadata_integer(metadata, path, "step", 0, settings_.steps, "resume");
+    const long long step = metadata_integer(metadata, path, "step", 0, std::numeric_limits<long long>::max(), "resume");
+    MOA_CHECK(step <= settings_.steps, "resume", "'", path, "' is at step ", step, ", beyond --steps ",
+              settings_.steps, ": there is nothing left to train (raise --steps to go on)");
     MOA_CHECK(step == adam_.steps(), "resume", "'", path, "' is at step ", step, " but its optimizer at step ",
               adam_.steps());
     MOA_CHECK(metadata.count("rng") != 0, "resume", "'", path, "' has no 'rng' in its metadata");
