@@ -206,10 +206,16 @@ void check_memory(const Options& options, const std::string& spec, Index vocab_s
   moa_examples::check_memory("translate", parameters, static_cast<double>(options.batch_tokens), activations);
 }
 
+// Bootstrap resampling of the test set draws from its own generator, the same in every run, so
+// two runs' intervals and p-values are comparable.
+constexpr std::uint64_t kBootstrapSeed = 12345;
+
 struct RunResult {
   std::string name, spec;
   Index parameters = 0;
   double macs = 0, tokens_per_second = 0, valid_loss = 0, bleu_beam = 0, bleu_greedy = 0, chrf = 0;
+  moa::BootstrapEstimate bleu_interval;          // beam BLEU with its 95% bootstrap interval
+  std::vector<std::string> hypotheses, references;  // beam outputs on the test sentences
   std::vector<double> steps, train_losses, valid_steps, valid_losses;
   std::string folder;
 };
@@ -339,6 +345,10 @@ class Run {
     const std::vector<std::string> references(data_.test_references.begin(),
                                               data_.test_references.begin() + static_cast<std::ptrdiff_t>(count));
     result_.bleu_beam = moa::corpus_bleu(beam_outputs, references);
+    moa::Rng resampling(kBootstrapSeed);
+    result_.bleu_interval = moa::bootstrap_bleu(beam_outputs, references, resampling);
+    result_.hypotheses = beam_outputs;
+    result_.references = references;
     result_.bleu_greedy = moa::corpus_bleu(greedy_outputs, references);
     result_.chrf = moa::corpus_chrf(beam_outputs, references);
     std::ofstream hypotheses(folder_ + "/test.hyp"), refs(folder_ + "/test.ref"), sources(folder_ + "/test.src");
@@ -347,9 +357,9 @@ class Run {
       refs << references[i] << '\n';
       sources << data_.test_sources[i] << '\n';
     }
-    std::fprintf(stderr, "[%s] test (%zu sentences): BLEU %.2f (beam %lld), %.2f (greedy), chrF %.2f\n",
-                 result_.name.c_str(), count, result_.bleu_beam, static_cast<long long>(options_.beam),
-                 result_.bleu_greedy, result_.chrf);
+    std::fprintf(stderr, "[%s] test (%zu sentences): BLEU %.2f [%.2f, %.2f] (beam %lld; 95%% bootstrap interval), %.2f (greedy), chrF %.2f\n",
+                 result_.name.c_str(), count, result_.bleu_beam, result_.bleu_interval.lower,
+                 result_.bleu_interval.upper, static_cast<long long>(options_.beam), result_.bleu_greedy, result_.chrf);
     for (std::size_t i = 0; i < std::min<std::size_t>(count, 3); ++i)
       std::fprintf(stderr, "  %s\n  -> %s\n  (reference: %s)\n", data_.test_sources[i].c_str(), beam_outputs[i].c_str(),
                    references[i].c_str());
@@ -449,6 +459,17 @@ void print_table(const std::vector<RunResult>& results, const std::string& chart
     std::printf("%-5s %-14s %11lld %11.2fM %9.0f %11.3f %10.2f %11.2f %7.2f\n", r.name.c_str(), r.spec.c_str(),
                 static_cast<long long>(r.parameters), r.macs / 1e6, r.tokens_per_second, r.valid_loss, r.bleu_beam,
                 r.bleu_greedy, r.chrf);
+  for (const auto& r : results)
+    std::printf("%s BLEU (beam) %.2f, 95%% bootstrap interval [%.2f, %.2f] over %zu test sentences\n", r.name.c_str(),
+                r.bleu_beam, r.bleu_interval.lower, r.bleu_interval.upper, r.hypotheses.size());
+  if (results.size() == 2 && !results[0].hypotheses.empty()) {
+    moa::Rng resampling(kBootstrapSeed);
+    const moa::PairedBootstrap paired =
+        moa::paired_bootstrap_bleu(results[0].hypotheses, results[1].hypotheses, results[0].references, resampling);
+    std::printf("paired bootstrap (1000 resamples): %s - %s = %+.2f BLEU, p = %.3f%s\n", results[0].name.c_str(),
+                results[1].name.c_str(), results[0].bleu_beam - results[1].bleu_beam, paired.p_value,
+                paired.p_value < 0.05 ? " (significant at 0.05)" : " (not significant at 0.05)");
+  }
   std::printf("\nplots: %s", chart.c_str());
   for (const auto& r : results) {
     std::printf(", %s/loss.svg", r.folder.c_str());

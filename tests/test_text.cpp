@@ -78,3 +78,74 @@ TEST_CASE("chrF: hand-computed case and identity", "[metrics]") {
   REQUIRE(moa::corpus_chrf({"a b"}, {"ab"}) == Approx(100.0));  // spaces do not count
   REQUIRE(moa::corpus_chrf({"xyz"}, {"abc"}) == 0.0);
 }
+
+namespace {
+
+// A test set of `count` sentences where a system gets `right` sentences exactly right and the
+// rest wrong in every word.
+struct TestSet {
+  std::vector<std::string> references, good, mixed, bad;
+  explicit TestSet(int count) {
+    for (int i = 0; i < count; ++i) {
+      const std::string w = std::to_string(i);
+      references.push_back("w" + w + " the quick brown fox jumps over dog " + w);
+      good.push_back(references.back());
+      mixed.push_back(i % 2 == 0 ? references.back() : "z" + w + " a slow red cat sits under log " + w);
+      bad.push_back("q" + w + " nothing here matches at all in " + w + " x");
+    }
+  }
+};
+
+}  // namespace
+
+TEST_CASE("BLEU statistics add up to corpus BLEU", "[metrics]") {
+  const TestSet set(20);
+  moa::BleuStatistics total;
+  for (const auto& sentence : moa::bleu_statistics(set.mixed, set.references)) total += sentence;
+  REQUIRE(total.score() == Approx(moa::corpus_bleu(set.mixed, set.references)));
+  REQUIRE(total.hypothesis_length == 20 * 9);
+}
+
+TEST_CASE("bootstrap_bleu: a 95% interval around the score, reproducible by seed", "[metrics]") {
+  const TestSet set(200);
+  moa::Rng rng(3), same(3);
+  const moa::BootstrapEstimate estimate = moa::bootstrap_bleu(set.mixed, set.references, rng);
+  REQUIRE(estimate.score == Approx(moa::corpus_bleu(set.mixed, set.references)));
+  REQUIRE(estimate.lower < estimate.score);
+  REQUIRE(estimate.score < estimate.upper);
+  REQUIRE(estimate.mean == Approx(estimate.score).epsilon(0.05));
+  // Half the sentences right: the corpus BLEU moves with the share of right sentences, whose
+  // standard error over 200 is 3.5%: the interval spans several BLEU, not 0 and not 50.
+  REQUIRE(estimate.upper - estimate.lower > 2.0);
+  REQUIRE(estimate.upper - estimate.lower < 30.0);
+  const moa::BootstrapEstimate again = moa::bootstrap_bleu(set.mixed, set.references, same);
+  REQUIRE(again.lower == estimate.lower);
+  REQUIRE(again.upper == estimate.upper);
+  // A perfect system has no spread.
+  moa::Rng other(4);
+  const moa::BootstrapEstimate perfect = moa::bootstrap_bleu(set.good, set.references, other);
+  REQUIRE(perfect.lower == Approx(100.0));
+  REQUIRE(perfect.upper == Approx(100.0));
+  REQUIRE_MOA_ERROR(moa::bootstrap_bleu({}, {}, other), "needs at least one sentence");
+  REQUIRE_MOA_ERROR(moa::bootstrap_bleu(set.good, set.references, other, 10), "samples must be at least 40");
+}
+
+TEST_CASE("paired_bootstrap_bleu: a clear difference has a small p, a system against itself p = 1", "[metrics]") {
+  const TestSet set(200);
+  moa::Rng rng(5);
+  const moa::PairedBootstrap clear = moa::paired_bootstrap_bleu(set.good, set.mixed, set.references, rng);
+  REQUIRE(clear.system.score == Approx(100.0));
+  REQUIRE(clear.baseline.score == Approx(moa::corpus_bleu(set.mixed, set.references)));
+  REQUIRE(clear.p_value < 0.01);
+  REQUIRE(clear.p_value >= 1.0 / 1001.0);  // the +1: never exactly 0
+  const moa::PairedBootstrap same = moa::paired_bootstrap_bleu(set.mixed, set.mixed, set.references, rng);
+  REQUIRE(same.p_value == 1.0);  // no difference to explain
+  // Two systems a few sentences apart: no evidence either way.
+  std::vector<std::string> nearly = set.mixed;
+  nearly[1] = set.references[1];
+  const moa::PairedBootstrap close = moa::paired_bootstrap_bleu(nearly, set.mixed, set.references, rng);
+  REQUIRE(close.system.score > close.baseline.score);
+  REQUIRE(close.p_value > 0.05);
+  REQUIRE(same.system.lower == same.baseline.lower);
+  REQUIRE_MOA_ERROR(moa::paired_bootstrap_bleu(set.good, {"a"}, set.references, rng), "1 baseline hypotheses");
+}
