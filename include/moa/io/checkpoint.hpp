@@ -27,7 +27,7 @@ namespace moa {
 // Metadata `key` of the file at `path` as a whole decimal number in [low, high], or an error naming
 // the file and the key (a missing key, text, an over-long number, a value out of range).
 inline long long metadata_integer(const std::map<std::string, std::string>& metadata, const std::string& path,
-                                       const std::string& key, long long low, long long high, const char* function) {
+                                  const std::string& key, long long low, long long high, const char* function) {
   const auto found = metadata.find(key);
   MOA_CHECK(found != metadata.end(), function, "'", path, "' has no '", key, "' in its metadata");
   const std::string& text = found->second;
