@@ -87,7 +87,9 @@ Data load_data(const Options& options) {
   const std::string prefix = options.output + "/spm";
   const std::string tokenizer_flags = "--vocab-size " + std::to_string(options.vocab_size) +
                                       (options.text.empty() ? " --corpus " + options.corpus : " --text " + options.text);
-  const bool train_tokenizer = moa_examples::tokenizer_needs_training("mlm", prefix, tokenizer_flags, options.reuse_tokenizer);
+  const bool train_tokenizer = moa_examples::tokenizer_needs_training(
+      "mlm", prefix, tokenizer_flags, options.reuse_tokenizer, options.vocab_size,
+      [](const std::string& path) { return moa::SentencePieceTokenizer(path).vocab_size(); });
   if (train_tokenizer) moa::SentencePieceTokenizer::train(lines[0], prefix, options.vocab_size, "unigram", {"<mask>"});
   data.tokenizer = std::make_unique<moa::SentencePieceTokenizer>(prefix + ".model");
   if (train_tokenizer)

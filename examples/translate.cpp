@@ -126,8 +126,9 @@ Data load_data(const Options& options) {
   const std::string tokenizer_flags = "--tokenizer " + options.tokenizer_type + " --vocab-size " +
                                       std::to_string(options.vocab_size) + " --data " + options.data +
                                       " --max-words " + std::to_string(options.max_words);
-  const bool train_tokenizer = moa_examples::tokenizer_needs_training("translate", model_prefix, tokenizer_flags,
-                                                                           options.reuse_tokenizer);
+  const bool train_tokenizer = moa_examples::tokenizer_needs_training(
+      "translate", model_prefix, tokenizer_flags, options.reuse_tokenizer, options.vocab_size,
+      [](const std::string& path) { return moa::SentencePieceTokenizer(path).vocab_size(); });
   if (train_tokenizer) {
     std::vector<std::string> text;
     for (const auto& pair : splits[0]) {

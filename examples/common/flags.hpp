@@ -170,15 +170,26 @@ inline double attention_activations(const moa::AttentionSpec& spec, double model
 
 // A tokenizer already in the output folder (<prefix>.model) is reused only when it was trained
 // with the same flags, recorded beside it in <prefix>.flags, or when --reuse-tokenizer says so;
-// otherwise the run stops and says how to go on. Returns true when the tokenizer is to be trained.
-inline bool tokenizer_needs_training(const char* program, const std::string& prefix, const std::string& flags,
-                                     bool reuse) {
+// otherwise the run stops and says how to go on. A tokenizer from before the flags were recorded
+// is reused when its vocabulary has the size asked for (`vocabulary_of` reads it), and the flags
+// are recorded then. Returns true when the tokenizer is to be trained.
+template <typename VocabularyOf>
+bool tokenizer_needs_training(const char* program, const std::string& prefix, const std::string& flags, bool reuse,
+                              long long requested_vocabulary, VocabularyOf&& vocabulary_of) {
   const std::string model = prefix + ".model", record = prefix + ".flags";
   std::error_code error;
   if (!std::filesystem::exists(model, error)) return true;
-  std::ifstream file(record);
   std::string recorded;
-  std::getline(file, recorded);
+  {
+    std::ifstream file(record);
+    std::getline(file, recorded);
+  }
+  if (recorded.empty() && static_cast<long long>(vocabulary_of(model)) == requested_vocabulary) {
+    std::fprintf(stderr, "%s: note: reusing the tokenizer '%s' (its vocabulary has the size asked for)\n", program,
+                 model.c_str());
+    std::ofstream(record) << flags << '\n';
+    return false;
+  }
   MOA_CHECK(reuse || recorded == flags, program, "the output folder already has a tokenizer, '", model,
             "', trained with ", recorded.empty() ? std::string("unrecorded flags") : "'" + recorded + "'",
             ", but this run asks for '", flags, "': use another --output, delete '", model,
