@@ -4,7 +4,7 @@
 set -euo pipefail
 
 packages=(cmake make g++ pkg-config libeigen3-dev catch2 nlohmann-json3-dev libxxhash-dev libbenchmark-dev
-          libsentencepiece-dev libcli11-dev trans-de-en libdnnl-dev ocl-icd-opencl-dev libopenblas-dev
+          libsentencepiece-dev libcli11-dev libxml2-dev trans-de-en libreoffice-help-de libreoffice-help-en-us libdnnl-dev ocl-icd-opencl-dev libopenblas-dev
           clang-14 libfuzzer-14-dev)
 
 missing=()

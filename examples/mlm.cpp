@@ -1,12 +1,12 @@
-// Masked language modelling on the English side of the Ding dictionary (or any text file, one
-// sentence a line): an encoder with MoA or multi-head attention and an output projection tied to
+// Masked language modelling on the English side of the translation data (the Ding dictionary's
+// sentences and LibreOffice's help), or on any text file, one sentence a line: an encoder with MoA or multi-head attention and an output projection tied to
 // the embeddings. 15% of the tokens are chosen; of those 80% become <mask>, 10% a random token and
 // 10% stay. Reports masked-token accuracy and perplexity on valid and test.
 //
 //     mlm --attention moa:4K8E48D --baseline mha:4H32D --steps 1000 --output runs/mlm
 //     mlm --text my_corpus.txt --steps 500
 #include "moa/io/checkpoint.hpp"
-#include "common/ding.hpp"
+#include "common/parallel_corpus.hpp"
 #include "moa/moa.hpp"
 #include "common/plot.hpp"
 #include "moa/text/batching.hpp"
@@ -28,6 +28,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -40,7 +41,9 @@ struct Options {
   std::string attention = "moa:4K8E48D";
   std::string baseline;
   std::string output = "runs/mlm";
+  std::string corpora = "ding,libreoffice";
   std::string corpus = "/usr/share/trans/de-en";
+  std::string help_root = "/usr/share/libreoffice/help";
   std::string text;
   std::uint64_t seed = 1;
   long long steps = 1000;
@@ -52,7 +55,7 @@ struct Options {
   Index ffn_dim = 256;
   Index layers = 2;
   Index vocab_size = 2000;
-  Index max_tokens = 40;
+  Index max_tokens = 48;
   bool resume = false;
   bool reuse_tokenizer = false;
   long long valid_every = 100;
@@ -74,19 +77,27 @@ Data load_data(const Options& options) {
     std::ifstream file(options.text);
     MOA_CHECK(file.good(), "mlm", "cannot open '", options.text, "': ", std::strerror(errno));
     for (std::string line; std::getline(file, line);)
-      if (!line.empty()) lines[static_cast<int>(moa_examples::split_of({line, ""}))].push_back(line);
+      if (!line.empty()) lines[static_cast<int>(moa_examples::split_of(line))].push_back(line);
   } else {
-    moa_examples::DingOptions ding;
-    ding.phrases = false;
-    for (const auto& pair : moa_examples::load_ding(options.corpus, ding))
-      lines[static_cast<int>(moa_examples::split_of(pair))].push_back(pair.target);
+    moa_examples::ParallelCorpusOptions corpus;
+    moa_examples::choose_corpora(corpus, options.corpora);
+    corpus.ding_path = options.corpus;
+    corpus.help_root = options.help_root;
+    corpus.ding_options.phrases = false;
+    // Each distinct English sentence once, split by its own text.
+    std::set<std::string> seen;
+    for (const auto& split : moa_examples::load_parallel_corpus(corpus))
+      for (const auto& example : split)
+        if (seen.insert(example.pair.target).second)
+          lines[static_cast<int>(moa_examples::split_of(example.pair.target))].push_back(example.pair.target);
   }
   const char* names[3] = {"train", "valid", "test"};
   for (int s = 0; s < 3; ++s) MOA_CHECK(!lines[s].empty(), "mlm", "the ", names[s], " split is empty");
   Data data;
   const std::string prefix = options.output + "/spm";
   const std::string tokenizer_flags = "--vocab-size " + std::to_string(options.vocab_size) +
-                                      (options.text.empty() ? " --corpus " + options.corpus : " --text " + options.text);
+                                      (options.text.empty() ? " --corpora " + options.corpora + " --corpus " + options.corpus
+                                                             : " --text " + options.text);
   const bool train_tokenizer = moa_examples::tokenizer_needs_training(
       "mlm", prefix, tokenizer_flags, options.reuse_tokenizer, options.vocab_size,
       [](const std::string& path) { return moa::SentencePieceTokenizer(path).vocab_size(); });
@@ -202,6 +213,7 @@ RunResult run(const Options& options, const Data& data, const std::string& spec,
   const std::string describe = spec + " d" + std::to_string(config.model_dim) + " layers" + std::to_string(config.encoder_layers) +
                                " vocab" + std::to_string(config.vocab_size);
   moa_examples::TrainingSettings settings;
+  settings.name = result.name;
   settings.folder = result.folder;
   settings.config = describe;
   settings.steps = options.steps;
@@ -249,7 +261,7 @@ RunResult run(const Options& options, const Data& data, const std::string& spec,
     moa_examples::StepReport report;
     report.loss = loss_function.forward(model.forward(batch.inputs, batch.batch, step_rng), batch.targets);
     report.tokens = static_cast<double>(batch.batch.tokens());
-    report.values = {{"aux_loss", model.aux_loss()}};
+    report.values = {{"train_nll", loss_function.nll()}, {"aux_loss", model.aux_loss()}};
     model.backward(loss_function.backward());
     return report;
   };
@@ -263,7 +275,7 @@ RunResult run(const Options& options, const Data& data, const std::string& spec,
   result.test = evaluate(data.splits[2]);
   moa_examples::write_line_chart(result.folder + "/loss.svg", result.name + " " + spec + ": masked-token loss", "step",
                         "loss (nats/token)",
-                        {{"train", curves.steps, curves.train_losses, "#1f77b4", false},
+                        {{"train NLL (dropout on)", curves.steps, curves.train_nlls, "#1f77b4", false},
                          {"valid", curves.valid_steps, curves.valid_losses, "#d62728", false}});
   return result;
 }
@@ -278,8 +290,13 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--baseline", options.baseline, "a second spec to train and compare");
   app.add_option("--output", options.output, "output folder")->capture_default_str();
-  app.add_option("--corpus", options.corpus, "Ding dictionary (its English sentences are the text)")->capture_default_str();
-  app.add_option("--text", options.text, "a text file, one sentence a line, instead of the dictionary");
+  app.add_option("--corpora", options.corpora, "whose English side is the text: ding, libreoffice or both (comma-separated)")
+      ->capture_default_str()->check(CLI::IsMember({"ding", "libreoffice", "ding,libreoffice", "libreoffice,ding"}));
+  app.add_option("--corpus", options.corpus, "Ding dictionary (Debian package trans-de-en)")->capture_default_str();
+  app.add_option("--help-root", options.help_root,
+                 "LibreOffice help, with de/ and en-US/ (Debian libreoffice-help-de, libreoffice-help-en-us)")
+      ->capture_default_str();
+  app.add_option("--text", options.text, "a text file, one sentence a line, instead of the corpora");
   moa_examples::add_training_flags(app, options, "encoder layers");
   CLI11_PARSE(app, argc, argv);
   try {

@@ -1,13 +1,14 @@
-// German-to-English translation on the Ding dictionary (Debian's trans-de-en): trains a Transformer
-// whose attention is MoA or multi-head attention, evaluates BLEU and chrF with beam search and the
-// KV cache, and reports which tokens each expert prefers. With --baseline it trains a second model
-// (usually MHA at the same multiply-adds) and prints the two side by side.
+// German-to-English translation on real sentences from Debian: the Ding dictionary (trans-de-en)
+// and LibreOffice's help (libreoffice-help-de, -en-us). Trains a Transformer whose attention is MoA
+// or multi-head attention, evaluates BLEU (with a bootstrap interval, overall and per corpus) and
+// chrF with beam search and the KV cache, and reports which tokens each expert prefers. With
+// --baseline it trains a second model (usually MHA at the same multiply-adds) and compares the two.
 //
 //     translate --attention moa:4K8E48D --baseline mha:4H32D --steps 600 --output runs/demo
 //     translate --synthetic --steps 200          (no corpus needed: learn to reverse token strings)
 #include "moa/io/checkpoint.hpp"
 #include "moa/models/decoding.hpp"
-#include "common/ding.hpp"
+#include "common/parallel_corpus.hpp"
 #include "moa/text/metrics.hpp"
 #include "moa/moa.hpp"
 #include "common/plot.hpp"
@@ -46,9 +47,11 @@ struct Options {
   std::string attention = "moa:4K8E48D";
   std::string baseline;
   std::string output = "runs/translate";
+  std::string corpora = "ding,libreoffice";
   std::string corpus = "/usr/share/trans/de-en";
+  std::string help_root = "/usr/share/libreoffice/help";
   std::string data = "sentences";
-  std::size_t max_words = 12;
+  std::size_t max_words = 20;
   bool synthetic = false;
   std::uint64_t seed = 1;
   long long steps = 1000;
@@ -65,12 +68,12 @@ struct Options {
   bool pre_norm = false;
   Index vocab_size = 2000;
   std::string tokenizer_type = "unigram";
-  Index max_tokens = 40;
+  Index max_tokens = 48;
   bool resume = false;
   bool reuse_tokenizer = false;
   long long valid_every = 100;
   long long checkpoint_every = 100;
-  Index eval_sentences = 200;
+  Index eval_sentences = 0;  // all
   Index beam = 4;
   double length_penalty = 0.6;
   int jobs = 2;
@@ -81,6 +84,7 @@ struct Options {
 struct Data {
   std::vector<moa::TokenPair> train, valid, test;
   std::vector<std::string> test_sources, test_references;
+  std::vector<moa_examples::Corpus> test_corpora;
   std::unique_ptr<moa::SentencePieceTokenizer> tokenizer;  // none for the synthetic task
   Index vocab_size = 0;
 
@@ -107,33 +111,34 @@ Data load_data(const Options& options) {
     }
     return data;
   }
-  moa_examples::DingOptions ding;
-  MOA_CHECK(options.data == "phrases" || options.data == "sentences" || options.data == "both", "translate",
-            "--data must be phrases, sentences or both, got '", options.data, "'");
-  ding.phrases = options.data != "sentences";
-  ding.sentences = options.data != "phrases";
-  ding.max_words = options.max_words;
-  std::vector<moa_examples::SentencePair> splits[3];
-  for (auto& pair : moa_examples::load_ding(options.corpus, ding)) splits[static_cast<int>(moa_examples::split_of(pair))].push_back(pair);
+  moa_examples::ParallelCorpusOptions corpus;
+  moa_examples::choose_corpora(corpus, options.corpora);
+  corpus.ding_path = options.corpus;
+  corpus.help_root = options.help_root;
+  corpus.ding_options.phrases = options.data != "sentences";
+  corpus.ding_options.sentences = options.data != "phrases";
+  corpus.max_words = options.max_words;
+  const auto splits = moa_examples::load_parallel_corpus(corpus);
   const char* names[3] = {"train", "valid", "test"};
   for (int s = 0; s < 3; ++s)
-    MOA_CHECK(!splits[s].empty(), "translate", "the ", names[s], " split of '", options.corpus,
-              "' is empty (try --data both or a larger --max-words)");
+    MOA_CHECK(!splits[s].empty(), "translate", "the ", names[s], " split of --corpora ", options.corpora,
+              " is empty (try --data both or a larger --max-words)");
 
   // One vocabulary for both languages (the embeddings are shared), trained on the train split
   // only, kept in the output folder and reused by later runs and resumes.
   const std::string model_prefix = options.output + "/spm";
   const std::string tokenizer_flags = "--tokenizer " + options.tokenizer_type + " --vocab-size " +
-                                      std::to_string(options.vocab_size) + " --data " + options.data +
+                                      std::to_string(options.vocab_size) + " --corpora " + options.corpora +
+                                      " --data " + options.data +
                                       " --max-words " + std::to_string(options.max_words);
   const bool train_tokenizer = moa_examples::tokenizer_needs_training(
       "translate", model_prefix, tokenizer_flags, options.reuse_tokenizer, options.vocab_size,
       [](const std::string& path) { return moa::SentencePieceTokenizer(path).vocab_size(); });
   if (train_tokenizer) {
     std::vector<std::string> text;
-    for (const auto& pair : splits[0]) {
-      text.push_back(pair.source);
-      text.push_back(pair.target);
+    for (const auto& example : splits[0]) {
+      text.push_back(example.pair.source);
+      text.push_back(example.pair.target);
     }
     std::fprintf(stderr, "training a %s SentencePiece model (vocabulary %lld) on %zu lines\n",
                  options.tokenizer_type.c_str(), static_cast<long long>(options.vocab_size), text.size());
@@ -143,8 +148,8 @@ Data load_data(const Options& options) {
   data.vocab_size = data.tokenizer->vocab_size();
   if (train_tokenizer)
     moa_examples::record_tokenizer("translate", model_prefix, tokenizer_flags, options.vocab_size, data.vocab_size);
-  auto tokenize = [&](const std::vector<moa_examples::SentencePair>& pairs, std::vector<moa::TokenPair>& out, bool keep_text) {
-    for (const auto& pair : pairs) {
+  auto tokenize = [&](const std::vector<moa_examples::CorpusPair>& examples, std::vector<moa::TokenPair>& out, bool keep_text) {
+    for (const auto& [pair, origin] : examples) {
       moa::TokenPair tokens{data.tokenizer->encode(pair.source), data.tokenizer->encode(pair.target)};
       if (tokens.source.empty() || tokens.target.empty()) continue;
       if (static_cast<Index>(std::max(tokens.source.size(), tokens.target.size())) >= options.max_tokens) continue;
@@ -152,6 +157,7 @@ Data load_data(const Options& options) {
       if (keep_text) {
         data.test_sources.push_back(pair.source);
         data.test_references.push_back(pair.target);
+        data.test_corpora.push_back(origin);
       }
     }
   };
@@ -211,13 +217,18 @@ void check_memory(const Options& options, const std::string& spec, Index vocab_s
 // two runs' intervals and p-values are comparable.
 constexpr std::uint64_t kBootstrapSeed = 12345;
 
+// The charts' train curve is the NLL, without label smoothing and aux losses, so it is comparable
+// with the validation NLL; it still has dropout on, which validation has off.
+constexpr const char* kTrainCurve = "train NLL (moving average, dropout on)";
+
 struct RunResult {
   std::string name, spec;
   Index parameters = 0;
   double macs = 0, tokens_per_second = 0, valid_loss = 0, bleu_beam = 0, bleu_greedy = 0, chrf = 0;
   moa::BootstrapEstimate bleu_interval;          // beam BLEU with its 95% bootstrap interval
+  std::vector<std::pair<std::string, double>> bleu_by_corpus;  // beam BLEU on each corpus's test pairs
   std::vector<std::string> hypotheses, references;  // beam outputs on the test sentences
-  std::vector<double> steps, train_losses, valid_steps, valid_losses;
+  std::vector<double> steps, train_nlls, valid_steps, valid_losses;  // train NLL: a moving average
   std::string folder;
 };
 
@@ -226,8 +237,8 @@ class Run {
  public:
   using Model = moa::Seq2Seq<Attention>;
 
-  Run(const Options& options, const Data& data, const std::string& spec, const std::string& folder)
-      : options_(options), data_(data), folder_(folder), config_(model_config(options, spec, data.vocab_size)),
+  Run(const Options& options, const Data& data, const std::string& spec, const std::string& folder, bool concurrent)
+      : concurrent_(concurrent), options_(options), data_(data), folder_(folder), config_(model_config(options, spec, data.vocab_size)),
         init_rng_(options.seed), model_(config_, init_rng_), parameters_(moa::parameters_of(model_)),
         adam_(parameters_, {0.9, 0.98, 1e-9, 0.0, false}), schedule_(options.learning_rate, options.warmup),
         dropout_rng_(options.seed + 1) {
@@ -247,6 +258,8 @@ class Run {
   // Everything that can fail before training: the training loop's settings and the resume.
   void prepare() {
     moa_examples::TrainingSettings settings;
+    settings.name = result_.name;
+    settings.plain_progress = concurrent_;
     settings.folder = folder_;
     settings.config = describe(config_);
     settings.steps = options_.steps;
@@ -264,6 +277,8 @@ class Run {
       std::fprintf(stderr, "[%s] resumed from %s at step %lld\n", result_.name.c_str(), loop_->checkpoint_path().c_str(),
                    first_step_);
   }
+
+  const std::string& name() const { return result_.name; }
 
   RunResult train_and_evaluate() {
     moa_examples::TrainingLoop<float>& loop = *loop_;
@@ -293,14 +308,14 @@ class Run {
     result_.tokens_per_second = loop.tokens_per_second();
     const moa_examples::TrainingCurves curves = loop.curves();
     result_.steps = curves.steps;
-    result_.train_losses = moa_examples::moving_average(curves.train_losses, std::max<std::size_t>(1, curves.steps.size() / 40));
+    result_.train_nlls = moa_examples::moving_average(curves.train_nlls, std::max<std::size_t>(1, curves.steps.size() / 40));
     result_.valid_steps = curves.valid_steps;
     result_.valid_losses = curves.valid_losses;
     if (!curves.valid_losses.empty()) result_.valid_loss = curves.valid_losses.back();
     evaluate();
     if constexpr (std::is_same_v<Attention, moa::MixtureOfAttention<float>>) analyse_experts();
     moa_examples::write_line_chart(folder_ + "/loss.svg", result_.name + " " + result_.spec + ": loss", "step", "loss (nats/token)",
-                          {{"train (moving average)", result_.steps, result_.train_losses, "#1f77b4", true},
+                          {{kTrainCurve, result_.steps, result_.train_nlls, "#1f77b4", true},
                            {"valid", result_.valid_steps, result_.valid_losses, "#1f77b4", false}});
     return result_;
   }
@@ -326,7 +341,9 @@ class Run {
   // BLEU and chrF on (a prefix of) the test split, beam search and greedy, both with the cache.
   void evaluate() {
     model_.set_training(false);
-    const std::size_t count = std::min<std::size_t>(data_.test.size(), static_cast<std::size_t>(options_.eval_sentences));
+    const std::size_t count = options_.eval_sentences == 0
+                                  ? data_.test.size()
+                                  : std::min<std::size_t>(data_.test.size(), static_cast<std::size_t>(options_.eval_sentences));
     std::vector<std::string> beam_outputs(count), greedy_outputs(count);
     moa::BeamSearchOptions beam;
     beam.beam_size = options_.beam;
@@ -352,6 +369,20 @@ class Run {
     result_.references = references;
     result_.bleu_greedy = moa::corpus_bleu(greedy_outputs, references);
     result_.chrf = moa::corpus_chrf(beam_outputs, references);
+    result_.bleu_by_corpus.clear();
+    if (!data_.test_corpora.empty()) {
+      for (const moa_examples::Corpus corpus : {moa_examples::Corpus::ding, moa_examples::Corpus::libreoffice}) {
+        std::vector<std::string> corpus_outputs, corpus_references;
+        for (std::size_t i = 0; i < count; ++i)
+          if (data_.test_corpora[i] == corpus) {
+            corpus_outputs.push_back(beam_outputs[i]);
+            corpus_references.push_back(references[i]);
+          }
+        if (!corpus_outputs.empty())
+          result_.bleu_by_corpus.emplace_back(moa_examples::corpus_name(corpus) + (" (" + std::to_string(corpus_outputs.size()) + ")"),
+                                              moa::corpus_bleu(corpus_outputs, corpus_references));
+      }
+    }
     std::ofstream hypotheses(folder_ + "/test.hyp"), refs(folder_ + "/test.ref"), sources(folder_ + "/test.src");
     for (std::size_t i = 0; i < count; ++i) {
       hypotheses << beam_outputs[i] << '\n';
@@ -361,6 +392,8 @@ class Run {
     std::fprintf(stderr, "[%s] test (%zu sentences): BLEU %.2f [%.2f, %.2f] (beam %lld; 95%% bootstrap interval), %.2f (greedy), chrF %.2f\n",
                  result_.name.c_str(), count, result_.bleu_beam, result_.bleu_interval.lower,
                  result_.bleu_interval.upper, static_cast<long long>(options_.beam), result_.bleu_greedy, result_.chrf);
+    for (const auto& [corpus, bleu] : result_.bleu_by_corpus)
+      std::fprintf(stderr, "[%s] test BLEU on %s sentences: %.2f\n", result_.name.c_str(), corpus.c_str(), bleu);
     for (std::size_t i = 0; i < std::min<std::size_t>(count, 3); ++i)
       std::fprintf(stderr, "  %s\n  -> %s\n  (reference: %s)\n", data_.test_sources[i].c_str(), beam_outputs[i].c_str(),
                    references[i].c_str());
@@ -419,6 +452,7 @@ class Run {
                  folder_.c_str(), folder_.c_str());
   }
 
+  bool concurrent_;  // trained beside another run: plain progress lines
   const Options& options_;
   const Data& data_;
   std::string folder_;
@@ -437,20 +471,23 @@ class Run {
 
 // A run of either attention kind, prepared (resume included) before any run trains.
 struct PreparedRun {
+  std::string name;  // MoA or MHA
   std::function<RunResult()> train_and_evaluate;
 };
 
 template <typename Attention>
-PreparedRun prepare(const Options& options, const Data& data, const std::string& spec, const std::string& folder) {
-  auto run = std::make_shared<Run<Attention>>(options, data, spec, folder);
+PreparedRun prepare(const Options& options, const Data& data, const std::string& spec, const std::string& folder,
+                    bool concurrent) {
+  auto run = std::make_shared<Run<Attention>>(options, data, spec, folder, concurrent);
   run->prepare();
-  return {[run] { return run->train_and_evaluate(); }};
+  return {run->name(), [run] { return run->train_and_evaluate(); }};
 }
 
-PreparedRun prepare_run(const Options& options, const Data& data, const std::string& spec, const std::string& folder) {
+PreparedRun prepare_run(const Options& options, const Data& data, const std::string& spec, const std::string& folder,
+                        bool concurrent) {
   if (moa::AttentionSpec::parse(spec).kind == moa::AttentionSpec::Kind::moa)
-    return prepare<moa::MixtureOfAttention<float>>(options, data, spec, folder);
-  return prepare<moa::MultiHeadAttention<float>>(options, data, spec, folder);
+    return prepare<moa::MixtureOfAttention<float>>(options, data, spec, folder, concurrent);
+  return prepare<moa::MultiHeadAttention<float>>(options, data, spec, folder, concurrent);
 }
 
 void print_table(const std::vector<RunResult>& results, const std::string& chart) {
@@ -463,6 +500,12 @@ void print_table(const std::vector<RunResult>& results, const std::string& chart
   for (const auto& r : results)
     std::printf("%s BLEU (beam) %.2f, 95%% bootstrap interval [%.2f, %.2f] over %zu test sentences\n", r.name.c_str(),
                 r.bleu_beam, r.bleu_interval.lower, r.bleu_interval.upper, r.hypotheses.size());
+  for (const auto& r : results) {
+    if (r.bleu_by_corpus.empty()) continue;
+    std::printf("%s BLEU (beam) by corpus (test sentences):", r.name.c_str());
+    for (const auto& [corpus, bleu] : r.bleu_by_corpus) std::printf(" %s %.2f", corpus.c_str(), bleu);
+    std::printf("\n");
+  }
   if (results.size() == 2 && !results[0].hypotheses.empty()) {
     moa::Rng resampling(kBootstrapSeed);
     const moa::PairedBootstrap paired =
@@ -491,8 +534,13 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--baseline", options.baseline, "a second spec to train and compare (e.g. mha:4H32D)");
   app.add_option("--output", options.output, "output folder")->capture_default_str();
+  app.add_option("--corpora", options.corpora, "ding, libreoffice or both (comma-separated)")->capture_default_str()
+      ->check(CLI::IsMember({"ding", "libreoffice", "ding,libreoffice", "libreoffice,ding"}));
   app.add_option("--corpus", options.corpus, "Ding dictionary file (Debian package trans-de-en)")->capture_default_str();
-  app.add_option("--data", options.data, "phrases, sentences or both")->capture_default_str()
+  app.add_option("--help-root", options.help_root,
+                 "LibreOffice help, with de/ and en-US/ (Debian libreoffice-help-de, libreoffice-help-en-us)")
+      ->capture_default_str();
+  app.add_option("--data", options.data, "Ding pairs: phrases, sentences or both")->capture_default_str()
       ->check(CLI::IsMember({"phrases", "sentences", "both"}));
   app.add_option("--max-words", options.max_words, "longest pair in words, 0 for any")->capture_default_str()
       ->check(moa_examples::whole_number(0, 100000));
@@ -507,7 +555,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"unigram", "bpe"}));
   app.add_option("--checkpoint-every", options.checkpoint_every, "checkpoint every N steps")->capture_default_str()
       ->check(moa_examples::whole_number(1, moa_examples::kMaxSteps));
-  app.add_option("--eval-sentences", options.eval_sentences, "test sentences to translate")->capture_default_str()
+  app.add_option("--eval-sentences", options.eval_sentences, "test sentences to translate, 0 for all")->capture_default_str()
       ->check(moa_examples::whole_number(0, 1000000000));
   app.add_option("--beam", options.beam, "beam size")->capture_default_str()->check(moa_examples::whole_number(1, 1000));
   app.add_option("--length-penalty", options.length_penalty, "beam length penalty")->capture_default_str()
@@ -538,20 +586,21 @@ int main(int argc, char** argv) {
     // is reported at once. The runs share nothing but the read-only data, so training them at
     // once changes no number.
     std::vector<PreparedRun> prepared;
+    const bool concurrent = options.jobs > 1 && specs.size() > 1;
     for (const std::string& spec : specs) {
       check_memory(options, spec, data.vocab_size);
-      prepared.push_back(prepare_run(options, data, spec, folder_of(spec)));
+      prepared.push_back(prepare_run(options, data, spec, folder_of(spec), concurrent));
     }
     results.resize(specs.size());
     std::vector<std::exception_ptr> failures(specs.size());
     auto run_at = [&](std::size_t i) {
       try {
         results[i] = prepared[i].train_and_evaluate();
-      } catch (...) {
-        failures[i] = std::current_exception();
+      } catch (const std::exception& error) {  // which of the two runs failed
+        failures[i] = std::make_exception_ptr(moa::Error("[" + prepared[i].name + "] " + error.what()));
       }
     };
-    if (options.jobs > 1 && specs.size() > 1) {
+    if (concurrent) {
       std::thread baseline(run_at, 1);
       run_at(0);
       baseline.join();
@@ -563,8 +612,7 @@ int main(int argc, char** argv) {
     std::vector<moa_examples::PlotSeries> curves;
     const char* colors[2] = {"#1f77b4", "#d62728"};
     for (std::size_t i = 0; i < results.size(); ++i) {
-      curves.push_back({results[i].name + " train (moving average)", results[i].steps, results[i].train_losses, colors[i],
-                        true});
+      curves.push_back({results[i].name + " " + kTrainCurve, results[i].steps, results[i].train_nlls, colors[i], true});
       curves.push_back({results[i].name + " valid", results[i].valid_steps, results[i].valid_losses, colors[i], false});
     }
     const std::string chart = options.output + "/loss.svg";

@@ -52,14 +52,6 @@ TEST_CASE("Ding: loading filters phrases, sentences and length and drops duplica
   REQUIRE_MOA_ERROR(moa_examples::load_ding(temporary_path("missing.txt")), "trans-de-en");
 }
 
-TEST_CASE("Ding: the split is a fixed function of the pair", "[ding]") {
-  REQUIRE(moa_examples::split_of({"Hund", "dog"}) == moa_examples::split_of({"Hund", "dog"}));
-  int counts[3] = {0, 0, 0};
-  for (int i = 0; i < 10000; ++i) counts[static_cast<int>(moa_examples::split_of({"w" + std::to_string(i), "x"}))]++;
-  REQUIRE(counts[1] == Approx(100).margin(40));
-  REQUIRE(counts[2] == Approx(100).margin(40));
-}
-
 TEST_CASE("BLEU: hand-computed case, identity and brevity penalty", "[metrics]") {
   // precisions 5/6, 3/5, 2/4, 1/3; equal lengths: BLEU = (1/12)^(1/4)
   REQUIRE(moa::corpus_bleu({"the cat sat on the mat"}, {"the cat sat on a mat"}) ==

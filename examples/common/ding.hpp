@@ -3,14 +3,12 @@
 // A line is "German :: English". Alternatives are separated by " | " in the same order on both
 // sides, synonyms within an alternative by ";". Annotations in {}, [], (), // and <> are dropped.
 // Each alternative gives one pair: its first German and first English synonym. A line whose two
-// sides have different numbers of alternatives is skipped. Splits are decided by a hash of the
-// pair (FNV-1a of its UTF-8 bytes), so they are the same on every machine.
+// sides have different numbers of alternatives is skipped.
 #pragma once
 
 #include "moa/error.hpp"
 
 #include <cerrno>
-#include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -143,21 +141,6 @@ inline std::vector<SentencePair> load_ding(const std::string& path, const DingOp
   MOA_CHECK(file.good(), "load_ding", "cannot open '", path, "': ", std::strerror(errno),
             " (the German-English dictionary comes with Debian's trans-de-en package)");
   return read_ding(file, options);
-}
-
-enum class Split { train, valid, test };
-
-// 1% valid, 1% test, the rest train, by a hash of the pair.
-inline Split split_of(const SentencePair& pair) {
-  std::uint64_t hash = 14695981039346656037ULL;
-  auto mix = [&](const std::string& text) {
-    for (unsigned char c : text) hash = (hash ^ c) * 1099511628211ULL;
-  };
-  mix(pair.source);
-  mix("\t");
-  mix(pair.target);
-  const std::uint64_t bucket = hash % 100;
-  return bucket == 0 ? Split::valid : bucket == 1 ? Split::test : Split::train;
 }
 
 }  // namespace moa_examples

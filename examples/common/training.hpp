@@ -34,14 +34,18 @@ inline bool sync_to_disk(std::FILE* file) {
 #endif
 }
 
-// "step 120/2000 | loss 4.213 | 8.1k tok/s | lr 3.0e-04 | ETA 3m52s", redrawn in place on a
-// terminal and printed as a plain line every `plain_every` steps otherwise (logs, CI).
+// "[MoA] step 120/2000 | loss 4.213 | 8.1k tok/s | lr 3.0e-04 | ETA 3m52s", redrawn in place on a
+// terminal and printed as a plain line every `plain_every` steps otherwise (logs, CI, or two runs
+// sharing one terminal: `plain`).
 class ProgressLine {
  public:
-  ProgressLine(long long total_steps, long long plain_every = 100)
-      : total_(total_steps), plain_every_(plain_every), start_(std::chrono::steady_clock::now()) {
+  ProgressLine(long long total_steps, std::string label = {}, bool plain = false, long long plain_every = 100)
+      : total_(total_steps), plain_every_(plain_every), label_(label.empty() ? "" : "[" + label + "] "),
+        start_(std::chrono::steady_clock::now()) {
 #if __has_include(<unistd.h>)
-    terminal_ = ::isatty(::fileno(stderr)) != 0;
+    terminal_ = !plain && ::isatty(::fileno(stderr)) != 0;
+#else
+    (void)plain;
 #endif
   }
 
@@ -50,8 +54,8 @@ class ProgressLine {
     const double per_step = steps_this_run > 0 ? elapsed / static_cast<double>(steps_this_run) : 0.0;
     const long long eta = static_cast<long long>(per_step * static_cast<double>(total_ - step));
     char line[200];
-    std::snprintf(line, sizeof line, "step %lld/%lld | loss %.3f | %.1fk tok/s | lr %.1e | ETA %lldm%02llds", step,
-                  total_, loss, tokens_per_second / 1000.0, learning_rate, eta / 60, eta % 60);
+    std::snprintf(line, sizeof line, "%sstep %lld/%lld | loss %.3f | %.1fk tok/s | lr %.1e | ETA %lldm%02llds",
+                  label_.c_str(), step, total_, loss, tokens_per_second / 1000.0, learning_rate, eta / 60, eta % 60);
     if (terminal_) {
       std::fprintf(stderr, "\r%-90s", line);
       if (step == total_) std::fprintf(stderr, "\n");
@@ -68,6 +72,7 @@ class ProgressLine {
  private:
   long long total_;
   long long plain_every_;
+  std::string label_;
   bool terminal_ = false;
   std::chrono::steady_clock::time_point start_;
 };

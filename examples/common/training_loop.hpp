@@ -45,6 +45,8 @@ using namespace moa;  // the examples are moa programs
 enum class OnDivergence { stop, skip };
 
 struct TrainingSettings {
+  std::string name;              // labels the progress line ("MoA"); empty for none
+  bool plain_progress = false;   // plain progress lines even on a terminal (runs sharing one)
   std::string folder;            // checkpoint.safetensors and metrics.jsonl go here
   std::string config;            // the model's description; a checkpoint of another one is refused
   long long steps = 1000;        // train until this step
@@ -67,8 +69,10 @@ struct StepReport {
 };
 
 // The logged curves, read back from metrics.jsonl (so a resumed run has its whole history).
+// train_nlls: the steps' "train_nll" where a step reports one (the loss without label smoothing or
+// auxiliary terms, comparable with a validation NLL), else their loss.
 struct TrainingCurves {
-  std::vector<double> steps, train_losses, valid_steps, valid_losses;
+  std::vector<double> steps, train_losses, train_nlls, valid_steps, valid_losses;
 };
 
 template <typename Scalar>
@@ -139,7 +143,7 @@ class TrainingLoop {
   // Trains from `first_step` to settings.steps.
   void run(long long first_step, const std::vector<TokenPair>& train, const Step& train_step, const Validate& validate) {
     MetricsLog log(metrics_path(), first_step > 0);
-    ProgressLine progress(settings_.steps);
+    ProgressLine progress(settings_.steps, settings_.name, settings_.plain_progress);
     double tokens = 0;
     long long step = first_step;
     int skipped_in_a_row = 0;
@@ -156,7 +160,7 @@ class TrainingLoop {
                                  " and the gradient norm " + number_text(norm);
         if (settings_.on_divergence == OnDivergence::skip && ++skipped_in_a_row <= settings_.max_consecutive_skips) {
           learning_rate_scale_ *= 0.5;
-          std::fprintf(stderr, "\nwarning: %s: step skipped, learning rate scaled by %g from now on\n", what.c_str(),
+          std::fprintf(stderr, "\n%swarning: %s: step skipped, learning rate scaled by %g from now on\n", label().c_str(), what.c_str(),
                        learning_rate_scale_);
           continue;
         }
@@ -167,7 +171,7 @@ class TrainingLoop {
       skipped_in_a_row = 0;
       const std::string warning = watch.check(report.loss);
       if (!warning.empty())
-        std::fprintf(stderr, "\nwarning: step %lld: the loss %s %s (learning rate too high?)\n", step,
+        std::fprintf(stderr, "\n%swarning: step %lld: the loss %s %s (learning rate too high?)\n", label().c_str(), step,
                      number_text(report.loss).c_str(), warning.c_str());
       const double learning_rate = schedule_(step) * learning_rate_scale_;
       adam_.step(learning_rate);
@@ -190,6 +194,9 @@ class TrainingLoop {
     }
   }
 
+  // "[MoA] " before the run's messages, when it has a name.
+  std::string label() const { return settings_.name.empty() ? "" : "[" + settings_.name + "] "; }
+
   // The step of the last checkpoint written or resumed from (0: none yet).
   long long last_good_step() const { return last_good_step_; }
 
@@ -205,6 +212,8 @@ class TrainingLoop {
       };
       curves.steps.push_back(number("step"));
       curves.train_losses.push_back(number("train_loss"));
+      const double nll = number("train_nll");
+      curves.train_nlls.push_back(std::isnan(nll) ? curves.train_losses.back() : nll);
       if (!std::isnan(number("valid_loss"))) {
         curves.valid_steps.push_back(number("step"));
         curves.valid_losses.push_back(number("valid_loss"));
