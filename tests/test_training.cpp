@@ -254,6 +254,71 @@ TEST_CASE("save_checkpoint: refuses values that are not finite, keeps the previo
   REQUIRE_FALSE(std::filesystem::exists(path + ".tmp"));
 }
 
+TEST_CASE("average_parameters: the mean of several files, in double; bad files change nothing", "[training][checkpoint]") {
+  LoopFixture fixture("average");
+  const std::string first = fixture.folder + "/first.safetensors", second = fixture.folder + "/second.safetensors";
+  fixture.layer.weight.value.setConstant(1.0f);
+  fixture.layer.bias.value.setConstant(-2.0f);
+  moa::save_checkpoint(first, fixture.parameters, fixture.adam, {{"step", "1"}});  // optimizer tensors ignored
+  fixture.layer.weight.value.setConstant(2.0f);
+  fixture.layer.weight.value(1, 2) = 5.0f;
+  fixture.layer.bias.value.setConstant(0.5f);
+  moa::save_safetensors(second, fixture.parameters);
+  fixture.layer.weight.value.setZero();
+  moa::average_parameters({first, second}, fixture.parameters);
+  REQUIRE(fixture.layer.weight.value(0, 0) == 1.5f);
+  REQUIRE(fixture.layer.weight.value(1, 2) == 3.0f);
+  REQUIRE(fixture.layer.bias.value(0) == -0.75f);
+  moa::average_parameters({second}, fixture.parameters);
+  REQUIRE(fixture.layer.bias.value(1) == 0.5f);
+
+  // Another model's file, a missing file, no file: errors, and the parameters stay as they were.
+  moa::Rng init(3);
+  moa::Linear<float> other(3, 4, true, init);
+  const std::string wrong = fixture.folder + "/other.safetensors";
+  moa::save_safetensors(wrong, moa::pack_parameters(other));
+  REQUIRE_MOA_ERROR(moa::average_parameters({first, wrong}, fixture.parameters), "but the parameter has shape");
+  REQUIRE_MOA_ERROR(moa::average_parameters({first, fixture.folder + "/none.safetensors"}, fixture.parameters),
+                    "none.safetensors");
+  REQUIRE_MOA_ERROR(moa::average_parameters({}, fixture.parameters), "no file to average");
+  REQUIRE(fixture.layer.bias.value(1) == 0.5f);
+  REQUIRE(fixture.layer.weight.value(1, 2) == 5.0f);
+}
+
+TEST_CASE("TrainingLoop: keeps the last N checkpoints' parameters for averaging; a resume or a new run prunes them",
+          "[training][checkpoint]") {
+  LoopFixture fixture("snapshots");
+  fixture.settings.steps = 10;
+  fixture.settings.checkpoint_every = 2;
+  fixture.settings.keep_snapshots = 3;
+  auto loop = fixture.loop();
+  REQUIRE(loop.restore() == 0);
+  fixture.run(loop, 0);
+  auto steps_of = [](const std::vector<std::pair<long long, std::string>>& snapshots) {
+    std::vector<long long> steps;
+    for (const auto& snapshot : snapshots) steps.push_back(snapshot.first);
+    return steps;
+  };
+  REQUIRE(steps_of(loop.snapshots()) == std::vector<long long>{6, 8, 10});
+  // The newest snapshot holds the final parameters.
+  MatrixF final_weight = fixture.layer.weight.value;
+  moa::average_parameters({loop.snapshots().back().second}, fixture.parameters);
+  REQUIRE(fixture.layer.weight.value == final_weight);
+
+  // A resume from step 8 (its checkpoint kept as the previous one) drops step 10's snapshot.
+  std::filesystem::remove(loop.checkpoint_path());
+  fixture.settings.resume = true;
+  auto resumed = fixture.loop();
+  REQUIRE(resumed.restore() == 8);
+  REQUIRE(steps_of(resumed.snapshots()) == std::vector<long long>{6, 8});
+  fixture.run(resumed, 8);
+  REQUIRE(steps_of(resumed.snapshots()) == std::vector<long long>{6, 8, 10});
+  // A fresh run in the same folder starts without them.
+  fixture.settings.resume = false;
+  REQUIRE(fixture.loop().restore() == 0);
+  REQUIRE(resumed.snapshots().empty());
+}
+
 TEST_CASE("TrainingLoop: resume falls back to the previous checkpoint only when the current one is missing",
           "[training][checkpoint]") {
   LoopFixture fixture("resume_previous");

@@ -58,6 +58,7 @@ struct TrainingSettings {
   bool resume = false;           // continue from the folder's checkpoint when there is one
   OnDivergence on_divergence = OnDivergence::stop;
   int max_consecutive_skips = 5;  // with OnDivergence::skip: more in a row stop the run
+  int keep_snapshots = 0;        // the parameters of the last N checkpoints, kept for averaging
 };
 
 // What a training step reports: its loss, the tokens it trained on (for tokens/s), and any more
@@ -92,12 +93,33 @@ class TrainingLoop {
 
   std::string checkpoint_path() const { return settings_.folder + "/checkpoint.safetensors"; }
   std::string metrics_path() const { return settings_.folder + "/metrics.jsonl"; }
+  std::string snapshot_folder() const { return settings_.folder + "/snapshots"; }
+
+  // The kept parameter snapshots (settings.keep_snapshots), oldest first, with their steps.
+  std::vector<std::pair<long long, std::string>> snapshots() const {
+    std::vector<std::pair<long long, std::string>> found;
+    std::error_code error;
+    if (!std::filesystem::is_directory(snapshot_folder(), error)) return found;
+    for (const auto& entry : std::filesystem::directory_iterator(snapshot_folder())) {
+      const std::string name = entry.path().filename().string();
+      long long step = 0;
+      char tail = 0;
+      if (std::sscanf(name.c_str(), "step-%lld.safetensor%c", &step, &tail) == 2 && tail == 's' &&
+          name == snapshot_name(step))
+        found.emplace_back(step, entry.path().string());
+    }
+    std::sort(found.begin(), found.end());
+    return found;
+  }
 
   // Loads the checkpoint when resuming; returns the step to continue from (0 for a fresh run). A
   // run killed between the two renames of a checkpoint write has only the previous file: it
   // resumes from that one.
   long long restore() {
-    if (!settings_.resume) return 0;
+    if (!settings_.resume) {
+      prune_snapshots(0);
+      return 0;
+    }
     std::string path = checkpoint_path();
     std::error_code error;
     if (!std::filesystem::exists(path, error)) {
@@ -137,6 +159,7 @@ class TrainingLoop {
     }
     last_good_step_ = step;
     truncate_metrics(step);
+    prune_snapshots(step);
     return step;
   }
 
@@ -257,6 +280,30 @@ class TrainingLoop {
                 last_good_description());
     }
     last_good_step_ = step;
+    if (settings_.keep_snapshots > 0) {
+      std::filesystem::create_directories(snapshot_folder());
+      save_safetensors(snapshot_folder() + "/" + snapshot_name(step), parameters_, DType::F32,
+                       {{"config", settings_.config}, {"step", std::to_string(step)}});
+      prune_snapshots(step);
+    }
+  }
+
+  static std::string snapshot_name(long long step) {
+    char name[64];
+    std::snprintf(name, sizeof name, "step-%08lld.safetensors", step);
+    return name;
+  }
+
+  // Removes snapshots after `step` (a resumed run writes them again) and all but the newest
+  // keep_snapshots up to it; a fresh run (step 0) starts with none.
+  void prune_snapshots(long long step) const {
+    auto found = snapshots();
+    std::size_t kept = 0;
+    for (auto it = found.rbegin(); it != found.rend(); ++it) {
+      const bool keep = step > 0 && it->first <= step && kept < static_cast<std::size_t>(std::max(settings_.keep_snapshots, 0));
+      if (keep) ++kept;
+      else std::filesystem::remove(it->second);
+    }
   }
 
   // Forces a finished checkpoint to the disk. For the crash test, MOA_TEST_KILL_IN_CHECKPOINT=N

@@ -5,6 +5,7 @@
 // "optimizer.exp_avg_sq.<name>" for Adam's moments. Metadata: the caller's strings plus
 // "optimizer.steps" (and the checksums of moa/io/safetensors.hpp). Written atomically and verified
 // before it replaces the old file; values that are not finite are refused both ways.
+// average_parameters averages several such files (checkpoint averaging for evaluation).
 #pragma once
 
 #include "moa/error.hpp"
@@ -142,6 +143,39 @@ std::map<std::string, std::string> load_checkpoint(const std::string& path, cons
   }
   optimizer.set_steps(optimizer_steps);
   return file.metadata();
+}
+
+// Sets the parameters to the mean of their values in several files: checkpoints (their optimizer
+// tensors are ignored) or parameter files, as the Transformer recipe averages its last checkpoints
+// for evaluation. Every file must hold every parameter with its shape and nothing else but
+// optimizer state; the mean is taken in double, and nothing changes unless every file is good.
+template <typename Scalar>
+void average_parameters(const std::vector<std::string>& paths, const ParameterList<Scalar>& parameters) {
+  const char* function = "average_parameters";
+  MOA_CHECK(!paths.empty(), function, "no file to average");
+  std::vector<std::vector<double>> sums;
+  for (const auto& entry : parameters) sums.emplace_back(static_cast<std::size_t>(entry.numel()), 0.0);
+  for (const std::string& path : paths) {
+    const SafetensorsFile file(path);
+    for (const auto& entry : parameters) {
+      MOA_CHECK(file.contains(entry.name), function, "'", path, "' is missing tensor '", entry.name, "'");
+      MOA_CHECK(file.info(entry.name).shape == entry.shape, function, "'", path, "': tensor '", entry.name,
+                "' has shape ", detail::shape_string(file.info(entry.name).shape), " but the parameter has shape ",
+                detail::shape_string(entry.shape));
+    }
+    for (const auto& item : file.tensors())
+      MOA_CHECK(item.first.rfind("optimizer.", 0) == 0 || parameters.find(item.first) != nullptr, function, "'", path,
+                "' has unexpected tensor '", item.first, "'");
+    for (std::size_t i = 0; i < parameters.size(); ++i) {
+      const auto values = detail::read_finite<Scalar>(file, parameters[i].name, sums[i].size(), function);
+      for (std::size_t j = 0; j < values.size(); ++j) sums[i][j] += static_cast<double>(values[j]);
+    }
+  }
+  const double count = static_cast<double>(paths.size());
+  for (std::size_t i = 0; i < parameters.size(); ++i) {
+    Scalar* value = parameters[i].value().data();
+    for (std::size_t j = 0; j < sums[i].size(); ++j) value[j] = static_cast<Scalar>(sums[i][j] / count);
+  }
 }
 
 }  // namespace moa
