@@ -22,6 +22,7 @@
 #include "common/flags.hpp"
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -227,7 +228,17 @@ struct RunResult {
   Index parameters = 0;
   double macs = 0, tokens_per_second = 0, valid_loss = 0, bleu_beam = 0, bleu_greedy = 0, chrf = 0;
   moa::BootstrapEstimate bleu_interval;          // beam BLEU with its 95% bootstrap interval
-  std::vector<std::pair<std::string, double>> bleu_by_corpus;  // beam BLEU on each corpus's test pairs
+  struct CorpusBleu {
+    std::string corpus;
+    std::size_t sentences;
+    double bleu;  // beam
+  };
+  std::vector<CorpusBleu> bleu_by_corpus;
+  struct Information {
+    std::string site;
+    double tokens, shuffled;  // MI(token; expert) in nats, and with the tokens shuffled
+  };
+  std::vector<Information> mutual_information;  // MoA: per routed site, on the validation split
   std::vector<std::string> hypotheses, references;  // beam outputs on the test sentences
   std::vector<double> steps, train_nlls, valid_steps, valid_losses;  // train NLL: a moving average
   std::string folder;
@@ -397,8 +408,8 @@ class Run {
             corpus_references.push_back(references[i]);
           }
         if (!corpus_outputs.empty())
-          result_.bleu_by_corpus.emplace_back(moa_examples::corpus_name(corpus) + (" (" + std::to_string(corpus_outputs.size()) + ")"),
-                                              moa::corpus_bleu(corpus_outputs, corpus_references));
+          result_.bleu_by_corpus.push_back({moa_examples::corpus_name(corpus), corpus_outputs.size(),
+                                            moa::corpus_bleu(corpus_outputs, corpus_references)});
       }
     }
     std::ofstream hypotheses(folder_ + "/test.hyp"), refs(folder_ + "/test.ref"), sources(folder_ + "/test.src");
@@ -410,11 +421,33 @@ class Run {
     std::fprintf(stderr, "[%s] test (%zu sentences): BLEU %.2f [%.2f, %.2f] (beam %lld; 95%% bootstrap interval), %.2f (greedy), chrF %.2f\n",
                  result_.name.c_str(), count, result_.bleu_beam, result_.bleu_interval.lower,
                  result_.bleu_interval.upper, static_cast<long long>(options_.beam), result_.bleu_greedy, result_.chrf);
-    for (const auto& [corpus, bleu] : result_.bleu_by_corpus)
-      std::fprintf(stderr, "[%s] test BLEU on %s sentences: %.2f\n", result_.name.c_str(), corpus.c_str(), bleu);
-    for (std::size_t i = 0; i < std::min<std::size_t>(count, 3); ++i)
+    for (const auto& entry : result_.bleu_by_corpus)
+      std::fprintf(stderr, "[%s] test BLEU on the %zu %s sentences: %.2f\n", result_.name.c_str(), entry.sentences,
+                   entry.corpus.c_str(), entry.bleu);
+    for (std::size_t i : sample_sentences(count))
       std::fprintf(stderr, "  %s\n  -> %s\n  (reference: %s)\n", data_.test_sources[i].c_str(), beam_outputs[i].c_str(),
                    references[i].c_str());
+  }
+
+  // A few test sentences to show: per corpus the first two whose reference has 4 to 12 words (the
+  // first three of the synthetic task).
+  std::vector<std::size_t> sample_sentences(std::size_t count) const {
+    std::vector<std::size_t> samples;
+    if (data_.test_corpora.empty()) {
+      for (std::size_t i = 0; i < std::min<std::size_t>(count, 3); ++i) samples.push_back(i);
+      return samples;
+    }
+    for (const moa_examples::Corpus corpus : {moa_examples::Corpus::ding, moa_examples::Corpus::libreoffice}) {
+      int taken = 0;
+      for (std::size_t i = 0; i < count && taken < 2; ++i) {
+        const std::size_t words = moa_examples::detail::count_words(data_.test_references[i]);
+        if (data_.test_corpora[i] == corpus && words >= 4 && words <= 12) {
+          samples.push_back(i);
+          ++taken;
+        }
+      }
+    }
+    return samples;
   }
 
   // Expert loads per layer and the tokens each expert prefers (PMI), over the validation split.
@@ -431,12 +464,26 @@ class Run {
     });
     const Index experts = config_.attention.num_experts, k = config_.attention.top_k;
     std::vector<moa_examples::ExpertTokenStatistics> statistics(sites.size(), moa_examples::ExpertTokenStatistics(experts));
-    moa::Rng order(0);
+    // The same routing paired with the batch's tokens shuffled: the information a token-blind router
+    // would show on a sample of this size.
+    std::vector<moa_examples::ExpertTokenStatistics> shuffled(sites.size(), moa_examples::ExpertTokenStatistics(experts));
+    moa::Rng order(0), shuffling(kBootstrapSeed);
+    auto shuffle = [&](moa::TokenIds tokens, const std::vector<Index>& assignments) {
+      std::vector<std::size_t> routed;  // padding rows are not routed and keep their place
+      for (std::size_t row = 0; row < tokens.size(); ++row)
+        if (assignments[row * static_cast<std::size_t>(k)] >= 0) routed.push_back(row);
+      for (std::size_t i = routed.size(); i > 1; --i) std::swap(tokens[routed[i - 1]], tokens[routed[shuffling.below(i)]]);
+      return tokens;
+    };
     for (const auto& indices : moa::make_token_batches(data_.valid, options_.batch_tokens, order)) {
       const auto batch = moa::make_seq2seq_batch(data_.valid, indices);
       model_.forward(batch.source, batch.source_batch, batch.target_input, batch.target_batch, dropout_rng_);
-      for (std::size_t s = 0; s < sites.size(); ++s)
-        statistics[s].add(sites[s].encoder ? batch.source : batch.target_input, sites[s].attention->router.experts(), k);
+      for (std::size_t s = 0; s < sites.size(); ++s) {
+        const moa::TokenIds& tokens = sites[s].encoder ? batch.source : batch.target_input;
+        const std::vector<Index>& assignments = sites[s].attention->router.experts();
+        statistics[s].add(tokens, assignments, k);
+        shuffled[s].add(shuffle(tokens, assignments), assignments, k);
+      }
     }
     std::ofstream report(folder_ + "/experts.txt");
     report << "Expert analysis of " << result_.spec << " on the validation split\n"
@@ -449,7 +496,12 @@ class Run {
     for (std::size_t s = 0; s < sites.size(); ++s) {
       rows.push_back(sites[s].name);
       loads.push_back(statistics[s].loads());
-      report << "\n== " << sites[s].name << " (" << statistics[s].total() << " assignments)\n";
+      char information[160];
+      std::snprintf(information, sizeof information,
+                    "mutual information(token; expert) %.3f nats, with the tokens shuffled %.3f",
+                    statistics[s].mutual_information(), shuffled[s].mutual_information());
+      report << "\n== " << sites[s].name << " (" << statistics[s].total() << " assignments; " << information << ")\n";
+      result_.mutual_information.push_back({sites[s].name, statistics[s].mutual_information(), shuffled[s].mutual_information()});
       for (Index e = 0; e < experts; ++e) {
         char load[32];
         std::snprintf(load, sizeof load, "%5.1f%%", 100.0 * loads.back()[static_cast<std::size_t>(e)]);
@@ -466,6 +518,13 @@ class Run {
       for (double& value : row) value = std::round(1000.0 * value) / 10.0;  // percent, one decimal
     moa_examples::write_heatmap(folder_ + "/expert_load.svg", "Expert load (% of assignments) on valid, " + result_.spec, rows,
                        columns, loads);
+    double mean = 0, mean_shuffled = 0;
+    for (const auto& site : result_.mutual_information) {
+      mean += site.tokens / static_cast<double>(sites.size());
+      mean_shuffled += site.shuffled / static_cast<double>(sites.size());
+    }
+    std::fprintf(stderr, "[%s] specialisation: mutual information(token; expert) %.3f nats on average over %zu routed sites, %.3f with the tokens shuffled\n",
+                 result_.name.c_str(), mean, sites.size(), mean_shuffled);
     std::fprintf(stderr, "[%s] expert report: %s/experts.txt, heatmap: %s/expert_load.svg\n", result_.name.c_str(),
                  folder_.c_str(), folder_.c_str());
   }
@@ -508,7 +567,44 @@ PreparedRun prepare_run(const Options& options, const Data& data, const std::str
   return prepare<moa::MultiHeadAttention<float>>(options, data, spec, folder, concurrent);
 }
 
-void print_table(const std::vector<RunResult>& results, const std::string& chart) {
+// The paired bootstrap p-value of the first run's BLEU against the second's; NaN without two runs.
+double paired_p_value(const std::vector<RunResult>& results) {
+  if (results.size() != 2 || results[0].hypotheses.empty()) return std::nan("");
+  moa::Rng resampling(kBootstrapSeed);
+  return moa::paired_bootstrap_bleu(results[0].hypotheses, results[1].hypotheses, results[0].references, resampling)
+      .p_value;
+}
+
+// Every number of the final table, for scripts (the demo's check, the README's experiments).
+void write_results(const std::string& path, const std::vector<RunResult>& results, double p_value) {
+  nlohmann::json runs = nlohmann::json::array();
+  for (const auto& r : results) {
+    nlohmann::json run{{"model", r.name},
+                       {"attention", r.spec},
+                       {"parameters", r.parameters},
+                       {"macs_per_token", r.macs},
+                       {"tokens_per_second", r.tokens_per_second},
+                       {"valid_loss", r.valid_loss},
+                       {"bleu", r.bleu_beam},
+                       {"bleu_interval", {r.bleu_interval.lower, r.bleu_interval.upper}},
+                       {"bleu_greedy", r.bleu_greedy},
+                       {"chrf", r.chrf},
+                       {"test_sentences", r.hypotheses.size()}};
+    for (const auto& entry : r.bleu_by_corpus)
+      run["bleu_by_corpus"][entry.corpus] = {{"bleu", entry.bleu}, {"sentences", entry.sentences}};
+    for (const auto& site : r.mutual_information)
+      run["mutual_information"][site.site] = {{"tokens", site.tokens}, {"shuffled", site.shuffled}};
+    runs.push_back(run);
+  }
+  nlohmann::json document{{"runs", runs}};
+  if (!std::isnan(p_value)) document["paired_bootstrap_p"] = p_value;
+  std::ofstream file(path);
+  MOA_CHECK(file.good(), "translate", "cannot write '", path, "'");
+  file << document.dump(2) << '\n';
+}
+
+void print_table(const std::vector<RunResult>& results, const std::string& chart, const std::string& results_path,
+                 double p_value) {
   std::printf("\n%-5s %-14s %11s %12s %9s %11s %10s %11s %7s\n", "model", "attention", "parameters", "MACs/token",
               "tokens/s", "valid loss", "BLEU beam", "BLEU greedy", "chrF");
   for (const auto& r : results)
@@ -520,18 +616,15 @@ void print_table(const std::vector<RunResult>& results, const std::string& chart
                 r.bleu_beam, r.bleu_interval.lower, r.bleu_interval.upper, r.hypotheses.size());
   for (const auto& r : results) {
     if (r.bleu_by_corpus.empty()) continue;
-    std::printf("%s BLEU (beam) by corpus (test sentences):", r.name.c_str());
-    for (const auto& [corpus, bleu] : r.bleu_by_corpus) std::printf(" %s %.2f", corpus.c_str(), bleu);
+    std::printf("%s BLEU (beam) by corpus:", r.name.c_str());
+    for (const auto& entry : r.bleu_by_corpus)
+      std::printf(" %s %.2f (%zu sentences)", entry.corpus.c_str(), entry.bleu, entry.sentences);
     std::printf("\n");
   }
-  if (results.size() == 2 && !results[0].hypotheses.empty()) {
-    moa::Rng resampling(kBootstrapSeed);
-    const moa::PairedBootstrap paired =
-        moa::paired_bootstrap_bleu(results[0].hypotheses, results[1].hypotheses, results[0].references, resampling);
+  if (!std::isnan(p_value))
     std::printf("paired bootstrap (1000 resamples): %s - %s = %+.2f BLEU, p = %.3f%s\n", results[0].name.c_str(),
-                results[1].name.c_str(), results[0].bleu_beam - results[1].bleu_beam, paired.p_value,
-                paired.p_value < 0.05 ? " (significant at 0.05)" : " (not significant at 0.05)");
-  }
+                results[1].name.c_str(), results[0].bleu_beam - results[1].bleu_beam, p_value,
+                p_value < 0.05 ? " (significant at 0.05)" : " (not significant at 0.05)");
   std::printf("\nplots: %s", chart.c_str());
   for (const auto& r : results) {
     std::printf(", %s/loss.svg", r.folder.c_str());
@@ -539,7 +632,7 @@ void print_table(const std::vector<RunResult>& results, const std::string& chart
   }
   std::printf("\nhypotheses: ");
   for (const auto& r : results) std::printf("%s/test.hyp ", r.folder.c_str());
-  std::printf("\n");
+  std::printf("\nresults: %s\n", results_path.c_str());
 }
 
 }  // namespace
@@ -639,7 +732,10 @@ int main(int argc, char** argv) {
     const std::string chart = options.output + "/loss.svg";
     moa_examples::write_line_chart(chart, "Translation loss: " + options.attention + (options.baseline.empty() ? "" : " vs " + options.baseline),
                           "step", "loss (nats/token)", curves);
-    print_table(results, chart);
+    const double p_value = paired_p_value(results);
+    const std::string results_path = options.output + "/results.json";
+    write_results(results_path, results, p_value);
+    print_table(results, chart, results_path, p_value);
   } catch (const std::exception& error) {
     moa_examples::print_error("translate", error);
     return 1;

@@ -31,6 +31,24 @@ TEST_CASE("ExpertTokenStatistics: loads and PMI of a hand-computed case", "[trai
   REQUIRE_MOA_ERROR(statistics.add({5}, {0, 1}, 1), "got 2 assignments for 1 tokens");
   REQUIRE_MOA_ERROR(statistics.add({5}, {2}, 1), "expert 2 is outside [0, 2)");
   REQUIRE_MOA_ERROR(statistics.top_tokens(2, 5, 1), "expert 2 is outside [0, 2)");
+  REQUIRE(statistics.mutual_information() ==
+          Approx(0.5 * std::log(4.0 / 3) + 0.25 * std::log(2.0 / 3) + 0.25 * std::log(2.0)));
+  // Routing that ignores the token: no information.
+  moa_examples::ExpertTokenStatistics independent(2);
+  independent.add({5, 5, 6, 6}, {0, 1, 0, 1}, 1);
+  REQUIRE(std::abs(independent.mutual_information()) < 1e-15);
+}
+
+TEST_CASE("ExpertTokenStatistics: equal PMI lists the more frequent token first, exactly", "[training]") {
+  // Tokens 7 (3 times) and 8 (6 times) always go to expert 0 (with 9 once): equal PMI, 8 first.
+  moa_examples::ExpertTokenStatistics statistics(3);
+  statistics.add({7, 7, 7, 8, 8, 8, 8, 8, 8, 9, 9, 9}, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2}, 1);
+  const auto top = statistics.top_tokens(0, 3, 1);
+  REQUIRE(top.size() == 3);
+  REQUIRE(top[0].token == 8);
+  REQUIRE(top[1].token == 7);
+  REQUIRE(top[0].pmi == Approx(top[1].pmi));
+  REQUIRE(top[2].token == 9);
 }
 
 TEST_CASE("moving_average and the SVG writers", "[training]") {

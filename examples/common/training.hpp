@@ -138,6 +138,21 @@ class ExpertTokenStatistics {
     long long count;
   };
 
+  // Mutual information between token and expert over the assignments, in nats:
+  // sum over (token, expert) of p(token, expert) log p(token, expert) / (p(token) p(expert)).
+  // 0 when routing ignores the token; it is biased upward on a finite sample, so compare it with
+  // the same statistic over shuffled tokens.
+  double mutual_information() const {
+    double information = 0.0;
+    for (const auto& [key, count] : joint_) {
+      const double joint = static_cast<double>(count) / total_;
+      const double token_share = static_cast<double>(token_totals_.at(key.first)) / total_;
+      const double expert_share = static_cast<double>(expert_totals_[static_cast<std::size_t>(key.second)]) / total_;
+      information += joint * std::log(joint / (token_share * expert_share));
+    }
+    return information;
+  }
+
   // The `top` tokens with the highest PMI for `expert`, among tokens seen at least min_count times.
   std::vector<Entry> top_tokens(Index expert, std::size_t top, long long min_count) const {
     MOA_CHECK(expert >= 0 && expert < static_cast<Index>(expert_totals_.size()), "ExpertTokenStatistics::top_tokens",
@@ -145,18 +160,28 @@ class ExpertTokenStatistics {
     std::vector<Entry> entries;
     if (expert_totals_[static_cast<std::size_t>(expert)] == 0) return entries;  // no assignment: no PMI
     const double expert_share = static_cast<double>(expert_totals_[static_cast<std::size_t>(expert)]) / total_;
+    std::vector<long long> token_counts;  // beside entries: each token's total assignments
     for (const auto& [key, count] : joint_) {
-      if (key.second != expert || token_totals_.at(key.first) < min_count) continue;
+      const long long token_total = token_totals_.at(key.first);
+      if (key.second != expert || token_total < min_count) continue;
       const double joint = static_cast<double>(count) / total_;
-      const double token_share = static_cast<double>(token_totals_.at(key.first)) / total_;
+      const double token_share = static_cast<double>(token_total) / total_;
       entries.push_back({key.first, std::log(joint / (token_share * expert_share)), count});
+      token_counts.push_back(token_total);
     }
-    // A token always routed to the expert reaches the largest PMI, log 1 / (k p(expert)); among
-    // equal PMI the more frequent token is the more telling.
-    std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
-      if (a.pmi != b.pmi) return a.pmi > b.pmi;
-      return a.count != b.count ? a.count > b.count : a.token < b.token;
+    // For one expert PMI orders as count / token_total, compared exactly in integers (the logs of
+    // equal ratios may differ in the last bit). A token always routed to the expert reaches the
+    // largest PMI, log 1 / (k p(expert)); among equal PMI the more frequent token comes first.
+    std::vector<std::size_t> order(entries.size());
+    for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+      const long long left = entries[a].count * token_counts[b], right = entries[b].count * token_counts[a];
+      if (left != right) return left > right;
+      return entries[a].count != entries[b].count ? entries[a].count > entries[b].count : entries[a].token < entries[b].token;
     });
+    std::vector<Entry> sorted;
+    for (std::size_t i : order) sorted.push_back(entries[i]);
+    entries = std::move(sorted);
     if (entries.size() > top) entries.resize(top);
     return entries;
   }
