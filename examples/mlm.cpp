@@ -19,6 +19,7 @@
 #include "common/flags.hpp"
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <cerrno>
@@ -114,6 +115,8 @@ Data load_data(const Options& options) {
   for (int s = 0; s < 3; ++s)
     MOA_CHECK(!data.splits[s].empty(), "mlm", "no ", names[s], " sentence is shorter than --max-tokens ",
               options.max_tokens, " tokens");
+  std::fprintf(stderr, "mlm: %zu train / %zu valid / %zu test sentences\n", data.splits[0].size(), data.splits[1].size(),
+               data.splits[2].size());
   return data;
 }
 
@@ -326,6 +329,23 @@ int main(int argc, char** argv) {
       std::printf("%-5s %-14s %11lld %9.0f %11.2f %9.1f%% %10.2f %9.1f%%\n", r.name.c_str(), r.spec.c_str(),
                   static_cast<long long>(r.parameters), r.tokens_per_second, std::exp(r.valid.loss),
                   100 * r.valid.accuracy, std::exp(r.test.loss), 100 * r.test.accuracy);
+    // Every number of the table, for scripts (the README's experiments).
+    nlohmann::json runs = nlohmann::json::array();
+    for (const auto& r : results)
+      runs.push_back({{"model", r.name},
+                      {"attention", r.spec},
+                      {"parameters", r.parameters},
+                      {"tokens_per_second", r.tokens_per_second},
+                      {"valid_loss", r.valid.loss},
+                      {"valid_accuracy", r.valid.accuracy},
+                      {"test_loss", r.test.loss},
+                      {"test_accuracy", r.test.accuracy},
+                      {"seed", options.seed}});
+    const std::string results_path = options.output + "/results.json";
+    std::ofstream results_file(results_path);
+    MOA_CHECK(results_file.good(), "mlm", "cannot write '", results_path, "'");
+    results_file << nlohmann::json{{"runs", runs}}.dump(2) << '\n';
+    std::printf("results: %s\n", results_path.c_str());
   } catch (const std::exception& error) {
     moa_examples::print_error("mlm", error);
     return 1;
