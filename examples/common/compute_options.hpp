@@ -6,10 +6,11 @@
 #include "moa/backends/dnnl_gemm.hpp"
 #endif
 
+#include "flags.hpp"  // whole_number
+
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
-#include <cstdlib>
 #include <memory>
 #include <string>
 
@@ -28,15 +29,7 @@ struct ComputeOptions {
     app.add_option("--backend", backend, "GEMM backend: onednn (when built with it) or eigen")
         ->capture_default_str()
         ->check(CLI::IsMember({"eigen", "onednn"}));
-    app.add_option("--threads", threads, "threads per model")->capture_default_str()->check(CLI::Validator(
-        [](std::string& text) -> std::string {
-          char* end = nullptr;
-          const long value = std::strtol(text.c_str(), &end, 10);
-          if (text.empty() || end != text.c_str() + text.size() || value < 1 || value > 1024)
-            return "must be a whole number in [1, 1024], got " + text;
-          return {};
-        },
-        "INT in [1, 1024]"));
+    app.add_option("--threads", threads, "threads per model")->capture_default_str()->check(whole_number(1, 1024));
     app.add_option("--precision", precision,
                    "arithmetic of evaluation (validation, decoding): f32, or bf16 on a CPU with AVX512-BF16 or AMX")
         ->capture_default_str()
