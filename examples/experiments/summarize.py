@@ -6,10 +6,10 @@ import statistics
 import sys
 
 
-def spread(values):
+def spread(values, digits=2):
     mean = statistics.mean(values)
     deviation = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.2f} ± {deviation:.2f}"
+    return f"{mean:.{digits}f} ± {deviation:.{digits}f}"
 
 
 def main(paths):
@@ -22,15 +22,15 @@ def main(paths):
     print("| model | attention | parameters | tokens/s | valid loss | BLEU | BLEU LibreOffice | BLEU Ding | chrF | MI token-expert (shuffled) |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for (model, attention), group in runs.items():
-        def column(key, sub=None):
-            return spread([r[key][sub]["bleu"] if sub else r[key] for r in group])
+        def column(key, sub=None, digits=2):
+            return spread([r[key][sub]["bleu"] if sub else r[key] for r in group], digits)
         information = "-"
         if all("mutual_information" in r for r in group):
             mean = [statistics.mean(site["tokens"] for site in r["mutual_information"].values()) for r in group]
             shuffled = [statistics.mean(site["shuffled"] for site in r["mutual_information"].values()) for r in group]
-            information = f"{spread(mean)} ({spread(shuffled)})"
+            information = f"{spread(mean, 3)} ({spread(shuffled, 3)})"
         print(f"| {model} | {attention} | {group[0]['parameters']:,} | {statistics.mean(r['tokens_per_second'] for r in group):,.0f} "
-              f"| {column('valid_loss')} | {column('bleu')} | {column('bleu_by_corpus', 'libreoffice')} "
+              f"| {column('valid_loss', digits=3)} | {column('bleu')} | {column('bleu_by_corpus', 'libreoffice')} "
               f"| {column('bleu_by_corpus', 'ding')} | {column('chrf')} | {information} |")
     p_values = []
     for path in paths:
