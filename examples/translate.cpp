@@ -219,9 +219,9 @@ void check_memory(const Options& options, const std::string& spec, Index vocab_s
 // two runs' intervals and p-values are comparable.
 constexpr std::uint64_t kBootstrapSeed = 12345;
 
-// The charts' train curve is the NLL, without label smoothing and aux losses, so it is comparable
-// with the validation NLL; it still has dropout on, which validation has off.
-constexpr const char* kTrainCurve = "train NLL (moving average, dropout on)";
+// The charts' train curve is a moving average of the NLL, without label smoothing and aux losses, so
+// it is comparable with the validation NLL; it still has dropout on, which validation has off.
+constexpr const char* kTrainCurve = "train NLL (dropout on)";
 
 struct RunResult {
   std::string name, spec;
