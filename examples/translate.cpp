@@ -646,7 +646,7 @@ int main(int argc, char** argv) {
   app.add_option("--baseline", options.baseline, "a second spec to train and compare (e.g. mha:4H32D)");
   app.add_option("--output", options.output, "output folder")->capture_default_str();
   app.add_option("--corpora", options.corpora, "ding, libreoffice or both (comma-separated)")->capture_default_str()
-      ->check(CLI::IsMember({"ding", "libreoffice", "ding,libreoffice", "libreoffice,ding"}));
+      ->check(CLI::Validator([](std::string& list) { return moa_examples::corpora_error(list); }, "LIST"));
   app.add_option("--corpus", options.corpus, "Ding dictionary file (Debian package trans-de-en)")->capture_default_str();
   app.add_option("--help-root", options.help_root,
                  "LibreOffice help, with de/ and en-US/ (Debian libreoffice-help-de, libreoffice-help-en-us)")

@@ -97,6 +97,12 @@ TEST_CASE("Parallel corpus: Ding and LibreOffice combined, origins kept, duplica
   for (const auto& split : moa_examples::load_parallel_corpus(options)) help_pairs += split.size();
   REQUIRE(help_pairs == 3);
   REQUIRE_MOA_ERROR(moa_examples::choose_corpora(options, "ding,wiki"), "--corpora");
+  REQUIRE(moa_examples::corpora_error("ding,libreoffice").empty());
+  REQUIRE(moa_examples::corpora_error("ding,wiki") == "expected ding, libreoffice or ding,libreoffice, got 'ding,wiki'");
+  // A help folder without pages is named as such.
+  std::filesystem::create_directories(root + "/empty_help/de");
+  std::filesystem::create_directories(root + "/empty_help/en-US");
+  REQUIRE_MOA_ERROR(moa_examples::load_libreoffice_help(root + "/empty_help"), "holds no help pages");
   options.ding = options.libreoffice = false;
   REQUIRE_MOA_ERROR(moa_examples::load_parallel_corpus(options), "no corpus chosen");
 }

@@ -150,6 +150,7 @@ inline std::vector<SentencePair> load_libreoffice_help(const std::string& root =
   for (const auto& entry : fs::recursive_directory_iterator(german_root))
     if (entry.is_regular_file() && entry.path().extension() == ".html")
       pages.push_back(fs::relative(entry.path(), german_root));
+  MOA_CHECK(!pages.empty(), "load_libreoffice_help", "'", german_root.string(), "' holds no help pages (*.html)");
   std::sort(pages.begin(), pages.end());
   auto read = [](const fs::path& path) {
     std::ifstream file(path, std::ios::binary);

@@ -47,6 +47,17 @@ inline void choose_corpora(ParallelCorpusOptions& options, const std::string& li
   }
 }
 
+// What is wrong with a --corpora list, or nothing (for a command-line validator).
+inline std::string corpora_error(const std::string& list) {
+  try {
+    ParallelCorpusOptions probe;
+    choose_corpora(probe, list);
+    return {};
+  } catch (const moa::Error&) {
+    return "expected ding, libreoffice or ding,libreoffice, got '" + list + "'";
+  }
+}
+
 enum class Split { train, valid, test };
 
 // 2% valid, 3% test, the rest train, by a hash (FNV-1a of the UTF-8 bytes) of the text, so the
