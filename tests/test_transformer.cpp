@@ -59,7 +59,12 @@ TEST_CASE("AttentionSpec parses moa:kKeEdD and mha:hHdD and rejects anything els
   REQUIRE(moa_spec.top_k == 4);
   REQUIRE(moa_spec.num_experts == 8);
   REQUIRE(moa_spec.head_dim == 64);
+  REQUIRE(moa_spec.gates == moa::GateNormalization::renormalized);
   REQUIRE(moa_spec.to_string() == "moa:4K8E64D");
+  const auto raw_spec = moa::AttentionSpec::parse("moa:8K8E128D:raw");
+  REQUIRE(raw_spec.top_k == 8);
+  REQUIRE(raw_spec.gates == moa::GateNormalization::raw);
+  REQUIRE(raw_spec.to_string() == "moa:8K8E128D:raw");
   const auto mha_spec = moa::AttentionSpec::parse("mha:8H128D");
   REQUIRE(mha_spec.num_heads == 8);
   REQUIRE(mha_spec.head_dim == 128);
@@ -69,11 +74,20 @@ TEST_CASE("AttentionSpec parses moa:kKeEdD and mha:hHdD and rejects anything els
   REQUIRE(moa::AttentionSpec::parse("mha:4H64D").flops_per_token(512, 10) ==
           2.0 * (4.0 * 4 * 512 * 64 + 2.0 * 4 * 10 * 64));
   for (const char* bad : {"moa:4K8E", "mha:4H64", "foo:4H64D", "moa:9K8E64D", "moa:0K8E64D", "moa:4K8E64Dx", "mha:H64D",
-                          "moa:4k8e64d", ""}) {
+                          "moa:4k8e64d", "",
+                          "moa:4K8E64D:", "moa:4K8E64D:Raw", "moa:4K8E64D:raw:raw", "mha:4H64D:raw", "moa:4K8E64Draw"}) {
     INFO(bad);
     REQUIRE_MOA_ERROR(moa::AttentionSpec::parse(bad), "AttentionSpec::parse");
   }
   moa::Rng rng(0);
+  // The spec's gate normalisation reaches every router of the model.
+  moa::Seq2Seq<MoA> raw_model(tiny_config("moa:2K2E4D:raw", moa::NormPlacement::post), rng);
+  int sites = 0;
+  raw_model.for_each_attention([&](const moa::AttentionSite&, MoA& attention) {
+    REQUIRE(attention.router.config().gate_normalization == moa::GateNormalization::raw);
+    ++sites;
+  });
+  REQUIRE(sites > 0);
   REQUIRE_MOA_ERROR(moa::Seq2Seq<MoA>(tiny_config("mha:2H4D", moa::NormPlacement::post), rng),
                     "a MixtureOfAttention model needs a moa: spec");
 }

@@ -1,9 +1,12 @@
 // moa/models/attention_spec.hpp - the attention of a model as a string: "moa:4K8E64D" (top-4 of 8
-// experts, head width 64) or "mha:4H64D" (4 heads of width 64), and its cost per token.
+// experts, head width 64), "moa:8K8E128D:raw" (the same with the chosen probabilities as gates,
+// not renormalised over the k, as in the authors' code) or "mha:4H64D" (4 heads of width 64),
+// and its cost per token.
 #pragma once
 
 #include "moa/attention_cost.hpp"
 #include "moa/error.hpp"
+#include "moa/router.hpp"
 #include "moa/tensor.hpp"
 
 #include <cctype>
@@ -11,7 +14,7 @@
 
 namespace moa {
 
-// "moa:4K8E64D" or "mha:4H64D".
+// "moa:4K8E64D", "moa:4K8E64D:raw" or "mha:4H64D".
 struct AttentionSpec {
   enum class Kind { moa, mha };
   Kind kind = Kind::moa;
@@ -19,10 +22,12 @@ struct AttentionSpec {
   Index num_experts = 0;  // moa
   Index num_heads = 0;    // mha
   Index head_dim = 0;
+  GateNormalization gates = GateNormalization::renormalized;  // moa
 
   static AttentionSpec parse(const std::string& text) {
     const char* function = "AttentionSpec::parse";
-    const std::string expected = "expected 'moa:<k>K<E>E<d_h>D' (e.g. moa:4K8E64D) or 'mha:<h>H<d_h>D' (e.g. mha:4H64D)";
+    const std::string expected =
+        "expected 'moa:<k>K<E>E<d_h>D[:raw]' (e.g. moa:4K8E64D) or 'mha:<h>H<d_h>D' (e.g. mha:4H64D)";
     MOA_CHECK(text.size() > 4 && (text.compare(0, 4, "moa:") == 0 || text.compare(0, 4, "mha:") == 0), function,
               "unknown attention spec '", text, "': ", expected);
     AttentionSpec spec;
@@ -42,6 +47,10 @@ struct AttentionSpec {
       if (letter == 'D') spec.head_dim = value;
       position = end + 1;
     }
+    if (spec.kind == Kind::moa && text.compare(position, std::string::npos, ":raw") == 0) {
+      spec.gates = GateNormalization::raw;
+      position = text.size();
+    }
     MOA_CHECK(position == text.size(), function, "unknown attention spec '", text, "': ", expected);
     MOA_CHECK(spec.kind == Kind::mha || spec.top_k <= spec.num_experts, function, "attention spec '", text,
               "' chooses top-", spec.top_k, " of only ", spec.num_experts, " experts");
@@ -50,7 +59,7 @@ struct AttentionSpec {
 
   std::string to_string() const {
     return kind == Kind::moa ? "moa:" + std::to_string(top_k) + "K" + std::to_string(num_experts) + "E" +
-                                   std::to_string(head_dim) + "D"
+                                   std::to_string(head_dim) + "D" + (gates == GateNormalization::raw ? ":raw" : "")
                              : "mha:" + std::to_string(num_heads) + "H" + std::to_string(head_dim) + "D";
   }
 

@@ -27,7 +27,6 @@ struct TransformerConfig {
   Index padding_index = 0;
   AttentionSpec attention;
   // MoA options (ignored for mha)
-  GateNormalization gate_normalization = GateNormalization::renormalized;
   double load_balance_coefficient = 0.01;
   double z_loss_coefficient = 0.001;
 
@@ -57,7 +56,7 @@ struct AttentionTraits<MixtureOfAttention<S>> {
     attention.num_experts = config.attention.num_experts;
     attention.top_k = config.attention.top_k;
     attention.head_dim = config.attention.head_dim;
-    attention.gate_normalization = config.gate_normalization;
+    attention.gate_normalization = config.attention.gates;
     attention.load_balance_coefficient = config.load_balance_coefficient;
     attention.z_loss_coefficient = config.z_loss_coefficient;
     return MixtureOfAttention<S>(attention, rng);
