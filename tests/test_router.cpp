@@ -193,6 +193,6 @@ TEST_CASE("Router::route gives evaluation's experts and gates and leaves the for
   }
   REQUIRE_MOA_ERROR(moa::Router<float>(router_config(4, 6, 2), rng).route(MatrixF::Zero(2, 3)),
                     "Router::route: input has shape [2, 3], expected [N, 4]");
-  REQUIRE_MOA_ERROR(moa::Router<float>(router_config(4, 6, 2), rng).route(MatrixF::Zero(2, 4), {1}),
+  REQUIRE_MOA_ERROR(moa::Router<float>(router_config(4, 6, 2), rng).route(MatrixF::Zero(2, 4), std::vector<char>{1}),
                     "Router::route: routed has 1 flags for 2 input rows");
 }

@@ -156,13 +156,6 @@ inline void validate_attention_batches(const char* function, Index model_dim, In
             key_batch.length);
 }
 
-// Rows flagged true where the batch has a real token.
-inline std::vector<char> token_flags(const SequenceBatch& batch) {
-  std::vector<char> flags(static_cast<std::size_t>(batch.rows()));
-  for (Index row = 0; row < batch.rows(); ++row) flags[static_cast<std::size_t>(row)] = batch.is_token(row);
-  return flags;
-}
-
 }  // namespace detail
 
 }  // namespace moa

@@ -10,6 +10,11 @@
 // output projection, scaled by the gates and added into the token rows. Experts no token chose
 // cost nothing, so the cost grows with k and not with E. Backward mirrors each step.
 //
+// With expert-choice routing (RouterConfig::mode, see moa/router.hpp) each expert chooses its
+// tokens instead: a token has any number of assignments, each sequence's assignments are
+// consecutive rows, and the rest is the same. It is rejected for causal attention (the choice over
+// the whole sequence would see the future) and for decoding step by step.
+//
 // Parameters (PyTorch names and [out, in] shapes, so a PyTorch-trained layer loads unchanged):
 //     router.weight [E, d_model], q_proj.weight [E, d_h, d_model], o_proj.weight [E, d_model, d_h],
 //     k_proj.weight [d_h, d_model], v_proj.weight [d_h, d_model]
@@ -103,10 +108,11 @@ class MixtureOfAttention {
                        const SequenceBatch& key_batch, bool causal) const {
     detail::validate_attention_batches("MixtureOfAttention::infer", model_dim(), query.rows(), query.cols(), query_batch,
                                        key_value.rows(), key_value.cols(), key_batch, causal);
-    const typename Router<Scalar>::Routing routing = router.route(query, detail::token_flags(query_batch));
+    check_not_causal_expert_choice(causal, "MixtureOfAttention::infer");
+    const Routing routing = router.route(query, query_batch);
     ForwardPass pass;
-    return run_forward(query, query_batch, key_value, key_batch, causal, routing.experts, routing.gates,
-                       product_precision(*compute_, false), pass);
+    return run_forward(query, query_batch, key_value, key_batch, causal, routing, product_precision(*compute_, false),
+                       pass);
   }
 
  private:
@@ -118,14 +124,17 @@ class MixtureOfAttention {
     Matrix<Scalar> scaled;                  // [c, d_h] gate * attended
   };
 
-  // What a forward computes after routing, kept by forward for backward.
+  using Routing = typename Router<Scalar>::Routing;
+
+  // What a forward computes after routing, kept by forward for backward. A assignments: B*Tq*k
+  // with token choice (padding rows unused), any number with expert choice.
   struct ForwardPass {
     DispatchPlan plan;
     Matrix<Scalar> keys;           // [B*Tk, d_h]
     Matrix<Scalar> values;         // [B*Tk, d_h]
-    Matrix<Scalar> queries;        // [B*Tq*k, d_h]
-    Matrix<Scalar> probabilities;  // [B*Tq*k, Tk]
-    Matrix<Scalar> attended;       // [B*Tq*k, d_h], before the gates
+    Matrix<Scalar> queries;        // [A, d_h]
+    Matrix<Scalar> probabilities;  // [A, Tk]
+    Matrix<Scalar> attended;       // [A, d_h], before the gates
     std::vector<ProjectionScratch> scratch;  // one per part of the experts (see expert_parts)
     double flops = 0.0;
   };
@@ -141,54 +150,60 @@ class MixtureOfAttention {
     query_batch_ = query_batch;
     key_batch_ = key_batch;
     causal_ = causal;
-    if (rng != nullptr) router.forward(query, detail::token_flags(query_batch), *rng);
-    else router.forward(query, detail::token_flags(query_batch));
-    return run_forward(query, query_batch, key_value, key_batch, causal, router.experts(), router.gates(),
+    check_not_causal_expert_choice(causal, "MixtureOfAttention::forward");
+    router.forward(query, query_batch, rng);
+    return run_forward(query, query_batch, key_value, key_batch, causal, router.routing(),
                        product_precision(*compute_, training()), pass_);
   }
 
-  // experts: [N*k] and gates: [N, k], the routing of the N = B*Tq query rows.
+  void check_not_causal_expert_choice(bool causal, const char* function) const {
+    MOA_CHECK(!causal || config_.mode == RoutingMode::token_choice, function,
+              "expert-choice routing is not defined for causal attention: each expert chooses among all the "
+              "tokens of a sequence, so a token's output would depend on later tokens");
+  }
+
+  // routing: the assignments of the N = B*Tq query rows.
   Matrix<Scalar> run_forward(const Matrix<Scalar>& query, const SequenceBatch& query_batch,
                              const Matrix<Scalar>& key_value, const SequenceBatch& key_batch, bool causal,
-                             const std::vector<Index>& experts, const Matrix<Scalar>& gates, Precision precision,
-                             ForwardPass& pass) const {
-    const Index k = config_.top_k;
-    pass.plan = DispatchPlan::build(experts, config_.num_experts, k);
+                             const Routing& routing, Precision precision, ForwardPass& pass) const {
+    const Index assignments = static_cast<Index>(routing.experts.size());
+    pass.plan = DispatchPlan::build(routing.experts, config_.num_experts, slots_per_row());
     pass.keys = linear_product<Scalar>(*compute_, key_value, k_proj.value, precision);    // [B*Tk, d_h]
     pass.values = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision);  // [B*Tk, d_h]
-    project_queries(query, pass.plan, pass.queries, precision, pass.scratch);              // [B*Tq*k, d_h]
-    pass.probabilities.resize(query.rows() * k, key_batch.length);  // [B*Tq*k, Tk]
-    pass.attended.resize(query.rows() * k, config_.head_dim);        // [B*Tq*k, d_h], rows of routed tokens written
+    project_queries(query, pass.plan, routing.tokens, pass.queries, precision, pass.scratch);  // [A, d_h]
+    pass.probabilities.resize(assignments, key_batch.length);  // [A, Tk]
+    pass.attended.resize(assignments, config_.head_dim);        // [A, d_h], rows of routed tokens written
     pass.flops = projection_flops(query.rows(), key_value.rows(), pass.plan.assignments());
     // Sequences are independent: one per thread.
-    const double attention_work = static_cast<double>(query.rows() * k) * key_batch.length * config_.head_dim;
+    const double attention_work = static_cast<double>(assignments) * key_batch.length * config_.head_dim;
     parallel_parts(*compute_, query_batch.batch_size, attention_work, [&](Index b, int) {
-      const Index query_rows = query_batch.length * k, first_query = b * query_rows;
-      attention_forward<Scalar>(pass.queries.middleRows(first_query, query_rows),
+      const SequenceRows rows = sequence_rows(routing, query_batch, key_batch, causal, b);
+      attention_forward<Scalar>(pass.queries.middleRows(rows.first, rows.count),
                                 pass.keys.middleRows(b * key_batch.length, key_batch.length),
-                                pass.values.middleRows(b * key_batch.length, key_batch.length),
-                                layout_of(query_batch, key_batch, causal, b),
-                                pass.probabilities.middleRows(first_query, query_rows),
-                                pass.attended.middleRows(first_query, query_rows), *compute_, precision);
+                                pass.values.middleRows(b * key_batch.length, key_batch.length), rows.layout,
+                                pass.probabilities.middleRows(rows.first, rows.count),
+                                pass.attended.middleRows(rows.first, rows.count), *compute_, precision);
     });
     for (Index b = 0; b < query_batch.batch_size; ++b)
-      pass.flops += cost::attention(static_cast<double>(layout_of(query_batch, key_batch, causal, b).visible_pairs()),
+      pass.flops += cost::attention(static_cast<double>(sequence_rows(routing, query_batch, key_batch, causal, b).layout.visible_pairs()),
                                     static_cast<double>(config_.head_dim));
-    return project_outputs(pass.attended, gates, pass.plan, query.rows(), precision, pass.scratch);
+    return project_outputs(pass.attended, routing, pass.plan, query.rows(), precision, pass.scratch);
   }
 
  public:
   // grad_output: [B*Tq, d_model]. Accumulates every parameter gradient (the aux loss's included)
   // and returns the gradients of both inputs.
   AttentionGradients<Scalar> backward(const Matrix<Scalar>& grad_output) {
-    const Index k = config_.top_k, head_dim = config_.head_dim, model = model_dim();
+    const Index head_dim = config_.head_dim, model = model_dim();
     MOA_CHECK(grad_output.rows() == query_.rows() && grad_output.cols() == model, "MixtureOfAttention::backward",
               "grad_output has shape ", detail::shape_of(grad_output), ", expected ", detail::shape_of(query_),
               " (as the last forward)");
-    const Matrix<Scalar>& gates = router.gates();                       // [N, k]
-    Matrix<Scalar> grad_gates = Matrix<Scalar>::Zero(query_.rows(), k);  // [N, k]
+    const Routing& routing = router.routing();
+    const Matrix<Scalar>& gates = routing.gates;                                   // [N, k] or [A, 1]
+    Matrix<Scalar> grad_gates = Matrix<Scalar>::Zero(gates.rows(), gates.cols());  // as gates
+    const std::vector<Index>& tokens = routing.tokens;                             // [A]
     // Large buffers are members, reused by every call: fresh ones would page-fault each time.
-    Matrix<Scalar>& grad_attended = grad_attended_;  // [N*k, d_h]
+    Matrix<Scalar>& grad_attended = grad_attended_;  // [A, d_h]
     grad_attended.setZero(pass_.attended.rows(), head_dim);
     // Output side: y_t += gate * a Wo_e^T. Within an expert every row is another token, so row
     // slices run on separate threads without conflicts.
@@ -205,7 +220,7 @@ class MixtureOfAttention {
       auto grad_unscaled = rows_of(scratch.narrow_result, count, head_dim);   // [c, d_h] d(gate * a)
       parallel_ranges(*compute_, count, kRowGrain, [&](Index first, Index rows, int) {
         for (Index i = first; i < first + rows; ++i) {
-          if (!everyone) gathered.row(i) = grad_output.row(ids[i] / k);
+          if (!everyone) gathered.row(i) = grad_output.row(tokens[ids[i]]);
           scaled.row(i) = gates.data()[ids[i]] * pass_.attended.row(ids[i]);
         }
         gemm<Scalar>(*compute_, grad_rows.middleRows(first, rows), Transpose::no, weight, Transpose::no,
@@ -219,7 +234,7 @@ class MixtureOfAttention {
                    true);
     });
     // Attention, per sequence, against the shared K and V.
-    Matrix<Scalar>& grad_queries = grad_queries_;  // [N*k, d_h]
+    Matrix<Scalar>& grad_queries = grad_queries_;  // [A, d_h]
     Matrix<Scalar>& grad_keys = grad_keys_;        // [B*Tk, d_h]
     Matrix<Scalar>& grad_values = grad_values_;    // [B*Tk, d_h]
     grad_queries.setZero(pass_.queries.rows(), head_dim);
@@ -228,13 +243,13 @@ class MixtureOfAttention {
     grad_scores_.resize(static_cast<std::size_t>(compute_->threads()));
     const double attention_work = static_cast<double>(pass_.queries.rows()) * key_batch_.length * head_dim;
     parallel_parts(*compute_, query_batch_.batch_size, attention_work, [&](Index b, int thread) {
-      const Index query_rows = query_batch_.length * k, first_query = b * query_rows;
+      const SequenceRows rows = sequence_rows(routing, query_batch_, key_batch_, causal_, b);
       const Index key_rows = key_batch_.length, first_key = b * key_rows;
-      attention_backward<Scalar>(pass_.queries.middleRows(first_query, query_rows), pass_.keys.middleRows(first_key, key_rows),
+      attention_backward<Scalar>(pass_.queries.middleRows(rows.first, rows.count), pass_.keys.middleRows(first_key, key_rows),
                                  pass_.values.middleRows(first_key, key_rows),
-                                 pass_.probabilities.middleRows(first_query, query_rows),
-                                 grad_attended.middleRows(first_query, query_rows), layout_of(query_batch_, key_batch_, causal_, b),
-                                 grad_queries.middleRows(first_query, query_rows),
+                                 pass_.probabilities.middleRows(rows.first, rows.count),
+                                 grad_attended.middleRows(rows.first, rows.count), rows.layout,
+                                 grad_queries.middleRows(rows.first, rows.count),
                                  grad_keys.middleRows(first_key, key_rows), grad_values.middleRows(first_key, key_rows),
                                  &grad_scores_[static_cast<std::size_t>(thread)], *compute_);
     });
@@ -255,11 +270,11 @@ class MixtureOfAttention {
       parallel_ranges(*compute_, count, kRowGrain, [&](Index first, Index rows, int) {
         for (Index i = first; i < first + rows; ++i) {
           grad_rows.row(i) = grad_queries.row(ids[i]);
-          if (!everyone) gathered.row(i) = query_.row(ids[i] / k);
+          if (!everyone) gathered.row(i) = query_.row(tokens[ids[i]]);
         }
         gemm<Scalar>(*compute_, grad_rows.middleRows(first, rows), Transpose::no, weight, Transpose::no,
                      grad_inputs.middleRows(first, rows));
-        for (Index i = first; i < first + rows; ++i) grad_query.row(ids[i] / k) += grad_inputs.row(i);
+        for (Index i = first; i < first + rows; ++i) grad_query.row(tokens[ids[i]]) += grad_inputs.row(i);
       });
       gemm<Scalar>(*compute_, grad_rows, Transpose::yes, inputs, Transpose::no,
                    q_proj.grad.middleRows(e * head_dim, head_dim), true);
@@ -315,6 +330,8 @@ class MixtureOfAttention {
   // for backward.
   Matrix<Scalar> step(const Matrix<Scalar>& input, KVCache<Scalar>& cache) const {
     const char* function = "MixtureOfAttention::step";
+    MOA_CHECK(config_.mode == RoutingMode::token_choice, function,
+              "expert-choice routing chooses among all the tokens of a sequence: it has no step-by-step decoding");
     const Index steps = check_step_input(input, cache, model_dim(), config_.head_dim, function);
     const Index k = config_.top_k;
     const Index offset = cache.frozen() ? 0 : cache.length();
@@ -322,11 +339,11 @@ class MixtureOfAttention {
     if (!cache.frozen())
       cache.append(weight_product<Scalar>(*compute_, input, k_proj.value, cache.rounded_weight(cache.kKeyWeight), precision),
                    weight_product<Scalar>(*compute_, input, v_proj.value, cache.rounded_weight(cache.kValueWeight), precision));
-    const typename Router<Scalar>::Routing routing = router.route(input);
+    const Routing routing = router.route(input);
     const DispatchPlan plan = DispatchPlan::build(routing.experts, config_.num_experts, k);
     std::vector<ProjectionScratch> scratch;  // a step changes nothing in the layer
     Matrix<Scalar> queries;     // [B*n*k, d_h]
-    project_queries(input, plan, queries, precision, scratch, cache.rounded_weight(cache.kQueryWeight));
+    project_queries(input, plan, routing.tokens, queries, precision, scratch, cache.rounded_weight(cache.kQueryWeight));
     Matrix<Scalar> attended(input.rows() * k, config_.head_dim);                // [B*n*k, d_h]
     Matrix<Scalar> probabilities(steps * k, cache.capacity());                  // [n*k, capacity]
     double flops = projection_flops(input.rows(), cache.frozen() ? 0 : input.rows(), plan.assignments());
@@ -343,7 +360,7 @@ class MixtureOfAttention {
       flops += cost::attention(static_cast<double>(layout.visible_pairs()), static_cast<double>(config_.head_dim));
     }
     cache.set_last_step_flops(flops);
-    return project_outputs(attended, routing.gates, plan, input.rows(), precision, scratch,
+    return project_outputs(attended, routing, plan, input.rows(), precision, scratch,
                            cache.rounded_weight(cache.kOutputWeight));
   }
 
@@ -420,13 +437,13 @@ class MixtureOfAttention {
     return buffer.topRows(rows);
   }
 
-  // queries: [N*k, d_h]; row t*k + j = x_t Wq_e^T for the expert e of slot j.
+  // queries: [A, d_h]; row a = x_t Wq_e^T for assignment a's token t = tokens[a] and expert e.
   // rounded: the query weights rounded to bfloat16 (a decoding's), or null.
-  void project_queries(const Matrix<Scalar>& input, const DispatchPlan& plan, Matrix<Scalar>& queries,
-                       Precision precision, std::vector<ProjectionScratch>& scratches,
+  void project_queries(const Matrix<Scalar>& input, const DispatchPlan& plan, const std::vector<Index>& tokens,
+                       Matrix<Scalar>& queries, Precision precision, std::vector<ProjectionScratch>& scratches,
                        const BFloat16Weight* rounded = nullptr) const {
-    const Index k = config_.top_k, head_dim = config_.head_dim;
-    queries.resize(input.rows() * k, head_dim);  // rows of unrouted tokens are never read
+    const Index head_dim = config_.head_dim;
+    queries.resize(static_cast<Index>(tokens.size()), head_dim);  // rows of unrouted tokens are never read
     // Experts write disjoint rows: parts of them run on separate threads.
     const Index parts = expert_parts(plan);
     scratches.resize(static_cast<std::size_t>(parts));
@@ -440,7 +457,7 @@ class MixtureOfAttention {
           weight_product<Scalar>(*compute_, input.middleRows(first, rows), weight, rounded, e,
                                  projected.middleRows(first, rows), false, precision);
         } else {
-          for (Index i = first; i < first + rows; ++i) inputs.row(i) = input.row(ids[i] / k);
+          for (Index i = first; i < first + rows; ++i) inputs.row(i) = input.row(tokens[ids[i]]);
           weight_product<Scalar>(*compute_, inputs.middleRows(first, rows), weight, rounded, e,
                                  projected.middleRows(first, rows), false, precision);
         }
@@ -449,11 +466,13 @@ class MixtureOfAttention {
     });
   }
 
-  // output: [N, d_model]; row t = sum_j gate_{t,j} attended_{t*k+j} Wo_e^T.
-  Matrix<Scalar> project_outputs(const Matrix<Scalar>& attended, const Matrix<Scalar>& gates, const DispatchPlan& plan,
+  // output: [N, d_model]; row t = sum over t's assignments a of gate_a attended_a Wo_e^T.
+  Matrix<Scalar> project_outputs(const Matrix<Scalar>& attended, const Routing& routing, const DispatchPlan& plan,
                                  Index rows, Precision precision, std::vector<ProjectionScratch>& scratches,
                                  const BFloat16Weight* rounded = nullptr) const {
-    const Index k = config_.top_k, model = model_dim(), head_dim = config_.head_dim;
+    const Index model = model_dim(), head_dim = config_.head_dim;
+    const Matrix<Scalar>& gates = routing.gates;
+    const std::vector<Index>& tokens = routing.tokens;
     Matrix<Scalar> output = Matrix<Scalar>::Zero(rows, model);  // [N, d_model]
     // Experts of one part add into the token rows of the part's own sum, added up in part order.
     const Index parts = expert_parts(plan);
@@ -474,22 +493,43 @@ class MixtureOfAttention {
         }
         weight_product<Scalar>(*compute_, scaled.middleRows(first, slice), weight, rounded, e,
                                projected.middleRows(first, slice), false, precision);
-        for (Index i = first; i < first + slice; ++i) target.row(ids[i] / k) += projected.row(i);
+        for (Index i = first; i < first + slice; ++i) target.row(tokens[ids[i]]) += projected.row(i);
       });
     });
     part_sums.add_up(*compute_);
     return output;
   }
 
-  AttentionLayout layout_of(const SequenceBatch& query_batch, const SequenceBatch& key_batch, bool causal,
-                            Index sequence) const {
+  // Assignments per query row in the dispatch plan's terms: k slots with token choice; expert
+  // choice has no fixed number.
+  Index slots_per_row() const { return config_.mode == RoutingMode::token_choice ? config_.top_k : 1; }
+
+  // Sequence b's assignment rows [first, first + count) and what they see. Token choice: k rows
+  // per position, padding positions included in the extent; expert choice: the rows it chose,
+  // each its own position (never causal).
+  struct SequenceRows {
+    Index first = 0;
+    Index count = 0;
     AttentionLayout layout;
-    layout.positions = query_batch.length_of(sequence);
-    layout.rows_per_position = config_.top_k;
-    layout.key_length = key_batch.length_of(sequence);
-    layout.causal = causal;
-    layout.block_positions = config_.causal_block;
-    return layout;
+  };
+  SequenceRows sequence_rows(const Routing& routing, const SequenceBatch& query_batch, const SequenceBatch& key_batch,
+                             bool causal, Index sequence) const {
+    SequenceRows rows;
+    rows.layout.key_length = key_batch.length_of(sequence);
+    rows.layout.causal = causal;
+    rows.layout.block_positions = config_.causal_block;
+    if (config_.mode == RoutingMode::token_choice) {
+      rows.count = query_batch.length * config_.top_k;
+      rows.first = sequence * rows.count;
+      rows.layout.positions = query_batch.length_of(sequence);
+      rows.layout.rows_per_position = config_.top_k;
+    } else {
+      rows.first = routing.sequence_rows[static_cast<std::size_t>(sequence)];
+      rows.count = routing.sequence_rows[static_cast<std::size_t>(sequence + 1)] - rows.first;
+      rows.layout.positions = rows.count;
+      rows.layout.rows_per_position = 1;
+    }
+    return rows;
   }
 
   double projection_flops(Index query_rows, Index key_rows, Index assignments) const {

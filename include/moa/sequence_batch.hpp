@@ -25,6 +25,12 @@ struct SequenceBatch {
   Index rows() const { return batch_size * length; }
   Index length_of(Index sequence) const { return lengths.empty() ? length : lengths[static_cast<std::size_t>(sequence)]; }
   bool is_token(Index row) const { return row % length < length_of(row / length); }
+  // Rows flagged true where the batch has a real token.
+  std::vector<char> token_flags() const {
+    std::vector<char> flags(static_cast<std::size_t>(rows()));
+    for (Index row = 0; row < rows(); ++row) flags[static_cast<std::size_t>(row)] = is_token(row);
+    return flags;
+  }
   Index tokens() const {
     Index total = 0;
     for (Index b = 0; b < batch_size; ++b) total += length_of(b);
