@@ -27,12 +27,17 @@ const Shape kWide{8, 128, 512, 32, 4, 64};
 const Shape kWide64{8, 128, 512, 64, 4, 64};
 const Shape kCausal{8, 256, 512, 16, 4, 64};
 
-moa::MixtureOfAttention<float> make_moa(const Shape& shape, moa::Rng& rng) {
+moa::MixtureOfAttention<float> make_moa(const Shape& shape, moa::Rng& rng,
+                                        moa::RoutingMode mode = moa::RoutingMode::token_choice) {
   moa::MixtureOfAttentionConfig config;
   config.model_dim = shape.model;
   config.num_experts = shape.experts;
   config.top_k = shape.top_k;
   config.head_dim = shape.head_dim;
+  if (mode == moa::RoutingMode::expert_choice) {  // C = T k / E tokens per expert: k per token on average
+    config.mode = mode;
+    config.load_balance_coefficient = config.z_loss_coefficient = 0.0;
+  }
   moa::MixtureOfAttention<float> layer(config, rng);
   layer.set_compute(moa_bench::compute());
   // A trained router spreads tokens over the experts; a zero one would send all to the first k.
@@ -72,6 +77,12 @@ void BM_MoA(benchmark::State& state, Shape shape, bool causal, bool with_backwar
   moa::Rng rng(1);
   auto layer = make_moa(shape, rng);
   run_layer(state, layer, shape, causal, with_backward);
+}
+
+void BM_MoAExpertChoice(benchmark::State& state, Shape shape, bool with_backward) {
+  moa::Rng rng(1);
+  auto layer = make_moa(shape, rng, moa::RoutingMode::expert_choice);
+  run_layer(state, layer, shape, false, with_backward);
 }
 
 void BM_MHA(benchmark::State& state, Shape shape, bool causal, bool with_backward) {
@@ -153,6 +164,16 @@ MOA_SHAPE_BENCHMARKS(wide, kWide, false);
 MOA_SHAPE_BENCHMARKS(wide64, kWide64, false);
 MOA_SHAPE_BENCHMARKS(causal, kCausal, true);
 MOA_SHAPE_BENCHMARKS(noncausal, kCausal, false);
+// Expert choice is defined for non-causal attention only.
+#define MOA_EXPERT_CHOICE_BENCHMARKS(name, shape)                                                                \
+  BENCHMARK_CAPTURE(BM_MoAExpertChoice, name##_forward, shape, false)->Unit(benchmark::kMillisecond); \
+  BENCHMARK_CAPTURE(BM_MoAExpertChoice, name##_forward_backward, shape, true)->Unit(benchmark::kMillisecond)
+
+MOA_EXPERT_CHOICE_BENCHMARKS(toy, kToy);
+MOA_EXPERT_CHOICE_BENCHMARKS(base, kBase);
+MOA_EXPERT_CHOICE_BENCHMARKS(wide, kWide);
+MOA_EXPERT_CHOICE_BENCHMARKS(wide64, kWide64);
+MOA_EXPERT_CHOICE_BENCHMARKS(noncausal, kCausal);
 BENCHMARK_CAPTURE(BM_MoADecode, wide_cache256, kWide)->Unit(benchmark::kMicrosecond);
 BENCHMARK_CAPTURE(BM_MHADecode, wide_cache256, kWide)->Unit(benchmark::kMicrosecond);
 

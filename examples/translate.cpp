@@ -258,7 +258,9 @@ class Run {
     model_.set_compute(compute_);
     adam_.set_compute(compute_);
     fs::create_directories(folder_);
-    result_.name = config_.attention.kind == moa::AttentionSpec::Kind::moa ? "MoA" : "MHA";
+    result_.name = config_.attention.kind == moa::AttentionSpec::Kind::mha             ? "MHA"
+                 : config_.attention.routing == moa::RoutingMode::expert_choice ? "MoA-EC"
+                                                                            : "MoA";
     result_.spec = spec;
     result_.parameters = parameters_.numel();
     result_.folder = folder_;
@@ -462,16 +464,16 @@ class Run {
     model_.for_each_attention([&](const moa::AttentionSite& site, const moa::MixtureOfAttention<float>& attention) {
       sites.push_back({site.name, &attention, site.queries_from_source});
     });
-    const Index experts = config_.attention.num_experts, k = config_.attention.top_k;
+    const Index experts = config_.attention.num_experts;
     std::vector<moa_examples::ExpertTokenStatistics> statistics(sites.size(), moa_examples::ExpertTokenStatistics(experts));
     // The same routing paired with the batch's tokens shuffled: the information a token-blind router
     // would show on a sample of this size.
     std::vector<moa_examples::ExpertTokenStatistics> shuffled(sites.size(), moa_examples::ExpertTokenStatistics(experts));
     moa::Rng order(0), shuffling(kBootstrapSeed);
-    auto shuffle = [&](moa::TokenIds tokens, const std::vector<Index>& assignments) {
+    auto shuffle = [&](moa::TokenIds tokens, const moa::SequenceBatch& batch) {
       std::vector<std::size_t> routed;  // padding rows are not routed and keep their place
       for (std::size_t row = 0; row < tokens.size(); ++row)
-        if (assignments[row * static_cast<std::size_t>(k)] >= 0) routed.push_back(row);
+        if (batch.is_token(static_cast<Index>(row))) routed.push_back(row);
       for (std::size_t i = routed.size(); i > 1; --i) std::swap(tokens[routed[i - 1]], tokens[routed[shuffling.below(i)]]);
       return tokens;
     };
@@ -480,14 +482,15 @@ class Run {
       model_.forward(batch.source, batch.source_batch, batch.target_input, batch.target_batch, dropout_rng_);
       for (std::size_t s = 0; s < sites.size(); ++s) {
         const moa::TokenIds& tokens = sites[s].encoder ? batch.source : batch.target_input;
-        const std::vector<Index>& assignments = sites[s].attention->router.experts();
-        statistics[s].add(tokens, assignments, k);
-        shuffled[s].add(shuffle(tokens, assignments), assignments, k);
+        const moa::SequenceBatch& rows = sites[s].encoder ? batch.source_batch : batch.target_batch;
+        const auto& router = sites[s].attention->router;
+        statistics[s].add(tokens, router.experts(), router.tokens());
+        shuffled[s].add(shuffle(tokens, rows), router.experts(), router.tokens());
       }
     }
     std::ofstream report(folder_ + "/experts.txt");
     report << "Expert analysis of " << result_.spec << " on the validation split\n"
-           << "PMI(token, expert) = log p(token, expert) / (p(token) p(expert)), over the k assignments of each token;\n"
+           << "PMI(token, expert) = log p(token, expert) / (p(token) p(expert)), over each token's assignments;\n"
            << "a token always routed to an expert has the largest PMI, log 1 / (k p(expert)); ties list frequent\n"
            << "tokens first; tokens seen at least 5 times; (PMI, count) after each token\n";
     std::vector<std::string> rows, columns;
@@ -605,10 +608,10 @@ void write_results(const std::string& path, const std::vector<RunResult>& result
 
 void print_table(const std::vector<RunResult>& results, const std::string& chart, const std::string& results_path,
                  double p_value) {
-  std::printf("\n%-5s %-14s %11s %12s %9s %11s %10s %11s %7s\n", "model", "attention", "parameters", "MACs/token",
+  std::printf("\n%-6s %-16s %11s %12s %9s %11s %10s %11s %7s\n", "model", "attention", "parameters", "MACs/token",
               "tokens/s", "valid loss", "BLEU beam", "BLEU greedy", "chrF");
   for (const auto& r : results)
-    std::printf("%-5s %-14s %11lld %11.2fM %9.0f %11.3f %10.2f %11.2f %7.2f\n", r.name.c_str(), r.spec.c_str(),
+    std::printf("%-6s %-16s %11lld %11.2fM %9.0f %11.3f %10.2f %11.2f %7.2f\n", r.name.c_str(), r.spec.c_str(),
                 static_cast<long long>(r.parameters), r.macs / 1e6, r.tokens_per_second, r.valid_loss, r.bleu_beam,
                 r.bleu_greedy, r.chrf);
   for (const auto& r : results)

@@ -181,8 +181,8 @@ moa::MixtureOfAttentionConfig moa_config() {
   return config;
 }
 
-// An attention layer on two padded sequences: self-attention (causal) or cross-attention.
-template <typename Attention, bool self>
+// An attention layer on two padded sequences: self-attention (causal unless told) or cross-attention.
+template <typename Attention, bool self, bool causal = self>
 Op<typename Attention::Scalar> make_attention(std::shared_ptr<Attention> layer, moa::Rng& rng) {
   using Scalar = typename Attention::Scalar;
   Op<Scalar> op;
@@ -197,7 +197,7 @@ Op<typename Attention::Scalar> make_attention(std::shared_ptr<Attention> layer, 
   }
   op.forward = [layer, query_batch, key_batch, inputs = op.inputs] {
     moa::Rng unused(0);
-    if (self) return moa::forward_self_attention(*layer, (*inputs)[0], query_batch, true, unused);
+    if (self) return moa::forward_self_attention(*layer, (*inputs)[0], query_batch, causal, unused);
     return moa::forward_attention(*layer, (*inputs)[0], query_batch, (*inputs)[1], key_batch, false, unused);
   };
   op.backward = [layer](const M<Scalar>& grad) {
@@ -220,6 +220,23 @@ template <typename Scalar>
 Op<Scalar> make_moa_self(std::uint64_t seed) { return make_moa<Scalar, true>(seed); }
 template <typename Scalar>
 Op<Scalar> make_moa_cross(std::uint64_t seed) { return make_moa<Scalar, false>(seed); }
+
+// Expert choice: non-causal self-attention or cross-attention.
+template <typename Scalar, bool self>
+Op<Scalar> make_moa_expert_choice(std::uint64_t seed) {
+  moa::Rng rng(seed);
+  auto config = moa_config();
+  config.mode = moa::RoutingMode::expert_choice;
+  config.capacity_factor = 1.5;
+  config.load_balance_coefficient = config.z_loss_coefficient = 0.0;
+  auto layer = std::make_shared<moa::MixtureOfAttention<Scalar>>(config, rng);
+  moa::init_normal(layer->router.weight.value, rng, 0.0, 1.0);
+  return make_attention<moa::MixtureOfAttention<Scalar>, self, false>(layer, rng);
+}
+template <typename Scalar>
+Op<Scalar> make_moa_expert_choice_self(std::uint64_t seed) { return make_moa_expert_choice<Scalar, true>(seed); }
+template <typename Scalar>
+Op<Scalar> make_moa_expert_choice_cross(std::uint64_t seed) { return make_moa_expert_choice<Scalar, false>(seed); }
 
 template <typename Scalar, bool self>
 Op<Scalar> make_mha(std::uint64_t seed) {
@@ -333,6 +350,8 @@ MOA_OP_CASE(router, "Router gates + aux losses", make_router);
 MOA_OP_CASE(attention_kernel, "attention kernel (2 rows/position, causal)", make_attention_kernel);
 MOA_OP_CASE(moa_self, "MixtureOfAttention self, causal, padded", make_moa_self);
 MOA_OP_CASE(moa_cross, "MixtureOfAttention cross, padded", make_moa_cross);
+MOA_OP_CASE(moa_expert_choice_self, "MixtureOfAttention expert choice, self, padded", make_moa_expert_choice_self);
+MOA_OP_CASE(moa_expert_choice_cross, "MixtureOfAttention expert choice, cross, padded", make_moa_expert_choice_cross);
 MOA_OP_CASE(mha_self, "MultiHeadAttention self, causal, padded", make_mha_self);
 MOA_OP_CASE(mha_cross, "MultiHeadAttention cross, padded", make_mha_cross);
 MOA_OP_CASE(encoder_layer, "TransformerEncoderLayer<MoA> post-LN", make_encoder_layer_post);

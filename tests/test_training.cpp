@@ -15,7 +15,7 @@ using namespace moa_test;
 
 TEST_CASE("ExpertTokenStatistics: loads and PMI of a hand-computed case", "[training]") {
   moa_examples::ExpertTokenStatistics statistics(2);
-  statistics.add({5, 5, 6, 6}, {0, 0, 0, 1}, 1);
+  statistics.add({5, 5, 6, 6}, {0, 0, 0, 1}, {0, 1, 2, 3});
   REQUIRE(statistics.total() == 4);
   REQUIRE(statistics.loads() == std::vector<double>{0.75, 0.25});
   // p(5, e0) = 1/2, p(5) = 1/2, p(e0) = 3/4: log 4/3. p(6, e1) = 1/4, p(6) = 1/2, p(e1) = 1/4: log 2.
@@ -28,21 +28,23 @@ TEST_CASE("ExpertTokenStatistics: loads and PMI of a hand-computed case", "[trai
   REQUIRE(statistics.top_tokens(1, 5, 3).empty());  // token 6 was seen twice, fewer than 3
   moa_examples::ExpertTokenStatistics empty(3);
   REQUIRE(empty.top_tokens(2, 5, 1).empty());
-  REQUIRE_MOA_ERROR(statistics.add({5}, {0, 1}, 1), "got 2 assignments for 1 tokens");
-  REQUIRE_MOA_ERROR(statistics.add({5}, {2}, 1), "expert 2 is outside [0, 2)");
+  REQUIRE_MOA_ERROR(statistics.add({5}, {0, 1}, {0}), "got 2 experts for 1 assignment rows");
+  REQUIRE_MOA_ERROR(statistics.add({5}, {2}, {0}), "expert 2 is outside [0, 2)");
+  REQUIRE_MOA_ERROR(statistics.add({5}, {1}, {1}), "row 1 is outside [0, 1)");
   REQUIRE_MOA_ERROR(statistics.top_tokens(2, 5, 1), "expert 2 is outside [0, 2)");
   REQUIRE(statistics.mutual_information() ==
           Approx(0.5 * std::log(4.0 / 3) + 0.25 * std::log(2.0 / 3) + 0.25 * std::log(2.0)));
   // Routing that ignores the token: no information.
   moa_examples::ExpertTokenStatistics independent(2);
-  independent.add({5, 5, 6, 6}, {0, 1, 0, 1}, 1);
+  independent.add({5, 5, 6, 6}, {0, 1, 0, 1}, {0, 1, 2, 3});
   REQUIRE(std::abs(independent.mutual_information()) < 1e-15);
 }
 
 TEST_CASE("ExpertTokenStatistics: equal PMI lists the more frequent token first, exactly", "[training]") {
   // Tokens 7 (3 times) and 8 (6 times) always go to expert 0 (with 9 once): equal PMI, 8 first.
   moa_examples::ExpertTokenStatistics statistics(3);
-  statistics.add({7, 7, 7, 8, 8, 8, 8, 8, 8, 9, 9, 9}, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2}, 1);
+  statistics.add({7, 7, 7, 8, 8, 8, 8, 8, 8, 9, 9, 9}, {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2},
+                 {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11});
   const auto top = statistics.top_tokens(0, 3, 1);
   REQUIRE(top.size() == 3);
   REQUIRE(top[0].token == 8);

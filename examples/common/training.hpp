@@ -106,21 +106,22 @@ class ExpertTokenStatistics {
  public:
   explicit ExpertTokenStatistics(Index num_experts) : expert_totals_(static_cast<std::size_t>(num_experts), 0) {}
 
-  // tokens: one id per query row; experts: [rows * k], -1 for unrouted rows.
-  void add(const TokenIds& tokens, const std::vector<Index>& experts, Index top_k) {
-    MOA_CHECK(experts.size() == tokens.size() * static_cast<std::size_t>(top_k), "ExpertTokenStatistics::add", "got ",
-              experts.size(), " assignments for ", tokens.size(), " tokens and top_k ", top_k);
-    for (std::size_t row = 0; row < tokens.size(); ++row) {
-      for (Index j = 0; j < top_k; ++j) {
-        const Index expert = experts[row * static_cast<std::size_t>(top_k) + static_cast<std::size_t>(j)];
-        if (expert < 0) continue;
-        MOA_CHECK(expert < static_cast<Index>(expert_totals_.size()), "ExpertTokenStatistics::add", "expert ", expert,
-                  " is outside [0, ", expert_totals_.size(), ")");
-        ++joint_[{tokens[row], expert}];
-        ++token_totals_[tokens[row]];
-        ++expert_totals_[static_cast<std::size_t>(expert)];
-        ++total_;
-      }
+  // tokens: one id per query row; experts and rows: [A], assignment a of expert experts[a] (-1:
+  // none) to query row rows[a] (a Router's experts() and tokens()).
+  void add(const TokenIds& tokens, const std::vector<Index>& experts, const std::vector<Index>& rows) {
+    MOA_CHECK(experts.size() == rows.size(), "ExpertTokenStatistics::add", "got ", experts.size(), " experts for ",
+              rows.size(), " assignment rows");
+    for (std::size_t a = 0; a < experts.size(); ++a) {
+      const Index expert = experts[a], row = rows[a];
+      if (expert < 0) continue;
+      MOA_CHECK(expert < static_cast<Index>(expert_totals_.size()), "ExpertTokenStatistics::add", "expert ", expert,
+                " is outside [0, ", expert_totals_.size(), ")");
+      MOA_CHECK(row >= 0 && row < static_cast<Index>(tokens.size()), "ExpertTokenStatistics::add", "row ", row,
+                " is outside [0, ", tokens.size(), ")");
+      ++joint_[{tokens[static_cast<std::size_t>(row)], expert}];
+      ++token_totals_[tokens[static_cast<std::size_t>(row)]];
+      ++expert_totals_[static_cast<std::size_t>(expert)];
+      ++total_;
     }
   }
 

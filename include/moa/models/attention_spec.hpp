@@ -1,7 +1,8 @@
 // moa/models/attention_spec.hpp - the attention of a model as a string: "moa:4K8E64D" (top-4 of 8
 // experts, head width 64), "moa:8K8E128D:raw" (the same with the chosen probabilities as gates,
-// not renormalised over the k, as in the authors' code) or "mha:4H64D" (4 heads of width 64),
-// and its cost per token.
+// not renormalised over the k, as in the authors' code), "moa-ec:4K8E64D" (expert-choice routing:
+// each expert takes 4/8 of each sequence's tokens, so k per token on average; in encoder layers, see
+// TransformerConfig) or "mha:4H64D" (4 heads of width 64), and its cost per token.
 #pragma once
 
 #include "moa/attention_cost.hpp"
@@ -14,7 +15,7 @@
 
 namespace moa {
 
-// "moa:4K8E64D", "moa:4K8E64D:raw" or "mha:4H64D".
+// "moa:4K8E64D", "moa:4K8E64D:raw", "moa-ec:4K8E64D" or "mha:4H64D".
 struct AttentionSpec {
   enum class Kind { moa, mha };
   Kind kind = Kind::moa;
@@ -23,17 +24,23 @@ struct AttentionSpec {
   Index num_heads = 0;    // mha
   Index head_dim = 0;
   GateNormalization gates = GateNormalization::renormalized;  // moa
+  RoutingMode routing = RoutingMode::token_choice;            // moa
 
   static AttentionSpec parse(const std::string& text) {
     const char* function = "AttentionSpec::parse";
     const std::string expected =
-        "expected 'moa:<k>K<E>E<d_h>D[:raw]' (e.g. moa:4K8E64D) or 'mha:<h>H<d_h>D' (e.g. mha:4H64D)";
-    MOA_CHECK(text.size() > 4 && (text.compare(0, 4, "moa:") == 0 || text.compare(0, 4, "mha:") == 0), function,
-              "unknown attention spec '", text, "': ", expected);
+        "expected 'moa:<k>K<E>E<d_h>D[:raw]' (e.g. moa:4K8E64D), 'moa-ec:<k>K<E>E<d_h>D' or 'mha:<h>H<d_h>D' (e.g. "
+        "mha:4H64D)";
     AttentionSpec spec;
-    spec.kind = text.compare(0, 4, "moa:") == 0 ? Kind::moa : Kind::mha;
+    std::size_t position = 0;
+    for (const char* prefix : {"moa:", "moa-ec:", "mha:"}) {
+      const std::string start = prefix;
+      if (text.size() > start.size() && text.compare(0, start.size(), start) == 0) position = start.size();
+    }
+    MOA_CHECK(position > 0, function, "unknown attention spec '", text, "': ", expected);
+    spec.kind = text.compare(0, 4, "mha:") == 0 ? Kind::mha : Kind::moa;
+    if (text.compare(0, 7, "moa-ec:") == 0) spec.routing = RoutingMode::expert_choice;
     const std::string letters = spec.kind == Kind::moa ? "KED" : "HD";
-    std::size_t position = 4;
     for (char letter : letters) {
       std::size_t end = position;
       while (end < text.size() && std::isdigit(static_cast<unsigned char>(text[end]))) ++end;
@@ -47,7 +54,9 @@ struct AttentionSpec {
       if (letter == 'D') spec.head_dim = value;
       position = end + 1;
     }
-    if (spec.kind == Kind::moa && text.compare(position, std::string::npos, ":raw") == 0) {
+    // Expert choice's gates are the probabilities themselves: nothing to renormalise.
+    if (spec.kind == Kind::moa && spec.routing == RoutingMode::token_choice &&
+        text.compare(position, std::string::npos, ":raw") == 0) {
       spec.gates = GateNormalization::raw;
       position = text.size();
     }
@@ -58,7 +67,8 @@ struct AttentionSpec {
   }
 
   std::string to_string() const {
-    return kind == Kind::moa ? "moa:" + std::to_string(top_k) + "K" + std::to_string(num_experts) + "E" +
+    const std::string prefix = routing == RoutingMode::expert_choice ? "moa-ec:" : "moa:";
+    return kind == Kind::moa ? prefix + std::to_string(top_k) + "K" + std::to_string(num_experts) + "E" +
                                    std::to_string(head_dim) + "D" + (gates == GateNormalization::raw ? ":raw" : "")
                              : "mha:" + std::to_string(num_heads) + "H" + std::to_string(head_dim) + "D";
   }

@@ -28,9 +28,9 @@ class TransformerDecoderLayer {
   static_assert(is_attention_v<Attention>, "Attention must provide moa/attention_interface.hpp");
 
   TransformerDecoderLayer(const TransformerConfig& config, Rng& rng)
-      : self_attn(AttentionTraits<Attention>::make(config, rng)),
+      : self_attn(AttentionTraits<Attention>::make(config, QuerySide::decoder, rng)),
         self_attn_layer_norm(config.model_dim),
-        encoder_attn(AttentionTraits<Attention>::make(config, rng)),
+        encoder_attn(AttentionTraits<Attention>::make(config, QuerySide::decoder, rng)),
         encoder_attn_layer_norm(config.model_dim),
         ffn(config.model_dim, config.ffn_dim, config.activation, rng),
         final_layer_norm(config.model_dim),

@@ -40,6 +40,10 @@ struct TransformerConfig {
   }
 };
 
+// Where an attention layer's queries come from: an encoder's, each of which may see every other, or
+// a decoder's, which must not depend on later ones (in self- and in cross-attention alike).
+enum class QuerySide { encoder, decoder };
+
 // How a model builds its attention layers from the spec: a new attention kind (one that satisfies
 // moa/attention_interface.hpp) adds a specialisation.
 template <typename Attention>
@@ -48,7 +52,9 @@ struct AttentionTraits;
 template <typename S>
 struct AttentionTraits<MixtureOfAttention<S>> {
   static constexpr AttentionSpec::Kind kind = AttentionSpec::Kind::moa;
-  static MixtureOfAttention<S> make(const TransformerConfig& config, Rng& rng) {
+  // Expert-choice routing chooses over a whole sequence, which a decoder's queries may not see:
+  // decoder layers of a moa-ec model route by token choice, encoder layers by expert choice.
+  static MixtureOfAttention<S> make(const TransformerConfig& config, QuerySide side, Rng& rng) {
     MOA_CHECK(config.attention.kind == kind, "Transformer", "a MixtureOfAttention model needs a moa: spec, got '",
               config.attention.to_string(), "'");
     MixtureOfAttentionConfig attention;
@@ -59,6 +65,10 @@ struct AttentionTraits<MixtureOfAttention<S>> {
     attention.gate_normalization = config.attention.gates;
     attention.load_balance_coefficient = config.load_balance_coefficient;
     attention.z_loss_coefficient = config.z_loss_coefficient;
+    if (config.attention.routing == RoutingMode::expert_choice && side == QuerySide::encoder) {
+      attention.mode = RoutingMode::expert_choice;
+      attention.load_balance_coefficient = attention.z_loss_coefficient = 0.0;  // balanced by construction
+    }
     return MixtureOfAttention<S>(attention, rng);
   }
 };
@@ -66,7 +76,7 @@ struct AttentionTraits<MixtureOfAttention<S>> {
 template <typename S>
 struct AttentionTraits<MultiHeadAttention<S>> {
   static constexpr AttentionSpec::Kind kind = AttentionSpec::Kind::mha;
-  static MultiHeadAttention<S> make(const TransformerConfig& config, Rng& rng) {
+  static MultiHeadAttention<S> make(const TransformerConfig& config, QuerySide, Rng& rng) {
     MOA_CHECK(config.attention.kind == kind, "Transformer", "a MultiHeadAttention model needs an mha: spec, got '",
               config.attention.to_string(), "'");
     return MultiHeadAttention<S>({config.model_dim, config.attention.num_heads, config.attention.head_dim}, rng);
