@@ -291,7 +291,7 @@ int main(int argc, char** argv) {
   Options options;
   CLI::App app{"Masked language modelling with MoA (and an MHA baseline)"};
   app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
-  app.add_option("--attention", options.attention, "attention spec: moa:<k>K<E>E<d_h>D[:raw] (raw: gates not renormalised) or mha:<h>H<d_h>D")
+  app.add_option("--attention", options.attention, "attention spec: moa:<k>K<E>E<d_h>D[:raw] (raw: gates not renormalised), moa-ec:<k>K<E>E<d_h>D[:largest] (expert choice in the encoder) or mha:<h>H<d_h>D")
       ->capture_default_str();
   app.add_option("--baseline", options.baseline, "a second spec to train and compare");
   app.add_option("--output", options.output, "output folder")->capture_default_str();

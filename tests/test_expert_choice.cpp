@@ -12,7 +12,8 @@ using namespace moa_test;
 
 namespace {
 
-moa::MixtureOfAttentionConfig expert_choice_config(Index experts, Index k, double capacity_factor = 1.0) {
+moa::MixtureOfAttentionConfig expert_choice_config(Index experts, Index k, double capacity_factor = 1.0,
+                                                   moa::ExpertCapacity capacity = moa::ExpertCapacity::fixed) {
   moa::MixtureOfAttentionConfig config;
   config.model_dim = 6;
   config.num_experts = experts;
@@ -20,6 +21,7 @@ moa::MixtureOfAttentionConfig expert_choice_config(Index experts, Index k, doubl
   config.head_dim = 3;
   config.mode = moa::RoutingMode::expert_choice;
   config.capacity_factor = capacity_factor;
+  config.capacity = capacity;
   config.load_balance_coefficient = 0.0;
   config.z_loss_coefficient = 0.0;
   return config;
@@ -40,8 +42,18 @@ std::vector<AttentionCase> non_causal_cases() {
   return cases;
 }
 
+// Experts in order of decreasing p (a stable sort: ties to the lower index).
+std::vector<Index> ranked(const moa::RowVector<double>& p) {
+  std::vector<Index> order(static_cast<std::size_t>(p.size()));
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](Index a, Index c) { return p(a) > p(c); });
+  return order;
+}
+
 // From the formulas: in each sequence, expert e takes the C tokens of largest p_{e,t} (a stable
 // sort, so ties go to the earlier token) and adds p_{e,t} attend(x_t Wq_e^T) Wo_e^T to their rows.
+// C is fixed, round(capacity_factor * T * k / E) in [1, T], or the largest load: the most tokens of
+// a sequence with one expert among their top k, at most 60% of T, at least 1.
 MatrixD naive_expert_choice(const moa::MixtureOfAttention<double>& layer, const MatrixD& query,
                             const moa::SequenceBatch& query_batch, const MatrixD& key_value,
                             const moa::SequenceBatch& key_batch) {
@@ -54,14 +66,24 @@ MatrixD naive_expert_choice(const moa::MixtureOfAttention<double>& layer, const 
     probabilities.row(row) = (probabilities.row(row).array() - probabilities.row(row).maxCoeff()).exp();
     probabilities.row(row) /= probabilities.row(row).sum();
   }
+  Index largest_load = 0;
+  for (Index b = 0; b < query_batch.batch_size; ++b) {
+    std::vector<Index> loads(static_cast<std::size_t>(config.num_experts), 0);
+    for (Index t = 0; t < query_batch.length_of(b); ++t) {
+      const std::vector<Index> order = ranked(probabilities.row(b * query_batch.length + t));
+      for (Index j = 0; j < config.top_k; ++j)
+        largest_load = std::max(largest_load, ++loads[static_cast<std::size_t>(order[static_cast<std::size_t>(j)])]);
+    }
+  }
   MatrixD output = MatrixD::Zero(query.rows(), model);
   for (Index b = 0; b < query_batch.batch_size; ++b) {
     const Index length = query_batch.length_of(b), first = b * query_batch.length;
     if (length == 0) continue;
-    const Index capacity = std::clamp<Index>(
-        static_cast<Index>(std::round(config.capacity_factor * static_cast<double>(length * config.top_k) /
-                                      static_cast<double>(config.num_experts))),
-        1, length);
+    const Index wanted = config.capacity == moa::ExpertCapacity::fixed
+                             ? static_cast<Index>(std::round(config.capacity_factor * static_cast<double>(length * config.top_k) /
+                                                             static_cast<double>(config.num_experts)))
+                             : std::min(largest_load, static_cast<Index>(std::floor(0.6 * static_cast<double>(length))));
+    const Index capacity = std::clamp<Index>(wanted, 1, length);
     for (Index e = 0; e < config.num_experts; ++e) {
       std::vector<Index> order(static_cast<std::size_t>(length));
       std::iota(order.begin(), order.end(), 0);
@@ -82,12 +104,12 @@ MatrixD naive_expert_choice(const moa::MixtureOfAttention<double>& layer, const 
 
 TEST_CASE("expert choice: capacity C = round(capacity_factor * T * k / E), at least 1, at most T", "[expert_choice]") {
   auto config = expert_choice_config(8, 2, 1.25);
-  REQUIRE(config.capacity(10) == 3);  // 3.125
-  REQUIRE(config.capacity(12) == 4);  // 3.75
-  REQUIRE(config.capacity(1) == 1);   // 0.3125, but every expert takes a token
-  REQUIRE(config.capacity(0) == 0);
+  REQUIRE(config.fixed_capacity(10) == 3);  // 3.125
+  REQUIRE(config.fixed_capacity(12) == 4);  // 3.75
+  REQUIRE(config.fixed_capacity(1) == 1);   // 0.3125, but every expert takes a token
+  REQUIRE(config.fixed_capacity(0) == 0);
   config.capacity_factor = 10.0;
-  REQUIRE(config.capacity(5) == 5);  // never more than the sequence
+  REQUIRE(config.fixed_capacity(5) == 5);  // never more than the sequence
 }
 
 TEST_CASE("expert choice: a hand-computed routing, with ties, padding and tokens of 0 and 2 experts", "[expert_choice]") {
@@ -123,13 +145,28 @@ TEST_CASE("expert choice: a hand-computed routing, with ties, padding and tokens
   REQUIRE(routing.experts == router.experts());
   REQUIRE(routing.tokens == router.tokens());
   REQUIRE(routing.gates == router.gates());
+  // Largest load: top-1 choices are 0, 1, 0, 0 (a tie to the lower expert) and 0, 0, 0, so the
+  // largest load is 3; C = min(3, 60% of T) = 2 in sequence 0, 1 in sequence 1.
+  router = moa::Router<double>([&] {
+    auto largest = config;
+    largest.capacity = moa::ExpertCapacity::largest_load;
+    return largest;
+  }(), rng);
+  router.weight.value << 1, 0, 0, 1;
+  router.forward(input, batch, nullptr);
+  REQUIRE(router.experts() == std::vector<Index>{0, 1, 0, 1, 0, 1});
+  REQUIRE(router.tokens() == std::vector<Index>{0, 1, 2, 3, 4, 4});
+  REQUIRE(router.routing().sequence_rows == std::vector<Index>{0, 4, 6});
 }
 
 TEST_CASE("expert choice: MixtureOfAttention equals the naive oracle to 1e-12", "[expert_choice][oracle]") {
   moa::Rng rng(1);
-  for (double capacity_factor : {1.0, 2.0, 0.5}) {
+  for (double capacity_factor : {1.0, 2.0, 0.5, 0.0}) {  // 0: the largest load
     for (Index k : {1, 2}) {
-      auto layer = make_layer<double>(expert_choice_config(4, k, capacity_factor), rng);
+      auto layer = make_layer<double>(
+          capacity_factor > 0 ? expert_choice_config(4, k, capacity_factor)
+                              : expert_choice_config(4, k, 1.0, moa::ExpertCapacity::largest_load),
+          rng);
       for (const AttentionCase& test_case : non_causal_cases()) {
         INFO(test_case.name << ", k = " << k << ", capacity factor " << capacity_factor);
         const MatrixD query = random_matrix(test_case.query_batch.rows(), 6, rng);
@@ -147,11 +184,13 @@ TEST_CASE("expert choice: MixtureOfAttention equals the naive oracle to 1e-12", 
 
 TEST_CASE("expert choice: gradient check of every parameter and both inputs", "[expert_choice][gradient]") {
   moa::Rng rng(3);
-  for (Index k : {1, 3}) {
-    auto layer = make_layer<double>(expert_choice_config(4, k, 1.5), rng);
-    for (const AttentionCase& test_case : non_causal_cases()) {
-      INFO(test_case.name << ", k = " << k);
-      REQUIRE_GRADIENTS_OK(check_attention_gradients(layer, test_case, rng));
+  for (const auto capacity : {moa::ExpertCapacity::fixed, moa::ExpertCapacity::largest_load}) {
+    for (Index k : {1, 3}) {
+      auto layer = make_layer<double>(expert_choice_config(4, k, 1.5, capacity), rng);
+      for (const AttentionCase& test_case : non_causal_cases()) {
+        INFO(test_case.name << ", k = " << k << (capacity == moa::ExpertCapacity::fixed ? "" : ", largest load"));
+        REQUIRE_GRADIENTS_OK(check_attention_gradients(layer, test_case, rng));
+      }
     }
   }
 }
@@ -222,6 +261,10 @@ TEST_CASE("expert choice: the moa-ec spec routes encoder layers by expert choice
   REQUIRE(spec.to_string() == "moa-ec:2K4E8D");
   REQUIRE(spec.flops_per_token(32, 10) == moa::AttentionSpec::parse("moa:2K4E8D").flops_per_token(32, 10));
   REQUIRE_MOA_ERROR(moa::AttentionSpec::parse("moa-ec:2K4E8D:raw"), "unknown attention spec");
+  REQUIRE_MOA_ERROR(moa::AttentionSpec::parse("moa:2K4E8D:largest"), "unknown attention spec");
+  const auto largest = moa::AttentionSpec::parse("moa-ec:2K4E8D:largest");
+  REQUIRE(largest.capacity == moa::ExpertCapacity::largest_load);
+  REQUIRE(largest.to_string() == "moa-ec:2K4E8D:largest");
   REQUIRE_MOA_ERROR(moa::AttentionSpec::parse("moa-ec:"), "unknown attention spec");
   moa::TransformerConfig config;
   config.vocab_size = 12;
@@ -239,10 +282,12 @@ TEST_CASE("expert choice: the moa-ec spec routes encoder layers by expert choice
     REQUIRE(router.load_balance_coefficient == (router.mode == moa::RoutingMode::expert_choice ? 0.0 : 0.01));
   });
   REQUIRE(expert_choice_sites == std::vector<std::string>{"encoder.layers.0.self_attn"});
+  config.attention = largest;
   moa::MaskedLM<moa::MixtureOfAttention<float>> language_model(config, rng);
   Index sites = 0;
   language_model.for_each_attention([&](const moa::AttentionSite&, moa::MixtureOfAttention<float>& attention) {
     REQUIRE(attention.router.config().mode == moa::RoutingMode::expert_choice);
+    REQUIRE(attention.router.config().capacity == moa::ExpertCapacity::largest_load);
     ++sites;
   });
   REQUIRE(sites == 1);

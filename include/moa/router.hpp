@@ -13,7 +13,9 @@
 //
 // Expert choice (Zhou et al. 2022; SMHA, Union-of-Experts): each expert e takes the C tokens of each
 // sequence with the largest p_{e,t}, C = round(capacity_factor * T * k / E) clamped to [1, T] for a
-// sequence of T tokens, with gate p_{e,t}. A token gets zero, one or several experts; the load is
+// sequence of T tokens, with gate p_{e,t}. Or, as the Union-of-Experts code does ("largest load"),
+// C is the largest number of tokens of any sequence of the batch whose top k include one expert,
+// at most 60% of the sequence (ExpertCapacity::largest_load). A token gets zero, one or several experts; the load is
 // balanced by construction, so there is no auxiliary loss. The choice looks at the whole sequence,
 // so it is defined only where a query may see every other query (not causal self-attention).
 #pragma once
@@ -37,6 +39,7 @@ namespace moa {
 
 enum class GateNormalization { renormalized, raw };
 enum class RoutingMode { token_choice, expert_choice };
+enum class ExpertCapacity { fixed, largest_load };
 
 struct RouterConfig {
   Index model_dim = 0;
@@ -49,9 +52,11 @@ struct RouterConfig {
   double z_loss_coefficient = 0.001;
   RoutingMode mode = RoutingMode::token_choice;
   double capacity_factor = 1.0;  // expert choice: C = capacity_factor * T * k / E tokens per expert
+  ExpertCapacity capacity = ExpertCapacity::fixed;
 
-  // Expert choice: the tokens each expert takes from a sequence of `length` tokens (0 for none).
-  Index capacity(Index length) const {
+  // Expert choice with a fixed capacity: the tokens each expert takes from a sequence of `length`
+  // tokens (0 for none).
+  Index fixed_capacity(Index length) const {
     if (length == 0) return 0;
     const double tokens = std::round(capacity_factor * static_cast<double>(length * top_k) / static_cast<double>(num_experts));
     return std::clamp(static_cast<Index>(tokens), Index(1), length);
@@ -325,10 +330,30 @@ class Router {
     }
   }
 
+  // The largest load of the batch: the most tokens of one sequence whose top k include one expert.
+  Index largest_load(const Matrix<Scalar>& probabilities, const SequenceBatch& batch) const {
+    std::vector<Index> chosen(static_cast<std::size_t>(config_.top_k));
+    std::vector<Index> loads;  // [E] of one sequence
+    Index largest = 0;
+    for (Index b = 0; b < batch.batch_size; ++b) {
+      loads.assign(static_cast<std::size_t>(config_.num_experts), 0);
+      for (Index t = 0; t < batch.length_of(b); ++t) {
+        top_k_indices(probabilities.row(b * batch.length + t).data(), config_.num_experts, config_.top_k, chosen.data());
+        for (Index e : chosen) largest = std::max(largest, ++loads[static_cast<std::size_t>(e)]);
+      }
+    }
+    return largest;
+  }
+
   // Expert choice: in each sequence, each expert's `capacity` tokens of largest probability (ties
   // to the earlier token), emitted by token and then expert.
   void choose_per_expert(const Matrix<Scalar>& probabilities, const SequenceBatch& batch, Routing& routing) const {
     const Index experts_count = config_.num_experts;
+    const Index load = config_.capacity == ExpertCapacity::largest_load ? largest_load(probabilities, batch) : 0;
+    auto capacity_of = [&](Index length) {
+      if (config_.capacity == ExpertCapacity::fixed || length == 0) return config_.fixed_capacity(length);
+      return std::clamp(std::min(load, static_cast<Index>(0.6 * static_cast<double>(length))), Index(1), length);
+    };
     routing.experts.clear();
     routing.tokens.clear();
     routing.sequence_rows.assign(1, 0);
@@ -337,7 +362,7 @@ class Router {
     std::vector<char> taken;        // [T*E] position t taken by expert e
     std::vector<Scalar> gates;      // [A]
     for (Index b = 0; b < batch.batch_size; ++b) {
-      const Index length = batch.length_of(b), first = b * batch.length, capacity = config_.capacity(length);
+      const Index length = batch.length_of(b), first = b * batch.length, capacity = capacity_of(length);
       taken.assign(static_cast<std::size_t>(length * experts_count), 0);
       column.resize(static_cast<std::size_t>(length));
       chosen.resize(static_cast<std::size_t>(capacity));

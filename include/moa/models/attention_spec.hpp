@@ -2,7 +2,8 @@
 // experts, head width 64), "moa:8K8E128D:raw" (the same with the chosen probabilities as gates,
 // not renormalised over the k, as in the authors' code), "moa-ec:4K8E64D" (expert-choice routing:
 // each expert takes 4/8 of each sequence's tokens, so k per token on average; in encoder layers, see
-// TransformerConfig) or "mha:4H64D" (4 heads of width 64), and its cost per token.
+// TransformerConfig; "moa-ec:4K8E64D:largest" with the largest-load capacity of moa/router.hpp) or
+// "mha:4H64D" (4 heads of width 64), and its cost per token.
 #pragma once
 
 #include "moa/attention_cost.hpp"
@@ -25,11 +26,12 @@ struct AttentionSpec {
   Index head_dim = 0;
   GateNormalization gates = GateNormalization::renormalized;  // moa
   RoutingMode routing = RoutingMode::token_choice;            // moa
+  ExpertCapacity capacity = ExpertCapacity::fixed;             // moa-ec
 
   static AttentionSpec parse(const std::string& text) {
     const char* function = "AttentionSpec::parse";
     const std::string expected =
-        "expected 'moa:<k>K<E>E<d_h>D[:raw]' (e.g. moa:4K8E64D), 'moa-ec:<k>K<E>E<d_h>D' or 'mha:<h>H<d_h>D' (e.g. "
+        "expected 'moa:<k>K<E>E<d_h>D[:raw]' (e.g. moa:4K8E64D), 'moa-ec:<k>K<E>E<d_h>D[:largest]' or 'mha:<h>H<d_h>D' (e.g. "
         "mha:4H64D)";
     AttentionSpec spec;
     std::size_t position = 0;
@@ -60,6 +62,10 @@ struct AttentionSpec {
       spec.gates = GateNormalization::raw;
       position = text.size();
     }
+    if (spec.routing == RoutingMode::expert_choice && text.compare(position, std::string::npos, ":largest") == 0) {
+      spec.capacity = ExpertCapacity::largest_load;
+      position = text.size();
+    }
     MOA_CHECK(position == text.size(), function, "unknown attention spec '", text, "': ", expected);
     MOA_CHECK(spec.kind == Kind::mha || spec.top_k <= spec.num_experts, function, "attention spec '", text,
               "' chooses top-", spec.top_k, " of only ", spec.num_experts, " experts");
@@ -69,7 +75,8 @@ struct AttentionSpec {
   std::string to_string() const {
     const std::string prefix = routing == RoutingMode::expert_choice ? "moa-ec:" : "moa:";
     return kind == Kind::moa ? prefix + std::to_string(top_k) + "K" + std::to_string(num_experts) + "E" +
-                                   std::to_string(head_dim) + "D" + (gates == GateNormalization::raw ? ":raw" : "")
+                                   std::to_string(head_dim) + "D" + (gates == GateNormalization::raw ? ":raw" : "") +
+                                   (capacity == ExpertCapacity::largest_load ? ":largest" : "")
                              : "mha:" + std::to_string(num_heads) + "H" + std::to_string(head_dim) + "D";
   }
 

@@ -67,6 +67,7 @@ struct AttentionTraits<MixtureOfAttention<S>> {
     attention.z_loss_coefficient = config.z_loss_coefficient;
     if (config.attention.routing == RoutingMode::expert_choice && side == QuerySide::encoder) {
       attention.mode = RoutingMode::expert_choice;
+      attention.capacity = config.attention.capacity;
       attention.load_balance_coefficient = attention.z_loss_coefficient = 0.0;  // balanced by construction
     }
     return MixtureOfAttention<S>(attention, rng);
