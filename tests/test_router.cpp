@@ -34,7 +34,6 @@ TEST_CASE("DispatchPlan groups assignments by expert with counts and offsets", "
   REQUIRE(plan.offsets == std::vector<Index>{0, 2, 3, 6, 6});
   REQUIRE(plan.order == std::vector<Index>{1, 6, 2, 0, 3, 7});
   REQUIRE(plan.count(3) == 0);
-  REQUIRE(moa::DispatchPlan::token_of(7, 2) == 3);
   // Runs of consecutive experts with about equal assignments (counts 2, 1, 3, 0).
   REQUIRE(plan.expert_runs(1) == std::vector<Index>{0, 4});
   REQUIRE(plan.expert_runs(2) == std::vector<Index>{0, 2, 4});

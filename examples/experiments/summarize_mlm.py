@@ -21,7 +21,7 @@ def main(output, paths):
                 groups.setdefault(run["attention"], []).append(run)
     rows = []
     for attention, runs in groups.items():
-        match = re.match(r"moa:(\d+)K(\d+)E(\d+)D", attention)
+        match = re.match(r"moa(?:-ec)?:(\d+)K(\d+)E(\d+)D", attention)
         experts = int(match.group(2)) if match else None
         rows.append((experts if experts else math.inf, attention, runs))
     rows.sort()
@@ -36,9 +36,11 @@ def main(output, paths):
         shown = "-" if experts == math.inf else str(experts)
         print(f"| {attention} | {shown} | {runs[0]['parameters']:,} | {len(runs)} | {test[0]:.2f} ± {test[1]:.2f} "
               f"| {valid[0]:.2f} ± {valid[1]:.2f} | {accuracy[0]:.1f}% ± {accuracy[1]:.1f} | {speed[0]:,.0f} ± {speed[1]:,.0f} |")
-        points.append((experts, attention, test, speed))
-    write_chart(f"{output}/scaling.svg", points)
-    print(f"\nchart: {output}/scaling.svg")
+        if not attention.startswith("moa-ec:"):  # the chart is token choice's scaling, MHA the line
+            points.append((experts, attention, test, speed))
+    if points:
+        write_chart(f"{output}/scaling.svg", points)
+        print(f"\nchart: {output}/scaling.svg")
 
 
 def write_chart(path, points):

@@ -1,6 +1,7 @@
 // moa/top_k.hpp - top-k selection and the dispatch plan of a routed layer.
 //
-// A routed layer makes N*k assignments (token t, slot j) -> expert; assignment id t*k + j. The
+// A routed layer makes assignments token -> expert: with token choice N*k of them, id t*k + j for
+// token t's slot j; with expert choice any number, numbered in the layer's own order. The
 // dispatch plan groups the ids by expert (token order kept within an expert) with per-expert
 // counts and offsets, so each expert's work is one gathered GEMM and experts no token chose cost
 // nothing. It is shared by every routed layer (MoA now; MoH heads or MoE feed-forwards later).
@@ -40,12 +41,11 @@ void top_k_indices(const Scalar* values, Index length, Index k, Index* chosen) {
 struct DispatchPlan {
   Index num_experts = 0;
   Index top_k = 0;
-  std::vector<Index> order;    // assignment ids t*k + j grouped by expert
+  std::vector<Index> order;    // assignment ids grouped by expert
   std::vector<Index> offsets;  // [E + 1]: expert e's ids are order[offsets[e] .. offsets[e + 1])
 
   Index count(Index expert) const { return offsets[expert + 1] - offsets[expert]; }
   Index assignments() const { return static_cast<Index>(order.size()); }
-  static Index token_of(Index id, Index top_k) { return id / top_k; }
 
   // Calls visit(expert, ids, count) for every expert with at least one assignment, in expert
   // order; ids points at its `count` assignment ids (ascending, so distinct tokens).
@@ -70,7 +70,8 @@ struct DispatchPlan {
     return bounds;
   }
 
-  // experts: [N*k], the expert of each assignment, or -1 for an unrouted (padding) token.
+  // experts: [A], the expert of each assignment, or -1 for an unrouted (padding) token; top_k:
+  // the slots per token (1 where there is no fixed number).
   static DispatchPlan build(const std::vector<Index>& experts, Index num_experts, Index top_k) {
     MOA_CHECK(num_experts > 0 && top_k > 0, "DispatchPlan::build", "num_experts = ", num_experts, " and top_k = ",
               top_k, " must be positive");
