@@ -204,9 +204,14 @@ TEST_CASE("Threads: bit-identical run to run at a fixed count; 1 and 2 threads a
   larger.head_dim = 32;
   const auto batch = moa::SequenceBatch::padded(64, {64, 50, 61, 7});
   STATIC_REQUIRE(moa::detail::kParallelGemmFlops <= 182.0 * 4 * 128 * 32);  // the larger layer's work per product
-  for (const auto& config : {backend_moa_config(), larger})
+  // Expert choice (non-causal) as well: its assignments come in a different order.
+  auto expert_choice = larger;
+  expert_choice.mode = moa::RoutingMode::expert_choice;
+  expert_choice.load_balance_coefficient = expert_choice.z_loss_coefficient = 0.0;
+  for (const auto& config : {backend_moa_config(), larger, expert_choice})
   for (const auto& backend : backends()) {
-    INFO(backend->name() << ", d_model " << config.model_dim);
+    const bool causal = config.mode == moa::RoutingMode::token_choice;
+    INFO(backend->name() << ", d_model " << config.model_dim << (causal ? "" : ", expert choice"));
     auto run = [&](int threads) {
       moa::Rng rng(9);
       moa::MixtureOfAttention<float> layer(config, rng);
@@ -214,7 +219,7 @@ TEST_CASE("Threads: bit-identical run to run at a fixed count; 1 and 2 threads a
       layer.set_compute(std::make_shared<moa::Compute>(backend, threads));
       const MatrixF input = random_matrix<float>(batch.rows(), config.model_dim, rng);
       const MatrixF grad_output = random_matrix<float>(batch.rows(), config.model_dim, rng);
-      std::vector<MatrixF> results{layer.forward_self(input, batch, true), layer.backward_self(grad_output)};
+      std::vector<MatrixF> results{layer.forward_self(input, batch, causal), layer.backward_self(grad_output)};
       for (const auto& entry : moa::parameters_of(layer)) results.push_back(entry.grad());
       return results;
     };
