@@ -184,9 +184,10 @@ class MixtureOfAttention {
                                 pass.probabilities.middleRows(rows.first, rows.count),
                                 pass.attended.middleRows(rows.first, rows.count), *compute_, precision);
     });
-    for (Index b = 0; b < query_batch.batch_size; ++b)
-      pass.flops += cost::attention(static_cast<double>(sequence_rows(routing, query_batch, key_batch, causal, b).layout.visible_pairs()),
-                                    static_cast<double>(config_.head_dim));
+    for (Index b = 0; b < query_batch.batch_size; ++b) {
+      const AttentionLayout layout = sequence_rows(routing, query_batch, key_batch, causal, b).layout;
+      pass.flops += cost::attention(static_cast<double>(layout.visible_pairs()), static_cast<double>(config_.head_dim));
+    }
     return project_outputs(pass.attended, routing, pass.plan, query.rows(), precision, pass.scratch);
   }
 

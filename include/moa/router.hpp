@@ -13,11 +13,12 @@
 //
 // Expert choice (Zhou et al. 2022; SMHA, Union-of-Experts): each expert e takes the C tokens of each
 // sequence with the largest p_{e,t}, C = round(capacity_factor * T * k / E) clamped to [1, T] for a
-// sequence of T tokens, with gate p_{e,t}. Or, as the Union-of-Experts code does ("largest load"),
-// C is the largest number of tokens of any sequence of the batch whose top k include one expert,
-// at most 60% of the sequence (ExpertCapacity::largest_load). A token gets zero, one or several experts; the load is
-// balanced by construction, so there is no auxiliary loss. The choice looks at the whole sequence,
-// so it is defined only where a query may see every other query (not causal self-attention).
+// sequence of T tokens, with gate p_{e,t}. Or, as the Union-of-Experts code does ("largest load",
+// ExpertCapacity::largest_load), C is the largest number of tokens of one sequence of the batch
+// whose top k include one expert, at most 60% of the sequence. A token gets zero, one or several
+// experts; the load is balanced by construction, so there is no auxiliary loss. The choice looks at
+// the whole sequence, so it is defined only where a query may see every other query (not causal
+// self-attention).
 #pragma once
 
 #include "moa/error.hpp"
@@ -58,7 +59,8 @@ struct RouterConfig {
   // tokens (0 for none).
   Index fixed_capacity(Index length) const {
     if (length == 0) return 0;
-    const double tokens = std::round(capacity_factor * static_cast<double>(length * top_k) / static_cast<double>(num_experts));
+    const double tokens =
+        std::round(capacity_factor * static_cast<double>(length * top_k) / static_cast<double>(num_experts));
     return std::clamp(static_cast<Index>(tokens), Index(1), length);
   }
 

@@ -31,8 +31,8 @@ struct AttentionSpec {
   static AttentionSpec parse(const std::string& text) {
     const char* function = "AttentionSpec::parse";
     const std::string expected =
-        "expected 'moa:<k>K<E>E<d_h>D[:raw]' (e.g. moa:4K8E64D), 'moa-ec:<k>K<E>E<d_h>D[:largest]' or 'mha:<h>H<d_h>D' (e.g. "
-        "mha:4H64D)";
+        "expected 'moa:<k>K<E>E<d_h>D[:raw]' (e.g. moa:4K8E64D), 'moa-ec:<k>K<E>E<d_h>D[:largest]' or "
+        "'mha:<h>H<d_h>D' (e.g. mha:4H64D)";
     AttentionSpec spec;
     std::size_t position = 0;
     for (const char* prefix : {"moa:", "moa-ec:", "mha:"}) {
