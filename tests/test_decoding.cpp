@@ -88,6 +88,11 @@ TEST_CASE("Decoding: cached greedy equals uncached, beam 1 equals greedy (MoA)",
   check_decoders<moa::MixtureOfAttention<double>>("moa:2K4E8D");
 }
 
+TEST_CASE("Decoding: cached greedy equals uncached, beam 1 equals greedy (MoA, expert choice in the encoder)",
+          "[decoding]") {
+  check_decoders<moa::MixtureOfAttention<double>>("moa-ec:2K4E8D");
+}
+
 TEST_CASE("Decoding: cached greedy equals uncached, beam 1 equals greedy (MHA)", "[decoding]") {
   check_decoders<moa::MultiHeadAttention<double>>("mha:2H8D");
 }

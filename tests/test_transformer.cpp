@@ -109,7 +109,7 @@ TEST_CASE("Seq2Seq: gradient check end to end, MoA and MHA, post-LN and pre-LN, 
   moa::Rng rng(2);
   const std::vector<moa::TokenPair> pairs{{{4, 5, 6}, {7, 8}}, {{5}, {4, 6, 7}}};
   const moa::Seq2SeqBatch batch = moa::make_seq2seq_batch(pairs, {0, 1});
-  for (const char* spec : {"moa:2K3E4D", "mha:2H4D"}) {
+  for (const char* spec : {"moa:2K3E4D", "moa-ec:2K3E4D", "mha:2H4D"}) {
     for (auto norm : {moa::NormPlacement::post, moa::NormPlacement::pre}) {
       for (double dropout : {0.0, 0.1}) {
         INFO(spec << (norm == moa::NormPlacement::pre ? " pre-LN" : " post-LN") << ", dropout " << dropout);
@@ -136,8 +136,10 @@ TEST_CASE("Seq2Seq: gradient check end to end, MoA and MHA, post-LN and pre-LN, 
 
 TEST_CASE("MaskedLM: gradient check end to end", "[transformer][gradient]") {
   moa::Rng rng(3);
+  for (const char* spec : {"moa:2K3E4D", "moa-ec:2K3E4D"})
   for (auto norm : {moa::NormPlacement::post, moa::NormPlacement::pre}) {
-    moa::MaskedLM<MoA> model(tiny_config("moa:2K3E4D", norm), rng);
+    INFO(spec);
+    moa::MaskedLM<MoA> model(tiny_config(spec, norm), rng);
     randomize_routers(moa::parameters_of(model), rng);
     const moa::TokenIds ids{4, 5, 3, 6, 7, 8, 3, 0};
     const auto batch = moa::SequenceBatch::padded(4, {4, 3});
@@ -151,7 +153,7 @@ TEST_CASE("Seq2Seq and MaskedLM: infer on a const model equals forward in evalua
   moa::Rng rng(4);
   const std::vector<moa::TokenPair> pairs{{{4, 5, 6}, {7, 8}}, {{5}, {4, 6, 7}}};
   const moa::Seq2SeqBatch batch = moa::make_seq2seq_batch(pairs, {0, 1});
-  for (const char* spec : {"moa:2K3E4D", "mha:2H4D"}) {
+  for (const char* spec : {"moa:2K3E4D", "moa-ec:2K3E4D", "mha:2H4D"}) {
     for (auto norm : {moa::NormPlacement::post, moa::NormPlacement::pre}) {
       INFO(spec << (norm == moa::NormPlacement::pre ? " pre-LN" : " post-LN"));
       auto check = [&](auto& translator, auto& language_model) {
