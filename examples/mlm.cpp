@@ -325,10 +325,10 @@ int main(int argc, char** argv) {
     for (const std::string& spec : specs) run_spec(spec, true);  // every setup, before any training
     std::vector<RunResult> results;
     for (const std::string& spec : specs) results.push_back(run_spec(spec, false));
-    std::printf("\n%-6s %-16s %11s %9s %11s %10s %10s %10s\n", "model", "attention", "parameters", "tokens/s",
+    std::printf("\n%-6s %-22s %11s %9s %11s %10s %10s %10s\n", "model", "attention", "parameters", "tokens/s",
                 "valid ppl", "valid acc", "test ppl", "test acc");
     for (const auto& r : results)
-      std::printf("%-6s %-16s %11lld %9.0f %11.2f %9.1f%% %10.2f %9.1f%%\n", r.name.c_str(), r.spec.c_str(),
+      std::printf("%-6s %-22s %11lld %9.0f %11.2f %9.1f%% %10.2f %9.1f%%\n", r.name.c_str(), r.spec.c_str(),
                   static_cast<long long>(r.parameters), r.tokens_per_second, std::exp(r.valid.loss),
                   100 * r.valid.accuracy, std::exp(r.test.loss), 100 * r.test.accuracy);
     // Every number of the table, for scripts (the README's experiments).

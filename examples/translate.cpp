@@ -608,10 +608,10 @@ void write_results(const std::string& path, const std::vector<RunResult>& result
 
 void print_table(const std::vector<RunResult>& results, const std::string& chart, const std::string& results_path,
                  double p_value) {
-  std::printf("\n%-6s %-16s %11s %12s %9s %11s %10s %11s %7s\n", "model", "attention", "parameters", "MACs/token",
+  std::printf("\n%-6s %-22s %11s %12s %9s %11s %10s %11s %7s\n", "model", "attention", "parameters", "MACs/token",
               "tokens/s", "valid loss", "BLEU beam", "BLEU greedy", "chrF");
   for (const auto& r : results)
-    std::printf("%-6s %-16s %11lld %11.2fM %9.0f %11.3f %10.2f %11.2f %7.2f\n", r.name.c_str(), r.spec.c_str(),
+    std::printf("%-6s %-22s %11lld %11.2fM %9.0f %11.3f %10.2f %11.2f %7.2f\n", r.name.c_str(), r.spec.c_str(),
                 static_cast<long long>(r.parameters), r.macs / 1e6, r.tokens_per_second, r.valid_loss, r.bleu_beam,
                 r.bleu_greedy, r.chrf);
   for (const auto& r : results)
