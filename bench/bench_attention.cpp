@@ -1,4 +1,4 @@
-// MoA and MHA forward, forward+backward and decoding, float, at the shapes of the project's
+// MoA, MoH and MHA forward, forward+backward and decoding, float, at the shapes of the project's
 // targets, on the run's Compute (--threads, --precision, --backend; see bench_main.cpp). Forwards
 // run in evaluation mode (so --precision=bf16 applies to them), forward+backward in training.
 //
@@ -52,6 +52,24 @@ moa::MultiHeadAttention<float> make_mha(const Shape& shape, moa::Rng& rng) {
   return layer;
 }
 
+// MoH with as many heads per token as MoA's k and MHA's heads: k/2 shared and top-k/2 of E routed
+// (one shared and top-1 for k = 2). Every one of its h_s + E heads has its own keys and values.
+moa::MixtureOfHeads<float> make_moh(const Shape& shape, moa::Rng& rng) {
+  moa::MixtureOfHeadsConfig config;
+  config.model_dim = shape.model;
+  config.shared_heads = shape.top_k / 2;
+  config.routed_heads = shape.experts;
+  config.top_k = shape.top_k - config.shared_heads;
+  config.head_dim = shape.head_dim;
+  moa::MixtureOfHeads<float> layer(config, rng);
+  layer.set_compute(moa_bench::compute());
+  const double scale = 1.0 / std::sqrt(static_cast<double>(shape.model));
+  moa::init_normal(layer.router.weight, rng, 0.0, scale);
+  if (config.shared_heads > 1) moa::init_normal(layer.shared_router, rng, 0.0, scale);
+  moa::init_normal(layer.group_router, rng, 0.0, scale);
+  return layer;
+}
+
 template <typename Layer>
 void run_layer(benchmark::State& state, Layer& layer, const Shape& shape, bool causal, bool with_backward) {
   moa::Rng rng(7);
@@ -85,6 +103,12 @@ void BM_MoAExpertChoice(benchmark::State& state, Shape shape, bool with_backward
   run_layer(state, layer, shape, false, with_backward);
 }
 
+void BM_MoH(benchmark::State& state, Shape shape, bool causal, bool with_backward) {
+  moa::Rng rng(1);
+  auto layer = make_moh(shape, rng);
+  run_layer(state, layer, shape, causal, with_backward);
+}
+
 void BM_MHA(benchmark::State& state, Shape shape, bool causal, bool with_backward) {
   moa::Rng rng(1);
   auto layer = make_mha(shape, rng);
@@ -113,6 +137,12 @@ void run_decode(benchmark::State& state, Layer& layer, const Shape& shape, moa::
 void BM_MoADecode(benchmark::State& state, Shape shape) {
   moa::Rng rng(1);
   auto layer = make_moa(shape, rng);
+  run_decode(state, layer, shape, 256);
+}
+
+void BM_MoHDecode(benchmark::State& state, Shape shape) {
+  moa::Rng rng(1);
+  auto layer = make_moh(shape, rng);
   run_decode(state, layer, shape, 256);
 }
 
@@ -174,7 +204,17 @@ MOA_EXPERT_CHOICE_BENCHMARKS(base, kBase);
 MOA_EXPERT_CHOICE_BENCHMARKS(wide, kWide);
 MOA_EXPERT_CHOICE_BENCHMARKS(wide64, kWide64);
 MOA_EXPERT_CHOICE_BENCHMARKS(noncausal, kCausal);
+#define MOA_MOH_BENCHMARKS(name, shape, causal)                                                           \
+  BENCHMARK_CAPTURE(BM_MoH, name##_forward, shape, causal, false)->Unit(benchmark::kMillisecond); \
+  BENCHMARK_CAPTURE(BM_MoH, name##_forward_backward, shape, causal, true)->Unit(benchmark::kMillisecond)
+
+MOA_MOH_BENCHMARKS(toy, kToy, false);
+MOA_MOH_BENCHMARKS(base, kBase, false);
+MOA_MOH_BENCHMARKS(wide, kWide, false);
+MOA_MOH_BENCHMARKS(wide64, kWide64, false);
+MOA_MOH_BENCHMARKS(causal, kCausal, true);
 BENCHMARK_CAPTURE(BM_MoADecode, wide_cache256, kWide)->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_MoHDecode, wide_cache256, kWide)->Unit(benchmark::kMicrosecond);
 BENCHMARK_CAPTURE(BM_MHADecode, wide_cache256, kWide)->Unit(benchmark::kMicrosecond);
 
 }  // namespace

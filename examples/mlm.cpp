@@ -203,9 +203,7 @@ RunResult run(const Options& options, const Data& data, const std::string& spec,
   config.encoder_layers = options.layers;
   config.dropout = options.dropout;
   config.attention = moa::AttentionSpec::parse(spec);
-  result.name = config.attention.kind == moa::AttentionSpec::Kind::mha             ? "MHA"
-                 : config.attention.routing == moa::RoutingMode::expert_choice ? "MoA-EC"
-                                                                            : "MoA";
+  result.name = config.attention.kind_name();
   moa::Rng init(options.seed), rng(options.seed + 1);
   moa::MaskedLM<Attention> model(config, init);
   const moa::ComputePtr compute = options.compute.make("mlm");
@@ -291,7 +289,7 @@ int main(int argc, char** argv) {
   Options options;
   CLI::App app{"Masked language modelling with MoA (and an MHA baseline)"};
   app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
-  app.add_option("--attention", options.attention, "attention spec: moa:<k>K<E>E<d_h>D[:raw] (raw: gates not renormalised), moa-ec:<k>K<E>E<d_h>D[:largest] (expert choice in the encoder) or mha:<h>H<d_h>D")
+  app.add_option("--attention", options.attention, "attention spec: moa:<k>K<E>E<d_h>D[:raw] (raw: gates not renormalised), moa-ec:<k>K<E>E<d_h>D[:largest] (expert choice in the encoder), moh:<h_s>S<k>K<h_r>H<d_h>D (Mixture-of-Head attention) or mha:<h>H<d_h>D")
       ->capture_default_str();
   app.add_option("--baseline", options.baseline, "a second spec to train and compare");
   app.add_option("--output", options.output, "output folder")->capture_default_str();
@@ -318,9 +316,15 @@ int main(int argc, char** argv) {
     const Data data = load_data(options);
     auto run_spec = [&](const std::string& spec, bool check_only) {
       check_memory(options, spec, data.tokenizer->vocab_size());
-      return moa::AttentionSpec::parse(spec).kind == moa::AttentionSpec::Kind::moa
-                 ? run<moa::MixtureOfAttention<float>>(options, data, spec, check_only)
-                 : run<moa::MultiHeadAttention<float>>(options, data, spec, check_only);
+      switch (moa::AttentionSpec::parse(spec).kind) {
+        case moa::AttentionSpec::Kind::moa:
+          return run<moa::MixtureOfAttention<float>>(options, data, spec, check_only);
+        case moa::AttentionSpec::Kind::moh:
+          return run<moa::MixtureOfHeads<float>>(options, data, spec, check_only);
+        case moa::AttentionSpec::Kind::mha:
+          break;
+      }
+      return run<moa::MultiHeadAttention<float>>(options, data, spec, check_only);
     };
     for (const std::string& spec : specs) run_spec(spec, true);  // every setup, before any training
     std::vector<RunResult> results;

@@ -258,9 +258,7 @@ class Run {
     model_.set_compute(compute_);
     adam_.set_compute(compute_);
     fs::create_directories(folder_);
-    result_.name = config_.attention.kind == moa::AttentionSpec::Kind::mha             ? "MHA"
-                 : config_.attention.routing == moa::RoutingMode::expert_choice ? "MoA-EC"
-                                                                            : "MoA";
+    result_.name = config_.attention.kind_name();
     result_.spec = spec;
     result_.parameters = parameters_.numel();
     result_.folder = folder_;
@@ -329,7 +327,7 @@ class Run {
     if (!curves.valid_losses.empty()) result_.valid_loss = curves.valid_losses.back();
     if (options_.average_checkpoints > 1) average_checkpoints();
     evaluate();
-    if constexpr (std::is_same_v<Attention, moa::MixtureOfAttention<float>>) analyse_experts();
+    if constexpr (!std::is_same_v<Attention, moa::MultiHeadAttention<float>>) analyse_experts();
     moa_examples::write_line_chart(folder_ + "/loss.svg", result_.name + " " + result_.spec + ": loss", "step", "loss (nats/token)",
                           {{kTrainCurve, result_.steps, result_.train_nlls, "#1f77b4", true},
                            {"valid", result_.valid_steps, result_.valid_losses, "#1f77b4", false}});
@@ -452,19 +450,20 @@ class Run {
     return samples;
   }
 
-  // Expert loads per layer and the tokens each expert prefers (PMI), over the validation split.
+  // Expert loads per layer and the tokens each expert prefers (PMI), over the validation split;
+  // for MoH, its routed heads.
   void analyse_experts() {
     model_.set_training(false);
     struct Site {
       std::string name;
-      const moa::MixtureOfAttention<float>* attention;
+      const moa::Router<float>* router;
       bool encoder;
     };
     std::vector<Site> sites;
-    model_.for_each_attention([&](const moa::AttentionSite& site, const moa::MixtureOfAttention<float>& attention) {
-      sites.push_back({site.name, &attention, site.queries_from_source});
+    model_.for_each_attention([&](const moa::AttentionSite& site, const Attention& attention) {
+      sites.push_back({site.name, &attention.router, site.queries_from_source});
     });
-    const Index experts = config_.attention.num_experts;
+    const Index experts = sites.front().router->config().num_experts;
     std::vector<moa_examples::ExpertTokenStatistics> statistics(sites.size(), moa_examples::ExpertTokenStatistics(experts));
     // The same routing paired with the batch's tokens shuffled: the information a token-blind router
     // would show on a sample of this size.
@@ -483,7 +482,7 @@ class Run {
       for (std::size_t s = 0; s < sites.size(); ++s) {
         const moa::TokenIds& tokens = sites[s].encoder ? batch.source : batch.target_input;
         const moa::SequenceBatch& rows = sites[s].encoder ? batch.source_batch : batch.target_batch;
-        const auto& router = sites[s].attention->router;
+        const auto& router = *sites[s].router;
         statistics[s].add(tokens, router.experts(), router.tokens());
         shuffled[s].add(shuffle(tokens, rows), router.experts(), router.tokens());
       }
@@ -565,8 +564,14 @@ PreparedRun prepare(const Options& options, const Data& data, const std::string&
 
 PreparedRun prepare_run(const Options& options, const Data& data, const std::string& spec, const std::string& folder,
                         bool concurrent) {
-  if (moa::AttentionSpec::parse(spec).kind == moa::AttentionSpec::Kind::moa)
-    return prepare<moa::MixtureOfAttention<float>>(options, data, spec, folder, concurrent);
+  switch (moa::AttentionSpec::parse(spec).kind) {
+    case moa::AttentionSpec::Kind::moa:
+      return prepare<moa::MixtureOfAttention<float>>(options, data, spec, folder, concurrent);
+    case moa::AttentionSpec::Kind::moh:
+      return prepare<moa::MixtureOfHeads<float>>(options, data, spec, folder, concurrent);
+    case moa::AttentionSpec::Kind::mha:
+      break;
+  }
   return prepare<moa::MultiHeadAttention<float>>(options, data, spec, folder, concurrent);
 }
 
@@ -644,7 +649,7 @@ int main(int argc, char** argv) {
   Options options;
   CLI::App app{"Train MoA (and an MHA baseline) on German-to-English translation"};
   app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);  // a later flag overrides
-  app.add_option("--attention", options.attention, "attention spec: moa:<k>K<E>E<d_h>D[:raw] (raw: gates not renormalised), moa-ec:<k>K<E>E<d_h>D[:largest] (expert choice in the encoder) or mha:<h>H<d_h>D")
+  app.add_option("--attention", options.attention, "attention spec: moa:<k>K<E>E<d_h>D[:raw] (raw: gates not renormalised), moa-ec:<k>K<E>E<d_h>D[:largest] (expert choice in the encoder), moh:<h_s>S<k>K<h_r>H<d_h>D (Mixture-of-Head attention) or mha:<h>H<d_h>D")
       ->capture_default_str();
   app.add_option("--baseline", options.baseline, "a second spec to train and compare (e.g. mha:4H32D)");
   app.add_option("--output", options.output, "output folder")->capture_default_str();

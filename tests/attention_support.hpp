@@ -26,6 +26,25 @@ inline moa::RowVector<double> naive_attend(const moa::RowVector<double>& q, cons
   return result;
 }
 
+// A MixtureOfAttention with a random router (the default zero router ties every expert).
+template <typename Scalar>
+moa::MixtureOfAttention<Scalar> make_moa_layer(const moa::MixtureOfAttentionConfig& config, moa::Rng& rng) {
+  moa::MixtureOfAttention<Scalar> layer(config, rng);
+  moa::init_normal(layer.router.weight, rng, 0.0, 1.0);
+  return layer;
+}
+
+// MixtureOfHeads with random routers (the default zero routers give every gate 1 and tie every
+// routed head).
+template <typename Scalar>
+moa::MixtureOfHeads<Scalar> make_moh_layer(const moa::MixtureOfHeadsConfig& config, moa::Rng& rng) {
+  moa::MixtureOfHeads<Scalar> layer(config, rng);
+  moa::init_normal(layer.router.weight, rng, 0.0, 1.0);
+  if (config.shared_heads > 1) moa::init_normal(layer.shared_router, rng, 0.0, 1.0);
+  if (config.shared_heads > 0) moa::init_normal(layer.group_router, rng, 0.0, 1.0);
+  return layer;
+}
+
 // y_t = sum_{i in G(t)} w_{i,t} softmax(x_t Wq_i^T K^T / sqrt(d_h) + mask) V Wo_i^T, token by token.
 inline MatrixD naive_moa(const moa::MixtureOfAttention<double>& layer, const MatrixD& query,
                          const moa::SequenceBatch& query_batch, const MatrixD& key_value,

@@ -232,6 +232,39 @@ TEST_CASE("Threads: bit-identical run to run at a fixed count; 1 and 2 threads a
   }
 }
 
+TEST_CASE("Threads: MixtureOfHeads bit-identical run to run at 2 threads; 1 and 2 threads agree to rounding",
+          "[moh][backend]") {
+  moa::MixtureOfHeadsConfig config;
+  config.model_dim = 128;
+  config.shared_heads = 2;
+  config.routed_heads = 8;
+  config.top_k = 2;
+  config.head_dim = 32;
+  const auto batch = moa::SequenceBatch::padded(64, {64, 50, 61, 7});
+  for (const auto& backend : backends()) {
+    INFO(backend->name());
+    auto run = [&](int threads) {
+      moa::Rng rng(9);
+      moa::MixtureOfHeads<float> layer(config, rng);
+      moa::init_normal(layer.router.weight, rng, 0.0, 0.5);
+      moa::init_normal(layer.shared_router, rng, 0.0, 0.5);
+      moa::init_normal(layer.group_router, rng, 0.0, 0.5);
+      layer.set_compute(std::make_shared<moa::Compute>(backend, threads));
+      const MatrixF input = random_matrix<float>(batch.rows(), config.model_dim, rng);
+      const MatrixF grad_output = random_matrix<float>(batch.rows(), config.model_dim, rng);
+      std::vector<MatrixF> results{layer.forward_self(input, batch, true), layer.backward_self(grad_output)};
+      for (const auto& entry : moa::parameters_of(layer)) results.push_back(entry.grad());
+      return results;
+    };
+    const auto two = run(2), again = run(2), one = run(1);
+    for (std::size_t i = 0; i < two.size(); ++i) {
+      INFO("result " << i);
+      REQUIRE((two[i].array() == again[i].array()).all());
+      REQUIRE(relative_error(two[i].cast<double>(), one[i].cast<double>()) < 1e-5);
+    }
+  }
+}
+
 TEST_CASE("Seq2Seq on every backend: float logits and gradients match double", "[transformer][backend]") {
   moa::TransformerConfig config;
   config.vocab_size = 37;

@@ -93,6 +93,10 @@ TEST_CASE("Decoding: cached greedy equals uncached, beam 1 equals greedy (MoA, e
   check_decoders<moa::MixtureOfAttention<double>>("moa-ec:2K4E8D");
 }
 
+TEST_CASE("Decoding: cached greedy equals uncached, beam 1 equals greedy (MoH)", "[decoding]") {
+  check_decoders<moa::MixtureOfHeads<double>>("moh:1S2K3H8D");
+}
+
 TEST_CASE("Decoding: cached greedy equals uncached, beam 1 equals greedy (MHA)", "[decoding]") {
   check_decoders<moa::MultiHeadAttention<double>>("mha:2H8D");
 }

@@ -27,13 +27,6 @@ moa::MixtureOfAttentionConfig expert_choice_config(Index experts, Index k, doubl
   return config;
 }
 
-template <typename Scalar>
-moa::MixtureOfAttention<Scalar> make_layer(const moa::MixtureOfAttentionConfig& config, moa::Rng& rng) {
-  moa::MixtureOfAttention<Scalar> layer(config, rng);
-  moa::init_normal(layer.router.weight, rng, 0.0, 1.0);
-  return layer;
-}
-
 // The non-causal cases of attention_cases(): expert choice is defined only there.
 std::vector<AttentionCase> non_causal_cases() {
   std::vector<AttentionCase> cases;
@@ -163,7 +156,7 @@ TEST_CASE("expert choice: MixtureOfAttention equals the naive oracle to 1e-12", 
   moa::Rng rng(1);
   for (double capacity_factor : {1.0, 2.0, 0.5, 0.0}) {  // 0: the largest load
     for (Index k : {1, 2}) {
-      auto layer = make_layer<double>(
+      auto layer = make_moa_layer<double>(
           capacity_factor > 0 ? expert_choice_config(4, k, capacity_factor)
                               : expert_choice_config(4, k, 1.0, moa::ExpertCapacity::largest_load),
           rng);
@@ -186,7 +179,7 @@ TEST_CASE("expert choice: gradient check of every parameter and both inputs", "[
   moa::Rng rng(3);
   for (const auto capacity : {moa::ExpertCapacity::fixed, moa::ExpertCapacity::largest_load}) {
     for (Index k : {1, 3}) {
-      auto layer = make_layer<double>(expert_choice_config(4, k, 1.5, capacity), rng);
+      auto layer = make_moa_layer<double>(expert_choice_config(4, k, 1.5, capacity), rng);
       for (const AttentionCase& test_case : non_causal_cases()) {
         INFO(test_case.name << ", k = " << k << (capacity == moa::ExpertCapacity::fixed ? "" : ", largest load"));
         REQUIRE_GRADIENTS_OK(check_attention_gradients(layer, test_case, rng));
@@ -214,7 +207,7 @@ TEST_CASE("expert choice: a token's output depends on the other tokens of its se
 
 TEST_CASE("expert choice: safetensors round trip and a known forward after loading", "[expert_choice][safetensors]") {
   moa::Rng rng(6);
-  auto layer = make_layer<float>(expert_choice_config(4, 2), rng);
+  auto layer = make_moa_layer<float>(expert_choice_config(4, 2), rng);
   const std::string path = temporary_path("expert_choice.safetensors");
   moa::save_safetensors(path, moa::parameters_of(layer, "attn."));
   moa::MixtureOfAttention<float> loaded(expert_choice_config(4, 2), rng);
@@ -226,7 +219,7 @@ TEST_CASE("expert choice: safetensors round trip and a known forward after loadi
 
 TEST_CASE("expert choice: refused where it is not defined, and bad configurations", "[expert_choice][errors]") {
   moa::Rng rng(7);
-  auto layer = make_layer<float>(expert_choice_config(4, 2), rng);
+  auto layer = make_moa_layer<float>(expert_choice_config(4, 2), rng);
   const auto batch = moa::SequenceBatch::full(2, 3);
   const MatrixF input = random_matrix<float>(6, 6, rng);
   REQUIRE_MOA_ERROR(layer.forward_self(input, batch, true),

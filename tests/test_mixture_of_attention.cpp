@@ -20,14 +20,6 @@ moa::MixtureOfAttentionConfig small_config(Index experts, Index k, moa::GateNorm
   return config;
 }
 
-// A layer with a random router (the default zero router ties every expert).
-template <typename Scalar>
-moa::MixtureOfAttention<Scalar> make_layer(const moa::MixtureOfAttentionConfig& config, moa::Rng& rng) {
-  moa::MixtureOfAttention<Scalar> layer(config, rng);
-  moa::init_normal(layer.router.weight, rng, 0.0, 1.0);
-  return layer;
-}
-
 }  // namespace
 
 TEST_CASE("MixtureOfAttention: parameter names and shapes are those of MOA.md", "[moa]") {
@@ -51,7 +43,7 @@ TEST_CASE("MixtureOfAttention equals the naive per-token, per-expert oracle to 1
   moa::Rng rng(1);
   for (const auto& gates : {moa::GateNormalization::renormalized, moa::GateNormalization::raw}) {
     for (Index k : {1, 2, 4}) {
-      auto layer = make_layer<double>(small_config(4, k, gates), rng);
+      auto layer = make_moa_layer<double>(small_config(4, k, gates), rng);
       for (const AttentionCase& test_case : attention_cases()) {
         INFO(test_case.name << ", k = " << k);
         const MatrixD query = random_matrix(test_case.query_batch.rows(), 6, rng);
@@ -71,7 +63,7 @@ TEST_CASE("MixtureOfAttention equals the naive per-token, per-expert oracle to 1
 
 TEST_CASE("MixtureOfAttention: padded query rows are zero and padded keys are never read", "[moa]") {
   moa::Rng rng(2);
-  auto layer = make_layer<double>(small_config(4, 2), rng);
+  auto layer = make_moa_layer<double>(small_config(4, 2), rng);
   const auto batch = moa::SequenceBatch::padded(4, {4, 2});
   MatrixD input = random_matrix(8, 6, rng);
   const MatrixD output = layer.forward_self(input, batch, false);
@@ -85,7 +77,7 @@ TEST_CASE("MixtureOfAttention: gradient check of every parameter and both inputs
   moa::Rng rng(3);
   for (const auto& gates : {moa::GateNormalization::renormalized, moa::GateNormalization::raw}) {
     for (Index k : {1, 2, 4}) {
-      auto layer = make_layer<double>(small_config(4, k, gates), rng);
+      auto layer = make_moa_layer<double>(small_config(4, k, gates), rng);
       for (const AttentionCase& test_case : attention_cases()) {
         INFO(test_case.name << ", k = " << k << (gates == moa::GateNormalization::raw ? ", raw gates" : ""));
         REQUIRE_GRADIENTS_OK(check_attention_gradients(layer, test_case, rng));
@@ -99,7 +91,7 @@ TEST_CASE("MixtureOfAttention: gradient check with noisy gating and sampled expe
   auto config = small_config(5, 3);
   config.noisy_gating = true;
   config.sampled_experts = 1;
-  auto layer = make_layer<double>(config, rng);
+  auto layer = make_moa_layer<double>(config, rng);
   REQUIRE(layer.training());
   for (const AttentionCase& test_case : attention_cases()) {
     INFO(test_case.name);
@@ -117,7 +109,7 @@ TEST_CASE("MixtureOfAttention: the aux loss, weighted by its coefficients, is pa
   auto config = small_config(4, 2);
   config.load_balance_coefficient = 0.5;
   config.z_loss_coefficient = 0.25;
-  auto layer = make_layer<double>(config, rng);
+  auto layer = make_moa_layer<double>(config, rng);
   MatrixD input = random_matrix(6, 6, rng);
   const auto batch = moa::SequenceBatch::full(2, 3);
   layer.forward_self(input, batch, true);
@@ -142,20 +134,20 @@ TEMPLATE_TEST_CASE("MixtureOfAttention: cached decoding equals the full causal f
   for (Index k : {1, 2, 4}) {
     auto config = small_config(4, k);
     config.model_dim = 8;
-    auto layer = make_layer<TestType>(config, rng);
+    auto layer = make_moa_layer<TestType>(config, rng);
     require_cached_decoding_matches(layer, 3, 7, rng);
   }
 }
 
 TEST_CASE("MixtureOfAttention: a beam reorder gives the cache of the reordered prefixes", "[moa][cache]") {
   moa::Rng rng(7);
-  auto layer = make_layer<float>(small_config(4, 2), rng);
+  auto layer = make_moa_layer<float>(small_config(4, 2), rng);
   require_beam_reorder_matches(layer, rng);
 }
 
 TEST_CASE("MixtureOfAttention: the cross-attention cache gives the full cross-attention", "[moa][cache]") {
   moa::Rng rng(8);
-  auto layer = make_layer<float>(small_config(4, 2), rng);
+  auto layer = make_moa_layer<float>(small_config(4, 2), rng);
   require_cross_cache_matches(layer, rng);
 }
 
@@ -170,7 +162,7 @@ TEST_CASE("MixtureOfAttention: the cache holds one key and value row of width d_
 
 TEST_CASE("MixtureOfAttention: routing statistics and each token's experts", "[moa]") {
   moa::Rng rng(10);
-  auto layer = make_layer<double>(small_config(4, 2), rng);
+  auto layer = make_moa_layer<double>(small_config(4, 2), rng);
   layer.forward_self(random_matrix(10, 6, rng), moa::SequenceBatch::padded(5, {5, 3}), false);
   const auto stats = layer.routing_statistics();
   REQUIRE(std::accumulate(stats.counts.begin(), stats.counts.end(), Index{0}) == 8 * 2);
@@ -191,7 +183,7 @@ TEST_CASE("MixtureOfAttention: the cost of a forward grows with k, not E", "[moa
   const auto batch = moa::SequenceBatch::full(2, 8);
   auto flops_for = [&](Index experts, Index k) {
     auto config = small_config(experts, k);
-    auto layer = make_layer<float>(config, rng);
+    auto layer = make_moa_layer<float>(config, rng);
     layer.forward_self(random_matrix<float>(16, 6, rng), batch, false);
     return layer.last_forward_flops() - 2.0 * 16 * 6 * experts;  // without the router's E-wide logits
   };
@@ -201,7 +193,7 @@ TEST_CASE("MixtureOfAttention: the cost of a forward grows with k, not E", "[moa
 
 TEST_CASE("MixtureOfAttention: safetensors round trip", "[moa][safetensors]") {
   moa::Rng rng(12);
-  auto saved = make_layer<float>(small_config(4, 2), rng);
+  auto saved = make_moa_layer<float>(small_config(4, 2), rng);
   moa::MixtureOfAttention<float> loaded(small_config(4, 2), rng);
   const std::string path = temporary_path("moa.safetensors");
   moa::save_safetensors(path, moa::parameters_of(saved, "attn."));
@@ -217,7 +209,7 @@ TEST_CASE("MixtureOfAttention: safetensors round trip", "[moa][safetensors]") {
 TEST_CASE("MixtureOfAttention: a tiny layer learns to imitate a teacher", "[moa][convergence]") {
   moa::Rng rng(13);
   auto config = small_config(4, 2);
-  auto teacher = make_layer<float>(config, rng);
+  auto teacher = make_moa_layer<float>(config, rng);
   moa::MixtureOfAttention<float> student(config, rng);
   auto parameters = moa::parameters_of(student);
   moa::Adam<float> adam(parameters);

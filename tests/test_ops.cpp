@@ -1,4 +1,5 @@
 // The op table's rows and the checks every row gets (see op_table.hpp).
+#include "attention_support.hpp"
 #include "op_table.hpp"
 
 #include "moa/io/safetensors.hpp"
@@ -238,6 +239,26 @@ Op<Scalar> make_moa_expert_choice_self(std::uint64_t seed) { return make_moa_exp
 template <typename Scalar>
 Op<Scalar> make_moa_expert_choice_cross(std::uint64_t seed) { return make_moa_expert_choice<Scalar, false>(seed); }
 
+// MoH: 2 shared heads and top-2 of 3 routed heads.
+template <typename Scalar, bool self>
+Op<Scalar> make_moh(std::uint64_t seed) {
+  moa::Rng rng(seed);
+  moa::MixtureOfHeadsConfig config;
+  config.model_dim = 6;
+  config.shared_heads = 2;
+  config.routed_heads = 3;
+  config.top_k = 2;
+  config.head_dim = 3;
+  config.z_loss_coefficient = 0.01;
+  config.causal_block = 2;
+  auto layer = std::make_shared<moa::MixtureOfHeads<Scalar>>(make_moh_layer<Scalar>(config, rng));
+  return make_attention<moa::MixtureOfHeads<Scalar>, self>(layer, rng);
+}
+template <typename Scalar>
+Op<Scalar> make_moh_self(std::uint64_t seed) { return make_moh<Scalar, true>(seed); }
+template <typename Scalar>
+Op<Scalar> make_moh_cross(std::uint64_t seed) { return make_moh<Scalar, false>(seed); }
+
 template <typename Scalar, bool self>
 Op<Scalar> make_mha(std::uint64_t seed) {
   moa::Rng rng(seed);
@@ -352,6 +373,8 @@ MOA_OP_CASE(moa_self, "MixtureOfAttention self, causal, padded", make_moa_self);
 MOA_OP_CASE(moa_cross, "MixtureOfAttention cross, padded", make_moa_cross);
 MOA_OP_CASE(moa_expert_choice_self, "MixtureOfAttention expert choice, self, padded", make_moa_expert_choice_self);
 MOA_OP_CASE(moa_expert_choice_cross, "MixtureOfAttention expert choice, cross, padded", make_moa_expert_choice_cross);
+MOA_OP_CASE(moh_self, "MixtureOfHeads self, causal, padded", make_moh_self);
+MOA_OP_CASE(moh_cross, "MixtureOfHeads cross, padded", make_moh_cross);
 MOA_OP_CASE(mha_self, "MultiHeadAttention self, causal, padded", make_mha_self);
 MOA_OP_CASE(mha_cross, "MultiHeadAttention cross, padded", make_mha_cross);
 MOA_OP_CASE(encoder_layer, "TransformerEncoderLayer<MoA> post-LN", make_encoder_layer_post);

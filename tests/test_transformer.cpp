@@ -10,6 +10,7 @@ namespace {
 
 using MoA = moa::MixtureOfAttention<double>;
 using MHA = moa::MultiHeadAttention<double>;
+using MoH = moa::MixtureOfHeads<double>;
 
 moa::TransformerConfig tiny_config(const std::string& spec, moa::NormPlacement norm, double dropout = 0.0) {
   moa::TransformerConfig config;
@@ -28,10 +29,13 @@ moa::TransformerConfig tiny_config(const std::string& spec, moa::NormPlacement n
 // A fresh router ties all experts; finite differences need a clear top-k.
 template <typename Scalar>
 void randomize_routers(const moa::ParameterList<Scalar>& parameters, moa::Rng& rng) {
+  // MoH's shared and group routers choose nothing: gentle, so their softmaxes do not saturate.
   for (const auto& entry : parameters)
     if (entry.name.find("router.weight") != std::string::npos) {
+      const bool choosing = entry.name.find("shared_router") == std::string::npos &&
+                            entry.name.find("group_router") == std::string::npos;
       auto value = entry.value();
-      moa::init_normal(value, rng, 0.0, 1.0);
+      moa::init_normal(value, rng, 0.0, choosing ? 1.0 : 0.2);
     }
 }
 
@@ -109,7 +113,7 @@ TEST_CASE("Seq2Seq: gradient check end to end, MoA and MHA, post-LN and pre-LN, 
   moa::Rng rng(2);
   const std::vector<moa::TokenPair> pairs{{{4, 5, 6}, {7, 8}}, {{5}, {4, 6, 7}}};
   const moa::Seq2SeqBatch batch = moa::make_seq2seq_batch(pairs, {0, 1});
-  for (const char* spec : {"moa:2K3E4D", "moa-ec:2K3E4D", "mha:2H4D"}) {
+  for (const char* spec : {"moa:2K3E4D", "moa-ec:2K3E4D", "moh:1S2K3H4D", "mha:2H4D"}) {
     for (auto norm : {moa::NormPlacement::post, moa::NormPlacement::pre}) {
       for (double dropout : {0.0, 0.1}) {
         INFO(spec << (norm == moa::NormPlacement::pre ? " pre-LN" : " post-LN") << ", dropout " << dropout);
@@ -125,6 +129,9 @@ TEST_CASE("Seq2Seq: gradient check end to end, MoA and MHA, post-LN and pre-LN, 
         if (config.attention.kind == moa::AttentionSpec::Kind::moa) {
           moa::Seq2Seq<MoA> model(config, rng);
           check(model);
+        } else if (config.attention.kind == moa::AttentionSpec::Kind::moh) {
+          moa::Seq2Seq<MoH> model(config, rng);
+          check(model);
         } else {
           moa::Seq2Seq<MHA> model(config, rng);
           check(model);
@@ -136,16 +143,24 @@ TEST_CASE("Seq2Seq: gradient check end to end, MoA and MHA, post-LN and pre-LN, 
 
 TEST_CASE("MaskedLM: gradient check end to end", "[transformer][gradient]") {
   moa::Rng rng(3);
-  for (const char* spec : {"moa:2K3E4D", "moa-ec:2K3E4D"})
-  for (auto norm : {moa::NormPlacement::post, moa::NormPlacement::pre}) {
-    INFO(spec);
-    moa::MaskedLM<MoA> model(tiny_config(spec, norm), rng);
+  const moa::TokenIds ids{4, 5, 3, 6, 7, 8, 3, 0};
+  const auto batch = moa::SequenceBatch::padded(4, {4, 3});
+  const moa::TokenIds targets{-1, -1, 6, -1, -1, -1, 5, -1};
+  auto check = [&](auto& model) {
     randomize_routers(moa::parameters_of(model), rng);
-    const moa::TokenIds ids{4, 5, 3, 6, 7, 8, 3, 0};
-    const auto batch = moa::SequenceBatch::padded(4, {4, 3});
-    const moa::TokenIds targets{-1, -1, 6, -1, -1, -1, 5, -1};
     moa::Rng none(0);
     REQUIRE_GRADIENTS_OK(check_model(model, [&] { return model.forward(ids, batch, none); }, targets, -1));
+  };
+  for (const char* spec : {"moa:2K3E4D", "moa-ec:2K3E4D", "moh:2S1K3H4D"})
+  for (auto norm : {moa::NormPlacement::post, moa::NormPlacement::pre}) {
+    INFO(spec);
+    if (moa::AttentionSpec::parse(spec).kind == moa::AttentionSpec::Kind::moh) {
+      moa::MaskedLM<MoH> model(tiny_config(spec, norm), rng);
+      check(model);
+    } else {
+      moa::MaskedLM<MoA> model(tiny_config(spec, norm), rng);
+      check(model);
+    }
   }
 }
 
@@ -153,7 +168,7 @@ TEST_CASE("Seq2Seq and MaskedLM: infer on a const model equals forward in evalua
   moa::Rng rng(4);
   const std::vector<moa::TokenPair> pairs{{{4, 5, 6}, {7, 8}}, {{5}, {4, 6, 7}}};
   const moa::Seq2SeqBatch batch = moa::make_seq2seq_batch(pairs, {0, 1});
-  for (const char* spec : {"moa:2K3E4D", "moa-ec:2K3E4D", "mha:2H4D"}) {
+  for (const char* spec : {"moa:2K3E4D", "moa-ec:2K3E4D", "moh:1S2K3H4D", "mha:2H4D"}) {
     for (auto norm : {moa::NormPlacement::post, moa::NormPlacement::pre}) {
       INFO(spec << (norm == moa::NormPlacement::pre ? " pre-LN" : " post-LN"));
       auto check = [&](auto& translator, auto& language_model) {
@@ -181,6 +196,10 @@ TEST_CASE("Seq2Seq and MaskedLM: infer on a const model equals forward in evalua
       if (config.attention.kind == moa::AttentionSpec::Kind::moa) {
         moa::Seq2Seq<MoA> translator(config, rng);
         moa::MaskedLM<MoA> language_model(config, rng);
+        check(translator, language_model);
+      } else if (config.attention.kind == moa::AttentionSpec::Kind::moh) {
+        moa::Seq2Seq<MoH> translator(config, rng);
+        moa::MaskedLM<MoH> language_model(config, rng);
         check(translator, language_model);
       } else {
         moa::Seq2Seq<MHA> translator(config, rng);

@@ -158,13 +158,18 @@ inline double attention_parameters(const moa::AttentionSpec& spec, double model_
     const double experts = static_cast<double>(spec.num_experts);
     return 2.0 * experts * head_dim * model_dim + 2.0 * head_dim * model_dim + experts * model_dim;
   }
+  if (spec.kind == moa::AttentionSpec::Kind::moh) {
+    const double heads = static_cast<double>(spec.shared_heads + spec.num_heads);
+    return 4.0 * heads * head_dim * model_dim + (heads + 2.0) * model_dim;  // and its routers
+  }
   return 4.0 * static_cast<double>(spec.num_heads) * head_dim * model_dim;
 }
 
 // Floats per token an attention layer of `spec` keeps for backward, over `keys` keys: the queries,
-// attention probabilities and outputs of its heads (k of them for MoA) and a few d_model rows.
+// attention probabilities and outputs of its heads (k of them for MoA, h_s + k for MoH) and a few
+// d_model rows.
 inline double attention_activations(const moa::AttentionSpec& spec, double model_dim, double keys) {
-  const double heads = static_cast<double>(spec.kind == moa::AttentionSpec::Kind::moa ? spec.top_k : spec.num_heads);
+  const double heads = static_cast<double>(spec.active_heads());
   return heads * (2.0 * static_cast<double>(spec.head_dim) + keys) + 4.0 * model_dim;
 }
 

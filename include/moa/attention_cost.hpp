@@ -1,5 +1,5 @@
 // moa/attention_cost.hpp - the one cost model of the attention layers, in FLOPs (2 per multiply-add):
-// what MixtureOfAttention and MultiHeadAttention report as last_forward_flops(), what a model spec
+// what MixtureOfAttention, MixtureOfHeads and MultiHeadAttention report as last_forward_flops(), what a model spec
 // costs per token (AttentionSpec::flops_per_token), and what the benchmarks divide by.
 #pragma once
 
@@ -19,6 +19,17 @@ inline double attention(double visible_pairs, double head_dim) { return 2.0 * li
 inline double moa_projections(double model_dim, double head_dim, double num_experts, double query_rows,
                               double key_rows, double assignments) {
   return linear(query_rows, model_dim, num_experts) + 2.0 * linear(key_rows, model_dim, head_dim) +
+         2.0 * linear(assignments, model_dim, head_dim);
+}
+
+// MoH's projections: its three routers (h_r routed heads; h_s shared when h_s > 1; the two groups
+// when h_s > 0), every head's K and V over the key rows, and per assignment (token, head it uses)
+// that head's Q and O.
+inline double moh_projections(double model_dim, double head_dim, double shared_heads, double routed_heads,
+                              double query_rows, double key_rows, double assignments) {
+  const double gate_outputs = routed_heads + (shared_heads > 1 ? shared_heads : 0.0) + (shared_heads > 0 ? 2.0 : 0.0);
+  return linear(query_rows, model_dim, gate_outputs) +
+         2.0 * linear(key_rows, model_dim, (shared_heads + routed_heads) * head_dim) +
          2.0 * linear(assignments, model_dim, head_dim);
 }
 

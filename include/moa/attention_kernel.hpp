@@ -31,10 +31,14 @@ struct AttentionLayout {
   bool causal = false;          // position p sees keys [0, p + position_offset]
   Index position_offset = 0;    // absolute position of query position 0 (the cache length when decoding)
   Index block_positions = 32;   // causal block size in positions
+  // Null: query position p is position p of the sequence. Otherwise the rows are a subset of the
+  // sequence's tokens (MoH's routed heads) and position p is row_positions[p], ascending.
+  const Index* row_positions = nullptr;
 
   // Keys visible from query position p.
   Index visible_keys(Index position) const {
-    return causal ? std::min(position + position_offset + 1, key_length) : key_length;
+    const Index absolute = (row_positions != nullptr ? row_positions[position] : position) + position_offset;
+    return causal ? std::min(absolute + 1, key_length) : key_length;
   }
   // Calls visit(first_position, position_count, key_extent) for each block of query positions.
   template <typename Visit>

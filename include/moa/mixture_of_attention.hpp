@@ -26,6 +26,7 @@
 #include "moa/attention_kernel.hpp"
 #include "moa/bfloat16.hpp"
 #include "moa/error.hpp"
+#include "moa/expert_projections.hpp"
 #include "moa/gemm.hpp"
 #include "moa/init.hpp"
 #include "moa/kv_cache.hpp"
@@ -116,14 +117,6 @@ class MixtureOfAttention {
   }
 
  private:
-  // Buffers reused across experts and calls, so a forward does not allocate per expert; one per
-  // width, so none is resized between uses.
-  struct ProjectionScratch {
-    Matrix<Scalar> wide_rows, wide_result;  // [c, d_model] gathered rows, per-expert results
-    Matrix<Scalar> narrow_rows, narrow_result;  // [c, d_h]
-    Matrix<Scalar> scaled;                  // [c, d_h] gate * attended
-  };
-
   using Routing = typename Router<Scalar>::Routing;
 
   // What a forward computes after routing, kept by forward for backward. A assignments: B*Tq*k
@@ -135,7 +128,7 @@ class MixtureOfAttention {
     Matrix<Scalar> queries;        // [A, d_h]
     Matrix<Scalar> probabilities;  // [A, Tk]
     Matrix<Scalar> attended;       // [A, d_h], before the gates
-    std::vector<ProjectionScratch> scratch;  // one per part of the experts (see expert_parts)
+    ExpertProjections<Scalar> projections;  // the per-expert products and their buffers
     double flops = 0.0;
   };
 
@@ -170,7 +163,8 @@ class MixtureOfAttention {
     pass.plan = DispatchPlan::build(routing.experts, config_.num_experts, slots_per_row());
     pass.keys = linear_product<Scalar>(*compute_, key_value, k_proj.value, precision);    // [B*Tk, d_h]
     pass.values = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision);  // [B*Tk, d_h]
-    project_queries(query, pass.plan, routing.tokens, pass.queries, precision, pass.scratch);  // [A, d_h]
+    pass.projections.project_in(*compute_, query, pass.plan, routing.tokens, q_proj.value, config_.head_dim,
+                                pass.queries, precision);  // [A, d_h]
     pass.probabilities.resize(assignments, key_batch.length);  // [A, Tk]
     pass.attended.resize(assignments, config_.head_dim);        // [A, d_h], rows of routed tokens written
     pass.flops = projection_flops(query.rows(), key_value.rows(), pass.plan.assignments());
@@ -188,7 +182,8 @@ class MixtureOfAttention {
       const AttentionLayout layout = sequence_rows(routing, query_batch, key_batch, causal, b).layout;
       pass.flops += cost::attention(static_cast<double>(layout.visible_pairs()), static_cast<double>(config_.head_dim));
     }
-    return project_outputs(pass.attended, routing, pass.plan, query.rows(), precision, pass.scratch);
+    return pass.projections.project_out(*compute_, pass.attended, routing.gates.data(), routing.tokens, pass.plan,
+                                        o_proj.value, query.rows(), precision);
   }
 
  public:
@@ -206,34 +201,9 @@ class MixtureOfAttention {
     // Large buffers are members, reused by every call: fresh ones would page-fault each time.
     Matrix<Scalar>& grad_attended = grad_attended_;  // [A, d_h]
     grad_attended.setZero(pass_.attended.rows(), head_dim);
-    // Output side: y_t += gate * a Wo_e^T. Within an expert every row is another token, so row
-    // slices run on separate threads without conflicts.
-    // Experts write disjoint rows and weight slices here: parts of them run on separate threads.
-    const Index parts = expert_parts(pass_.plan);
-    pass_.scratch.resize(static_cast<std::size_t>(parts));
-    for_each_expert_in_parts(pass_.plan, parts, [&](Index e, const Index* ids, Index count, Index part) {
-      ProjectionScratch& scratch = pass_.scratch[static_cast<std::size_t>(part)];
-      const auto weight = o_proj.value.middleRows(e * model, model);  // [d_model, d_h]
-      const bool everyone = count == query_.rows();  // every token chose e: rows already in token order
-      auto gathered = rows_of(scratch.wide_rows, everyone ? 0 : count, model);  // [c, d_model]
-      const ConstMatrixRef<Scalar> grad_rows = everyone ? ConstMatrixRef<Scalar>(grad_output) : gathered;
-      auto scaled = rows_of(scratch.scaled, count, head_dim);                 // [c, d_h] gate * a
-      auto grad_unscaled = rows_of(scratch.narrow_result, count, head_dim);   // [c, d_h] d(gate * a)
-      parallel_ranges(*compute_, count, kRowGrain, [&](Index first, Index rows, int) {
-        for (Index i = first; i < first + rows; ++i) {
-          if (!everyone) gathered.row(i) = grad_output.row(tokens[ids[i]]);
-          scaled.row(i) = gates.data()[ids[i]] * pass_.attended.row(ids[i]);
-        }
-        gemm<Scalar>(*compute_, grad_rows.middleRows(first, rows), Transpose::no, weight, Transpose::no,
-                     grad_unscaled.middleRows(first, rows));
-        for (Index i = first; i < first + rows; ++i) {
-          grad_gates.data()[ids[i]] = grad_unscaled.row(i).dot(pass_.attended.row(ids[i]));
-          grad_attended.row(ids[i]) = gates.data()[ids[i]] * grad_unscaled.row(i);
-        }
-      });
-      gemm<Scalar>(*compute_, grad_rows, Transpose::yes, scaled, Transpose::no, o_proj.grad.middleRows(e * model, model),
-                   true);
-    });
+    // Output side: y_t += gate * a Wo_e^T.
+    pass_.projections.backward_out(*compute_, grad_output, pass_.attended, gates.data(), tokens, pass_.plan, o_proj.value,
+                                   o_proj.grad, grad_gates.data(), grad_attended);
     // Attention, per sequence, against the shared K and V.
     Matrix<Scalar>& grad_queries = grad_queries_;  // [A, d_h]
     Matrix<Scalar>& grad_keys = grad_keys_;        // [B*Tk, d_h]
@@ -257,30 +227,8 @@ class MixtureOfAttention {
     // Query side: q = x Wq_e^T.
     AttentionGradients<Scalar> grads;
     grads.query = router.backward(grad_gates);  // [N, d_model]
-    // Experts of one part add into the token rows of the part's own sum, added up in part order.
-    PartSums part_sums(grads.query, parts);
-    for_each_expert_in_parts(pass_.plan, parts, [&](Index e, const Index* ids, Index count, Index part) {
-      ProjectionScratch& scratch = pass_.scratch[static_cast<std::size_t>(part)];
-      Matrix<Scalar>& grad_query = part_sums.of(part);  // [N, d_model]
-      const auto weight = q_proj.value.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
-      const bool everyone = count == query_.rows();  // every token chose e: inputs already in token order
-      auto grad_rows = rows_of(scratch.narrow_rows, count, head_dim);              // [c, d_h]
-      auto gathered = rows_of(scratch.wide_rows, everyone ? 0 : count, model);     // [c, d_model]
-      const ConstMatrixRef<Scalar> inputs = everyone ? ConstMatrixRef<Scalar>(query_) : gathered;
-      auto grad_inputs = rows_of(scratch.wide_result, count, model);               // [c, d_model]
-      parallel_ranges(*compute_, count, kRowGrain, [&](Index first, Index rows, int) {
-        for (Index i = first; i < first + rows; ++i) {
-          grad_rows.row(i) = grad_queries.row(ids[i]);
-          if (!everyone) gathered.row(i) = query_.row(tokens[ids[i]]);
-        }
-        gemm<Scalar>(*compute_, grad_rows.middleRows(first, rows), Transpose::no, weight, Transpose::no,
-                     grad_inputs.middleRows(first, rows));
-        for (Index i = first; i < first + rows; ++i) grad_query.row(tokens[ids[i]]) += grad_inputs.row(i);
-      });
-      gemm<Scalar>(*compute_, grad_rows, Transpose::yes, inputs, Transpose::no,
-                   q_proj.grad.middleRows(e * head_dim, head_dim), true);
-    });
-    part_sums.add_up(*compute_);
+    pass_.projections.backward_in(*compute_, grad_queries, query_, tokens, pass_.plan, q_proj.value, q_proj.grad,
+                                  grads.query);
     // The shared key and value heads.
     const Matrix<Scalar>& key_value = self_attention_ ? query_ : key_value_;
     gemm<Scalar>(*compute_, grad_keys, Transpose::yes, key_value, Transpose::no, k_proj.grad, true);
@@ -342,9 +290,10 @@ class MixtureOfAttention {
                    weight_product<Scalar>(*compute_, input, v_proj.value, cache.rounded_weight(cache.kValueWeight), precision));
     const Routing routing = router.route(input);
     const DispatchPlan plan = DispatchPlan::build(routing.experts, config_.num_experts, k);
-    std::vector<ProjectionScratch> scratch;  // a step changes nothing in the layer
-    Matrix<Scalar> queries;     // [B*n*k, d_h]
-    project_queries(input, plan, routing.tokens, queries, precision, scratch, cache.rounded_weight(cache.kQueryWeight));
+    ExpertProjections<Scalar> projections;  // a step changes nothing in the layer
+    Matrix<Scalar> queries;                 // [B*n*k, d_h]
+    projections.project_in(*compute_, input, plan, routing.tokens, q_proj.value, config_.head_dim, queries, precision,
+                           cache.rounded_weight(cache.kQueryWeight));
     Matrix<Scalar> attended(input.rows() * k, config_.head_dim);                // [B*n*k, d_h]
     Matrix<Scalar> probabilities(steps * k, cache.capacity());                  // [n*k, capacity]
     double flops = projection_flops(input.rows(), cache.frozen() ? 0 : input.rows(), plan.assignments());
@@ -361,8 +310,8 @@ class MixtureOfAttention {
       flops += cost::attention(static_cast<double>(layout.visible_pairs()), static_cast<double>(config_.head_dim));
     }
     cache.set_last_step_flops(flops);
-    return project_outputs(attended, routing, plan, input.rows(), precision, scratch,
-                           cache.rounded_weight(cache.kOutputWeight));
+    return projections.project_out(*compute_, attended, routing.gates.data(), routing.tokens, plan, o_proj.value,
+                                   input.rows(), precision, cache.rounded_weight(cache.kOutputWeight));
   }
 
   void collect_parameters(ParameterList<Scalar>& list, const std::string& prefix = "") {
@@ -380,127 +329,6 @@ class MixtureOfAttention {
   Parameter<Scalar> v_proj;  // [d_h, d_model]
 
  private:
-  // Rows of one expert handed to a thread at a time.
-  static constexpr Index kRowGrain = 32;
-
-  // How many parts the experts are cut into, each run on a thread of its own: one per thread when
-  // there are at least two busy experts per thread and work enough to repay waking them;
-  // otherwise one part, whose experts split their rows across the threads instead. A part holds
-  // consecutive experts of about equal assignments (DispatchPlan::expert_runs), so the split, and
-  // with it every result, depends on the plan and the thread count alone.
-  Index expert_parts(const DispatchPlan& plan) const {
-    const int threads = compute_->threads();
-    if (threads == 1) return 1;
-    Index busy = 0;
-    for (Index e = 0; e < plan.num_experts; ++e) busy += plan.count(e) > 0 ? 1 : 0;
-    const double work = static_cast<double>(plan.assignments()) * static_cast<double>(model_dim() * config_.head_dim);
-    return busy >= 2 * threads && work >= detail::kParallelGemmFlops ? threads : 1;
-  }
-
-  // visit(expert, ids, count, part) for every expert with assignments, the parts on the compute's
-  // threads, each part's experts in order.
-  template <typename Visit>
-  void for_each_expert_in_parts(const DispatchPlan& plan, Index parts, Visit&& visit) const {
-    if (parts == 1) {
-      plan.for_each_expert([&](Index e, const Index* ids, Index count) { visit(e, ids, count, Index(0)); });
-      return;
-    }
-    const std::vector<Index> runs = plan.expert_runs(parts);
-    compute_->pool().run(parts, [&](Index part, int) {
-      for (Index e = runs[static_cast<std::size_t>(part)]; e < runs[static_cast<std::size_t>(part + 1)]; ++e)
-        if (plan.count(e) > 0) visit(e, plan.order.data() + plan.offsets[e], plan.count(e), part);
-    });
-  }
-
-  // Sums into token rows from parts of the experts: part 0 adds into `total` itself, every other
-  // part into a zeroed matrix of its own, and add_up adds those in part order.
-  class PartSums {
-   public:
-    PartSums(Matrix<Scalar>& total, Index parts) : total_(total) {
-      for (Index part = 1; part < parts; ++part) others_.push_back(Matrix<Scalar>::Zero(total.rows(), total.cols()));
-    }
-    Matrix<Scalar>& of(Index part) { return part == 0 ? total_ : others_[static_cast<std::size_t>(part - 1)]; }
-    void add_up(const Compute& compute) {
-      if (others_.empty()) return;
-      parallel_ranges(compute, total_.rows(), kRowGrain, [&](Index first, Index rows, int) {
-        for (const Matrix<Scalar>& other : others_) total_.middleRows(first, rows) += other.middleRows(first, rows);
-      });
-    }
-
-   private:
-    Matrix<Scalar>& total_;
-    std::vector<Matrix<Scalar>> others_;
-  };
-
-  // The first `rows` rows of a scratch buffer, grown (never shrunk) to fit.
-  static auto rows_of(Matrix<Scalar>& buffer, Index rows, Index cols) {
-    if (buffer.rows() < rows || buffer.cols() != cols) buffer.resize(std::max(rows, buffer.rows()), cols);
-    return buffer.topRows(rows);
-  }
-
-  // queries: [A, d_h]; row a = x_t Wq_e^T for assignment a's token t = tokens[a] and expert e.
-  // rounded: the query weights rounded to bfloat16 (a decoding's), or null.
-  void project_queries(const Matrix<Scalar>& input, const DispatchPlan& plan, const std::vector<Index>& tokens,
-                       Matrix<Scalar>& queries, Precision precision, std::vector<ProjectionScratch>& scratches,
-                       const BFloat16Weight* rounded = nullptr) const {
-    const Index head_dim = config_.head_dim;
-    queries.resize(static_cast<Index>(tokens.size()), head_dim);  // rows of unrouted tokens are never read
-    // Experts write disjoint rows: parts of them run on separate threads.
-    const Index parts = expert_parts(plan);
-    scratches.resize(static_cast<std::size_t>(parts));
-    for_each_expert_in_parts(plan, parts, [&](Index e, const Index* ids, Index count, Index part) {
-      ProjectionScratch& scratch = scratches[static_cast<std::size_t>(part)];
-      const auto weight = q_proj.value.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
-      auto inputs = rows_of(scratch.wide_rows, count, input.cols());        // [c, d_model]
-      auto projected = rows_of(scratch.narrow_result, count, head_dim);     // [c, d_h]
-      parallel_ranges(*compute_, count, kRowGrain, [&](Index first, Index rows, int) {
-        if (count == input.rows()) {  // every token chose e (so in token order): no gather
-          weight_product<Scalar>(*compute_, input.middleRows(first, rows), weight, rounded, e,
-                                 projected.middleRows(first, rows), false, precision);
-        } else {
-          for (Index i = first; i < first + rows; ++i) inputs.row(i) = input.row(tokens[ids[i]]);
-          weight_product<Scalar>(*compute_, inputs.middleRows(first, rows), weight, rounded, e,
-                                 projected.middleRows(first, rows), false, precision);
-        }
-        for (Index i = first; i < first + rows; ++i) queries.row(ids[i]) = projected.row(i);
-      });
-    });
-  }
-
-  // output: [N, d_model]; row t = sum over t's assignments a of gate_a attended_a Wo_e^T.
-  Matrix<Scalar> project_outputs(const Matrix<Scalar>& attended, const Routing& routing, const DispatchPlan& plan,
-                                 Index rows, Precision precision, std::vector<ProjectionScratch>& scratches,
-                                 const BFloat16Weight* rounded = nullptr) const {
-    const Index model = model_dim(), head_dim = config_.head_dim;
-    const Matrix<Scalar>& gates = routing.gates;
-    const std::vector<Index>& tokens = routing.tokens;
-    Matrix<Scalar> output = Matrix<Scalar>::Zero(rows, model);  // [N, d_model]
-    // Experts of one part add into the token rows of the part's own sum, added up in part order.
-    const Index parts = expert_parts(plan);
-    scratches.resize(static_cast<std::size_t>(parts));
-    PartSums part_sums(output, parts);
-    for_each_expert_in_parts(plan, parts, [&](Index e, const Index* ids, Index count, Index part) {
-      ProjectionScratch& scratch = scratches[static_cast<std::size_t>(part)];
-      Matrix<Scalar>& target = part_sums.of(part);  // [N, d_model]
-      const auto weight = o_proj.value.middleRows(e * model, model);  // [d_model, d_h]
-      auto scaled = rows_of(scratch.scaled, count, head_dim);         // [c, d_h] gate * a
-      auto projected = rows_of(scratch.wide_result, count, model);    // [c, d_model]
-      parallel_ranges(*compute_, count, kRowGrain, [&](Index first, Index slice, int) {
-        for (Index i = first; i < first + slice; ++i) scaled.row(i) = gates.data()[ids[i]] * attended.row(ids[i]);
-        if (count == rows) {  // every token chose e: accumulate in place
-          weight_product<Scalar>(*compute_, scaled.middleRows(first, slice), weight, rounded, e,
-                                 target.middleRows(first, slice), true, precision);
-          return;
-        }
-        weight_product<Scalar>(*compute_, scaled.middleRows(first, slice), weight, rounded, e,
-                               projected.middleRows(first, slice), false, precision);
-        for (Index i = first; i < first + slice; ++i) target.row(tokens[ids[i]]) += projected.row(i);
-      });
-    });
-    part_sums.add_up(*compute_);
-    return output;
-  }
-
   // Assignments per query row in the dispatch plan's terms: k slots with token choice; expert
   // choice has no fixed number.
   Index slots_per_row() const { return config_.mode == RoutingMode::token_choice ? config_.top_k : 1; }

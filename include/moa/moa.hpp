@@ -31,5 +31,7 @@
 #include "moa/sequence_batch.hpp"
 #include "moa/attention_kernel.hpp"
 #include "moa/kv_cache.hpp"
+#include "moa/expert_projections.hpp"
 #include "moa/mixture_of_attention.hpp"
+#include "moa/mixture_of_heads.hpp"
 #include "moa/multi_head_attention.hpp"

@@ -1,10 +1,11 @@
 // moa/models/transformer_config.hpp - the configuration of a Transformer model and how a model
-// builds its attention layers (MixtureOfAttention or MultiHeadAttention) from it.
+// builds its attention layers (MixtureOfAttention, MixtureOfHeads or MultiHeadAttention) from it.
 #pragma once
 
 #include "moa/error.hpp"
 #include "moa/feed_forward.hpp"
 #include "moa/mixture_of_attention.hpp"
+#include "moa/mixture_of_heads.hpp"
 #include "moa/models/attention_spec.hpp"
 #include "moa/multi_head_attention.hpp"
 #include "moa/random.hpp"
@@ -26,7 +27,7 @@ struct TransformerConfig {
   Activation activation = Activation::relu;
   Index padding_index = 0;
   AttentionSpec attention;
-  // MoA options (ignored for mha)
+  // The routers' aux-loss coefficients, MoA's and MoH's (ignored for mha)
   double load_balance_coefficient = 0.01;
   double z_loss_coefficient = 0.001;
 
@@ -71,6 +72,24 @@ struct AttentionTraits<MixtureOfAttention<S>> {
       attention.load_balance_coefficient = attention.z_loss_coefficient = 0.0;  // balanced by construction
     }
     return MixtureOfAttention<S>(attention, rng);
+  }
+};
+
+template <typename S>
+struct AttentionTraits<MixtureOfHeads<S>> {
+  static constexpr AttentionSpec::Kind kind = AttentionSpec::Kind::moh;
+  static MixtureOfHeads<S> make(const TransformerConfig& config, QuerySide, Rng& rng) {
+    MOA_CHECK(config.attention.kind == kind, "Transformer", "a MixtureOfHeads model needs a moh: spec, got '",
+              config.attention.to_string(), "'");
+    MixtureOfHeadsConfig attention;
+    attention.model_dim = config.model_dim;
+    attention.shared_heads = config.attention.shared_heads;
+    attention.routed_heads = config.attention.num_heads;
+    attention.top_k = config.attention.top_k;
+    attention.head_dim = config.attention.head_dim;
+    attention.load_balance_coefficient = config.load_balance_coefficient;
+    attention.z_loss_coefficient = config.z_loss_coefficient;
+    return MixtureOfHeads<S>(attention, rng);
   }
 };
 

@@ -1,0 +1,230 @@
+// moa/expert_projections.hpp - the per-expert products of the head-routed layers (MixtureOfAttention,
+// MixtureOfHeads): each expert (head) owns a query projection [d_h, d_model] and an output
+// projection [d_model, d_h], and only the assignments (token, expert) routed to it use them.
+//
+// An assignment list of A entries (token[a], expert[a], gate[a]) is grouped by expert in a
+// DispatchPlan; each expert's rows are gathered, multiplied in one GEMM, and scattered back to
+// assignment order (queries) or added into the token rows (outputs, scaled by the gates). Backward
+// mirrors both. Experts no assignment chose cost nothing.
+//
+// Threads: with enough busy experts, consecutive experts of about equal load run as parts on the
+// compute's threads (sums into token rows per part, added up in part order); otherwise each
+// expert splits its rows across the threads. Either way the split depends only on the plan and the
+// thread count, so results are bit-identical run to run.
+#pragma once
+
+#include "moa/bfloat16.hpp"
+#include "moa/gemm.hpp"
+#include "moa/tensor.hpp"
+#include "moa/top_k.hpp"
+
+#include <algorithm>
+#include <vector>
+
+namespace moa {
+
+template <typename Scalar>
+class ExpertProjections {
+ public:
+  // queries: [A, d_h]; row a = input[tokens[a]] Wq_e^T for e = the expert of a. weights: [E*d_h,
+  // d_model] (expert e's rows e*d_h ..); rounded: their bfloat16 copy for decoding, or null.
+  // Rows of assignments the plan skips (padding) are left unwritten.
+  void project_in(const Compute& compute, const Matrix<Scalar>& input, const DispatchPlan& plan,
+                  const std::vector<Index>& tokens, const ConstMatrixRef<Scalar>& weights, Index head_dim,
+                  Matrix<Scalar>& queries, Precision precision, const BFloat16Weight* rounded = nullptr) {
+    queries.resize(static_cast<Index>(tokens.size()), head_dim);
+    const Index parts = expert_parts(compute, plan, input.cols() * head_dim);
+    scratch_.resize(static_cast<std::size_t>(parts));
+    for_each_expert_in_parts(compute, plan, parts, [&](Index e, const Index* ids, Index count, Index part) {
+      Scratch& scratch = scratch_[static_cast<std::size_t>(part)];
+      const auto weight = weights.middleRows(e * head_dim, head_dim);    // [d_h, d_model]
+      auto inputs = rows_of(scratch.wide_rows, count, input.cols());      // [c, d_model]
+      auto projected = rows_of(scratch.narrow_result, count, head_dim);   // [c, d_h]
+      const bool everyone = count == input.rows();  // every token chose e (so in token order): no gather
+      parallel_ranges(compute, count, kRowGrain, [&](Index first, Index rows, int) {
+        if (everyone) {
+          weight_product<Scalar>(compute, input.middleRows(first, rows), weight, rounded, e,
+                                 projected.middleRows(first, rows), false, precision);
+        } else {
+          for (Index i = first; i < first + rows; ++i) inputs.row(i) = input.row(tokens[ids[i]]);
+          weight_product<Scalar>(compute, inputs.middleRows(first, rows), weight, rounded, e,
+                                 projected.middleRows(first, rows), false, precision);
+        }
+        for (Index i = first; i < first + rows; ++i) queries.row(ids[i]) = projected.row(i);
+      });
+    });
+  }
+
+  // output: [rows, d_model]; row t = sum over t's assignments a of gates[a] attended[a] Wo_e^T.
+  // attended: [A, d_h]; gates: A values; weights: [E*d_model, d_h] (expert e's rows e*d_model ..).
+  Matrix<Scalar> project_out(const Compute& compute, const Matrix<Scalar>& attended, const Scalar* gates,
+                             const std::vector<Index>& tokens, const DispatchPlan& plan,
+                             const ConstMatrixRef<Scalar>& weights, Index rows, Precision precision,
+                             const BFloat16Weight* rounded = nullptr) {
+    const Index head_dim = attended.cols(), model = weights.rows() / std::max<Index>(plan.num_experts, 1);
+    Matrix<Scalar> output = Matrix<Scalar>::Zero(rows, model);  // [N, d_model]
+    const Index parts = expert_parts(compute, plan, model * head_dim);
+    scratch_.resize(static_cast<std::size_t>(parts));
+    PartSums part_sums(output, parts);
+    for_each_expert_in_parts(compute, plan, parts, [&](Index e, const Index* ids, Index count, Index part) {
+      Scratch& scratch = scratch_[static_cast<std::size_t>(part)];
+      Matrix<Scalar>& target = part_sums.of(part);                  // [N, d_model]
+      const auto weight = weights.middleRows(e * model, model);      // [d_model, d_h]
+      auto scaled = rows_of(scratch.scaled, count, head_dim);        // [c, d_h] gate * a
+      auto projected = rows_of(scratch.wide_result, count, model);   // [c, d_model]
+      parallel_ranges(compute, count, kRowGrain, [&](Index first, Index slice, int) {
+        for (Index i = first; i < first + slice; ++i) scaled.row(i) = gates[ids[i]] * attended.row(ids[i]);
+        if (count == rows) {  // every token chose e: accumulate in place
+          weight_product<Scalar>(compute, scaled.middleRows(first, slice), weight, rounded, e,
+                                 target.middleRows(first, slice), true, precision);
+          return;
+        }
+        weight_product<Scalar>(compute, scaled.middleRows(first, slice), weight, rounded, e,
+                               projected.middleRows(first, slice), false, precision);
+        for (Index i = first; i < first + slice; ++i) target.row(tokens[ids[i]]) += projected.row(i);
+      });
+    });
+    part_sums.add_up(compute);
+    return output;
+  }
+
+  // Backward of project_out. grad_output: [N, d_model]. Writes grad_gates[a] = d(loss)/d(gate a)
+  // and grad_attended: [A, d_h] (rows of the plan's assignments), and accumulates weight_grad:
+  // [E*d_model, d_h].
+  void backward_out(const Compute& compute, const Matrix<Scalar>& grad_output, const Matrix<Scalar>& attended,
+                    const Scalar* gates, const std::vector<Index>& tokens, const DispatchPlan& plan,
+                    const ConstMatrixRef<Scalar>& weights, MatrixRef<Scalar> weight_grad, Scalar* grad_gates,
+                    Matrix<Scalar>& grad_attended) {
+    const Index head_dim = attended.cols(), model = grad_output.cols();
+    // Experts write disjoint rows and weight slices: parts of them run on separate threads.
+    const Index parts = expert_parts(compute, plan, model * head_dim);
+    scratch_.resize(static_cast<std::size_t>(parts));
+    for_each_expert_in_parts(compute, plan, parts, [&](Index e, const Index* ids, Index count, Index part) {
+      Scratch& scratch = scratch_[static_cast<std::size_t>(part)];
+      const auto weight = weights.middleRows(e * model, model);  // [d_model, d_h]
+      const bool everyone = count == grad_output.rows();      // every token chose e: rows already in token order
+      auto gathered = rows_of(scratch.wide_rows, everyone ? 0 : count, model);  // [c, d_model]
+      const ConstMatrixRef<Scalar> grad_rows = everyone ? ConstMatrixRef<Scalar>(grad_output) : gathered;
+      auto scaled = rows_of(scratch.scaled, count, head_dim);                // [c, d_h] gate * a
+      auto grad_unscaled = rows_of(scratch.narrow_result, count, head_dim);  // [c, d_h] d(gate * a)
+      parallel_ranges(compute, count, kRowGrain, [&](Index first, Index rows, int) {
+        for (Index i = first; i < first + rows; ++i) {
+          if (!everyone) gathered.row(i) = grad_output.row(tokens[ids[i]]);
+          scaled.row(i) = gates[ids[i]] * attended.row(ids[i]);
+        }
+        gemm<Scalar>(compute, grad_rows.middleRows(first, rows), Transpose::no, weight, Transpose::no,
+                     grad_unscaled.middleRows(first, rows));
+        for (Index i = first; i < first + rows; ++i) {
+          grad_gates[ids[i]] = grad_unscaled.row(i).dot(attended.row(ids[i]));
+          grad_attended.row(ids[i]) = gates[ids[i]] * grad_unscaled.row(i);
+        }
+      });
+      gemm<Scalar>(compute, grad_rows, Transpose::yes, scaled, Transpose::no, weight_grad.middleRows(e * model, model),
+                   true);
+    });
+  }
+
+  // Backward of project_in. grad_queries: [A, d_h]. Accumulates weight_grad: [E*d_h, d_model] and
+  // grad_input: [N, d_model] (+=).
+  void backward_in(const Compute& compute, const Matrix<Scalar>& grad_queries, const Matrix<Scalar>& input,
+                   const std::vector<Index>& tokens, const DispatchPlan& plan, const ConstMatrixRef<Scalar>& weights,
+                   MatrixRef<Scalar> weight_grad, Matrix<Scalar>& grad_input) {
+    const Index head_dim = grad_queries.cols(), model = input.cols();
+    // Experts of one part add into the token rows of the part's own sum, added up in part order.
+    const Index parts = expert_parts(compute, plan, model * head_dim);
+    scratch_.resize(static_cast<std::size_t>(parts));
+    PartSums part_sums(grad_input, parts);
+    for_each_expert_in_parts(compute, plan, parts, [&](Index e, const Index* ids, Index count, Index part) {
+      Scratch& scratch = scratch_[static_cast<std::size_t>(part)];
+      Matrix<Scalar>& target = part_sums.of(part);                    // [N, d_model]
+      const auto weight = weights.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
+      const bool everyone = count == input.rows();  // every token chose e: inputs already in token order
+      auto grad_rows = rows_of(scratch.narrow_rows, count, head_dim);           // [c, d_h]
+      auto gathered = rows_of(scratch.wide_rows, everyone ? 0 : count, model);  // [c, d_model]
+      const ConstMatrixRef<Scalar> inputs = everyone ? ConstMatrixRef<Scalar>(input) : gathered;
+      auto grad_inputs = rows_of(scratch.wide_result, count, model);            // [c, d_model]
+      parallel_ranges(compute, count, kRowGrain, [&](Index first, Index rows, int) {
+        for (Index i = first; i < first + rows; ++i) {
+          grad_rows.row(i) = grad_queries.row(ids[i]);
+          if (!everyone) gathered.row(i) = input.row(tokens[ids[i]]);
+        }
+        gemm<Scalar>(compute, grad_rows.middleRows(first, rows), Transpose::no, weight, Transpose::no,
+                     grad_inputs.middleRows(first, rows));
+        for (Index i = first; i < first + rows; ++i) target.row(tokens[ids[i]]) += grad_inputs.row(i);
+      });
+      gemm<Scalar>(compute, grad_rows, Transpose::yes, inputs, Transpose::no,
+                   weight_grad.middleRows(e * head_dim, head_dim), true);
+    });
+    part_sums.add_up(compute);
+  }
+
+ private:
+  // Rows of one expert handed to a thread at a time.
+  static constexpr Index kRowGrain = 32;
+
+  // Buffers reused across experts and calls, so a pass does not allocate per expert; one per
+  // width, so none is resized between uses.
+  struct Scratch {
+    Matrix<Scalar> wide_rows, wide_result;      // [c, d_model] gathered rows, per-expert results
+    Matrix<Scalar> narrow_rows, narrow_result;  // [c, d_h]
+    Matrix<Scalar> scaled;                      // [c, d_h] gate * attended
+  };
+
+  // How many parts the experts are cut into, each run on a thread of its own: one per thread when
+  // there are at least two busy experts per thread and work enough to repay waking them;
+  // otherwise one part, whose experts split their rows across the threads instead. A part holds
+  // consecutive experts of about equal assignments (DispatchPlan::expert_runs).
+  static Index expert_parts(const Compute& compute, const DispatchPlan& plan, Index weight_size) {
+    const int threads = compute.threads();
+    if (threads == 1) return 1;
+    Index busy = 0;
+    for (Index e = 0; e < plan.num_experts; ++e) busy += plan.count(e) > 0 ? 1 : 0;
+    const double work = static_cast<double>(plan.assignments()) * static_cast<double>(weight_size);
+    return busy >= 2 * threads && work >= detail::kParallelGemmFlops ? threads : 1;
+  }
+
+  // visit(expert, ids, count, part) for every expert with assignments, the parts on the compute's
+  // threads, each part's experts in order.
+  template <typename Visit>
+  static void for_each_expert_in_parts(const Compute& compute, const DispatchPlan& plan, Index parts, Visit&& visit) {
+    if (parts == 1) {
+      plan.for_each_expert([&](Index e, const Index* ids, Index count) { visit(e, ids, count, Index(0)); });
+      return;
+    }
+    const std::vector<Index> runs = plan.expert_runs(parts);
+    compute.pool().run(parts, [&](Index part, int) {
+      for (Index e = runs[static_cast<std::size_t>(part)]; e < runs[static_cast<std::size_t>(part + 1)]; ++e)
+        if (plan.count(e) > 0) visit(e, plan.order.data() + plan.offsets[e], plan.count(e), part);
+    });
+  }
+
+  // Sums into token rows from parts of the experts: part 0 adds into `total` itself, every other
+  // part into a zeroed matrix of its own, and add_up adds those in part order.
+  class PartSums {
+   public:
+    PartSums(Matrix<Scalar>& total, Index parts) : total_(total) {
+      for (Index part = 1; part < parts; ++part) others_.push_back(Matrix<Scalar>::Zero(total.rows(), total.cols()));
+    }
+    Matrix<Scalar>& of(Index part) { return part == 0 ? total_ : others_[static_cast<std::size_t>(part - 1)]; }
+    void add_up(const Compute& compute) {
+      if (others_.empty()) return;
+      parallel_ranges(compute, total_.rows(), kRowGrain, [&](Index first, Index rows, int) {
+        for (const Matrix<Scalar>& other : others_) total_.middleRows(first, rows) += other.middleRows(first, rows);
+      });
+    }
+
+   private:
+    Matrix<Scalar>& total_;
+    std::vector<Matrix<Scalar>> others_;
+  };
+
+  // The first `rows` rows of a scratch buffer, grown (never shrunk) to fit.
+  static auto rows_of(Matrix<Scalar>& buffer, Index rows, Index cols) {
+    if (buffer.rows() < rows || buffer.cols() != cols) buffer.resize(std::max(rows, buffer.rows()), cols);
+    return buffer.topRows(rows);
+  }
+
+  std::vector<Scratch> scratch_;  // one per part
+};
+
+}  // namespace moa
