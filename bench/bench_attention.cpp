@@ -97,6 +97,22 @@ void BM_MoA(benchmark::State& state, Shape shape, bool causal, bool with_backwar
   run_layer(state, layer, shape, causal, with_backward);
 }
 
+// Every expert streaming (a sink of 4 and the last `window` keys), causal: the attention costs
+// O(T (4 + window)) instead of O(T^2); the projections are unchanged.
+void BM_MoASpans(benchmark::State& state, Shape shape, moa::Index window, bool with_backward) {
+  moa::Rng rng(1);
+  moa::MixtureOfAttentionConfig config;
+  config.model_dim = shape.model;
+  config.num_experts = shape.experts;
+  config.top_k = shape.top_k;
+  config.head_dim = shape.head_dim;
+  config.spans.assign(static_cast<std::size_t>(shape.experts), moa::AttentionSpan::streaming(4, window));
+  moa::MixtureOfAttention<float> layer(config, rng);
+  layer.set_compute(moa_bench::compute());
+  moa::init_normal(layer.router.weight, rng, 0.0, 1.0 / std::sqrt(static_cast<double>(shape.model)));
+  run_layer(state, layer, shape, true, with_backward);
+}
+
 void BM_MoAExpertChoice(benchmark::State& state, Shape shape, bool with_backward) {
   moa::Rng rng(1);
   auto layer = make_moa(shape, rng, moa::RoutingMode::expert_choice);
@@ -106,6 +122,26 @@ void BM_MoAExpertChoice(benchmark::State& state, Shape shape, bool with_backward
 void BM_MoH(benchmark::State& state, Shape shape, bool causal, bool with_backward) {
   moa::Rng rng(1);
   auto layer = make_moh(shape, rng);
+  run_layer(state, layer, shape, causal, with_backward);
+  // The share of (sequence, routed head) pairs that no token of the sequence chose: the key and
+  // value work that computing them per sequence, only where needed, could save.
+  const std::vector<moa::Index>& experts = layer.router.experts();
+  const moa::Index per_sequence = shape.length * layer.config().top_k;
+  double idle = 0;
+  for (moa::Index b = 0; b < shape.batch; ++b) {
+    std::vector<char> chosen(static_cast<std::size_t>(shape.experts), 0);
+    for (moa::Index a = b * per_sequence; a < (b + 1) * per_sequence; ++a) chosen[static_cast<std::size_t>(experts[a])] = 1;
+    for (char used : chosen) idle += used ? 0.0 : 1.0;
+  }
+  state.counters["idle_routed_kv"] = idle / static_cast<double>(shape.batch * shape.experts);
+}
+
+// What the published MoH code computes: every one of the h_s + E heads (then weighted by gates
+// that are 0 for the unchosen), as multi-head attention with h_s + E heads.
+void BM_MoHAllHeads(benchmark::State& state, Shape shape, bool causal, bool with_backward) {
+  moa::Rng rng(1);
+  moa::MultiHeadAttention<float> layer({shape.model, shape.top_k / 2 + shape.experts, shape.head_dim}, rng);
+  layer.set_compute(moa_bench::compute());
   run_layer(state, layer, shape, causal, with_backward);
 }
 
@@ -204,9 +240,19 @@ MOA_EXPERT_CHOICE_BENCHMARKS(base, kBase);
 MOA_EXPERT_CHOICE_BENCHMARKS(wide, kWide);
 MOA_EXPERT_CHOICE_BENCHMARKS(wide64, kWide64);
 MOA_EXPERT_CHOICE_BENCHMARKS(noncausal, kCausal);
+// The causal shape at T = 256 and at T = 1024 (2 sequences), full experts against windows of 64.
+const Shape kLong{2, 1024, 512, 16, 4, 64};
+BENCHMARK_CAPTURE(BM_MoA, long_forward, kLong, true, false)->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_MoA, long_forward_backward, kLong, true, true)->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_MoASpans, causal_window64_forward, kCausal, 64, false)->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_MoASpans, causal_window64_forward_backward, kCausal, 64, true)->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_MoASpans, long_window64_forward, kLong, 64, false)->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_MoASpans, long_window64_forward_backward, kLong, 64, true)->Unit(benchmark::kMillisecond);
+
 #define MOA_MOH_BENCHMARKS(name, shape, causal)                                                           \
   BENCHMARK_CAPTURE(BM_MoH, name##_forward, shape, causal, false)->Unit(benchmark::kMillisecond); \
-  BENCHMARK_CAPTURE(BM_MoH, name##_forward_backward, shape, causal, true)->Unit(benchmark::kMillisecond)
+  BENCHMARK_CAPTURE(BM_MoH, name##_forward_backward, shape, causal, true)->Unit(benchmark::kMillisecond); \
+  BENCHMARK_CAPTURE(BM_MoHAllHeads, name##_forward, shape, causal, false)->Unit(benchmark::kMillisecond)
 
 MOA_MOH_BENCHMARKS(toy, kToy, false);
 MOA_MOH_BENCHMARKS(base, kBase, false);

@@ -6,6 +6,7 @@
 //
 //     translate --attention moa:4K8E48D --baseline mha:4H32D --steps 600 --output runs/demo
 //     translate --synthetic --steps 200          (no corpus needed: learn to reverse token strings)
+#include "moa/io/attention_spans.hpp"
 #include "moa/io/checkpoint.hpp"
 #include "moa/models/decoding.hpp"
 #include "common/parallel_corpus.hpp"
@@ -47,6 +48,7 @@ using Index = moa::Index;
 struct Options {
   std::string attention = "moa:4K8E48D";
   std::string baseline;
+  std::string spans;  // JSON of per-layer, per-expert spans for MoA decoder self-attention
   std::string output = "runs/translate";
   std::string corpora = "ding,libreoffice";
   std::string corpus = "/usr/share/trans/de-en";
@@ -183,13 +185,20 @@ moa::TransformerConfig model_config(const Options& options, const std::string& s
   config.dropout = options.dropout;
   config.norm = options.pre_norm ? moa::NormPlacement::pre : moa::NormPlacement::post;
   config.attention = moa::AttentionSpec::parse(spec);
+  if (!options.spans.empty() && config.attention.kind == moa::AttentionSpec::Kind::moa)
+    config.decoder_spans = moa::load_attention_spans(options.spans);
   return config;
 }
 
 std::string describe(const moa::TransformerConfig& config) {
+  std::string spans;
+  for (std::size_t layer = 0; layer < config.decoder_spans.size(); ++layer) {
+    spans += " decoder.layers." + std::to_string(layer) + " spans";
+    for (const moa::AttentionSpan& span : config.decoder_spans[layer]) spans += " [" + span.to_string() + "]";
+  }
   return config.attention.to_string() + " d" + std::to_string(config.model_dim) + " ffn" + std::to_string(config.ffn_dim) +
          " layers" + std::to_string(config.encoder_layers) + "+" + std::to_string(config.decoder_layers) + " vocab" +
-         std::to_string(config.vocab_size) + (config.norm == moa::NormPlacement::pre ? " pre-LN" : " post-LN");
+         std::to_string(config.vocab_size) + (config.norm == moa::NormPlacement::pre ? " pre-LN" : " post-LN") + spans;
 }
 
 // Multiply-adds per target token: encoder layers (per source token; equal lengths assumed),
@@ -652,6 +661,10 @@ int main(int argc, char** argv) {
   app.add_option("--attention", options.attention, "attention spec: moa:<k>K<E>E<d_h>D[:raw] (raw: gates not renormalised), moa-ec:<k>K<E>E<d_h>D[:largest] (expert choice in the encoder), moh:<h_s>S<k>K<h_r>H<d_h>D (Mixture-of-Head attention) or mha:<h>H<d_h>D")
       ->capture_default_str();
   app.add_option("--baseline", options.baseline, "a second spec to train and compare (e.g. mha:4H32D)");
+  app.add_option("--spans", options.spans,
+                 "JSON file of per-layer, per-expert attention spans for the decoder's self-attention of MoA specs "
+                 "(see moa/io/attention_spans.hpp)")
+      ->check(CLI::ExistingFile);
   app.add_option("--output", options.output, "output folder")->capture_default_str();
   app.add_option("--corpora", options.corpora, "ding, libreoffice or both (comma-separated)")->capture_default_str()
       ->check(CLI::Validator([](std::string& list) { return moa_examples::corpora_error(list); }, "LIST"));

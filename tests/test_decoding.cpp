@@ -12,7 +12,7 @@ using namespace moa_test;
 namespace {
 
 template <typename Attention>
-moa::Seq2Seq<Attention> trained_reverser(const std::string& spec, moa::Rng& rng) {
+moa::Seq2Seq<Attention> trained_reverser(const std::string& spec, moa::Rng& rng, const moa::LayerSpans& spans = {}) {
   moa::TransformerConfig config;
   config.vocab_size = 10;
   config.model_dim = 16;
@@ -20,6 +20,7 @@ moa::Seq2Seq<Attention> trained_reverser(const std::string& spec, moa::Rng& rng)
   config.encoder_layers = 1;
   config.decoder_layers = 2;
   config.attention = moa::AttentionSpec::parse(spec);
+  config.decoder_spans = spans;
   moa::Seq2Seq<Attention> model(config, rng);
   for (const auto& entry : moa::parameters_of(model))
     if (entry.name.find("router.weight") != std::string::npos) {
@@ -44,9 +45,9 @@ moa::Seq2Seq<Attention> trained_reverser(const std::string& spec, moa::Rng& rng)
 }
 
 template <typename Attention>
-void check_decoders(const std::string& spec) {
+void check_decoders(const std::string& spec, const moa::LayerSpans& spans = {}) {
   moa::Rng rng(1);
-  auto model = trained_reverser<Attention>(spec, rng);
+  auto model = trained_reverser<Attention>(spec, rng, spans);
   const moa::Seq2Seq<Attention>& frozen = model;  // decoding is const over the model
   const std::vector<moa::TokenPair> pairs{{{4, 5, 6}, {}}, {{7, 8, 9, 4, 5}, {}}, {{6}, {}}};
   const auto batch = moa::make_seq2seq_batch(pairs, {0, 1, 2});
@@ -91,6 +92,13 @@ TEST_CASE("Decoding: cached greedy equals uncached, beam 1 equals greedy (MoA)",
 TEST_CASE("Decoding: cached greedy equals uncached, beam 1 equals greedy (MoA, expert choice in the encoder)",
           "[decoding]") {
   check_decoders<moa::MixtureOfAttention<double>>("moa-ec:2K4E8D");
+}
+
+TEST_CASE("Decoding: cached greedy equals uncached, beam 1 equals greedy (MoA with per-expert spans)",
+          "[decoding][span]") {
+  const std::vector<moa::AttentionSpan> spans{moa::AttentionSpan::streaming(1, 2), moa::AttentionSpan::full(),
+                                              moa::AttentionSpan::elastic(0, 1.5, 0.25), moa::AttentionSpan::streaming(0, 1)};
+  check_decoders<moa::MixtureOfAttention<double>>("moa:2K4E8D", {spans, spans});
 }
 
 TEST_CASE("Decoding: cached greedy equals uncached, beam 1 equals greedy (MoH)", "[decoding]") {

@@ -299,6 +299,42 @@ Op<Scalar> make_attention_kernel(std::uint64_t seed) {
   return op;
 }
 
+// The kernel with a span (sink 1 + window 3) over rows at their own positions (a subset of the
+// sequence, as one expert's rows): blocks of 2 rows compute the sink and the band.
+template <typename Scalar>
+Op<Scalar> make_attention_kernel_span(std::uint64_t seed) {
+  moa::Rng rng(seed);
+  Op<Scalar> op;
+  struct Layout {
+    moa::AttentionSpan span = moa::AttentionSpan::streaming(1, 3);
+    std::vector<moa::Index> positions{0, 1, 3, 4, 6, 8, 9};
+    moa::AttentionLayout layout;
+    M<Scalar> probabilities = M<Scalar>::Zero(7, 10);
+  };
+  auto state = std::make_shared<Layout>();
+  state->layout.positions = 7;
+  state->layout.key_length = 10;
+  state->layout.causal = true;
+  state->layout.block_positions = 2;
+  state->layout.row_positions = state->positions.data();
+  state->layout.span = &state->span;
+  op.owner = state;
+  *op.inputs = {random_matrix<Scalar>(7, 3, rng), random_matrix<Scalar>(10, 3, rng), random_matrix<Scalar>(10, 3, rng)};
+  op.input_names = {"queries", "keys", "values"};
+  op.forward = [state, inputs = op.inputs] {
+    M<Scalar> output = M<Scalar>::Zero(7, 3);
+    moa::attention_forward<Scalar>((*inputs)[0], (*inputs)[1], (*inputs)[2], state->layout, state->probabilities, output);
+    return output;
+  };
+  op.backward = [state, inputs = op.inputs](const M<Scalar>& grad) {
+    std::vector<M<Scalar>> grads{M<Scalar>::Zero(7, 3), M<Scalar>::Zero(10, 3), M<Scalar>::Zero(10, 3)};
+    moa::attention_backward<Scalar>((*inputs)[0], (*inputs)[1], (*inputs)[2], state->probabilities, grad, state->layout,
+                                    grads[0], grads[1], grads[2]);
+    return grads;
+  };
+  return op;
+}
+
 moa::TransformerConfig layer_config(moa::NormPlacement norm) {
   moa::TransformerConfig config;
   config.vocab_size = 9;
@@ -373,6 +409,8 @@ MOA_OP_CASE(moa_self, "MixtureOfAttention self, causal, padded", make_moa_self);
 MOA_OP_CASE(moa_cross, "MixtureOfAttention cross, padded", make_moa_cross);
 MOA_OP_CASE(moa_expert_choice_self, "MixtureOfAttention expert choice, self, padded", make_moa_expert_choice_self);
 MOA_OP_CASE(moa_expert_choice_cross, "MixtureOfAttention expert choice, cross, padded", make_moa_expert_choice_cross);
+MOA_OP_CASE(attention_kernel_span, "attention kernel, sink + window, rows at their own positions",
+            make_attention_kernel_span);
 MOA_OP_CASE(moh_self, "MixtureOfHeads self, causal, padded", make_moh_self);
 MOA_OP_CASE(moh_cross, "MixtureOfHeads cross, padded", make_moh_cross);
 MOA_OP_CASE(mha_self, "MultiHeadAttention self, causal, padded", make_mha_self);

@@ -141,6 +141,33 @@ TEST_CASE("Seq2Seq: gradient check end to end, MoA and MHA, post-LN and pre-LN, 
   }
 }
 
+TEST_CASE("Seq2Seq with per-expert spans in the decoder: they reach its self-attention only; gradient check",
+          "[transformer][gradient][span]") {
+  moa::Rng rng(5);
+  auto config = tiny_config("moa:2K3E4D", moa::NormPlacement::pre);
+  config.decoder_spans = {{moa::AttentionSpan::full(), moa::AttentionSpan::streaming(1, 1),
+                           moa::AttentionSpan::elastic(0, 1.0, 0.5)}};
+  moa::Seq2Seq<MoA> model(config, rng);
+  std::vector<std::string> spanned;
+  model.for_each_attention([&](const moa::AttentionSite& site, MoA& attention) {
+    if (attention.config().has_spans()) spanned.push_back(site.name);
+  });
+  REQUIRE(spanned == std::vector<std::string>{"decoder.layers.0.self_attn"});
+  randomize_routers(moa::parameters_of(model), rng);
+  const std::vector<moa::TokenPair> pairs{{{4, 5, 6}, {7, 8, 4, 5}}, {{5}, {4, 6, 7}}};
+  const moa::Seq2SeqBatch batch = moa::make_seq2seq_batch(pairs, {0, 1});
+  auto forward = [&] {
+    moa::Rng dropout_rng(17);
+    return model.forward(batch.source, batch.source_batch, batch.target_input, batch.target_batch, dropout_rng);
+  };
+  REQUIRE_GRADIENTS_OK(check_model(model, forward, batch.target_output, moa::kPadId));
+  config.decoder_spans.push_back(config.decoder_spans.front());
+  REQUIRE_MOA_ERROR(moa::Seq2Seq<MoA>(config, rng), "decoder_spans has 2 layers for 1 decoder layers");
+  config.decoder_spans.pop_back();
+  config.attention = moa::AttentionSpec::parse("mha:2H4D");
+  REQUIRE_MOA_ERROR(moa::Seq2Seq<MHA>(config, rng), "decoder_spans are per MoA expert");
+}
+
 TEST_CASE("MaskedLM: gradient check end to end", "[transformer][gradient]") {
   moa::Rng rng(3);
   const moa::TokenIds ids{4, 5, 3, 6, 7, 8, 3, 0};

@@ -13,6 +13,12 @@ def mean_sd(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def experts_of(attention):
+    """E for MoA, the routed heads for MoH, None for MHA."""
+    match = re.match(r"moa(?:-ec)?:\d+K(\d+)E", attention) or re.match(r"moh:\d+S\d+K(\d+)H", attention)
+    return int(match.group(1)) if match else None
+
+
 def main(output, paths):
     groups = {}
     for path in paths:
@@ -21,8 +27,7 @@ def main(output, paths):
                 groups.setdefault(run["attention"], []).append(run)
     rows = []
     for attention, runs in groups.items():
-        match = re.match(r"moa(?:-ec)?:(\d+)K(\d+)E(\d+)D", attention)
-        experts = int(match.group(2)) if match else None
+        experts = experts_of(attention)
         rows.append((experts if experts else math.inf, attention, runs))
     rows.sort()
     print(f"| attention | experts | parameters | seeds | test perplexity | valid perplexity | test accuracy | tokens/s |")
@@ -36,7 +41,8 @@ def main(output, paths):
         shown = "-" if experts == math.inf else str(experts)
         print(f"| {attention} | {shown} | {runs[0]['parameters']:,} | {len(runs)} | {test[0]:.2f} ± {test[1]:.2f} "
               f"| {valid[0]:.2f} ± {valid[1]:.2f} | {accuracy[0]:.1f}% ± {accuracy[1]:.1f} | {speed[0]:,.0f} ± {speed[1]:,.0f} |")
-        if not attention.startswith("moa-ec:"):  # the chart is token choice's scaling, MHA the line
+        # The chart is token choice's scaling, MHA the line; expert choice and MoH are table rows.
+        if attention.startswith(("moa:", "mha:")):
             points.append((experts, attention, test, speed))
     if points:
         write_chart(f"{output}/scaling.svg", points)

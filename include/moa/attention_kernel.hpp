@@ -8,9 +8,12 @@
 // rows per token against the one shared K and V. Padded keys are never touched (the key extent
 // stops at key_length), and with a causal mask the query positions are processed in blocks, each
 // against only the keys it can see, so the upper triangle is skipped block by block instead of
-// computed and discarded.
+// computed and discarded. An expert with a span (moa/attention_span.hpp: a sink and a window)
+// computes per block only the sink's keys and the band of recent ones, so a windowed expert costs
+// O(T (sink + window)) rather than O(T^2).
 #pragma once
 
+#include "moa/attention_span.hpp"
 #include "moa/error.hpp"
 #include "moa/gemm.hpp"
 #include "moa/sequence_batch.hpp"
@@ -32,21 +35,59 @@ struct AttentionLayout {
   Index position_offset = 0;    // absolute position of query position 0 (the cache length when decoding)
   Index block_positions = 32;   // causal block size in positions
   // Null: query position p is position p of the sequence. Otherwise the rows are a subset of the
-  // sequence's tokens (MoH's routed heads) and position p is row_positions[p], ascending.
+  // sequence's tokens (MoH's heads, MoA's experts with spans) and position p is row_positions[p],
+  // ascending.
   const Index* row_positions = nullptr;
+  // Null or full: every key up to the causal limit. Otherwise (causal only) the sink and the band
+  // of moa/attention_span.hpp: the kernel computes only the key blocks a block of rows can see.
+  const AttentionSpan* span = nullptr;
+  // A windowed cache's keys (KVCache::windowed): rows [0, shift_from) hold their own positions, a
+  // row j past them position j + key_shift. key_length counts rows.
+  Index shift_from = 0;
+  Index key_shift = 0;
 
-  // Keys visible from query position p.
-  Index visible_keys(Index position) const {
+  // The keys query position p sees: [0, sink_end) and [band_start, end), sink_end <= band_start.
+  struct Visible {
+    Index sink_end = 0;
+    Index band_start = 0;
+    Index end = 0;
+    Index count() const { return sink_end + (end - band_start); }
+  };
+  Visible visible(Index position) const {
     const Index absolute = (row_positions != nullptr ? row_positions[position] : position) + position_offset;
-    return causal ? std::min(absolute + 1, key_length) : key_length;
+    // In positions first, then in rows of the keys.
+    const Index end = causal ? std::min(absolute + 1, key_length + key_shift) : key_length;
+    Visible keys;
+    keys.end = row_of(end);
+    if (span == nullptr || span->is_full()) return keys;
+    const Index band_start = std::min(span->band_start(absolute), end);
+    keys.band_start = row_of(band_start);
+    keys.sink_end = std::min({span->sink, band_start, keys.band_start});
+    if (keys.sink_end == keys.band_start) keys.sink_end = keys.band_start = 0;  // one run of keys from 0
+    return keys;
   }
-  // Calls visit(first_position, position_count, key_extent) for each block of query positions.
+  // The key row of a position (a dropped position maps to the first row after the sink).
+  Index row_of(Index position) const {
+    return key_shift == 0 || position < shift_from ? position : std::max(shift_from, position - key_shift);
+  }
+  // Keys visible from query position p (the count).
+  Index visible_keys(Index position) const { return visible(position).count(); }
+
+  // Calls visit(first_position, position_count, keys) for each block of query positions, keys
+  // being what the block's positions see together: [0, sink_end) and [band_start, end), each
+  // position a subset of it. Positions ascend, and the band's start never moves back (growth < 1).
   template <typename Visit>
   void for_each_block(Visit&& visit) const {
     const Index block = causal ? std::max<Index>(block_positions, 1) : std::max<Index>(positions, 1);
     for (Index first = 0; first < positions; first += block) {
       const Index count = std::min(block, positions - first);
-      visit(first, count, visible_keys(first + count - 1));
+      const Visible front = visible(first), back = visible(first + count - 1);
+      Visible keys;
+      keys.end = back.end;
+      keys.band_start = front.band_start;
+      keys.sink_end = std::max(front.sink_end, back.sink_end);
+      if (keys.sink_end >= keys.band_start) keys.sink_end = keys.band_start = 0;
+      visit(first, count, keys);
     }
   }
 
@@ -58,8 +99,24 @@ struct AttentionLayout {
   }
 };
 
+namespace detail {
+
+// The runs of keys [first, first + count) a block computes: the sink and the band, or one run.
+struct KeyRun {
+  Index first;
+  Index count;
+};
+inline int key_runs(const AttentionLayout::Visible& keys, KeyRun (&runs)[2]) {
+  int used = 0;
+  if (keys.sink_end > 0) runs[used++] = {0, keys.sink_end};
+  if (keys.end > keys.band_start) runs[used++] = {keys.band_start, keys.end - keys.band_start};
+  return used;
+}
+
+}  // namespace detail
+
 // queries: [R, d_h], keys/values: [S, d_h] with S >= key_length, probabilities: [R, S] (only the
-// computed blocks are written), output: [R, d_h] (rows past R of the layout are left alone). The
+// computed key runs are written), output: [R, d_h] (rows past R of the layout are left alone). The
 // products run on `compute` at `precision` (bf16 only for inference).
 template <typename Scalar>
 void attention_forward(const ConstMatrixRef<Scalar>& queries, const ConstMatrixRef<Scalar>& keys,
@@ -68,30 +125,45 @@ void attention_forward(const ConstMatrixRef<Scalar>& queries, const ConstMatrixR
                        const Compute& compute = *Compute::standard(), Precision precision = Precision::f32) {
   const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(queries.cols()));
   const Index rows_per_position = layout.rows_per_position;
-  layout.for_each_block([&](Index first, Index count, Index extent) {
+  layout.for_each_block([&](Index first, Index count, const AttentionLayout::Visible& block_keys) {
     const Index first_row = first * rows_per_position, rows = count * rows_per_position;
     auto block_output = output.middleRows(first_row, rows);  // [rows, d_h]
-    if (extent == 0) {
+    detail::KeyRun runs[2];
+    const int run_count = detail::key_runs(block_keys, runs);
+    if (run_count == 0) {
       block_output.setZero();
       return;
     }
-    auto scores = probabilities.block(first_row, 0, rows, extent);  // [rows, extent]
-    gemm<Scalar>(compute, queries.middleRows(first_row, rows), Transpose::no, keys.topRows(extent), Transpose::yes,
-                 scores, false, precision);
+    for (int i = 0; i < run_count; ++i)  // scores of each run: [rows, run]
+      gemm<Scalar>(compute, queries.middleRows(first_row, rows), Transpose::no, keys.middleRows(runs[i].first, runs[i].count),
+                   Transpose::yes, probabilities.block(first_row, runs[i].first, rows, runs[i].count), false, precision);
     for (Index r = 0; r < rows; ++r) {
-      const Index visible = layout.visible_keys(first + r / rows_per_position);
-      auto row = scores.row(r);
-      if (visible == 0) {
-        row.setZero();
-        continue;
-      }
-      auto kept = row.head(visible).array();
-      const Scalar max_value = kept.maxCoeff();
-      kept = ((kept - max_value) * scale).exp();
-      kept /= kept.sum();
-      row.tail(extent - visible).setZero();
+      const AttentionLayout::Visible visible = layout.visible(first + r / rows_per_position);
+      auto row = probabilities.row(first_row + r);
+      // Keys of the runs this row may not see get 0.
+      const auto hide = [&](Index from, Index to) {
+        for (int i = 0; i < run_count; ++i) {
+          const Index low = std::max(from, runs[i].first), high = std::min(to, runs[i].first + runs[i].count);
+          if (low < high) row.segment(low, high - low).setZero();
+        }
+      };
+      auto sink = row.head(visible.sink_end);
+      auto band = row.segment(visible.band_start, visible.end - visible.band_start);
+      hide(visible.sink_end, visible.band_start);
+      hide(visible.end, block_keys.end);
+      if (visible.count() == 0) continue;
+      Scalar max_value = -std::numeric_limits<Scalar>::infinity();
+      if (sink.size() > 0) max_value = sink.maxCoeff();
+      if (band.size() > 0) max_value = std::max(max_value, band.maxCoeff());
+      sink = ((sink.array() - max_value) * scale).exp().matrix();
+      band = ((band.array() - max_value) * scale).exp().matrix();
+      const Scalar total = sink.sum() + band.sum();
+      sink /= total;
+      band /= total;
     }
-    gemm<Scalar>(compute, scores, Transpose::no, values.topRows(extent), Transpose::no, block_output, false, precision);
+    for (int i = 0; i < run_count; ++i)
+      gemm<Scalar>(compute, probabilities.block(first_row, runs[i].first, rows, runs[i].count), Transpose::no,
+                   values.middleRows(runs[i].first, runs[i].count), Transpose::no, block_output, i > 0, precision);
   });
 }
 
@@ -106,26 +178,44 @@ void attention_backward(const ConstMatrixRef<Scalar>& queries, const ConstMatrix
                         Matrix<Scalar>* workspace = nullptr, const Compute& compute = *Compute::standard()) {
   const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(queries.cols()));
   Matrix<Scalar> local;
-  Matrix<Scalar>& grad_scores = workspace != nullptr ? *workspace : local;  // [rows, extent]
-  layout.for_each_block([&](Index first, Index count, Index extent) {
+  Matrix<Scalar>& grad_scores = workspace != nullptr ? *workspace : local;  // [rows, keys of the runs]
+  layout.for_each_block([&](Index first, Index count, const AttentionLayout::Visible& block_keys) {
     const Index first_row = first * layout.rows_per_position, rows = count * layout.rows_per_position;
-    if (extent == 0) {
+    detail::KeyRun runs[2];
+    const int run_count = detail::key_runs(block_keys, runs);
+    if (run_count == 0) {
       grad_queries.middleRows(first_row, rows).setZero();
       return;
     }
-    const auto block_probabilities = probabilities.block(first_row, 0, rows, extent);  // [rows, extent]
-    const auto block_grad_output = grad_output.middleRows(first_row, rows);             // [rows, d_h]
-    gemm<Scalar>(compute, block_probabilities, Transpose::yes, block_grad_output, Transpose::no,
-                 grad_values.topRows(extent), true);
-    grad_scores.resize(rows, extent);
-    gemm<Scalar>(compute, block_grad_output, Transpose::no, values.topRows(extent), Transpose::yes, grad_scores);
+    const auto block_grad_output = grad_output.middleRows(first_row, rows);  // [rows, d_h]
+    Index width = 0;
+    for (int i = 0; i < run_count; ++i) width += runs[i].count;
+    grad_scores.resize(rows, width);
+    // The runs side by side in grad_scores: run i at columns [offset_i, offset_i + count_i).
+    Index offset = 0;
+    ColumnVector<Scalar> dot = ColumnVector<Scalar>::Zero(rows);  // [rows]
+    for (int i = 0; i < run_count; ++i) {
+      const auto run_probabilities = probabilities.block(first_row, runs[i].first, rows, runs[i].count);
+      gemm<Scalar>(compute, run_probabilities, Transpose::yes, block_grad_output, Transpose::no,
+                   grad_values.middleRows(runs[i].first, runs[i].count), true);
+      auto run_grad = grad_scores.middleCols(offset, runs[i].count);
+      gemm<Scalar>(compute, block_grad_output, Transpose::no, values.middleRows(runs[i].first, runs[i].count),
+                   Transpose::yes, run_grad);
+      dot += run_probabilities.cwiseProduct(run_grad).rowwise().sum();
+      offset += runs[i].count;
+    }
     // Softmax backward; masked entries have P = 0 and so get 0.
-    const ColumnVector<Scalar> dot = block_probabilities.cwiseProduct(grad_scores).rowwise().sum();  // [rows]
-    grad_scores = (grad_scores.colwise() - dot).cwiseProduct(block_probabilities) * scale;
-    gemm<Scalar>(compute, grad_scores, Transpose::no, keys.topRows(extent), Transpose::no,
-                 grad_queries.middleRows(first_row, rows));
-    gemm<Scalar>(compute, grad_scores, Transpose::yes, queries.middleRows(first_row, rows), Transpose::no,
-                 grad_keys.topRows(extent), true);
+    offset = 0;
+    for (int i = 0; i < run_count; ++i) {
+      const auto run_probabilities = probabilities.block(first_row, runs[i].first, rows, runs[i].count);
+      auto run_grad = grad_scores.middleCols(offset, runs[i].count);
+      run_grad = (run_grad.colwise() - dot).cwiseProduct(run_probabilities) * scale;
+      gemm<Scalar>(compute, run_grad, Transpose::no, keys.middleRows(runs[i].first, runs[i].count), Transpose::no,
+                   grad_queries.middleRows(first_row, rows), i > 0);
+      gemm<Scalar>(compute, run_grad, Transpose::yes, queries.middleRows(first_row, rows), Transpose::no,
+                   grad_keys.middleRows(runs[i].first, runs[i].count), true);
+      offset += runs[i].count;
+    }
   });
 }
 

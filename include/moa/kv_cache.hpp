@@ -15,6 +15,7 @@
 #include "moa/error.hpp"
 #include "moa/tensor.hpp"
 
+#include <algorithm>
 #include <memory>
 #include <vector>
 
@@ -35,15 +36,34 @@ class KVCache {
     key_lengths_.assign(static_cast<std::size_t>(batch_size), 0);
   }
 
+  // A self-attention cache for a layer whose every expert sees a bounded span (a sink and a fixed
+  // window, moa/attention_span.hpp): it keeps the first `sink` positions and the last
+  // window - 1 + max_step, dropping older ones as new ones arrive, so its memory stays the same
+  // however long decoding goes. A step appends at most max_step tokens.
+  static KVCache windowed(Index batch_size, Index width, Index sink, Index window, Index max_step) {
+    MOA_CHECK(sink >= 0 && window > 0 && max_step > 0, "KVCache::windowed", "sink ", sink, " must be non-negative, window ",
+              window, " and max_step ", max_step, " positive");
+    KVCache cache(batch_size, sink + window - 1 + max_step, width);
+    cache.sink_ = sink;
+    cache.max_step_ = max_step;
+    cache.windowed_ = true;
+    return cache;
+  }
+
   Index batch_size() const { return batch_size_; }
-  Index capacity() const { return capacity_; }
+  Index capacity() const { return capacity_; }  // rows kept per sequence
+  bool is_windowed() const { return windowed_; }
+  // A windowed cache: rows [0, sink_rows()) hold positions [0, sink_rows()); row j past them holds
+  // position j + key_shift() (the positions dropped so far).
+  Index sink_rows() const { return sink_; }
+  Index key_shift() const { return dropped_; }
   Index width() const { return width_; }
-  Index length() const { return length_; }  // steps appended so far (self-attention)
+  Index length() const { return length_; }  // positions appended so far (self-attention)
   bool frozen() const { return frozen_; }   // a cross-attention cache does not grow
   // FLOPs of the last attention step that used this cache (the layer's step is const).
   double last_step_flops() const { return last_step_flops_; }
   void set_last_step_flops(double flops) { last_step_flops_ = flops; }
-  Index key_length(Index sequence) const { return key_lengths_[static_cast<std::size_t>(sequence)]; }
+  Index key_length(Index sequence) const { return key_lengths_[static_cast<std::size_t>(sequence)]; }  // rows in use
 
   // The layer's weights rounded to bfloat16 for this decoding, in this order (a cross-attention
   // cache needs no key and value weights); none unless the layer made them.
@@ -67,22 +87,38 @@ class KVCache {
               function, "new_keys ", detail::shape_of(new_keys), " and new_values ", detail::shape_of(new_values),
               " must both be [batch_size * n, ", width_, "] with batch_size ", batch_size_);
     const Index steps = new_keys.rows() / batch_size_;
-    MOA_CHECK(length_ + steps <= capacity_, function, "appending ", steps, " steps to ", length_,
+    Index stored = length_ - dropped_;
+    if (windowed_) {
+      MOA_CHECK(steps <= max_step_, function, "a windowed cache takes at most ", max_step_,
+                " tokens a step (the widest window): feed longer inputs in parts");
+      // Drop the oldest positions past the sink, keeping window - 1 + max_step - steps before the new ones.
+      const Index drop = std::max<Index>(0, stored + steps - capacity_);
+      for (Index b = 0; b < batch_size_; ++b)
+        for (Index row = sink_; row + drop < stored; ++row) {
+          keys_.row(b * capacity_ + row) = keys_.row(b * capacity_ + row + drop);
+          values_.row(b * capacity_ + row) = values_.row(b * capacity_ + row + drop);
+        }
+      dropped_ += drop;
+      stored -= drop;
+    }
+    MOA_CHECK(stored + steps <= capacity_, function, "appending ", steps, " steps to ", length_,
               " cached would exceed the capacity of ", capacity_);
     for (Index b = 0; b < batch_size_; ++b) {
-      keys_.middleRows(b * capacity_ + length_, steps) = new_keys.middleRows(b * steps, steps);
-      values_.middleRows(b * capacity_ + length_, steps) = new_values.middleRows(b * steps, steps);
+      keys_.middleRows(b * capacity_ + stored, steps) = new_keys.middleRows(b * steps, steps);
+      values_.middleRows(b * capacity_ + stored, steps) = new_values.middleRows(b * steps, steps);
     }
     length_ += steps;
-    key_lengths_.assign(static_cast<std::size_t>(batch_size_), length_);
+    key_lengths_.assign(static_cast<std::size_t>(batch_size_), length_ - dropped_);
   }
 
   // Forgets the steps after the first `length` (e.g. to retry a step, or drop rejected tokens).
   void truncate(Index length) {
     MOA_CHECK(!frozen_, "KVCache::truncate", "the cache holds cross-attention keys");
     MOA_CHECK(length >= 0 && length <= length_, "KVCache::truncate", "length ", length, " is outside [0, ", length_, "]");
+    MOA_CHECK(dropped_ == 0 || length >= sink_ + dropped_, "KVCache::truncate", "length ", length,
+              " would need positions this windowed cache has dropped (it keeps ", sink_ + dropped_, " onwards)");
     length_ = length;
-    key_lengths_.assign(static_cast<std::size_t>(batch_size_), length_);
+    key_lengths_.assign(static_cast<std::size_t>(batch_size_), length_ - dropped_);
   }
 
   // Fills a cross-attention cache: keys, values [B*S, width] with S = capacity, and the true
@@ -131,6 +167,10 @@ class KVCache {
   Index width_ = 0;
   Index length_ = 0;
   bool frozen_ = false;
+  bool windowed_ = false;
+  Index sink_ = 0;      // windowed: positions always kept
+  Index max_step_ = 0;  // windowed: most tokens a step
+  Index dropped_ = 0;   // windowed: positions dropped so far, past the sink
   double last_step_flops_ = 0.0;
   Matrix<Scalar> keys_;             // [B*capacity, width]
   Matrix<Scalar> values_;           // [B*capacity, width]

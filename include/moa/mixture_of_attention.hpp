@@ -24,6 +24,7 @@
 #include "moa/attention_cost.hpp"
 #include "moa/attention_interface.hpp"
 #include "moa/attention_kernel.hpp"
+#include "moa/attention_span.hpp"
 #include "moa/bfloat16.hpp"
 #include "moa/error.hpp"
 #include "moa/expert_projections.hpp"
@@ -46,11 +47,23 @@ namespace moa {
 struct MixtureOfAttentionConfig : RouterConfig {
   Index head_dim = 0;
   Index causal_block = 32;  // query positions per block of causal attention
+  // Each expert's span in causal self-attention (moa/attention_span.hpp); empty: all full.
+  std::vector<AttentionSpan> spans;
+
+  // True when some expert sees less than every earlier key.
+  bool has_spans() const {
+    return std::any_of(spans.begin(), spans.end(), [](const AttentionSpan& span) { return !span.is_full(); });
+  }
 
   void validate(const char* function) const {
     RouterConfig::validate(function);
     MOA_CHECK(head_dim > 0, function, "head_dim must be positive, got ", head_dim);
     MOA_CHECK(causal_block > 0, function, "causal_block must be positive, got ", causal_block);
+    MOA_CHECK(spans.empty() || static_cast<Index>(spans.size()) == num_experts, function, "spans has ", spans.size(),
+              " entries for ", num_experts, " experts (empty: every expert full)");
+    for (std::size_t e = 0; e < spans.size(); ++e) spans[e].validate(function, "spans[" + std::to_string(e) + "]");
+    MOA_CHECK(!has_spans() || mode == RoutingMode::token_choice, function,
+              "attention spans are for causal attention, which expert-choice routing is not defined for");
   }
 };
 
@@ -110,6 +123,7 @@ class MixtureOfAttention {
     detail::validate_attention_batches("MixtureOfAttention::infer", model_dim(), query.rows(), query.cols(), query_batch,
                                        key_value.rows(), key_value.cols(), key_batch, causal);
     check_not_causal_expert_choice(causal, "MixtureOfAttention::infer");
+    check_spans(causal, "MixtureOfAttention::infer");
     const Routing routing = router.route(query, query_batch);
     ForwardPass pass;
     return run_forward(query, query_batch, key_value, key_batch, causal, routing, product_precision(*compute_, false),
@@ -118,6 +132,14 @@ class MixtureOfAttention {
 
  private:
   using Routing = typename Router<Scalar>::Routing;
+
+  // With spans, the assignments regrouped by (sequence, expert), each group's positions ascending:
+  // an expert's rows attend together within its span.
+  struct ExpertRows {
+    std::vector<Index> order;      // [A'] assignment ids (routed ones only)
+    std::vector<Index> positions;  // [A'] the position of each in its sequence
+    std::vector<Index> groups;     // [B*E + 1]: (sequence b, expert e)'s rows start at groups[b*E + e]
+  };
 
   // What a forward computes after routing, kept by forward for backward. A assignments: B*Tq*k
   // with token choice (padding rows unused), any number with expert choice.
@@ -129,6 +151,9 @@ class MixtureOfAttention {
     Matrix<Scalar> probabilities;  // [A, Tk]
     Matrix<Scalar> attended;       // [A, d_h], before the gates
     ExpertProjections<Scalar> projections;  // the per-expert products and their buffers
+    ExpertRows by_expert;                   // with spans: the rows regrouped by (sequence, expert)
+    Matrix<Scalar> grouped_queries;         // with spans: [A, d_h] in by_expert order
+    Matrix<Scalar> grouped_attended;        // with spans: [A, d_h] in by_expert order
     double flops = 0.0;
   };
 
@@ -144,6 +169,7 @@ class MixtureOfAttention {
     key_batch_ = key_batch;
     causal_ = causal;
     check_not_causal_expert_choice(causal, "MixtureOfAttention::forward");
+    check_spans(causal, "MixtureOfAttention::forward");
     router.forward(query, query_batch, rng);
     return run_forward(query, query_batch, key_value, key_batch, causal, router.routing(),
                        product_precision(*compute_, training()), pass_);
@@ -153,6 +179,11 @@ class MixtureOfAttention {
     MOA_CHECK(!causal || config_.mode == RoutingMode::token_choice, function,
               "expert-choice routing is not defined for causal attention: each expert chooses among all the "
               "tokens of a sequence, so a token's output would depend on later tokens");
+  }
+
+  void check_spans(bool causal, const char* function) const {
+    MOA_CHECK(causal || !config_.has_spans(), function,
+              "attention spans (a sink and a window of earlier keys) are defined for causal attention only");
   }
 
   // routing: the assignments of the N = B*Tq query rows.
@@ -170,17 +201,38 @@ class MixtureOfAttention {
     pass.flops = projection_flops(query.rows(), key_value.rows(), pass.plan.assignments());
     // Sequences are independent: one per thread.
     const double attention_work = static_cast<double>(assignments) * key_batch.length * config_.head_dim;
-    parallel_parts(*compute_, query_batch.batch_size, attention_work, [&](Index b, int) {
-      const SequenceRows rows = sequence_rows(routing, query_batch, key_batch, causal, b);
-      attention_forward<Scalar>(pass.queries.middleRows(rows.first, rows.count),
-                                pass.keys.middleRows(b * key_batch.length, key_batch.length),
-                                pass.values.middleRows(b * key_batch.length, key_batch.length), rows.layout,
-                                pass.probabilities.middleRows(rows.first, rows.count),
-                                pass.attended.middleRows(rows.first, rows.count), *compute_, precision);
-    });
-    for (Index b = 0; b < query_batch.batch_size; ++b) {
-      const AttentionLayout layout = sequence_rows(routing, query_batch, key_batch, causal, b).layout;
-      pass.flops += cost::attention(static_cast<double>(layout.visible_pairs()), static_cast<double>(config_.head_dim));
+    if (config_.has_spans()) {
+      pass.by_expert = rows_by_expert(routing, query_batch);
+      pass.grouped_queries.resize(assignments, config_.head_dim);   // [A, d_h] in by_expert order
+      pass.grouped_attended.resize(assignments, config_.head_dim);  // [A, d_h] in by_expert order
+      parallel_parts(*compute_, query_batch.batch_size, attention_work, [&](Index b, int) {
+        for_each_expert_rows(pass.by_expert, b, key_batch.length_of(b), 0, [&](Index first, Index count, const AttentionLayout& layout) {
+          for (Index i = first; i < first + count; ++i) pass.grouped_queries.row(i) = pass.queries.row(pass.by_expert.order[i]);
+          attention_forward<Scalar>(pass.grouped_queries.middleRows(first, count),
+                                    pass.keys.middleRows(b * key_batch.length, key_batch.length),
+                                    pass.values.middleRows(b * key_batch.length, key_batch.length), layout,
+                                    pass.probabilities.middleRows(first, count),
+                                    pass.grouped_attended.middleRows(first, count), *compute_, precision);
+          for (Index i = first; i < first + count; ++i) pass.attended.row(pass.by_expert.order[i]) = pass.grouped_attended.row(i);
+        });
+      });
+      for (Index b = 0; b < query_batch.batch_size; ++b)
+        for_each_expert_rows(pass.by_expert, b, key_batch.length_of(b), 0, [&](Index, Index, const AttentionLayout& layout) {
+          pass.flops += cost::attention(static_cast<double>(layout.visible_pairs()), static_cast<double>(config_.head_dim));
+        });
+    } else {
+      parallel_parts(*compute_, query_batch.batch_size, attention_work, [&](Index b, int) {
+        const SequenceRows rows = sequence_rows(routing, query_batch, key_batch, causal, b);
+        attention_forward<Scalar>(pass.queries.middleRows(rows.first, rows.count),
+                                  pass.keys.middleRows(b * key_batch.length, key_batch.length),
+                                  pass.values.middleRows(b * key_batch.length, key_batch.length), rows.layout,
+                                  pass.probabilities.middleRows(rows.first, rows.count),
+                                  pass.attended.middleRows(rows.first, rows.count), *compute_, precision);
+      });
+      for (Index b = 0; b < query_batch.batch_size; ++b) {
+        const AttentionLayout layout = sequence_rows(routing, query_batch, key_batch, causal, b).layout;
+        pass.flops += cost::attention(static_cast<double>(layout.visible_pairs()), static_cast<double>(config_.head_dim));
+      }
     }
     return pass.projections.project_out(*compute_, pass.attended, routing.gates.data(), routing.tokens, pass.plan,
                                         o_proj.value, query.rows(), precision);
@@ -213,17 +265,39 @@ class MixtureOfAttention {
     grad_values.setZero(pass_.values.rows(), head_dim);
     grad_scores_.resize(static_cast<std::size_t>(compute_->threads()));
     const double attention_work = static_cast<double>(pass_.queries.rows()) * key_batch_.length * head_dim;
-    parallel_parts(*compute_, query_batch_.batch_size, attention_work, [&](Index b, int thread) {
-      const SequenceRows rows = sequence_rows(routing, query_batch_, key_batch_, causal_, b);
-      const Index key_rows = key_batch_.length, first_key = b * key_rows;
-      attention_backward<Scalar>(pass_.queries.middleRows(rows.first, rows.count), pass_.keys.middleRows(first_key, key_rows),
-                                 pass_.values.middleRows(first_key, key_rows),
-                                 pass_.probabilities.middleRows(rows.first, rows.count),
-                                 grad_attended.middleRows(rows.first, rows.count), rows.layout,
-                                 grad_queries.middleRows(rows.first, rows.count),
-                                 grad_keys.middleRows(first_key, key_rows), grad_values.middleRows(first_key, key_rows),
-                                 &grad_scores_[static_cast<std::size_t>(thread)], *compute_);
-    });
+    if (config_.has_spans()) {
+      // Per (sequence, expert) group: gather its rows' output gradients, scatter its query gradients.
+      Matrix<Scalar>& grouped_grad = grouped_grad_;                  // [A, d_h] in by_expert order
+      Matrix<Scalar>& grouped_grad_queries = grouped_grad_queries_;  // [A, d_h] in by_expert order
+      grouped_grad.resize(grad_attended.rows(), head_dim);
+      grouped_grad_queries.resize(grad_attended.rows(), head_dim);
+      const std::vector<Index>& order = pass_.by_expert.order;
+      parallel_parts(*compute_, query_batch_.batch_size, attention_work, [&](Index b, int thread) {
+        const Index key_rows = key_batch_.length, first_key = b * key_rows;
+        for_each_expert_rows(pass_.by_expert, b, key_batch_.length_of(b), 0, [&](Index first, Index count, const AttentionLayout& layout) {
+          for (Index i = first; i < first + count; ++i) grouped_grad.row(i) = grad_attended.row(order[i]);
+          attention_backward<Scalar>(pass_.grouped_queries.middleRows(first, count),
+                                     pass_.keys.middleRows(first_key, key_rows), pass_.values.middleRows(first_key, key_rows),
+                                     pass_.probabilities.middleRows(first, count), grouped_grad.middleRows(first, count),
+                                     layout, grouped_grad_queries.middleRows(first, count),
+                                     grad_keys.middleRows(first_key, key_rows), grad_values.middleRows(first_key, key_rows),
+                                     &grad_scores_[static_cast<std::size_t>(thread)], *compute_);
+          for (Index i = first; i < first + count; ++i) grad_queries.row(order[i]) = grouped_grad_queries.row(i);
+        });
+      });
+    } else {
+      parallel_parts(*compute_, query_batch_.batch_size, attention_work, [&](Index b, int thread) {
+        const SequenceRows rows = sequence_rows(routing, query_batch_, key_batch_, causal_, b);
+        const Index key_rows = key_batch_.length, first_key = b * key_rows;
+        attention_backward<Scalar>(pass_.queries.middleRows(rows.first, rows.count),
+                                   pass_.keys.middleRows(first_key, key_rows), pass_.values.middleRows(first_key, key_rows),
+                                   pass_.probabilities.middleRows(rows.first, rows.count),
+                                   grad_attended.middleRows(rows.first, rows.count), rows.layout,
+                                   grad_queries.middleRows(rows.first, rows.count),
+                                   grad_keys.middleRows(first_key, key_rows), grad_values.middleRows(first_key, key_rows),
+                                   &grad_scores_[static_cast<std::size_t>(thread)], *compute_);
+      });
+    }
     // Query side: q = x Wq_e^T.
     AttentionGradients<Scalar> grads;
     grads.query = router.backward(grad_gates);  // [N, d_model]
@@ -256,8 +330,12 @@ class MixtureOfAttention {
   // past token per sequence; a cross-attention cache is filled once from the encoder output.
   // With a bf16 compute, a cache carries the expert weights (and a self-attention cache the key
   // and value weights) rounded to bfloat16, which its steps stream instead.
+  // When every expert has a bounded span (a sink and a fixed window), the cache is windowed: it
+  // keeps the widest sink and window of positions, whatever `capacity` says, so decoding runs in
+  // constant memory; a step then takes at most the widest window of tokens.
   KVCache<Scalar> make_self_cache(Index batch_size, Index capacity) const {
-    KVCache<Scalar> cache(batch_size, capacity, config_.head_dim);
+    KVCache<Scalar> cache = all_spans_bounded() ? windowed_cache(batch_size)
+                                                : KVCache<Scalar>(batch_size, capacity, config_.head_dim);
     cache.set_rounded_weights(round_weights_for_decoding<Scalar>(
         *compute_, {{q_proj.value, config_.head_dim}, {o_proj.value, model_dim()}, {k_proj.value, config_.head_dim},
                     {v_proj.value, config_.head_dim}}));
@@ -297,17 +375,36 @@ class MixtureOfAttention {
     Matrix<Scalar> attended(input.rows() * k, config_.head_dim);                // [B*n*k, d_h]
     Matrix<Scalar> probabilities(steps * k, cache.capacity());                  // [n*k, capacity]
     double flops = projection_flops(input.rows(), cache.frozen() ? 0 : input.rows(), plan.assignments());
-    for (Index b = 0; b < cache.batch_size(); ++b) {
-      AttentionLayout layout;
-      layout.positions = steps;
-      layout.rows_per_position = k;
-      layout.key_length = cache.key_length(b);
-      layout.causal = !cache.frozen();
-      layout.position_offset = offset;
-      layout.block_positions = config_.causal_block;
-      attention_forward<Scalar>(queries.middleRows(b * steps * k, steps * k), cache.keys(b), cache.values(b), layout,
-                                probabilities, attended.middleRows(b * steps * k, steps * k), *compute_, precision);
-      flops += cost::attention(static_cast<double>(layout.visible_pairs()), static_cast<double>(config_.head_dim));
+    if (config_.has_spans()) {
+      MOA_CHECK(!cache.frozen(), function, "attention spans are for causal self-attention, not a cross-attention cache");
+      const ExpertRows by_expert = rows_by_expert(routing, SequenceBatch::full(cache.batch_size(), steps));
+      Matrix<Scalar> grouped_queries(queries.rows(), config_.head_dim), grouped_attended(queries.rows(), config_.head_dim);
+      Matrix<Scalar> grouped_probabilities(queries.rows(), cache.capacity());  // [A, capacity]
+      for (Index b = 0; b < cache.batch_size(); ++b) {
+        for_each_expert_rows(by_expert, b, cache.key_length(b), offset, [&](Index first, Index count, AttentionLayout layout) {
+          layout.shift_from = cache.sink_rows();
+          layout.key_shift = cache.key_shift();
+          for (Index i = first; i < first + count; ++i) grouped_queries.row(i) = queries.row(by_expert.order[i]);
+          attention_forward<Scalar>(grouped_queries.middleRows(first, count), cache.keys(b), cache.values(b), layout,
+                                    grouped_probabilities.middleRows(first, count), grouped_attended.middleRows(first, count),
+                                    *compute_, precision);
+          for (Index i = first; i < first + count; ++i) attended.row(by_expert.order[i]) = grouped_attended.row(i);
+          flops += cost::attention(static_cast<double>(layout.visible_pairs()), static_cast<double>(config_.head_dim));
+        });
+      }
+    } else {
+      for (Index b = 0; b < cache.batch_size(); ++b) {
+        AttentionLayout layout;
+        layout.positions = steps;
+        layout.rows_per_position = k;
+        layout.key_length = cache.key_length(b);
+        layout.causal = !cache.frozen();
+        layout.position_offset = offset;
+        layout.block_positions = config_.causal_block;
+        attention_forward<Scalar>(queries.middleRows(b * steps * k, steps * k), cache.keys(b), cache.values(b), layout,
+                                  probabilities, attended.middleRows(b * steps * k, steps * k), *compute_, precision);
+        flops += cost::attention(static_cast<double>(layout.visible_pairs()), static_cast<double>(config_.head_dim));
+      }
     }
     cache.set_last_step_flops(flops);
     return projections.project_out(*compute_, attended, routing.gates.data(), routing.tokens, plan, o_proj.value,
@@ -329,6 +426,63 @@ class MixtureOfAttention {
   Parameter<Scalar> v_proj;  // [d_h, d_model]
 
  private:
+  // With spans, the assignments regrouped by (sequence, expert) (see ExpertRows).
+  ExpertRows rows_by_expert(const Routing& routing, const SequenceBatch& batch) const {
+    const Index experts = config_.num_experts, length = batch.length;
+    ExpertRows rows;
+    rows.groups.assign(static_cast<std::size_t>(batch.batch_size * experts + 1), 0);
+    for (std::size_t a = 0; a < routing.experts.size(); ++a)
+      if (routing.experts[a] >= 0) ++rows.groups[static_cast<std::size_t>((routing.tokens[a] / length) * experts + routing.experts[a] + 1)];
+    for (std::size_t g = 1; g < rows.groups.size(); ++g) rows.groups[g] += rows.groups[g - 1];
+    rows.order.resize(static_cast<std::size_t>(rows.groups.back()));
+    rows.positions.resize(rows.order.size());
+    std::vector<Index> next(rows.groups.begin(), rows.groups.end() - 1);
+    // Token-major assignments: within each group, positions come out ascending.
+    for (Index a = 0; a < static_cast<Index>(routing.experts.size()); ++a) {
+      const Index expert = routing.experts[static_cast<std::size_t>(a)];
+      if (expert < 0) continue;
+      const Index token = routing.tokens[static_cast<std::size_t>(a)];
+      const std::size_t slot = static_cast<std::size_t>(next[static_cast<std::size_t>((token / length) * experts + expert)]++);
+      rows.order[slot] = a;
+      rows.positions[slot] = token % length;
+    }
+    return rows;
+  }
+
+  // visit(first, count, layout) for each expert with rows in `sequence`: rows [first, first +
+  // count) of the regrouped order, at their positions (+ offset), within the expert's span, against
+  // key_length keys.
+  template <typename Visit>
+  void for_each_expert_rows(const ExpertRows& rows, Index sequence, Index key_length, Index offset, Visit&& visit) const {
+    for (Index e = 0; e < config_.num_experts; ++e) {
+      const std::size_t group = static_cast<std::size_t>(sequence * config_.num_experts + e);
+      const Index first = rows.groups[group], count = rows.groups[group + 1] - first;
+      if (count == 0) continue;
+      AttentionLayout layout;
+      layout.positions = count;
+      layout.row_positions = rows.positions.data() + first;
+      layout.key_length = key_length;
+      layout.causal = true;
+      layout.position_offset = offset;
+      layout.block_positions = config_.causal_block;
+      layout.span = &config_.spans[static_cast<std::size_t>(e)];
+      visit(first, count, layout);
+    }
+  }
+
+  bool all_spans_bounded() const {
+    return !config_.spans.empty() &&
+           std::all_of(config_.spans.begin(), config_.spans.end(), [](const AttentionSpan& span) { return span.bounded(); });
+  }
+  KVCache<Scalar> windowed_cache(Index batch_size) const {
+    Index sink = 0, window = 0;
+    for (const AttentionSpan& span : config_.spans) {
+      sink = std::max(sink, span.sink);
+      window = std::max(window, span.window_at(0));
+    }
+    return KVCache<Scalar>::windowed(batch_size, config_.head_dim, sink, window, window);
+  }
+
   // Assignments per query row in the dispatch plan's terms: k slots with token choice; expert
   // choice has no fixed number.
   Index slots_per_row() const { return config_.mode == RoutingMode::token_choice ? config_.top_k : 1; }
@@ -376,6 +530,7 @@ class MixtureOfAttention {
   Matrix<Scalar> key_value_;      // [B*Tk, d_model], empty for self-attention (query_ is both)
   ForwardPass pass_;  // the last forward's, for backward
   Matrix<Scalar> grad_attended_, grad_queries_, grad_keys_, grad_values_;
+  Matrix<Scalar> grouped_grad_, grouped_grad_queries_;  // with spans: [A, d_h] in by_expert order
   std::vector<Matrix<Scalar>> grad_scores_;  // one score-gradient workspace per thread
 };
 

@@ -24,9 +24,10 @@
 #include <oneapi/dnnl/dnnl.hpp>
 #include <omp.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <memory>
-#include <atomic>
 #include <mutex>
 #include <tuple>
 #include <unordered_map>
@@ -88,8 +89,17 @@ class DnnlGemm final : public GemmBackend {
           part.accumulate = call.accumulate || k0 > 0;
           const Index a_offset = call.transpose_a == Transpose::no ? m0 * lda + k0 : k0 * lda + m0;
           const Index b_offset = call.transpose_b == Transpose::no ? k0 * ldb + n0 : n0 * ldb + k0;
-          run_piece(part, bf16, static_cast<const char*>(a_data) + a_offset * element, lda,
-                    static_cast<const char*>(b_data) + b_offset * element, ldb, call.c + m0 * call.ldc + n0);
+          if (!bf16 && std::min(n_size, k_size) < kQuantum) {
+            // A column or inner remainder below 16: with MoH's heads and spanned experts, whose row
+            // counts and key extents both take any value, primitives for every pair of remainders
+            // would overflow the cache and be created again and again. Row remainders (MoA's
+            // per-expert counts) keep theirs: oneDNN is faster there.
+            detail::eigen_gemm<float>(call.transpose_a, call.transpose_b, m_size, n_size, k_size, call.a + a_offset, lda,
+                                      call.b + b_offset, ldb, call.c + m0 * call.ldc + n0, call.ldc, part.accumulate);
+          } else {
+            run_piece(part, bf16, static_cast<const char*>(a_data) + a_offset * element, lda,
+                      static_cast<const char*>(b_data) + b_offset * element, ldb, call.c + m0 * call.ldc + n0);
+          }
           m0 += m_size;
         }
         n0 += n_size;

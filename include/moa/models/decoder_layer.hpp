@@ -27,10 +27,11 @@ class TransformerDecoderLayer {
   using Scalar = typename Attention::Scalar;
   static_assert(is_attention_v<Attention>, "Attention must provide moa/attention_interface.hpp");
 
-  TransformerDecoderLayer(const TransformerConfig& config, Rng& rng)
-      : self_attn(AttentionTraits<Attention>::make(config, QuerySide::decoder, rng)),
+  // layer: its index in the decoder (for per-layer settings such as TransformerConfig::decoder_spans).
+  TransformerDecoderLayer(const TransformerConfig& config, Rng& rng, Index layer = 0)
+      : self_attn(AttentionTraits<Attention>::make(config, {QuerySide::decoder, true, layer}, rng)),
         self_attn_layer_norm(config.model_dim),
-        encoder_attn(AttentionTraits<Attention>::make(config, QuerySide::decoder, rng)),
+        encoder_attn(AttentionTraits<Attention>::make(config, {QuerySide::decoder, false, layer}, rng)),
         encoder_attn_layer_norm(config.model_dim),
         ffn(config.model_dim, config.ffn_dim, config.activation, rng),
         final_layer_norm(config.model_dim),

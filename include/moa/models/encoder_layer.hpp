@@ -26,7 +26,7 @@ class TransformerEncoderLayer {
   static_assert(is_attention_v<Attention>, "Attention must provide moa/attention_interface.hpp");
 
   TransformerEncoderLayer(const TransformerConfig& config, Rng& rng)
-      : self_attn(AttentionTraits<Attention>::make(config, QuerySide::encoder, rng)),
+      : self_attn(AttentionTraits<Attention>::make(config, {QuerySide::encoder, false, 0}, rng)),
         self_attn_layer_norm(config.model_dim),
         ffn(config.model_dim, config.ffn_dim, config.activation, rng),
         final_layer_norm(config.model_dim),

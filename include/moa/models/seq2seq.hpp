@@ -43,7 +43,7 @@ class Seq2Seq {
         config_(config),
         decoder_dropout_(config.dropout) {
     decoder_layers.reserve(static_cast<std::size_t>(config.decoder_layers));
-    for (Index i = 0; i < config.decoder_layers; ++i) decoder_layers.emplace_back(config, rng);
+    for (Index i = 0; i < config.decoder_layers; ++i) decoder_layers.emplace_back(config, rng, i);
     pack_parameters(*this);  // one block: see moa/parameter.hpp
   }
 
