@@ -2,7 +2,10 @@
 // MixtureOfAttention with spans against a naive oracle, gradients, decoding, errors.
 #include "attention_support.hpp"
 
+#include "moa/io/attention_spans.hpp"
+
 #include <cmath>
+#include <fstream>
 #include <numeric>
 
 using namespace moa_test;
@@ -121,10 +124,16 @@ TEST_CASE("AttentionSpan: windows, bands, and what the kernel's blocks compute",
   REQUIRE_MOA_ERROR(moa::AttentionSpan::elastic(3, 0.0, 0.0).validate("f", "spans[2]"), "has no window");
 }
 
+// One span for all experts (a token's rows stay side by side) and a mix (rows grouped by expert).
+std::vector<std::vector<moa::AttentionSpan>> span_sets() {
+  return {mixed_spans(), std::vector<moa::AttentionSpan>(4, moa::AttentionSpan::elastic(1, 1.5, 0.3))};
+}
+
 TEST_CASE("MixtureOfAttention with spans equals the naive per-expert oracle to 1e-12", "[span][oracle]") {
   moa::Rng rng(1);
+  for (const auto& spans : span_sets())
   for (Index k : {1, 2, 4}) {
-    auto layer = make_moa_layer<double>(span_config(k), rng);
+    auto layer = make_moa_layer<double>(span_config(k, spans), rng);
     for (const auto& batch : {moa::SequenceBatch::full(2, 9), moa::SequenceBatch::padded(7, {7, 3, 5})}) {
       INFO("k = " << k << ", length " << batch.length);
       const MatrixD input = random_matrix(batch.rows(), 6, rng);
@@ -149,8 +158,9 @@ TEST_CASE("MixtureOfAttention with spans equals the naive per-expert oracle to 1
 
 TEST_CASE("MixtureOfAttention with spans: gradient check of every parameter and the input", "[span][gradient]") {
   moa::Rng rng(2);
+  for (const auto& spans : span_sets())
   for (Index k : {1, 3}) {
-    auto layer = make_moa_layer<double>(span_config(k), rng);
+    auto layer = make_moa_layer<double>(span_config(k, spans), rng);
     for (const AttentionCase& test_case : attention_cases()) {
       if (!test_case.causal) continue;
       INFO(test_case.name << ", k = " << k);
@@ -175,9 +185,10 @@ TEST_CASE("MixtureOfAttention with spans: windowed experts cost their window, no
 
 TEST_CASE("MixtureOfAttention with spans: cached decoding equals the full forward", "[span][kv_cache]") {
   moa::Rng rng(5);
+  for (const auto& spans : span_sets())
   for (Index k : {1, 2}) {
     INFO("k = " << k);
-    auto layer = make_moa_layer<float>(span_config(k), rng);
+    auto layer = make_moa_layer<float>(span_config(k, spans), rng);
     require_cached_decoding_matches(layer, 3, 9, rng);
     require_beam_reorder_matches(layer, rng);
   }
@@ -210,10 +221,12 @@ TEST_CASE("MixtureOfAttention with spans: refused where undefined, bad spans nam
 TEST_CASE("MixtureOfAttention with windowed experts: a constant-size cache decodes as the full forward does",
           "[span][kv_cache]") {
   moa::Rng rng(7);
-  const std::vector<moa::AttentionSpan> spans{moa::AttentionSpan::streaming(2, 3), moa::AttentionSpan::streaming(0, 1),
-                                              moa::AttentionSpan::streaming(1, 4), moa::AttentionSpan::streaming(2, 2)};
+  // Experts of different windows (rows grouped by expert), and one window for all (rows side by side).
+  for (const auto& spans : {std::vector<moa::AttentionSpan>{moa::AttentionSpan::streaming(2, 3), moa::AttentionSpan::streaming(0, 1),
+                                                             moa::AttentionSpan::streaming(1, 4), moa::AttentionSpan::streaming(2, 2)},
+                            std::vector<moa::AttentionSpan>(4, moa::AttentionSpan::streaming(2, 4))})
   for (Index k : {1, 2}) {
-    INFO("k = " << k);
+    INFO("k = " << k << ", " << spans[0].to_string());
     auto layer = make_moa_layer<double>(span_config(k, spans), rng);
     const Index batch_size = 2, length = 40;
     const MatrixD input = random_matrix(batch_size * length, 6, rng);
@@ -250,4 +263,39 @@ TEST_CASE("MixtureOfAttention with windowed experts: a constant-size cache decod
   // A full expert among them: the cache keeps everything.
   auto mixed = make_moa_layer<float>(span_config(2), rng);
   REQUIRE_FALSE(mixed.make_self_cache(2, 16).is_windowed());
+}
+
+TEST_CASE("Attention spans from JSON: literal files, and malformed ones refused by name", "[span][io]") {
+  const auto spans = moa::parse_attention_spans(
+      R"({"layers": [[{"sink": 4, "alpha": 64}, {"alpha": 0}, {"sink": 2, "alpha": 16, "beta": 0.25}],
+                     [{"alpha": 8}]]})");
+  REQUIRE(spans.size() == 2);
+  REQUIRE(spans[0] == std::vector<moa::AttentionSpan>{moa::AttentionSpan::streaming(4, 64), moa::AttentionSpan::full(),
+                                                      moa::AttentionSpan::elastic(2, 16, 0.25)});
+  REQUIRE(spans[1] == std::vector<moa::AttentionSpan>{moa::AttentionSpan::streaming(0, 8)});
+  const std::string path = temporary_path("spans.json");
+  {
+    std::ofstream file(path);
+    file << R"({"layers": [[{"alpha": 2}]]})";
+  }
+  REQUIRE(moa::load_attention_spans(path) == moa::LayerSpans{{moa::AttentionSpan::streaming(0, 2)}});
+  REQUIRE_MOA_ERROR(moa::load_attention_spans(path + ".missing"), "load_attention_spans: cannot open");
+  const std::vector<std::pair<std::string, std::string>> bad{
+      {"{", "is not JSON"},
+      {"[]", "expected an object with an array \"layers\""},
+      {R"({"layers": {}})", "expected an object with an array \"layers\""},
+      {R"({"layers": [[]]})", "spans layer 0: expected a non-empty array of experts"},
+      {R"({"layers": [[{"alpha": 4}, 3]]})", "spans layer 0 expert 1: expected an object"},
+      {R"({"layers": [[{"sink": 1}]]})", "\"alpha\" (the window, 0 for full attention) must be a number"},
+      {R"({"layers": [[{"alpha": "wide"}]]})", "\"alpha\" (the window, 0 for full attention) must be a number"},
+      {R"({"layers": [[{"alpha": 4, "window": 3}]]})", "unknown key \"window\""},
+      {R"({"layers": [[{"alpha": 4, "sink": 1.5}]]})", "\"sink\" must be an integer"},
+      {R"({"layers": [[{"alpha": 4, "beta": 2}]]})", "spans layer 0 expert 0 has sink 0, window 4 and growth 2"},
+      {R"({"layers": [[{"alpha": -1}]]})", "window -1"},
+      {R"({"layers": [[{"alpha": 0, "sink": 3}]]})", "has no window (full attention) but a sink"},
+  };
+  for (const auto& [text, message] : bad) {
+    INFO(text);
+    REQUIRE_MOA_ERROR(moa::parse_attention_spans(text), message);
+  }
 }

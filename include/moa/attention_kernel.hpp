@@ -53,8 +53,11 @@ struct AttentionLayout {
     Index end = 0;
     Index count() const { return sink_end + (end - band_start); }
   };
+  Index absolute_position(Index position) const {
+    return (row_positions != nullptr ? row_positions[position] : position) + position_offset;
+  }
   Visible visible(Index position) const {
-    const Index absolute = (row_positions != nullptr ? row_positions[position] : position) + position_offset;
+    const Index absolute = absolute_position(position);
     // In positions first, then in rows of the keys.
     const Index end = causal ? std::min(absolute + 1, key_length + key_shift) : key_length;
     Visible keys;
@@ -76,11 +79,20 @@ struct AttentionLayout {
   // Calls visit(first_position, position_count, keys) for each block of query positions, keys
   // being what the block's positions see together: [0, sink_end) and [band_start, end), each
   // position a subset of it. Positions ascend, and the band's start never moves back (growth < 1).
+  // With a span, a block holds the rows within max(block_positions, window) positions of its first,
+  // so its band is at most about twice the window, however sparse the rows.
   template <typename Visit>
   void for_each_block(Visit&& visit) const {
     const Index block = causal ? std::max<Index>(block_positions, 1) : std::max<Index>(positions, 1);
-    for (Index first = 0; first < positions; first += block) {
-      const Index count = std::min(block, positions - first);
+    const bool windowed = causal && span != nullptr && !span->is_full();
+    for (Index first = 0, count = 0; first < positions; first += count) {
+      count = std::min(block, positions - first);
+      if (windowed) {
+        const Index start = absolute_position(first);
+        const Index reach = std::max(block_positions, span->window_at(start));
+        count = 1;
+        while (first + count < positions && absolute_position(first + count) - start < reach) ++count;
+      }
       const Visible front = visible(first), back = visible(first + count - 1);
       Visible keys;
       keys.end = back.end;

@@ -201,7 +201,7 @@ class MixtureOfAttention {
     pass.flops = projection_flops(query.rows(), key_value.rows(), pass.plan.assignments());
     // Sequences are independent: one per thread.
     const double attention_work = static_cast<double>(assignments) * key_batch.length * config_.head_dim;
-    if (config_.has_spans()) {
+    if (spans_differ()) {
       pass.by_expert = rows_by_expert(routing, query_batch);
       pass.grouped_queries.resize(assignments, config_.head_dim);   // [A, d_h] in by_expert order
       pass.grouped_attended.resize(assignments, config_.head_dim);  // [A, d_h] in by_expert order
@@ -265,7 +265,7 @@ class MixtureOfAttention {
     grad_values.setZero(pass_.values.rows(), head_dim);
     grad_scores_.resize(static_cast<std::size_t>(compute_->threads()));
     const double attention_work = static_cast<double>(pass_.queries.rows()) * key_batch_.length * head_dim;
-    if (config_.has_spans()) {
+    if (spans_differ()) {
       // Per (sequence, expert) group: gather its rows' output gradients, scatter its query gradients.
       Matrix<Scalar>& grouped_grad = grouped_grad_;                  // [A, d_h] in by_expert order
       Matrix<Scalar>& grouped_grad_queries = grouped_grad_queries_;  // [A, d_h] in by_expert order
@@ -375,8 +375,9 @@ class MixtureOfAttention {
     Matrix<Scalar> attended(input.rows() * k, config_.head_dim);                // [B*n*k, d_h]
     Matrix<Scalar> probabilities(steps * k, cache.capacity());                  // [n*k, capacity]
     double flops = projection_flops(input.rows(), cache.frozen() ? 0 : input.rows(), plan.assignments());
-    if (config_.has_spans()) {
-      MOA_CHECK(!cache.frozen(), function, "attention spans are for causal self-attention, not a cross-attention cache");
+    MOA_CHECK(!cache.frozen() || !config_.has_spans(), function,
+              "attention spans are for causal self-attention, not a cross-attention cache");
+    if (spans_differ()) {
       const ExpertRows by_expert = rows_by_expert(routing, SequenceBatch::full(cache.batch_size(), steps));
       Matrix<Scalar> grouped_queries(queries.rows(), config_.head_dim), grouped_attended(queries.rows(), config_.head_dim);
       Matrix<Scalar> grouped_probabilities(queries.rows(), cache.capacity());  // [A, capacity]
@@ -401,6 +402,9 @@ class MixtureOfAttention {
         layout.causal = !cache.frozen();
         layout.position_offset = offset;
         layout.block_positions = config_.causal_block;
+        layout.span = shared_span();
+        layout.shift_from = cache.sink_rows();
+        layout.key_shift = cache.key_shift();
         attention_forward<Scalar>(queries.middleRows(b * steps * k, steps * k), cache.keys(b), cache.values(b), layout,
                                   probabilities, attended.middleRows(b * steps * k, steps * k), *compute_, precision);
         flops += cost::attention(static_cast<double>(layout.visible_pairs()), static_cast<double>(config_.head_dim));
@@ -426,7 +430,8 @@ class MixtureOfAttention {
   Parameter<Scalar> v_proj;  // [d_h, d_model]
 
  private:
-  // With spans, the assignments regrouped by (sequence, expert) (see ExpertRows).
+  // With spans that differ between experts, the assignments regrouped by (sequence, expert) (see
+  // ExpertRows).
   ExpertRows rows_by_expert(const Routing& routing, const SequenceBatch& batch) const {
     const Index experts = config_.num_experts, length = batch.length;
     ExpertRows rows;
@@ -470,6 +475,18 @@ class MixtureOfAttention {
     }
   }
 
+  // One span for every expert (null if none or full): a token's k rows see the same keys, so
+  // they stay side by side and attend in blocks of positions, as without spans.
+  const AttentionSpan* shared_span() const {
+    if (!config_.has_spans()) return nullptr;
+    const AttentionSpan& first = config_.spans.front();
+    for (const AttentionSpan& span : config_.spans)
+      if (!(span == first)) return nullptr;
+    return &first;
+  }
+  // Experts of different spans: each expert's rows attend as a group (see ExpertRows).
+  bool spans_differ() const { return config_.has_spans() && shared_span() == nullptr; }
+
   bool all_spans_bounded() const {
     return !config_.spans.empty() &&
            std::all_of(config_.spans.begin(), config_.spans.end(), [](const AttentionSpan& span) { return span.bounded(); });
@@ -506,6 +523,7 @@ class MixtureOfAttention {
       rows.first = sequence * rows.count;
       rows.layout.positions = query_batch.length_of(sequence);
       rows.layout.rows_per_position = config_.top_k;
+      rows.layout.span = shared_span();
     } else {
       rows.first = routing.sequence_rows[static_cast<std::size_t>(sequence)];
       rows.count = routing.sequence_rows[static_cast<std::size_t>(sequence + 1)] - rows.first;
