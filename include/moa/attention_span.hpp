@@ -35,8 +35,10 @@ struct AttentionSpan {
   bool bounded() const { return !is_full() && growth == 0.0; }
 
   Index window_at(Index position) const {
-    return std::max<Index>(1, static_cast<Index>(std::floor(window + growth * static_cast<double>(position + 1))));
+    const double keys = std::floor(window + growth * static_cast<double>(position + 1));
+    return keys >= kLongest ? static_cast<Index>(kLongest) : std::max<Index>(1, static_cast<Index>(keys));
   }
+  static constexpr double kLongest = 1e15;  // a window past any sequence (and safe to convert)
   // The first key of the band that a query at `position` sees (0 for full attention).
   Index band_start(Index position) const { return is_full() ? 0 : std::max<Index>(0, position + 1 - window_at(position)); }
 

@@ -5,3 +5,4 @@
 #include "moa/moa.hpp"
 #include "moa/io/safetensors.hpp"
 #include "moa/io/checkpoint.hpp"
+#include "moa/io/attention_spans.hpp"

@@ -29,6 +29,7 @@
 #include "moa/top_k.hpp"
 #include "moa/router.hpp"
 #include "moa/sequence_batch.hpp"
+#include "moa/attention_span.hpp"
 #include "moa/attention_kernel.hpp"
 #include "moa/kv_cache.hpp"
 #include "moa/expert_projections.hpp"
