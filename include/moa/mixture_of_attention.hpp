@@ -304,12 +304,8 @@ class MixtureOfAttention {
     pass_.projections.backward_in(*compute_, grad_queries, query_, tokens, pass_.plan, q_proj.value, q_proj.grad,
                                   grads.query);
     // The shared key and value heads.
-    const Matrix<Scalar>& key_value = self_attention_ ? query_ : key_value_;
-    gemm<Scalar>(*compute_, grad_keys, Transpose::yes, key_value, Transpose::no, k_proj.grad, true);
-    gemm<Scalar>(*compute_, grad_values, Transpose::yes, key_value, Transpose::no, v_proj.grad, true);
-    grads.key_value.resize(key_value.rows(), model);  // [B*Tk, d_model]
-    gemm<Scalar>(*compute_, grad_keys, Transpose::no, k_proj.value, Transpose::no, grads.key_value);
-    gemm<Scalar>(*compute_, grad_values, Transpose::no, v_proj.value, Transpose::no, grads.key_value, true);
+    grads.key_value = key_value_backward<Scalar>(*compute_, grad_keys, grad_values,
+                                                 self_attention_ ? query_ : key_value_, k_proj, v_proj);
     return grads;
   }
 

@@ -200,12 +200,8 @@ class MixtureOfHeads {
                                   q_proj.grad, grads.query);
     backward_gates(grad_gates, grads.query);
     // Every head's keys and values.
-    const Matrix<Scalar>& key_value = self_attention_ ? query_ : key_value_;
-    gemm<Scalar>(*compute_, grad_keys, Transpose::yes, key_value, Transpose::no, k_proj.grad, true);
-    gemm<Scalar>(*compute_, grad_values, Transpose::yes, key_value, Transpose::no, v_proj.grad, true);
-    grads.key_value.resize(key_value.rows(), model);  // [B*Tk, d_model]
-    gemm<Scalar>(*compute_, grad_keys, Transpose::no, k_proj.value, Transpose::no, grads.key_value);
-    gemm<Scalar>(*compute_, grad_values, Transpose::no, v_proj.value, Transpose::no, grads.key_value, true);
+    grads.key_value = key_value_backward<Scalar>(*compute_, grad_keys, grad_values,
+                                                 self_attention_ ? query_ : key_value_, k_proj, v_proj);
     return grads;
   }
 

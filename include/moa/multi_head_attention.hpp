@@ -127,14 +127,10 @@ class MultiHeadAttention {
           &grad_scores_[static_cast<std::size_t>(thread)], *compute_);
     });
     gemm<Scalar>(*compute_, grad_queries, Transpose::yes, query_, Transpose::no, q_proj.grad, true);
-    gemm<Scalar>(*compute_, grad_keys, Transpose::yes, key_value_, Transpose::no, k_proj.grad, true);
-    gemm<Scalar>(*compute_, grad_values, Transpose::yes, key_value_, Transpose::no, v_proj.grad, true);
     AttentionGradients<Scalar> grads;
-    grads.query.resize(query_.rows(), model_dim());          // [B*Tq, d_model]
-    grads.key_value.resize(key_value_.rows(), model_dim());  // [B*Tk, d_model]
+    grads.query.resize(query_.rows(), model_dim());  // [B*Tq, d_model]
     gemm<Scalar>(*compute_, grad_queries, Transpose::no, q_proj.value, Transpose::no, grads.query);
-    gemm<Scalar>(*compute_, grad_keys, Transpose::no, k_proj.value, Transpose::no, grads.key_value);
-    gemm<Scalar>(*compute_, grad_values, Transpose::no, v_proj.value, Transpose::no, grads.key_value, true);
+    grads.key_value = key_value_backward<Scalar>(*compute_, grad_keys, grad_values, key_value_, k_proj, v_proj);
     return grads;
   }
 
