@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(cmake make g++ pkg-config libeigen3-dev catch2 nlohmann-json3-dev libxxhash-dev libbenchmark-dev
           libsentencepiece-dev libcli11-dev libxml2-dev trans-de-en libreoffice-help-de libreoffice-help-en-us libdnnl-dev ocl-icd-opencl-dev libopenblas-dev
-          clang-14 libfuzzer-14-dev)
+          clang-14 libfuzzer-14-dev libopenmpi-dev openmpi-bin)
 
 missing=()
 for package in "${packages[@]}"; do

@@ -16,6 +16,7 @@
 #include "moa/models.hpp"
 
 #include "common/compute_options.hpp"
+#include "common/distributed.hpp"
 #include "common/flags.hpp"
 
 #include <CLI/CLI.hpp>
@@ -62,6 +63,7 @@ struct Options {
   long long valid_every = 100;
   std::string on_divergence = "stop";
   moa_examples::ComputeOptions compute;
+  moa_examples::Distributed world;  // the ranks under mpirun (data parallel); one process otherwise
 };
 
 struct Data {
@@ -99,10 +101,12 @@ Data load_data(const Options& options) {
   const std::string tokenizer_flags = "--vocab-size " + std::to_string(options.vocab_size) +
                                       (options.text.empty() ? " --corpora " + options.corpora + " --corpus " + options.corpus
                                                              : " --text " + options.text);
-  const bool train_tokenizer = moa_examples::tokenizer_needs_training(
+  // Rank 0 trains it (or checks the one there) and the other ranks receive it.
+  const bool train_tokenizer = options.world.is_root() && moa_examples::tokenizer_needs_training(
       "mlm", prefix, tokenizer_flags, options.reuse_tokenizer, options.vocab_size,
       [](const std::string& path) { return moa::SentencePieceTokenizer(path).vocab_size(); });
   if (train_tokenizer) moa::SentencePieceTokenizer::train(lines[0], prefix, options.vocab_size, "unigram", {"<mask>"});
+  moa_examples::share_file(options.world, prefix + ".model");
   data.tokenizer = std::make_unique<moa::SentencePieceTokenizer>(prefix + ".model");
   if (train_tokenizer)
     moa_examples::record_tokenizer("mlm", prefix, tokenizer_flags, options.vocab_size, data.tokenizer->vocab_size());
@@ -115,8 +119,9 @@ Data load_data(const Options& options) {
   for (int s = 0; s < 3; ++s)
     MOA_CHECK(!data.splits[s].empty(), "mlm", "no ", names[s], " sentence is shorter than --max-tokens ",
               options.max_tokens, " tokens");
-  std::fprintf(stderr, "mlm: %zu train / %zu valid / %zu test sentences\n", data.splits[0].size(), data.splits[1].size(),
-               data.splits[2].size());
+  if (options.world.is_root())
+    std::fprintf(stderr, "mlm: %zu train / %zu valid / %zu test sentences%s\n", data.splits[0].size(),
+                 data.splits[1].size(), data.splits[2].size(), moa_examples::data_parallel_note(options.world).c_str());
   return data;
 }
 
@@ -228,6 +233,7 @@ RunResult run(const Options& options, const Data& data, const std::string& spec,
   settings.resume = options.resume;
   settings.on_divergence =
       options.on_divergence == "skip" ? moa_examples::OnDivergence::skip : moa_examples::OnDivergence::stop;
+  settings.distributed = options.world;
   moa_examples::TrainingLoop<float> loop(settings, parameters, adam, schedule, rng);
   const long long first_step = loop.restore();
   if (check_only) return result;
@@ -258,14 +264,15 @@ RunResult run(const Options& options, const Data& data, const std::string& spec,
 
   moa::CrossEntropyLoss<float> loss_function(0.0, -1);
   loss_function.set_compute(compute);
-  auto train_step = [&](const std::vector<std::size_t>& indices, moa::Rng& step_rng) {
+  auto train_step = [&](const std::vector<std::size_t>& indices, moa::Rng& step_rng, const moa_examples::Combine& combine) {
     model.set_training(true);
     const MaskedBatch batch = mask_batch(data.splits[0], indices, data.mask_id, config.vocab_size, step_rng);
     moa_examples::StepReport report;
     report.loss = loss_function.forward(model.forward(batch.inputs, batch.batch, step_rng), batch.targets);
     report.tokens = static_cast<double>(batch.batch.tokens());
     report.values = {{"train_nll", loss_function.nll()}, {"aux_loss", model.aux_loss()}};
-    model.backward(loss_function.backward());
+    const double factor = combine(report, static_cast<double>(loss_function.counted()));
+    model.backward(loss_function.backward(static_cast<float>(factor)));
     return report;
   };
   auto validate = [&]() -> std::vector<std::pair<std::string, double>> {
@@ -274,6 +281,7 @@ RunResult run(const Options& options, const Data& data, const std::string& spec,
   };
   loop.run(first_step, train, train_step, validate);
   result.tokens_per_second = loop.tokens_per_second();
+  if (!options.world.is_root()) return result;  // rank 0 evaluates and writes the results
   const moa_examples::TrainingCurves curves = loop.curves();
   result.test = evaluate(data.splits[2]);
   moa_examples::write_line_chart(result.folder + "/loss.svg", result.name + " " + spec + ": masked-token loss", "step",
@@ -286,7 +294,9 @@ RunResult run(const Options& options, const Data& data, const std::string& spec,
 }  // namespace
 
 int main(int argc, char** argv) {
+  moa_examples::MpiSession mpi(argc, argv, "mlm");
   Options options;
+  options.world = mpi.world();
   CLI::App app{"Masked language modelling with MoA (and an MHA baseline)"};
   app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   app.add_option("--attention", options.attention, "attention spec: moa:<k>K<E>E<d_h>D[:raw] (raw: gates not renormalised), moa-ec:<k>K<E>E<d_h>D[:largest] (expert choice in the encoder), moh:<h_s>S<k>K<h_r>H<d_h>D (Mixture-of-Head attention) or mha:<h>H<d_h>D")
@@ -302,7 +312,7 @@ int main(int argc, char** argv) {
   app.add_option("--text", options.text, "a text file, one sentence a line, instead of the corpora");
   moa_examples::add_training_flags(app, options, "encoder layers");
   CLI11_PARSE(app, argc, argv);
-  try {
+  return moa_examples::run_ranked(options.world, "mlm", [&] {
     // Everything that can be checked before any work: specs, sizes, the backend, the folders.
     std::vector<std::string> specs{moa::AttentionSpec::parse(options.attention).to_string()};
     if (!options.baseline.empty()) {
@@ -329,6 +339,7 @@ int main(int argc, char** argv) {
     for (const std::string& spec : specs) run_spec(spec, true);  // every setup, before any training
     std::vector<RunResult> results;
     for (const std::string& spec : specs) results.push_back(run_spec(spec, false));
+    if (!options.world.is_root()) return 0;  // rank 0 prints and writes the results
     std::printf("\n%-6s %-22s %11s %9s %11s %10s %10s %10s\n", "model", "attention", "parameters", "tokens/s",
                 "valid ppl", "valid acc", "test ppl", "test acc");
     for (const auto& r : results)
@@ -352,9 +363,6 @@ int main(int argc, char** argv) {
     MOA_CHECK(results_file.good(), "mlm", "cannot write '", results_path, "'");
     results_file << nlohmann::json{{"runs", runs}}.dump(2) << '\n';
     std::printf("results: %s\n", results_path.c_str());
-  } catch (const std::exception& error) {
-    moa_examples::print_error("mlm", error);
-    return 1;
-  }
-  return 0;
+    return 0;
+  });
 }

@@ -20,6 +20,7 @@
 #include "moa/models.hpp"
 
 #include "common/compute_options.hpp"
+#include "common/distributed.hpp"
 #include "common/flags.hpp"
 
 #include <CLI/CLI.hpp>
@@ -82,6 +83,7 @@ struct Options {
   double length_penalty = 0.6;
   int jobs = 2;
   std::string on_divergence = "stop";
+  moa_examples::Distributed world;  // the ranks under mpirun (data parallel); one process otherwise
 };
 
 // Tokenised splits, plus the test split's text for BLEU.
@@ -135,7 +137,8 @@ Data load_data(const Options& options) {
                                       std::to_string(options.vocab_size) + " --corpora " + options.corpora +
                                       " --data " + options.data +
                                       " --max-words " + std::to_string(options.max_words);
-  const bool train_tokenizer = moa_examples::tokenizer_needs_training(
+  // Rank 0 trains it (or checks the one there) and the other ranks receive it.
+  const bool train_tokenizer = options.world.is_root() && moa_examples::tokenizer_needs_training(
       "translate", model_prefix, tokenizer_flags, options.reuse_tokenizer, options.vocab_size,
       [](const std::string& path) { return moa::SentencePieceTokenizer(path).vocab_size(); });
   if (train_tokenizer) {
@@ -148,6 +151,7 @@ Data load_data(const Options& options) {
                  options.tokenizer_type.c_str(), static_cast<long long>(options.vocab_size), text.size());
     moa::SentencePieceTokenizer::train(text, model_prefix, options.vocab_size, options.tokenizer_type);
   }
+  moa_examples::share_file(options.world, model_prefix + ".model");
   data.tokenizer = std::make_unique<moa::SentencePieceTokenizer>(model_prefix + ".model");
   data.vocab_size = data.tokenizer->vocab_size();
   if (train_tokenizer)
@@ -293,9 +297,10 @@ class Run {
     settings.on_divergence =
         options_.on_divergence == "skip" ? moa_examples::OnDivergence::skip : moa_examples::OnDivergence::stop;
     settings.keep_snapshots = options_.average_checkpoints > 1 ? options_.average_checkpoints : 0;
+    settings.distributed = options_.world;
     loop_.emplace(settings, parameters_, adam_, schedule_, dropout_rng_);
     first_step_ = loop_->restore();
-    if (first_step_ > 0)
+    if (first_step_ > 0 && options_.world.is_root())
       std::fprintf(stderr, "[%s] resumed from %s at step %lld\n", result_.name.c_str(), loop_->checkpoint_path().c_str(),
                    first_step_);
   }
@@ -305,12 +310,13 @@ class Run {
   RunResult train_and_evaluate() {
     moa_examples::TrainingLoop<float>& loop = *loop_;
     const long long first_step = first_step_;
-    std::fprintf(stderr, "[%s] %s: %lld parameters, %zu train / %zu valid / %zu test pairs\n", result_.name.c_str(),
-                 describe(config_).c_str(), static_cast<long long>(result_.parameters), data_.train.size(),
-                 data_.valid.size(), data_.test.size());
+    if (options_.world.is_root())
+      std::fprintf(stderr, "[%s] %s: %lld parameters, %zu train / %zu valid / %zu test pairs%s\n", result_.name.c_str(),
+                   describe(config_).c_str(), static_cast<long long>(result_.parameters), data_.train.size(),
+                   data_.valid.size(), data_.test.size(), data_parallel_note(options_.world).c_str());
     moa::CrossEntropyLoss<float> loss_function(options_.label_smoothing, moa::kPadId);
     loss_function.set_compute(compute_);
-    auto train_step = [&](const std::vector<std::size_t>& indices, moa::Rng& rng) {
+    auto train_step = [&](const std::vector<std::size_t>& indices, moa::Rng& rng, const moa_examples::Combine& combine) {
       const moa::Seq2SeqBatch batch = moa::make_seq2seq_batch(data_.train, indices);
       model_.set_training(true);
       const moa::Matrix<float> logits =
@@ -319,7 +325,8 @@ class Run {
       report.loss = loss_function.forward(logits, batch.target_output);
       report.tokens = static_cast<double>(batch.target_tokens);
       report.values = {{"train_nll", loss_function.nll()}, {"aux_loss", model_.aux_loss()}};
-      model_.backward(loss_function.backward());
+      const double factor = combine(report, static_cast<double>(loss_function.counted()));
+      model_.backward(loss_function.backward(static_cast<float>(factor)));
       return report;
     };
     auto validate = [&]() -> std::vector<std::pair<std::string, double>> {
@@ -328,6 +335,7 @@ class Run {
     };
     loop.run(first_step, data_.train, train_step, validate);
     result_.tokens_per_second = loop.tokens_per_second();
+    if (!options_.world.is_root()) return result_;  // rank 0 evaluates and writes the results
     const moa_examples::TrainingCurves curves = loop.curves();
     result_.steps = curves.steps;
     result_.train_nlls = moa_examples::moving_average(curves.train_nlls, std::max<std::size_t>(1, curves.steps.size() / 40));
@@ -655,7 +663,9 @@ void print_table(const std::vector<RunResult>& results, const std::string& chart
 }  // namespace
 
 int main(int argc, char** argv) {
+  moa_examples::MpiSession mpi(argc, argv, "translate");
   Options options;
+  options.world = mpi.world();
   CLI::App app{"Train MoA (and an MHA baseline) on German-to-English translation"};
   app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);  // a later flag overrides
   app.add_option("--attention", options.attention, "attention spec: moa:<k>K<E>E<d_h>D[:raw] (raw: gates not renormalised), moa-ec:<k>K<E>E<d_h>D[:largest] (expert choice in the encoder), moh:<h_s>S<k>K<h_r>H<d_h>D (Mixture-of-Head attention) or mha:<h>H<d_h>D")
@@ -698,8 +708,7 @@ int main(int argc, char** argv) {
   app.add_option("--jobs", options.jobs, "models trained at once (each with --threads threads)")->capture_default_str()
       ->check(moa_examples::whole_number(1, 2));
   CLI11_PARSE(app, argc, argv);
-
-  try {
+  return moa_examples::run_ranked(options.world, "translate", [&] {
     // Everything that can be checked before any work: specs, sizes, the backend, the folders.
     std::vector<std::string> specs{moa::AttentionSpec::parse(options.attention).to_string()};
     if (!options.baseline.empty()) {
@@ -721,7 +730,8 @@ int main(int argc, char** argv) {
     // is reported at once. The runs share nothing but the read-only data, so training them at
     // once changes no number.
     std::vector<PreparedRun> prepared;
-    const bool concurrent = options.jobs > 1 && specs.size() > 1;
+    // Under mpirun the ranks train each model together, one model after the other.
+    const bool concurrent = options.jobs > 1 && specs.size() > 1 && !options.world.is_parallel();
     for (const std::string& spec : specs) {
       check_memory(options, spec, data.vocab_size);
       prepared.push_back(prepare_run(options, data, spec, folder_of(spec), concurrent));
@@ -740,10 +750,15 @@ int main(int argc, char** argv) {
       run_at(0);
       baseline.join();
     } else {
-      for (std::size_t i = 0; i < specs.size(); ++i) run_at(i);
+      for (std::size_t i = 0; i < specs.size(); ++i) {
+        run_at(i);
+        // A rank must not go on to the next model while the others still train this one.
+        if (failures[i] && options.world.is_parallel()) std::rethrow_exception(failures[i]);
+      }
     }
     for (const auto& failure : failures)
       if (failure) std::rethrow_exception(failure);
+    if (!options.world.is_root()) return 0;  // rank 0 writes the charts and the results
     std::vector<moa_examples::PlotSeries> curves;
     const char* colors[2] = {"#1f77b4", "#d62728"};
     for (std::size_t i = 0; i < results.size(); ++i) {
@@ -757,9 +772,6 @@ int main(int argc, char** argv) {
     const std::string results_path = options.output + "/results.json";
     write_results(results_path, results, p_value);
     print_table(results, chart, results_path, p_value);
-  } catch (const std::exception& error) {
-    moa_examples::print_error("translate", error);
-    return 1;
-  }
-  return 0;
+    return 0;
+  });
 }

@@ -121,16 +121,32 @@ TEST_CASE("TrainingLoop: trains, checkpoints, resumes, and refuses bad checkpoin
   settings.checkpoint_every = 3;
   settings.batch_tokens = 32;
   // A step that moves the weights toward a fixed target.
-  auto step = [&](const std::vector<std::size_t>& batch, moa::Rng&) {
+  auto step = [&](const std::vector<std::size_t>& batch, moa::Rng&, const moa_examples::Combine& combine) {
     const MatrixF input = MatrixF::Ones(static_cast<Index>(batch.size()), 3);
     const MatrixF output = layer.forward(input);
-    layer.backward(output);
-    return moa_examples::StepReport{0.5 * static_cast<double>(output.squaredNorm()), static_cast<double>(batch.size()), {}};
+    moa_examples::StepReport report{0.5 * static_cast<double>(output.squaredNorm()), static_cast<double>(batch.size()), {}};
+    const double factor = combine(report, static_cast<double>(batch.size()));
+    REQUIRE(factor == 1.0);  // one process
+    layer.backward(output * static_cast<float>(factor));
+    return report;
   };
   int validations = 0;
   auto validate = [&]() -> std::vector<std::pair<std::string, double>> { return {{"valid_loss", ++validations}}; };
   moa_examples::TrainingLoop<float> loop(settings, parameters, adam, [](long long) { return 0.01; }, rng);
   REQUIRE(loop.restore() == 0);  // not resuming
+  // A step must combine its report between forward and backward (data parallel needs it), once.
+  auto no_combine = [&](const std::vector<std::size_t>&, moa::Rng&, const moa_examples::Combine&) {
+    return moa_examples::StepReport{1.0, 1.0, {}};
+  };
+  REQUIRE_MOA_ERROR(loop.run(0, pairs, no_combine, validate), "did not call combine(report, loss_targets)");
+  auto twice = [&](const std::vector<std::size_t>&, moa::Rng&, const moa_examples::Combine& combine) {
+    moa_examples::StepReport report{1.0, 1.0, {}};
+    combine(report, 1.0);
+    combine(report, 1.0);
+    return report;
+  };
+  REQUIRE_MOA_ERROR(loop.run(0, pairs, twice, validate), "called combine() twice");
+  REQUIRE(adam.steps() == 0);
   loop.run(0, pairs, step, validate);
   REQUIRE(validations == 2);
   REQUIRE(adam.steps() == 6);
@@ -207,13 +223,14 @@ struct LoopFixture {
   }
 
   void run(moa_examples::TrainingLoop<float>& loop, long long first_step) {
-    auto step = [&](const std::vector<std::size_t>& batch, moa::Rng&) {
+    auto step = [&](const std::vector<std::size_t>& batch, moa::Rng&, const moa_examples::Combine& combine) {
       ++step_count;
       const MatrixF input = MatrixF::Ones(static_cast<Index>(batch.size()), 3);
       MatrixF output = layer.forward(input);
       if (bad_steps.count(step_count) != 0) output(0, 0) = std::numeric_limits<float>::quiet_NaN();
-      layer.backward(output);
-      return moa_examples::StepReport{0.5 * static_cast<double>(output.squaredNorm()), static_cast<double>(batch.size()), {}};
+      moa_examples::StepReport report{0.5 * static_cast<double>(output.squaredNorm()), static_cast<double>(batch.size()), {}};
+      layer.backward(output * static_cast<float>(combine(report, static_cast<double>(batch.size()))));
+      return report;
     };
     loop.run(first_step, pairs, step, [] { return std::vector<std::pair<std::string, double>>{{"valid_loss", 1.0}}; });
   }

@@ -130,15 +130,6 @@ inline std::string bytes_text(double bytes) {
   return text;
 }
 
-// "program: error: <message>" on stderr, without repeating the program's name when the message
-// already starts with it.
-inline void print_error(const char* program, const std::exception& error) {
-  std::string message = error.what();
-  const std::string prefix = std::string(program) + ": ";
-  if (message.rfind(prefix, 0) == 0) message.erase(0, prefix.size());
-  std::fprintf(stderr, "%s: error: %s\n", program, message.c_str());
-}
-
 // What a model of `parameters` parameters training on batches of `batch_tokens` tokens needs, in
 // float: each parameter with its gradient and Adam's two moments (16 bytes), and the activations
 // each layer keeps for backward (`activations_per_token` floats a token). Refused with a message

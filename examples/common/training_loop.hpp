@@ -6,6 +6,15 @@
 // (forward, loss, backward; the loop zeroes the gradients before and updates after), and a
 // validation. Everything else, including the checkpoint format and its metadata, is here once.
 //
+// Data parallel (settings.distributed with more than one rank, under mpirun): every rank holds the
+// same model; each step's batch (the same on every rank, fixed by the seed) is dealt out by
+// sequence, rank r taking sequences r, r + N, ...; a step's forward, its combine() (one small
+// all-reduce: the loss targets, the loss and the logged values of all ranks) and its backward run
+// on that share; one all-reduce sums the gradient block; every rank then takes the same optimizer
+// step. Each rank draws its own dropout and masking from the run's generator and its rank. Rank 0
+// alone reads and writes the folder (checkpoints, metrics, progress) and sends the state it
+// resumes from to the others; at each checkpoint the ranks check that their parameters still agree.
+//
 // Divergence: a loss or gradient norm that is not finite stops the run with a message naming the
 // step, the value and the last good checkpoint (which is never overwritten by a bad one), or, with
 // OnDivergence::skip, skips the step and halves the learning rate (a few times in a row at most).
@@ -13,6 +22,7 @@
 // after it is verified, and the one before is kept beside it (checkpoint.safetensors.previous).
 #pragma once
 
+#include "distributed.hpp"
 #include "training.hpp"
 
 #include "moa/io/checkpoint.hpp"
@@ -22,17 +32,20 @@
 #include "moa/text/batching.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cerrno>
 #include <csignal>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <limits>
 #include <map>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -59,6 +72,7 @@ struct TrainingSettings {
   OnDivergence on_divergence = OnDivergence::stop;
   int max_consecutive_skips = 5;  // with OnDivergence::skip: more in a row stop the run
   int keep_snapshots = 0;        // the parameters of the last N checkpoints, kept for averaging
+  Distributed distributed;       // the ranks training together (one process by default)
 };
 
 // What a training step reports: its loss, the tokens it trained on (for tokens/s), and any more
@@ -68,6 +82,14 @@ struct StepReport {
   double tokens = 0.0;
   std::vector<std::pair<std::string, double>> values;
 };
+
+// Called once by a training step between its forward and its backward, with its report and the
+// number of targets its mean loss averages over. Makes the report the whole batch's (loss and
+// values averaged over all ranks' targets, tokens summed) and returns the factor for the gradient
+// of the step's mean loss (CrossEntropyLoss::backward(factor)): with it the gradients the ranks
+// sum are those of the mean over all the batch's targets. Auxiliary losses a model adds in its
+// backward count as the mean over the ranks. One process: the report stays and the factor is 1.
+using Combine = std::function<double(StepReport& report, double loss_targets)>;
 
 // The logged curves, read back from metrics.jsonl (so a resumed run has its whole history).
 // train_nlls: the steps' "train_nll" where a step reports one (the loss without label smoothing or
@@ -80,7 +102,8 @@ template <typename Scalar>
 class TrainingLoop {
  public:
   using Batch = std::vector<std::size_t>;  // indices into the training pairs
-  using Step = std::function<StepReport(const Batch& batch, Rng& rng)>;
+  // A step trains on its share of the batch (all of it on one process) with the generator given.
+  using Step = std::function<StepReport(const Batch& share, Rng& rng, const Combine& combine)>;
   using Validate = std::function<std::vector<std::pair<std::string, double>>()>;  // the first is "valid_loss"
 
   // rng is the run's training generator (dropout, masking): saved in checkpoints, restored on resume.
@@ -114,8 +137,79 @@ class TrainingLoop {
 
   // Loads the checkpoint when resuming; returns the step to continue from (0 for a fresh run). A
   // run killed between the two renames of a checkpoint write has only the previous file: it
-  // resumes from that one.
+  // resumes from that one. Data parallel: rank 0 reads the folder and every other rank receives
+  // its state (the parameters, the optimizer, the generator), so any number of ranks can resume a
+  // checkpoint and no rank but the first needs the folder.
   long long restore() {
+    const long long step = settings_.distributed.is_root() ? restore_from_folder() : 0;
+    if (settings_.distributed.is_parallel()) return share_state(step);
+    return step;
+  }
+
+  // Trains from `first_step` to settings.steps.
+  void run(long long first_step, const std::vector<TokenPair>& train, const Step& train_step, const Validate& validate) {
+    const Distributed& world = settings_.distributed;
+    std::optional<MetricsLog> log;
+    if (world.is_root()) log.emplace(metrics_path(), first_step > 0);
+    ProgressLine progress(settings_.steps, settings_.name, settings_.plain_progress);
+    double tokens = 0;
+    long long step = first_step;
+    int skipped_in_a_row = 0;
+    LossWatch watch;
+    while (step < settings_.steps) {
+      const Batch& batch = batch_for_step(train, step);
+      ++step;
+      parameters_.zero_grad();
+      const StepReport report = train_share(batch, step, train_step);
+      const double norm = settings_.clip_norm > 0 ? clip_grad_norm(parameters_, settings_.clip_norm)
+                                                  : grad_norm(parameters_);
+      if (!std::isfinite(report.loss) || !std::isfinite(norm)) {
+        const std::string what = "step " + std::to_string(step) + ": the loss is " + number_text(report.loss) +
+                                 " and the gradient norm " + number_text(norm);
+        if (settings_.on_divergence == OnDivergence::skip && ++skipped_in_a_row <= settings_.max_consecutive_skips) {
+          learning_rate_scale_ *= 0.5;
+          if (world.is_root())
+            std::fprintf(stderr, "\n%swarning: %s: step skipped, learning rate scaled by %g from now on\n", label().c_str(),
+                         what.c_str(), learning_rate_scale_);
+          continue;
+        }
+        MOA_CHECK(false, "TrainingLoop", "training diverged at ", what, " (",
+                  skipped_in_a_row > 1 ? "after skipping steps; " : "",
+                  "lower the learning rate, or try --on-divergence skip); ", last_good_description());
+      }
+      skipped_in_a_row = 0;
+      const std::string warning = watch.check(report.loss);
+      if (!warning.empty() && world.is_root())
+        std::fprintf(stderr, "\n%swarning: step %lld: the loss %s %s (learning rate too high?)\n", label().c_str(), step,
+                     number_text(report.loss).c_str(), warning.c_str());
+      const double learning_rate = schedule_(step) * learning_rate_scale_;
+      adam_.step(learning_rate);
+      tokens += report.tokens;
+      tokens_per_second_ = tokens / std::max(progress.seconds(), 1e-9);
+      if (world.is_root()) progress.update(step, step - first_step, report.loss, tokens_per_second_, learning_rate);
+      std::vector<std::pair<std::string, double>> values{{"train_loss", report.loss}, {"grad_norm", norm}};
+      values.insert(values.end(), report.values.begin(), report.values.end());
+      values.push_back({"lr", learning_rate});
+      values.push_back({"tokens_per_second", tokens_per_second_});
+      if (world.is_parallel()) values.push_back({"all_reduce_seconds", all_reduce_seconds_});
+      if (step % settings_.valid_every == 0 || step == settings_.steps) {
+        const auto validation = validate();
+        MOA_CHECK(std::isfinite(validation.front().second), "TrainingLoop", "training diverged at step ", step, ": the ",
+                  validation.front().first, " is ", number_text(validation.front().second), "; ",
+                  last_good_description());
+        values.insert(values.end(), validation.begin(), validation.end());
+      }
+      if (log) log->write(step, values);
+      if (step % settings_.checkpoint_every == 0 || step == settings_.steps) {
+        check_ranks_agree(step);
+        if (world.is_root()) save(step);
+        last_good_step_ = step;
+      }
+    }
+  }
+
+ private:
+  long long restore_from_folder() {
     if (!settings_.resume) {
       prune_snapshots(0);
       return 0;
@@ -163,60 +257,7 @@ class TrainingLoop {
     return step;
   }
 
-  // Trains from `first_step` to settings.steps.
-  void run(long long first_step, const std::vector<TokenPair>& train, const Step& train_step, const Validate& validate) {
-    MetricsLog log(metrics_path(), first_step > 0);
-    ProgressLine progress(settings_.steps, settings_.name, settings_.plain_progress);
-    double tokens = 0;
-    long long step = first_step;
-    int skipped_in_a_row = 0;
-    LossWatch watch;
-    while (step < settings_.steps) {
-      const Batch& batch = batch_for_step(train, step);
-      ++step;
-      parameters_.zero_grad();
-      StepReport report = train_step(batch, rng_);
-      const double norm = settings_.clip_norm > 0 ? clip_grad_norm(parameters_, settings_.clip_norm)
-                                                  : grad_norm(parameters_);
-      if (!std::isfinite(report.loss) || !std::isfinite(norm)) {
-        const std::string what = "step " + std::to_string(step) + ": the loss is " + number_text(report.loss) +
-                                 " and the gradient norm " + number_text(norm);
-        if (settings_.on_divergence == OnDivergence::skip && ++skipped_in_a_row <= settings_.max_consecutive_skips) {
-          learning_rate_scale_ *= 0.5;
-          std::fprintf(stderr, "\n%swarning: %s: step skipped, learning rate scaled by %g from now on\n", label().c_str(), what.c_str(),
-                       learning_rate_scale_);
-          continue;
-        }
-        MOA_CHECK(false, "TrainingLoop", "training diverged at ", what, " (",
-                  skipped_in_a_row > 1 ? "after skipping steps; " : "",
-                  "lower the learning rate, or try --on-divergence skip); ", last_good_description());
-      }
-      skipped_in_a_row = 0;
-      const std::string warning = watch.check(report.loss);
-      if (!warning.empty())
-        std::fprintf(stderr, "\n%swarning: step %lld: the loss %s %s (learning rate too high?)\n", label().c_str(), step,
-                     number_text(report.loss).c_str(), warning.c_str());
-      const double learning_rate = schedule_(step) * learning_rate_scale_;
-      adam_.step(learning_rate);
-      tokens += report.tokens;
-      tokens_per_second_ = tokens / std::max(progress.seconds(), 1e-9);
-      progress.update(step, step - first_step, report.loss, tokens_per_second_, learning_rate);
-      std::vector<std::pair<std::string, double>> values{{"train_loss", report.loss}, {"grad_norm", norm}};
-      values.insert(values.end(), report.values.begin(), report.values.end());
-      values.push_back({"lr", learning_rate});
-      values.push_back({"tokens_per_second", tokens_per_second_});
-      if (step % settings_.valid_every == 0 || step == settings_.steps) {
-        const auto validation = validate();
-        MOA_CHECK(std::isfinite(validation.front().second), "TrainingLoop", "training diverged at step ", step, ": the ",
-                  validation.front().first, " is ", number_text(validation.front().second), "; ",
-                  last_good_description());
-        values.insert(values.end(), validation.begin(), validation.end());
-      }
-      log.write(step, values);
-      if (step % settings_.checkpoint_every == 0 || step == settings_.steps) save(step);
-    }
-  }
-
+ public:
   // "[MoA] " before the run's messages, when it has a name.
   std::string label() const { return settings_.name.empty() ? "" : "[" + settings_.name + "] "; }
 
@@ -246,6 +287,113 @@ class TrainingLoop {
   }
 
  private:
+  // One step's forward and backward on this rank's share of the batch, and the all-reduce that
+  // makes every rank's gradients the whole batch's.
+  StepReport train_share(const Batch& batch, long long step, const Step& train_step) {
+    const Distributed& world = settings_.distributed;
+    bool combined = false;
+    const Combine combine = [&](StepReport& report, double loss_targets) {
+      MOA_CHECK(!combined, "TrainingLoop", "a training step called combine() twice");
+      combined = true;
+      return world.is_parallel() ? combine_report(report, loss_targets) : 1.0;
+    };
+    if (!world.is_parallel()) {
+      StepReport report = train_step(batch, rng_, combine);
+      MOA_CHECK(combined, "TrainingLoop", "the training step did not call combine(report, loss_targets) between its "
+                "forward and its backward");
+      return report;
+    }
+    const auto ranks = static_cast<std::size_t>(world.size());
+    MOA_CHECK(batch.size() >= ranks, "TrainingLoop", "the batch of step ", step, " has ", batch.size(),
+              " sequences, fewer than the ", ranks, " ranks: raise --batch-tokens");
+    Batch share;
+    for (std::size_t i = static_cast<std::size_t>(world.rank()); i < batch.size(); i += ranks) share.push_back(batch[i]);
+    // The rank's own generator for this step: the run's generator advances once a step on every
+    // rank alike (so a checkpoint holds one state), and the rank is mixed into the seed.
+    Rng seeding(rng_.next_u64() ^ (0xD1B54A32D192ED03ULL * static_cast<std::uint64_t>(world.rank() + 1)));
+    Rng rank_rng(seeding.next_u64());
+    fail_for_test(step);
+    StepReport report = train_step(share, rank_rng, combine);
+    MOA_CHECK(combined, "TrainingLoop", "the training step did not call combine(report, loss_targets) between its "
+              "forward and its backward");
+    const auto start = std::chrono::steady_clock::now();
+    if (parameters_.contiguous()) {
+      world.sum(parameters_.flat_grads().data(), parameters_.flat_size());
+      parameters_.flat_grads() *= 1.0f / static_cast<float>(world.size());
+    } else {
+      for (std::size_t i = 0; i < parameters_.size(); ++i) {
+        world.sum(parameters_[i].grad().data(), parameters_[i].numel());
+        parameters_[i].grad() *= 1.0f / static_cast<float>(world.size());
+      }
+    }
+    all_reduce_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    return report;
+  }
+
+  double combine_report(StepReport& report, double loss_targets) const {
+    const Distributed& world = settings_.distributed;
+    // [values on this rank, loss targets, loss * targets, tokens, value * targets ...]
+    std::vector<double> numbers{static_cast<double>(report.values.size()), loss_targets, report.loss * loss_targets,
+                                report.tokens};
+    for (const auto& value : report.values) numbers.push_back(value.second * loss_targets);
+    world.sum(numbers.data(), static_cast<Index>(numbers.size()));
+    MOA_CHECK(numbers[0] == static_cast<double>(report.values.size() * static_cast<std::size_t>(world.size())),
+              "TrainingLoop", world.label(), "the ranks' training steps report different numbers of values");
+    const double total_targets = numbers[1];
+    const double share = total_targets > 0 ? 1.0 / total_targets : 0.0;
+    report.loss = numbers[2] * share;
+    report.tokens = numbers[3];
+    for (std::size_t i = 0; i < report.values.size(); ++i) report.values[i].second = numbers[4 + i] * share;
+    return static_cast<double>(world.size()) * loss_targets * share;
+  }
+
+  // Rank 0's step, generator, learning-rate scale, parameters and optimizer moments, on every rank.
+  long long share_state(long long step) {
+    const Distributed& world = settings_.distributed;
+    double scale = learning_rate_scale_;
+    std::uint64_t scale_bits = 0;
+    std::memcpy(&scale_bits, &scale, sizeof scale);
+    std::uint64_t header[4] = {static_cast<std::uint64_t>(step), rng_.state(), scale_bits,
+                               static_cast<std::uint64_t>(last_good_step_)};
+    world.broadcast(header, 4);
+    std::memcpy(&scale, &header[2], sizeof scale);
+    for (std::size_t i = 0; i < parameters_.size(); ++i) {
+      world.broadcast(parameters_[i].value().data(), parameters_[i].numel());
+      world.broadcast(adam_.first_moment(i).data(), parameters_[i].numel());
+      world.broadcast(adam_.second_moment(i).data(), parameters_[i].numel());
+    }
+    step = static_cast<long long>(header[0]);
+    rng_.set_state(header[1]);
+    learning_rate_scale_ = scale;
+    last_good_step_ = static_cast<long long>(header[3]);
+    adam_.set_steps(step);
+    return step;
+  }
+
+  // The ranks take identical steps from identical parameters; a difference (a rank computing
+  // differently) is caught here, at each checkpoint, rather than silently training N models.
+  void check_ranks_agree(long long step) const {
+    if (!settings_.distributed.is_parallel()) return;
+    std::uint64_t hash = 1469598103934665603ULL;  // FNV-1a over the parameters' bits
+    for (std::size_t i = 0; i < parameters_.size(); ++i) {
+      const auto* bytes = reinterpret_cast<const unsigned char*>(parameters_[i].value().data());
+      const std::size_t count = static_cast<std::size_t>(parameters_[i].numel()) * sizeof(Scalar);
+      for (std::size_t b = 0; b < count; ++b) hash = (hash ^ bytes[b]) * 1099511628211ULL;
+    }
+    MOA_CHECK(settings_.distributed.same_everywhere(hash), "TrainingLoop", settings_.distributed.label(),
+              "the ranks' parameters differ after step ", step, ": the ranks no longer train one model");
+  }
+
+  // For the test of a failing rank: MOA_TEST_FAIL_RANK_AT_STEP="r:s" makes rank r throw at step s.
+  void fail_for_test(long long step) const {
+    const char* value = std::getenv("MOA_TEST_FAIL_RANK_AT_STEP");
+    if (value == nullptr) return;
+    int rank = -1;
+    long long at = -1;
+    if (std::sscanf(value, "%d:%lld", &rank, &at) == 2 && rank == settings_.distributed.rank() && at == step)
+      MOA_CHECK(false, "TrainingLoop", "failing at step ", step, " as MOA_TEST_FAIL_RANK_AT_STEP asks");
+  }
+
   // The batches of an epoch are fixed by the seed and the epoch number, so step s always sees the
   // same batch: a resumed run continues exactly where it stopped.
   const Batch& batch_for_step(const std::vector<TokenPair>& train, long long step) {
@@ -384,6 +532,7 @@ class TrainingLoop {
   std::vector<Batch> epoch_batches_;
   double tokens_per_second_ = 0.0;
   double learning_rate_scale_ = 1.0;  // halved by each skipped step (OnDivergence::skip)
+  double all_reduce_seconds_ = 0.0;   // the last step's gradient all-reduce
   long long last_good_step_ = 0;
 };
 
