@@ -41,3 +41,13 @@ compare(two_then_one)
 train(1 ${half} one_then_two)
 train(2 ${STEPS} one_then_two --resume)
 compare(one_then_two)
+# With dropout each rank draws its own masks, from the run's seed and its rank: two runs with the
+# same number of ranks are bit-identical.
+train(2 ${STEPS} dropout_a --dropout 0.1)
+train(2 ${STEPS} dropout_b --dropout 0.1)
+execute_process(COMMAND ${CMAKE_COMMAND} -E compare_files ${WORK_DIR}/dropout_a/${RUN}/checkpoint.safetensors
+                        ${WORK_DIR}/dropout_b/${RUN}/checkpoint.safetensors RESULT_VARIABLE different)
+if(different)
+  message(FATAL_ERROR "two runs of 2 ranks with dropout ended with different parameters")
+endif()
+message("2 ranks with dropout, twice: identical checkpoints")
