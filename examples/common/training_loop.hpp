@@ -157,6 +157,7 @@ class TrainingLoop {
     int skipped_in_a_row = 0;
     LossWatch watch;
     while (step < settings_.steps) {
+      const auto step_start = std::chrono::steady_clock::now();
       const Batch& batch = batch_for_step(train, step);
       ++step;
       parameters_.zero_grad();
@@ -184,6 +185,7 @@ class TrainingLoop {
                      number_text(report.loss).c_str(), warning.c_str());
       const double learning_rate = schedule_(step) * learning_rate_scale_;
       adam_.step(learning_rate);
+      const double step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
       tokens += report.tokens;
       tokens_per_second_ = tokens / std::max(progress.seconds(), 1e-9);
       if (world.is_root()) progress.update(step, step - first_step, report.loss, tokens_per_second_, learning_rate);
@@ -191,6 +193,7 @@ class TrainingLoop {
       values.insert(values.end(), report.values.begin(), report.values.end());
       values.push_back({"lr", learning_rate});
       values.push_back({"tokens_per_second", tokens_per_second_});
+      values.push_back({"step_seconds", step_seconds});
       if (world.is_parallel()) values.push_back({"all_reduce_seconds", all_reduce_seconds_});
       if (step % settings_.valid_every == 0 || step == settings_.steps) {
         const auto validation = validate();
