@@ -732,6 +732,9 @@ int main(int argc, char** argv) {
     std::vector<PreparedRun> prepared;
     // Under mpirun the ranks train each model together, one model after the other.
     const bool concurrent = options.jobs > 1 && specs.size() > 1 && !options.world.is_parallel();
+    if (specs.size() > 1 && options.world.is_parallel() && options.world.is_root())
+      std::fprintf(stderr, "translate: note: under mpirun the two models train one after the other, each on all %d ranks\n",
+                   options.world.size());
     for (const std::string& spec : specs) {
       check_memory(options, spec, data.vocab_size);
       prepared.push_back(prepare_run(options, data, spec, folder_of(spec), concurrent));

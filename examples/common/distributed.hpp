@@ -16,6 +16,7 @@
 #endif
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -24,6 +25,7 @@
 #include <fstream>
 #include <iterator>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace moa_examples {
@@ -225,6 +227,9 @@ int run_ranked(const Distributed& world, const char* program, Body&& body) {
   try {
     return body();
   } catch (const std::exception& error) {
+    // An error every rank meets (a bad flag) is printed once: rank 0's abort ends the others while
+    // they wait this moment; an error of one rank alone is printed after it.
+    if (world.is_parallel() && !world.is_root()) std::this_thread::sleep_for(std::chrono::milliseconds(500));
     std::string message = error.what();
     const std::string prefix = std::string(program) + ": ";
     if (message.rfind(prefix, 0) == 0) message.erase(0, prefix.size());
