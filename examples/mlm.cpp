@@ -239,15 +239,24 @@ RunResult run(const Options& options, const Data& data, const std::string& spec,
   if (check_only) return result;
   const auto train = as_pairs(data.splits[0]);
 
-  auto evaluate = [&](const std::vector<moa::TokenIds>& sequences) {
+  // `shared`: every rank is here (validation during training) and takes its share of the batches
+  // (batch i on rank i mod N; each rank draws every batch's masks, so they are those of one
+  // process); the sums are combined.
+  auto evaluate = [&](const std::vector<moa::TokenIds>& sequences, bool shared) {
     model.set_training(false);
     moa::Rng masking(12345), order(0);  // the same masks every time
     moa::CrossEntropyLoss<float> loss(0.0, -1);
     loss.set_compute(compute);
     const auto pairs = as_pairs(sequences);
-    double nll = 0, correct = 0, counted = 0;
-    for (const auto& indices : moa::make_token_batches(pairs, options.batch_tokens, order)) {
-      const MaskedBatch batch = mask_batch(sequences, indices, data.mask_id, config.vocab_size, masking);
+    const moa_examples::Distributed& world = options.world;
+    double sums[3] = {0, 0, 0};  // NLL, correct, counted
+    double& nll = sums[0];
+    double& correct = sums[1];
+    double& counted = sums[2];
+    const auto batches = moa::make_token_batches(pairs, options.batch_tokens, order);
+    for (std::size_t b = 0; b < batches.size(); ++b) {
+      const MaskedBatch batch = mask_batch(sequences, batches[b], data.mask_id, config.vocab_size, masking);
+      if (shared && b % static_cast<std::size_t>(world.size()) != static_cast<std::size_t>(world.rank())) continue;
       const moa::Matrix<float> logits = model.forward(batch.inputs, batch.batch, rng);
       loss.forward(logits, batch.targets);
       nll += loss.nll() * static_cast<double>(loss.counted());
@@ -259,6 +268,7 @@ RunResult run(const Options& options, const Data& data, const std::string& spec,
         correct += predicted == batch.targets[static_cast<std::size_t>(row)];
       }
     }
+    if (shared) world.sum(sums, 3);
     return Evaluation{nll / counted, correct / counted};
   };
 
@@ -276,14 +286,14 @@ RunResult run(const Options& options, const Data& data, const std::string& spec,
     return report;
   };
   auto validate = [&]() -> std::vector<std::pair<std::string, double>> {
-    result.valid = evaluate(data.splits[1]);
+    result.valid = evaluate(data.splits[1], true);
     return {{"valid_loss", result.valid.loss}, {"valid_accuracy", result.valid.accuracy}};
   };
   loop.run(first_step, train, train_step, validate);
   result.tokens_per_second = loop.tokens_per_second();
   if (!options.world.is_root()) return result;  // rank 0 evaluates and writes the results
   const moa_examples::TrainingCurves curves = loop.curves();
-  result.test = evaluate(data.splits[2]);
+  result.test = evaluate(data.splits[2], false);  // rank 0 alone
   moa_examples::write_line_chart(result.folder + "/loss.svg", result.name + " " + spec + ": masked-token loss", "step",
                         "loss (nats/token)",
                         {{"train NLL (dropout on)", curves.steps, curves.train_nlls, "#1f77b4", false},

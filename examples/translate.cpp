@@ -330,7 +330,7 @@ class Run {
       return report;
     };
     auto validate = [&]() -> std::vector<std::pair<std::string, double>> {
-      result_.valid_loss = validation_loss();
+      result_.valid_loss = validation_loss(true);
       return {{"valid_loss", result_.valid_loss}};
     };
     loop.run(first_step, data_.train, train_step, validate);
@@ -352,20 +352,28 @@ class Run {
   }
 
  private:
-  double validation_loss() {
+  // The NLL per target token over the valid split. `shared`: every rank is here (validation during
+  // training) and takes its share of the batches (batch i on rank i mod N); the sums are combined.
+  double validation_loss(bool shared) {
     model_.set_training(false);
     moa::CrossEntropyLoss<float> loss_function(0.0, moa::kPadId);
     loss_function.set_compute(compute_);
     moa::Rng order(0);
-    double total = 0, count = 0;
-    for (const auto& indices : moa::make_token_batches(data_.valid, options_.batch_tokens, order)) {
-      const auto batch = moa::make_seq2seq_batch(data_.valid, indices);
+    const moa_examples::Distributed& world = options_.world;
+    double sums[2] = {0, 0};  // NLL, targets
+    double& total = sums[0];
+    double& count = sums[1];
+    const auto batches = moa::make_token_batches(data_.valid, options_.batch_tokens, order);
+    for (std::size_t b = 0; b < batches.size(); ++b) {
+      if (shared && b % static_cast<std::size_t>(world.size()) != static_cast<std::size_t>(world.rank())) continue;
+      const auto batch = moa::make_seq2seq_batch(data_.valid, batches[b]);
       loss_function.forward(model_.forward(batch.source, batch.source_batch, batch.target_input, batch.target_batch,
                                            dropout_rng_),
                             batch.target_output);
       total += loss_function.nll() * static_cast<double>(loss_function.counted());
       count += static_cast<double>(loss_function.counted());
     }
+    if (shared) world.sum(sums, 2);
     return count > 0 ? total / count : 0.0;
   }
 
@@ -378,7 +386,7 @@ class Run {
     if (paths.size() < 2) return;
     moa::average_parameters(paths, parameters_);
     const double last = result_.valid_loss;
-    result_.valid_loss = validation_loss();
+    result_.valid_loss = validation_loss(false);  // rank 0 alone
     std::fprintf(stderr, "[%s] evaluating the mean of the last %zu checkpoints (steps %lld to %lld): valid loss %.3f (last checkpoint %.3f)\n",
                  result_.name.c_str(), paths.size(), snapshots.front().first, snapshots.back().first, result_.valid_loss,
                  last);

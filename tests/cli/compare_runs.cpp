@@ -1,6 +1,7 @@
 // compare_runs A B LOSS_TOLERANCE PARAMETER_TOLERANCE - for the data-parallel tests: two training
 // runs' folders (each with metrics.jsonl and checkpoint.safetensors) agree when they logged the
-// same steps with train losses within LOSS_TOLERANCE (relative), and their checkpoints hold the
+// same steps with train and validation losses within LOSS_TOLERANCE (relative), and their
+// checkpoints hold the
 // same tensors (parameters and optimizer moments), each within PARAMETER_TOLERANCE of the tensor's
 // largest magnitude. Prints the largest differences; exits 1 when they disagree.
 #include "moa/io/safetensors.hpp"
@@ -18,13 +19,14 @@
 
 namespace {
 
-std::map<long long, double> train_losses(const std::string& folder) {
+// "train_loss" or "valid_loss" by step, where logged.
+std::map<long long, double> losses(const std::string& folder, const std::string& key) {
   std::map<long long, double> losses;
   std::ifstream file(folder + "/metrics.jsonl");
   MOA_CHECK(file.good(), "compare_runs", "cannot open '", folder, "/metrics.jsonl'");
   for (std::string line; std::getline(file, line);) {
     const nlohmann::json entry = nlohmann::json::parse(line);
-    losses[entry.at("step").get<long long>()] = entry.at("train_loss").get<double>();
+    if (entry.contains(key)) losses[entry.at("step").get<long long>()] = entry.at(key).get<double>();
   }
   return losses;
 }
@@ -39,25 +41,27 @@ std::vector<double> tensor(const moa::SafetensorsFile& file, const std::string& 
 
 int compare(const std::string& a, const std::string& b, double loss_tolerance, double parameter_tolerance) {
   bool agree = true;
-  const auto losses_a = train_losses(a), losses_b = train_losses(b);
-  if (losses_a.size() != losses_b.size() || losses_a.empty()) {
-    std::printf("the runs logged %zu and %zu steps\n", losses_a.size(), losses_b.size());
-    return 1;
-  }
-  double worst_loss = 0;
-  long long worst_step = 0;
-  for (const auto& [step, loss] : losses_a) {
-    const auto other = losses_b.find(step);
-    if (other == losses_b.end()) {
-      std::printf("step %lld is logged in '%s' only\n", step, a.c_str());
+  for (const std::string key : {"train_loss", "valid_loss"}) {
+    const auto losses_a = losses(a, key), losses_b = losses(b, key);
+    if (losses_a.size() != losses_b.size() || losses_a.empty()) {
+      std::printf("%s: the runs logged %zu and %zu steps\n", key.c_str(), losses_a.size(), losses_b.size());
       return 1;
     }
-    const double difference = std::abs(loss - other->second) / std::max(1.0, std::abs(loss));
-    if (difference > worst_loss) worst_loss = difference, worst_step = step;
+    double worst_loss = 0;
+    long long worst_step = 0;
+    for (const auto& [step, loss] : losses_a) {
+      const auto other = losses_b.find(step);
+      if (other == losses_b.end()) {
+        std::printf("%s: step %lld is logged in '%s' only\n", key.c_str(), step, a.c_str());
+        return 1;
+      }
+      const double difference = std::abs(loss - other->second) / std::max(1.0, std::abs(loss));
+      if (difference > worst_loss) worst_loss = difference, worst_step = step;
+    }
+    std::printf("%s: %zu steps, largest relative difference %.3g (step %lld; tolerance %g)\n", key.c_str(),
+                losses_a.size(), worst_loss, worst_step, loss_tolerance);
+    agree = agree && worst_loss <= loss_tolerance;
   }
-  std::printf("train loss: %zu steps, largest relative difference %.3g (step %lld; tolerance %g)\n", losses_a.size(),
-              worst_loss, worst_step, loss_tolerance);
-  agree = agree && worst_loss <= loss_tolerance;
 
   const moa::SafetensorsFile file_a(a + "/checkpoint.safetensors"), file_b(b + "/checkpoint.safetensors");
   if (file_a.metadata().at("step") != file_b.metadata().at("step")) {
