@@ -183,7 +183,9 @@ class MpiSession {
   }
 
   Distributed world_;
+#ifdef MOA_EXAMPLES_HAVE_MPI
   bool initialised_ = false;
+#endif
 };
 
 // Rank 0's file at `path` (e.g. the tokenizer it trained), on every rank: written where it is
