@@ -26,7 +26,6 @@
 #include <iterator>
 #include <string>
 #include <thread>
-#include <vector>
 
 namespace moa_examples {
 
@@ -53,7 +52,6 @@ class Distributed {
 
   // Rank 0's numbers, on every rank.
   void broadcast(float* data, Index count) const { share(data, count, kFloat); }
-  void broadcast(double* data, Index count) const { share(data, count, kDouble); }
   void broadcast(std::uint64_t* data, Index count) const { share(data, count, kUnsigned); }
   void broadcast(std::string& bytes) const {
     std::uint64_t length = bytes.size();
@@ -85,29 +83,23 @@ class Distributed {
   enum Operation { kSum, kMin, kMax };
 
   void reduce(void* data, Index count, Type type, Operation operation) const {
-    if (!is_parallel() || count == 0) return;
 #ifdef MOA_EXAMPLES_HAVE_MPI
     const MPI_Op op = operation == kSum ? MPI_SUM : operation == kMin ? MPI_MIN : MPI_MAX;
-    // MPI counts are int: large blocks go in pieces.
-    for (Index first = 0; first < count; first += kMaxCount) {
-      const int piece = static_cast<int>(std::min<Index>(kMaxCount, count - first));
-      check(MPI_Allreduce(MPI_IN_PLACE, element(data, first, type), piece, mpi_type(type), op, MPI_COMM_WORLD),
-            "MPI_Allreduce");
-    }
+    in_pieces(data, count, type, [&](void* piece, int piece_count) {
+      check(MPI_Allreduce(MPI_IN_PLACE, piece, piece_count, mpi_type(type), op, MPI_COMM_WORLD), "MPI_Allreduce");
+    });
 #else
-    (void)data, (void)type, (void)operation;
+    (void)data, (void)count, (void)type, (void)operation;
 #endif
   }
 
   void share(void* data, Index count, Type type) const {
-    if (!is_parallel() || count == 0) return;
 #ifdef MOA_EXAMPLES_HAVE_MPI
-    for (Index first = 0; first < count; first += kMaxCount) {
-      const int piece = static_cast<int>(std::min<Index>(kMaxCount, count - first));
-      check(MPI_Bcast(element(data, first, type), piece, mpi_type(type), 0, MPI_COMM_WORLD), "MPI_Bcast");
-    }
+    in_pieces(data, count, type, [&](void* piece, int piece_count) {
+      check(MPI_Bcast(piece, piece_count, mpi_type(type), 0, MPI_COMM_WORLD), "MPI_Bcast");
+    });
 #else
-    (void)data, (void)type;
+    (void)data, (void)count, (void)type;
 #endif
   }
 
@@ -122,9 +114,13 @@ class Distributed {
     }
     return MPI_BYTE;
   }
-  static void* element(void* data, Index index, Type type) {
+  // MPI counts are int: a large block goes in pieces. Nothing to do for one process.
+  template <typename Call>
+  void in_pieces(void* data, Index count, Type type, Call&& call) const {
+    if (!is_parallel()) return;
     const Index bytes = type == kFloat ? 4 : type == kByte ? 1 : 8;
-    return static_cast<char*>(data) + index * bytes;
+    for (Index first = 0; first < count; first += kMaxCount)
+      call(static_cast<char*>(data) + first * bytes, static_cast<int>(std::min<Index>(kMaxCount, count - first)));
   }
   void check(int status, const char* call) const {
     MOA_CHECK(status == MPI_SUCCESS, "Distributed", label(), call, " failed (MPI error ", status, ")");

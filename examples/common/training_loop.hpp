@@ -302,8 +302,7 @@ class TrainingLoop {
     };
     if (!world.is_parallel()) {
       StepReport report = train_step(batch, rng_, combine);
-      MOA_CHECK(combined, "TrainingLoop", "the training step did not call combine(report, loss_targets) between its "
-                "forward and its backward");
+      check_combined(combined);
       return report;
     }
     const auto ranks = static_cast<std::size_t>(world.size());
@@ -317,20 +316,25 @@ class TrainingLoop {
     Rng rank_rng(seeding.next_u64());
     fail_for_test(step);
     StepReport report = train_step(share, rank_rng, combine);
-    MOA_CHECK(combined, "TrainingLoop", "the training step did not call combine(report, loss_targets) between its "
-              "forward and its backward");
+    check_combined(combined);
     const auto start = std::chrono::steady_clock::now();
+    const float mean = 1.0f / static_cast<float>(world.size());
     if (parameters_.contiguous()) {
       world.sum(parameters_.flat_grads().data(), parameters_.flat_size());
-      parameters_.flat_grads() *= 1.0f / static_cast<float>(world.size());
+      parameters_.flat_grads() *= mean;
     } else {
       for (std::size_t i = 0; i < parameters_.size(); ++i) {
         world.sum(parameters_[i].grad().data(), parameters_[i].numel());
-        parameters_[i].grad() *= 1.0f / static_cast<float>(world.size());
+        parameters_[i].grad() *= mean;
       }
     }
     all_reduce_seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     return report;
+  }
+
+  static void check_combined(bool combined) {
+    MOA_CHECK(combined, "TrainingLoop", "the training step did not call combine(report, loss_targets) between its "
+              "forward and its backward");
   }
 
   double combine_report(StepReport& report, double loss_targets) const {
