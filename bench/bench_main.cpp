@@ -25,6 +25,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 namespace moa_bench {
 
 Settings& settings() {
@@ -219,6 +223,12 @@ const moa::ComputePtr& compute() { return compute_slot(); }
 }  // namespace moa_bench
 
 int main(int argc, char** argv) {
+#if defined(__GLIBC__)
+  // As the trainers do (examples/common/compute_options.hpp): freed blocks stay with the process,
+  // so a training step does not fault in fresh pages for the buffers it frees and allocates again.
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 512 << 20);
+#endif
   try {
     moa_bench::parse_flags(argc, argv);
     moa_bench::register_yardsticks();

@@ -304,6 +304,7 @@ RunResult run(const Options& options, const Data& data, const std::string& spec,
 }  // namespace
 
 int main(int argc, char** argv) {
+  moa_examples::keep_freed_memory();
   moa_examples::MpiSession mpi(argc, argv, "mlm");
   Options options;
   options.world = mpi.world();

@@ -671,6 +671,7 @@ void print_table(const std::vector<RunResult>& results, const std::string& chart
 }  // namespace
 
 int main(int argc, char** argv) {
+  moa_examples::keep_freed_memory();
   moa_examples::MpiSession mpi(argc, argv, "translate");
   Options options;
   options.world = mpi.world();

@@ -65,9 +65,15 @@ class Embedding {
     MOA_CHECK(grad_output.rows() == static_cast<Index>(ids.size()) && grad_output.cols() == embedding_dim(),
               "Embedding::backward", "grad_output has shape ", detail::shape_of(grad_output), ", expected [",
               ids.size(), ", ", embedding_dim(), "] (as the ids)");
-    for (std::size_t i = 0; i < ids.size(); ++i) {
-      if (ids[i] != padding_index_) weight.grad.row(ids[i]) += grad_output.row(static_cast<Index>(i));
-    }
+    // Columns spread over the threads, each added in the order of the ids (a repeated id's rows
+    // sum the same way for any thread count).
+    const bool parallel = static_cast<double>(grad_output.size()) >= kParallelAdditions;
+    parallel_ranges(*compute_, embedding_dim(), parallel ? 16 : embedding_dim(), [&](Index first, Index count, int) {
+      for (std::size_t i = 0; i < ids.size(); ++i) {
+        if (ids[i] != padding_index_)
+          weight.grad.row(ids[i]).segment(first, count) += grad_output.row(static_cast<Index>(i)).segment(first, count);
+      }
+    });
   }
 
   // The backend and threads of the tied output projection.
@@ -101,6 +107,8 @@ class Embedding {
 
  private:
   Index padding_index_;
+  static constexpr double kParallelAdditions = 1 << 16;  // below, a second thread costs more than it saves
+
   ComputePtr compute_ = Compute::standard();
   TokenIds ids_;  // N
 };

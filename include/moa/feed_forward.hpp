@@ -58,23 +58,25 @@ class FeedForward {
     MOA_CHECK(input.cols() == model_dim(), "FeedForward::forward", "input has shape ", detail::shape_of(input),
               ", expected [N, ", model_dim(), "]");
     pre_activation_ = fc1.forward(input);  // [N, d_ff]
-    Matrix<Scalar> hidden = pre_activation_.unaryExpr([this](Scalar x) { return activate(x); });  // [N, d_ff]
-    return fc2.forward(hidden);
+    return fc2.forward(activated(pre_activation_));
   }
 
   // The same output for inference, caching nothing.
   Matrix<Scalar> infer(const Matrix<Scalar>& input) const {
     MOA_CHECK(input.cols() == model_dim(), "FeedForward::infer", "input has shape ", detail::shape_of(input),
               ", expected [N, ", model_dim(), "]");
-    return fc2.infer(fc1.infer(input).unaryExpr([this](Scalar x) { return activate(x); }));
+    return fc2.infer(activated(fc1.infer(input)));
   }
 
   // grad_output: [N, d_model] -> grad_input: [N, d_model].
   Matrix<Scalar> backward(const Matrix<Scalar>& grad_output) {
-    Matrix<Scalar> grad_hidden = fc2.backward(grad_output);  // [N, d_ff]
-    const Matrix<Scalar> derivative =
-        pre_activation_.unaryExpr([this](Scalar x) { return activate_derivative(x); });  // [N, d_ff]
-    return fc1.backward(grad_hidden.cwiseProduct(derivative));
+    Matrix<Scalar> grad_hidden = fc2.backward(grad_output);  // [N, d_ff], then d(pre-activation)
+    parallel_ranges(fc1.compute(), grad_hidden.rows(), kRowGrain, [&](Index first, Index rows, int) {
+      for (Index i = first; i < first + rows; ++i)
+        grad_hidden.row(i) = grad_hidden.row(i).cwiseProduct(
+            pre_activation_.row(i).unaryExpr([this](Scalar x) { return activate_derivative(x); }));
+    });
+    return fc1.backward(grad_hidden);
   }
 
   void collect_parameters(ParameterList<Scalar>& list, const std::string& prefix = "") {
@@ -86,12 +88,22 @@ class FeedForward {
   Linear<Scalar> fc2;  // d_ff -> d_model
 
  private:
+  // activation(pre): [N, d_ff], rows spread over the threads (the GELU's erf is costly).
+  Matrix<Scalar> activated(const Matrix<Scalar>& pre) const {
+    Matrix<Scalar> hidden(pre.rows(), pre.cols());  // [N, d_ff]
+    parallel_ranges(fc1.compute(), pre.rows(), kRowGrain, [&](Index first, Index rows, int) {
+      hidden.middleRows(first, rows) = pre.middleRows(first, rows).unaryExpr([this](Scalar x) { return activate(x); });
+    });
+    return hidden;
+  }
   Scalar activate(Scalar x) const {
     return activation_ == Activation::relu ? (x > Scalar(0) ? x : Scalar(0)) : detail::gelu(x);
   }
   Scalar activate_derivative(Scalar x) const {
     return activation_ == Activation::relu ? (x > Scalar(0) ? Scalar(1) : Scalar(0)) : detail::gelu_derivative(x);
   }
+
+  static constexpr Index kRowGrain = 64;  // rows per thread at least: below, waking one costs more
 
   Activation activation_;
   Matrix<Scalar> pre_activation_;  // [N, d_ff]

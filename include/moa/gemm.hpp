@@ -423,4 +423,18 @@ void parallel_ranges(const Compute& compute, Index total, Index grain, Task&& ta
   });
 }
 
+// sums[j] += the sum over the rows of matrix(i, j) (an expression evaluated as read). Each column is
+// summed in row order and columns are spread over the compute's threads, so the sums are the same
+// for any thread count. sums: a row vector (view) of matrix.cols() entries.
+template <typename Expression, typename Sums>
+void add_column_sums(const Compute& compute, const Expression& matrix, Sums&& sums) {
+  // Below about this many additions a second thread costs more than it saves.
+  constexpr double kParallelAdditions = 1 << 16;
+  const Index rows = matrix.rows(), cols = matrix.cols();
+  const bool parallel = static_cast<double>(rows) * static_cast<double>(cols) >= kParallelAdditions;
+  parallel_ranges(compute, cols, parallel ? 16 : cols, [&](Index first, Index count, int) {
+    for (Index i = 0; i < rows; ++i) sums.segment(first, count) += matrix.row(i).segment(first, count);
+  });
+}
+
 }  // namespace moa

@@ -50,8 +50,8 @@ class LayerNorm {
     MOA_CHECK(grad_output.rows() == normalized_.rows() && grad_output.cols() == features(), "LayerNorm::backward",
               "grad_output has shape ", detail::shape_of(grad_output), ", expected [", normalized_.rows(), ", ",
               features(), "] (as the last forward)");
-    weight.grad.row(0) += grad_output.cwiseProduct(normalized_).colwise().sum();
-    bias.grad.row(0) += grad_output.colwise().sum();
+    add_column_sums(*compute_, grad_output.cwiseProduct(normalized_), weight.grad.row(0));
+    add_column_sums(*compute_, grad_output, bias.grad.row(0));
     Matrix<Scalar> grad_input(grad_output.rows(), features());  // [N, D]
     parallel_ranges(*compute_, grad_output.rows(), kRowGrain, [&](Index first, Index rows, int) {
       for (Index i = first; i < first + rows; ++i) {

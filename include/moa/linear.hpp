@@ -57,7 +57,7 @@ class Linear {
               "grad_output has shape ", detail::shape_of(grad_output), ", expected [", input_.rows(), ", ",
               out_features(), "] (as the last forward)");
     gemm<Scalar>(*compute_, grad_output, Transpose::yes, input_, Transpose::no, weight.grad, true);
-    if (with_bias_) bias.grad.row(0) += grad_output.colwise().sum();
+    if (with_bias_) add_column_sums(*compute_, grad_output, bias.grad.row(0));
     Matrix<Scalar> grad_input(input_.rows(), in_features());  // [N, in]
     gemm<Scalar>(*compute_, grad_output, Transpose::no, weight.value, Transpose::no, grad_input);
     return grad_input;
@@ -79,7 +79,11 @@ class Linear {
 
   Matrix<Scalar> apply(const Matrix<Scalar>& input, Precision precision) const {
     Matrix<Scalar> output = linear_product<Scalar>(*compute_, input, weight.value, precision);  // [N, out]
-    if (with_bias_) output.rowwise() += bias.value.row(0);
+    if (with_bias_) {
+      parallel_ranges(*compute_, output.rows(), kRowGrain, [&](Index first, Index rows, int) {
+        output.middleRows(first, rows).rowwise() += bias.value.row(0);
+      });
+    }
     return output;
   }
 
@@ -87,6 +91,8 @@ class Linear {
     MOA_CHECK(extent > 0, "Linear", argument, " must be positive, got ", extent);
     return extent;
   }
+
+  static constexpr Index kRowGrain = 64;  // rows per thread at least: below, waking one costs more
 
   bool with_bias_;
   bool training_ = true;

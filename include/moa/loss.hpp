@@ -42,10 +42,11 @@ class CrossEntropyLoss {
                 ") and is not the ignore index ", ignore_index_);
     }
     targets_ = targets;
-    log_probabilities_ = logits;                                     // [N, V]
+    log_probabilities_.resize(logits.rows(), logits.cols());                  // [N, V]
     ColumnVector<Scalar> row_sums = ColumnVector<Scalar>::Zero(logits.rows());  // [N] sum_j log p[j]
     parallel_ranges(*compute_, logits.rows(), 64, [&](Index first, Index rows, int) {
       for (Index i = first; i < first + rows; ++i) {
+        log_probabilities_.row(i) = logits.row(i);
         detail::log_softmax_row_inplace(log_probabilities_.row(i).data(), log_probabilities_.cols());
         if (targets_[i] != ignore_index_) row_sums(i) = log_probabilities_.row(i).sum();
       }

@@ -193,19 +193,22 @@ class Router {
       const Scalar balance = static_cast<Scalar>(config_.load_balance_coefficient) *
                              static_cast<Scalar>(experts_count) * per_token;
       const Scalar z_scale = static_cast<Scalar>(config_.z_loss_coefficient) * Scalar(2) * per_token;
-      for (Index t = 0; t < rows; ++t) {
-        if (!routed_[t]) continue;
-        const Index* chosen = routing_.experts.data() + t * top_k;
-        if (config_.gate_normalization == GateNormalization::renormalized) {
-          // gate_j = p_j / S: dp_i = (dgate_i - sum_j dgate_j gate_j) / S
-          const Scalar dot = grad_gates.row(t).dot(gates.row(t));
-          for (Index j = 0; j < top_k; ++j) grad_probabilities(t, chosen[j]) += (grad_gates(t, j) - dot) / gate_sums_(t);
-        } else {
-          for (Index j = 0; j < top_k; ++j) grad_probabilities(t, chosen[j]) += grad_gates(t, j);
+      parallel_ranges(*compute_, rows, kRowGrain, [&](Index first, Index count, int) {
+        for (Index t = first; t < first + count; ++t) {
+          if (!routed_[t]) continue;
+          const Index* chosen = routing_.experts.data() + t * top_k;
+          if (config_.gate_normalization == GateNormalization::renormalized) {
+            // gate_j = p_j / S: dp_i = (dgate_i - sum_j dgate_j gate_j) / S
+            const Scalar dot = grad_gates.row(t).dot(gates.row(t));
+            for (Index j = 0; j < top_k; ++j)
+              grad_probabilities(t, chosen[j]) += (grad_gates(t, j) - dot) / gate_sums_(t);
+          } else {
+            for (Index j = 0; j < top_k; ++j) grad_probabilities(t, chosen[j]) += grad_gates(t, j);
+          }
+          for (Index e = 0; e < experts_count; ++e) grad_probabilities(t, e) += balance * fractions_[e];
+          grad_logits_extra.row(t) = z_scale * log_normalizers_(t) * probabilities_.row(t);
         }
-        for (Index e = 0; e < experts_count; ++e) grad_probabilities(t, e) += balance * fractions_[e];
-        grad_logits_extra.row(t) = z_scale * log_normalizers_(t) * probabilities_.row(t);
-      }
+      });
     }
     Matrix<Scalar> grad_logits = softmax_rows_backward(probabilities_, grad_probabilities) + grad_logits_extra;
     gemm<Scalar>(*compute_, grad_logits, Transpose::yes, input_, Transpose::no, weight.grad, true);
@@ -300,8 +303,10 @@ class Router {
     noisy_ = noisy;
     probabilities_ = logits_;                     // [N, E]
     log_normalizers_.resize(rows);                // [N] for the z-loss
-    for (Index t = 0; t < rows; ++t)
-      log_normalizers_(t) = detail::softmax_row_inplace(probabilities_.row(t).data(), experts_count);
+    parallel_ranges(*compute_, rows, kRowGrain, [&](Index first, Index count, int) {
+      for (Index t = first; t < first + count; ++t)
+        log_normalizers_(t) = detail::softmax_row_inplace(probabilities_.row(t).data(), experts_count);
+    });
 
     gate_sums_ = ColumnVector<Scalar>::Ones(rows);  // [N]
     choose_per_token(probabilities_, routed_, routing_, sampling ? rng : nullptr, &gate_sums_);
@@ -320,16 +325,21 @@ class Router {
     for (Index a = 0; a < rows * top_k; ++a) routing.tokens[static_cast<std::size_t>(a)] = a / top_k;
     routing.gates = Matrix<Scalar>::Zero(rows, top_k);  // [N, k]
     routing.sequence_rows.clear();
-    for (Index t = 0; t < rows; ++t) {
-      if (!routed[static_cast<std::size_t>(t)]) continue;
-      Index* chosen = routing.experts.data() + t * top_k;
-      const Scalar* p = probabilities.row(t).data();
-      top_k_indices(p, config_.num_experts, top_k - (rng != nullptr ? config_.sampled_experts : 0), chosen);
-      if (rng != nullptr) sample_remaining(p, chosen, *rng);
-      const Scalar sum = gate_normalizer(p, chosen);
-      if (gate_sums != nullptr) (*gate_sums)(t) = sum;
-      for (Index j = 0; j < top_k; ++j) routing.gates(t, j) = p[chosen[j]] / sum;
-    }
+    auto choose = [&](Index first, Index count, int) {
+      for (Index t = first; t < first + count; ++t) {
+        if (!routed[static_cast<std::size_t>(t)]) continue;
+        Index* chosen = routing.experts.data() + t * top_k;
+        const Scalar* p = probabilities.row(t).data();
+        top_k_indices(p, config_.num_experts, top_k - (rng != nullptr ? config_.sampled_experts : 0), chosen);
+        if (rng != nullptr) sample_remaining(p, chosen, *rng);
+        const Scalar sum = gate_normalizer(p, chosen);
+        if (gate_sums != nullptr) (*gate_sums)(t) = sum;
+        for (Index j = 0; j < top_k; ++j) routing.gates(t, j) = p[chosen[j]] / sum;
+      }
+    };
+    // Sampling draws from one generator in token order; otherwise tokens choose independently.
+    if (rng != nullptr) choose(0, rows, 0);
+    else parallel_ranges(*compute_, rows, kRowGrain, choose);
   }
 
   // The largest load of the batch: the most tokens of one sequence whose top k include one expert.
@@ -454,6 +464,8 @@ class Router {
 
   RouterConfig config_;
   bool training_ = true;
+  static constexpr Index kRowGrain = 64;  // rows per thread at least: below, waking one costs more
+
   ComputePtr compute_ = Compute::standard();
   bool noisy_ = false;
   Matrix<Scalar> input_;                // [N, d_model]
