@@ -331,7 +331,8 @@ TEST_CASE("bfloat16 inference: evaluation forwards within 1e-2 of f32 where the 
   REQUIRE(relative_error(trained.cast<double>(), f32.cast<double>()) < 1e-6);
 }
 
-TEST_CASE("bfloat16 decoding: caches carry rounded weights; steps within 1e-2 of f32", "[moa][mha][bf16][cache]") {
+TEST_CASE("bfloat16 decoding: caches carry rounded weights, keys and values; steps within 1e-2 of f32",
+          "[moa][mha][moh][bf16][cache]") {
   std::shared_ptr<const moa::GemmBackend> bf16_backend;
   for (const auto& backend : backends())
     if (backend->has_bf16()) bf16_backend = backend;
@@ -356,6 +357,7 @@ TEST_CASE("bfloat16 decoding: caches carry rounded weights; steps within 1e-2 of
                            self.rounded_weight(self.kKeyWeight) != nullptr &&
                            cross.rounded_weight(cross.kOutputWeight) != nullptr;
       REQUIRE(rounded == (compute == bf16));
+      REQUIRE((self.has_rounded_rows() == rounded && cross.has_rounded_rows() == rounded));
       layer.step(prefix, self);
       return std::vector<MatrixF>{layer.step(token, self), layer.step(token, cross)};
     };
@@ -374,6 +376,16 @@ TEST_CASE("bfloat16 decoding: caches carry rounded weights; steps within 1e-2 of
   check(mixture);
   moa::MultiHeadAttention<float> heads({config.model_dim, 2, config.head_dim}, rng);
   check(heads);
+  moa::MixtureOfHeadsConfig moh_config;
+  moh_config.model_dim = config.model_dim;
+  moh_config.shared_heads = 1;
+  moh_config.routed_heads = 4;
+  moh_config.top_k = 2;
+  moh_config.head_dim = config.head_dim;
+  moa::MixtureOfHeads<float> routed_heads(moh_config, rng);
+  moa::init_normal(routed_heads.router.weight, rng, 0.0, 0.5);
+  moa::init_normal(routed_heads.group_router, rng, 0.0, 0.5);
+  check(routed_heads);
 }
 
 TEST_CASE("CrossEntropyLoss on two threads: the same loss and gradient as on one", "[loss][backend]") {

@@ -66,3 +66,120 @@ TEST_CASE("gemm_bfloat16_weight: the product with each block of the rounded weig
   REQUIRE_MOA_ERROR(moa::gemm_bfloat16_weight(MatrixF::Ones(2, 5), rounded, 2, c), "for block 2 of a weight of 2 blocks");
   REQUIRE_MOA_ERROR(moa::BFloat16Weight(MatrixF::Ones(8, 5), 3), "the weight's 8 rows do not split into blocks of 3");
 }
+
+namespace {
+
+// A matrix rounded to bfloat16 as its float values (what a kernel reading the rounded copy sees).
+MatrixF rounded_values_of(const MatrixF& matrix) {
+  return matrix.unaryExpr([](float x) { return moa::bfloat16_to_float(moa::round_to_bfloat16(x)); });
+}
+
+std::vector<std::uint16_t> bits_of(const MatrixF& matrix) {
+  std::vector<std::uint16_t> bits;
+  for (Index r = 0; r < matrix.rows(); ++r)
+    for (Index c = 0; c < matrix.cols(); ++c) bits.push_back(moa::round_to_bfloat16(matrix(r, c)));
+  return bits;
+}
+
+}  // namespace
+
+TEST_CASE("attention_forward over rounded keys and values: the float kernel on the same rounded numbers",
+          "[bf16][attention]") {
+  moa::Rng rng(5);
+  const Index head_dim = 16, keys_count = 37;
+  // A cache-like block of two heads: keys [S, 2*d_h] rounded and stored transposed [2*d_h, S];
+  // values [S, 2*d_h]; head 1 is columns (rows of the transposed keys) [d_h, 2*d_h).
+  const MatrixF keys = random_matrix<float>(keys_count, 2 * head_dim, rng);
+  const MatrixF values = random_matrix<float>(keys_count, 2 * head_dim, rng);
+  const MatrixF keys_transposed = keys.transpose();
+  const std::vector<std::uint16_t> key_bits = bits_of(keys_transposed), value_bits = bits_of(values);
+  const moa::BFloat16Rows rounded_keys{key_bits.data(), 2 * head_dim, keys_count, keys_count};
+  const moa::BFloat16Rows rounded_values{value_bits.data(), keys_count, 2 * head_dim, 2 * head_dim};
+  const MatrixF float_keys = rounded_values_of(keys).middleCols(head_dim, head_dim);
+  const MatrixF float_values = rounded_values_of(values).middleCols(head_dim, head_dim);
+  const moa::AttentionSpan span = moa::AttentionSpan::streaming(2, 5);
+  for (const bool causal : {false, true}) {
+    for (const bool spanned : {false, true}) {
+      if (spanned && !causal) continue;
+      for (const Index positions : {1, 2, 3}) {
+        for (const Index rows_per_position : {1, 3, 4}) {
+          INFO("causal " << causal << " span " << spanned << " positions " << positions << " rows per position "
+                         << rows_per_position);
+          moa::AttentionLayout layout;
+          layout.positions = positions;
+          layout.rows_per_position = rows_per_position;
+          layout.key_length = 31;  // keys past it are padding
+          layout.causal = causal;
+          layout.position_offset = causal ? layout.key_length - positions : 0;
+          layout.span = spanned ? &span : nullptr;
+          const Index rows = positions * rows_per_position;
+          const MatrixF queries = random_matrix<float>(rows, head_dim, rng);
+          MatrixF expected_probabilities = MatrixF::Zero(rows, keys_count), expected(rows, head_dim);
+          moa::attention_forward<float>(queries, float_keys, float_values, layout, expected_probabilities, expected);
+          MatrixF probabilities = MatrixF::Zero(rows, keys_count), output(rows, head_dim);
+          moa::attention_forward(queries, rounded_keys.middle_rows(head_dim, head_dim),
+                                 rounded_values.middle_cols(head_dim, head_dim), layout, probabilities, output);
+          REQUIRE(relative_error(output.cast<double>(), expected.cast<double>()) < 1e-5);
+          REQUIRE(relative_error(probabilities.cast<double>(), expected_probabilities.cast<double>()) < 1e-5);
+        }
+      }
+    }
+  }
+  moa::AttentionLayout layout;
+  layout.positions = 1;
+  layout.key_length = keys_count;
+  MatrixF probabilities(1, keys_count), output(1, head_dim);
+  REQUIRE_MOA_ERROR(moa::attention_forward(random_matrix<float>(1, head_dim, rng), rounded_keys, rounded_values, layout,
+                                           probabilities, output),
+                    "rounded keys (transposed) [32, 37]");
+}
+
+TEST_CASE("KVCache with rounded weights: rounded keys (transposed) and values follow every change", "[bf16][cache]") {
+  moa::Rng rng(6);
+  const Index width = 6;
+  auto weights = std::make_shared<const moa::KVCache<float>::RoundedWeights>();
+  // Every rounded number equals the float one rounded, for the rows in use of each sequence.
+  auto require_in_step = [&](const moa::KVCache<float>& cache) {
+    REQUIRE(cache.has_rounded_rows());
+    for (Index b = 0; b < cache.batch_size(); ++b) {
+      const moa::BFloat16Rows keys = cache.rounded_keys(b), values = cache.rounded_values(b);
+      REQUIRE((keys.rows == width && keys.cols == cache.capacity() && values.rows == cache.capacity() &&
+               values.cols == width));
+      for (Index row = 0; row < cache.key_length(b); ++row)
+        for (Index c = 0; c < width; ++c) {
+          REQUIRE(keys.data[c * keys.stride + row] == moa::round_to_bfloat16(cache.keys(b)(row, c)));
+          REQUIRE(values.data[row * values.stride + c] == moa::round_to_bfloat16(cache.values(b)(row, c)));
+        }
+    }
+  };
+  SECTION("self-attention: append, truncate, reorder") {
+    moa::KVCache<float> cache(3, 8, width);
+    REQUIRE_FALSE(cache.has_rounded_rows());
+    REQUIRE_MOA_ERROR(cache.rounded_keys(0), "no rounded keys");
+    cache.set_rounded_weights(weights);
+    cache.append(random_matrix<float>(3 * 4, width, rng), random_matrix<float>(3 * 4, width, rng));
+    require_in_step(cache);
+    cache.truncate(2);
+    cache.append(random_matrix<float>(3, width, rng), random_matrix<float>(3, width, rng));
+    require_in_step(cache);
+    cache.reorder({2, 0, 2, 1});
+    require_in_step(cache);
+    cache.set_rounded_weights(nullptr);
+    REQUIRE_FALSE(cache.has_rounded_rows());
+  }
+  SECTION("windowed: positions dropped past the sink") {
+    auto cache = moa::KVCache<float>::windowed(2, width, 1, 3, 2);
+    cache.set_rounded_weights(weights);
+    for (int step = 0; step < 6; ++step) {
+      cache.append(random_matrix<float>(2 * 2, width, rng), random_matrix<float>(2 * 2, width, rng));
+      require_in_step(cache);
+    }
+    REQUIRE(cache.key_shift() > 0);
+  }
+  SECTION("cross-attention: filled, then rounded weights given") {
+    moa::KVCache<float> cache(2, 5, width);
+    cache.fill(random_matrix<float>(2 * 5, width, rng), random_matrix<float>(2 * 5, width, rng), {5, 3});
+    cache.set_rounded_weights(weights);
+    require_in_step(cache);
+  }
+}

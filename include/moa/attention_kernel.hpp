@@ -14,6 +14,7 @@
 #pragma once
 
 #include "moa/attention_span.hpp"
+#include "moa/bfloat16.hpp"
 #include "moa/error.hpp"
 #include "moa/gemm.hpp"
 #include "moa/sequence_batch.hpp"
@@ -127,28 +128,28 @@ inline int key_runs(const AttentionLayout::Visible& keys, KeyRun (&runs)[2]) {
 
 }  // namespace detail
 
-// queries: [R, d_h], keys/values: [S, d_h] with S >= key_length, probabilities: [R, S] (only the
-// computed key runs are written), output: [R, d_h] (rows past R of the layout are left alone). The
-// products run on `compute` at `precision` (bf16 only for inference).
-template <typename Scalar>
-void attention_forward(const ConstMatrixRef<Scalar>& queries, const ConstMatrixRef<Scalar>& keys,
-                       const ConstMatrixRef<Scalar>& values, const AttentionLayout& layout,
-                       MatrixRef<Scalar> probabilities, MatrixRef<Scalar> output,
-                       const Compute& compute = *Compute::standard(), Precision precision = Precision::f32) {
-  const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(queries.cols()));
+namespace detail {
+
+// The kernel over any key/value storage: scores(first_row, rows, run, block) writes the scores of
+// query rows [first_row, first_row + rows) against the run's keys into block [rows, run.count];
+// weigh(probabilities, run, output, accumulate) writes (or adds) probabilities [rows, run.count]
+// times the run's values into output [rows, d_h].
+template <typename Scalar, typename Scores, typename Weigh>
+void attention_forward_with(Index head_dim, const AttentionLayout& layout, MatrixRef<Scalar> probabilities,
+                            MatrixRef<Scalar> output, Scores&& scores, Weigh&& weigh) {
+  const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(head_dim));
   const Index rows_per_position = layout.rows_per_position;
   layout.for_each_block([&](Index first, Index count, const AttentionLayout::Visible& block_keys) {
     const Index first_row = first * rows_per_position, rows = count * rows_per_position;
     auto block_output = output.middleRows(first_row, rows);  // [rows, d_h]
-    detail::KeyRun runs[2];
-    const int run_count = detail::key_runs(block_keys, runs);
+    KeyRun runs[2];
+    const int run_count = key_runs(block_keys, runs);
     if (run_count == 0) {
       block_output.setZero();
       return;
     }
     for (int i = 0; i < run_count; ++i)  // scores of each run: [rows, run]
-      gemm<Scalar>(compute, queries.middleRows(first_row, rows), Transpose::no, keys.middleRows(runs[i].first, runs[i].count),
-                   Transpose::yes, probabilities.block(first_row, runs[i].first, rows, runs[i].count), false, precision);
+      scores(first_row, rows, runs[i], probabilities.block(first_row, runs[i].first, rows, runs[i].count));
     for (Index r = 0; r < rows; ++r) {
       const AttentionLayout::Visible visible = layout.visible(first + r / rows_per_position);
       auto row = probabilities.row(first_row + r);
@@ -174,9 +175,59 @@ void attention_forward(const ConstMatrixRef<Scalar>& queries, const ConstMatrixR
       band /= total;
     }
     for (int i = 0; i < run_count; ++i)
-      gemm<Scalar>(compute, probabilities.block(first_row, runs[i].first, rows, runs[i].count), Transpose::no,
-                   values.middleRows(runs[i].first, runs[i].count), Transpose::no, block_output, i > 0, precision);
+      weigh(probabilities.block(first_row, runs[i].first, rows, runs[i].count), runs[i], block_output, i > 0);
   });
+}
+
+}  // namespace detail
+
+// queries: [R, d_h], keys/values: [S, d_h] with S >= key_length, probabilities: [R, S] (only the
+// computed key runs are written), output: [R, d_h] (rows past R of the layout are left alone). The
+// products run on `compute` at `precision` (bf16 only for inference).
+template <typename Scalar>
+void attention_forward(const ConstMatrixRef<Scalar>& queries, const ConstMatrixRef<Scalar>& keys,
+                       const ConstMatrixRef<Scalar>& values, const AttentionLayout& layout,
+                       MatrixRef<Scalar> probabilities, MatrixRef<Scalar> output,
+                       const Compute& compute = *Compute::standard(), Precision precision = Precision::f32) {
+  detail::attention_forward_with<Scalar>(
+      queries.cols(), layout, probabilities, output,
+      [&](Index first_row, Index rows, const detail::KeyRun& run, MatrixRef<Scalar> block) {
+        gemm<Scalar>(compute, queries.middleRows(first_row, rows), Transpose::no, keys.middleRows(run.first, run.count),
+                     Transpose::yes, block, false, precision);
+      },
+      [&](const ConstMatrixRef<Scalar>& weights, const detail::KeyRun& run, MatrixRef<Scalar> target, bool accumulate) {
+        gemm<Scalar>(compute, weights, Transpose::no, values.middleRows(run.first, run.count), Transpose::no, target,
+                     accumulate, precision);
+      });
+}
+
+// The same with keys and values rounded to bfloat16 (a decoding cache's, KVCache::rounded_keys),
+// for few query rows. keys_transposed: [d_h, S], values: [S, d_h]. With the keys transposed, the
+// scores of a block of up to 4 rows are rows of multiply-adds over all keys at once (no sums across
+// a vector), and each block streams the keys and values once, at half the bytes.
+inline void attention_forward(const ConstMatrixRef<float>& queries, const BFloat16Rows& keys_transposed,
+                              const BFloat16Rows& values, const AttentionLayout& layout, MatrixRef<float> probabilities,
+                              MatrixRef<float> output) {
+  MOA_CHECK(keys_transposed.rows == queries.cols() && values.cols == queries.cols() &&
+                values.rows == keys_transposed.cols && layout.key_length <= values.rows,
+            "moa::attention_forward", "queries are [", queries.rows(), ", ", queries.cols(),
+            "], rounded keys (transposed) [", keys_transposed.rows, ", ", keys_transposed.cols, "] and values [",
+            values.rows, ", ", values.cols, "] for ", layout.key_length, " keys");
+  const Index head_dim = queries.cols();
+  detail::attention_forward_with<float>(
+      head_dim, layout, probabilities, output,
+      [&](Index first_row, Index rows, const detail::KeyRun& run, MatrixRef<float> block) {
+        block.setZero();
+        detail::few_rows_times_bfloat16(rows, run.count, head_dim, queries.row(first_row).data(), queries.outerStride(),
+                                        keys_transposed.data + run.first, keys_transposed.stride, block.data(),
+                                        block.outerStride());
+      },
+      [&](const ConstMatrixRef<float>& weights, const detail::KeyRun& run, MatrixRef<float> target, bool accumulate) {
+        if (!accumulate) target.setZero();
+        detail::few_rows_times_bfloat16(weights.rows(), head_dim, run.count, weights.data(), weights.outerStride(),
+                                        values.data + run.first * values.stride, values.stride, target.data(),
+                                        target.outerStride());
+      });
 }
 
 // Mirrors attention_forward. grad_queries: [R, d_h] (overwritten); grad_keys and grad_values:

@@ -117,6 +117,50 @@ struct BFloat16Load {
 
 }  // namespace detail
 
+namespace detail {
+
+// c[m, n] += a[m, k] b with b [k, n] bfloat16 (row stride ldb). Streams b once per 4 rows of a:
+// for few rows (decoding steps).
+inline void few_rows_times_bfloat16(Index m, Index n, Index k, const float* a, Index lda, const std::uint16_t* b,
+                                    Index ldb, float* c, Index ldc) {
+  for (Index i = 0; i < m; i += 4) {
+    const float* rows = a + i * lda;
+    float* out = c + i * ldc;
+    switch (std::min<Index>(4, m - i)) {
+      case 1: few_rows_times<float, 1, BFloat16Load>(n, k, rows, lda, b, ldb, out, ldc); break;
+      case 2: few_rows_times<float, 2, BFloat16Load>(n, k, rows, lda, b, ldb, out, ldc); break;
+      case 3: few_rows_times<float, 3, BFloat16Load>(n, k, rows, lda, b, ldb, out, ldc); break;
+      default: few_rows_times<float, 4, BFloat16Load>(n, k, rows, lda, b, ldb, out, ldc); break;
+    }
+  }
+}
+
+// c[m, n] += a[m, k] b^T with b [n, k] bfloat16 (row stride ldb): query rows against rounded keys.
+inline void few_rows_times_transposed_bfloat16(Index m, Index n, Index k, const float* a, Index lda,
+                                               const std::uint16_t* b, Index ldb, float* c, Index ldc) {
+  for (Index i = 0; i < m; i += 4) {
+    const float* rows = a + i * lda;
+    float* out = c + i * ldc;
+    switch (std::min<Index>(4, m - i)) {
+      case 1: few_rows_times_transposed<float, 1, BFloat16Load>(n, k, rows, lda, b, ldb, out, ldc); break;
+      case 2: few_rows_times_transposed<float, 2, BFloat16Load>(n, k, rows, lda, b, ldb, out, ldc); break;
+      case 3: few_rows_times_transposed<float, 3, BFloat16Load>(n, k, rows, lda, b, ldb, out, ldc); break;
+      default: few_rows_times_transposed<float, 4, BFloat16Load>(n, k, rows, lda, b, ldb, out, ldc); break;
+    }
+  }
+}
+
+}  // namespace detail
+
+// A matrix rounded to bfloat16 (a decoding cache's keys or values): rows x cols, row stride
+// `stride`.
+struct BFloat16Rows {
+  const std::uint16_t* data = nullptr;
+  Index rows = 0, cols = 0, stride = 0;
+  BFloat16Rows middle_rows(Index first, Index count) const { return {data + first * stride, count, cols, stride}; }
+  BFloat16Rows middle_cols(Index first, Index count) const { return {data + first, rows, count, stride}; }
+};
+
 // c = a W_b^T, or c += a W_b^T with accumulate, where W_b is block b of a rounded weight: a [m, in]
 // float, c [m, block_rows]. Streams the block once per 4 rows of a: for few rows (decoding steps);
 // larger products belong to gemm().
@@ -127,18 +171,7 @@ inline void gemm_bfloat16_weight(const ConstMatrixRef<float>& a, const BFloat16W
             "moa::gemm_bfloat16_weight", "a is [", m, ", ", a.cols(), "] and c [", c.rows(), ", ", c.cols(),
             "] for block ", block, " of a weight of ", weight.blocks(), " blocks [", n, ", ", k, "]");
   if (!accumulate) c.setZero();
-  const std::uint16_t* b = weight.block(block);  // [k, n]
-  using Load = detail::BFloat16Load;
-  for (Index i = 0; i < m; i += 4) {
-    const float* rows = a.data() + i * a.outerStride();
-    float* out = c.data() + i * c.outerStride();
-    switch (std::min<Index>(4, m - i)) {
-      case 1: detail::few_rows_times<float, 1, Load>(n, k, rows, a.outerStride(), b, n, out, c.outerStride()); break;
-      case 2: detail::few_rows_times<float, 2, Load>(n, k, rows, a.outerStride(), b, n, out, c.outerStride()); break;
-      case 3: detail::few_rows_times<float, 3, Load>(n, k, rows, a.outerStride(), b, n, out, c.outerStride()); break;
-      default: detail::few_rows_times<float, 4, Load>(n, k, rows, a.outerStride(), b, n, out, c.outerStride()); break;
-    }
-  }
+  detail::few_rows_times_bfloat16(m, n, k, a.data(), a.outerStride(), weight.block(block), n, c.data(), c.outerStride());
 }
 
 // Up to this many rows, a product streams a rounded weight; above, gemm() with the float one.

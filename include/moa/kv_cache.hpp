@@ -7,7 +7,8 @@
 //
 // A cache may also carry its layer's weights rounded to bfloat16 (moa/bfloat16.hpp), made once
 // when the cache is made and the layer's compute allows bf16: a decoding step streams those, half
-// the bytes. Copies of a cache share them.
+// the bytes. Copies of a cache share them. Such a cache also keeps its keys and values rounded,
+// beside the float ones, for steps to stream in the same way.
 #pragma once
 
 #include "moa/attention_kernel.hpp"
@@ -16,7 +17,9 @@
 #include "moa/tensor.hpp"
 
 #include <algorithm>
+#include <cstdint>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace moa {
@@ -72,11 +75,31 @@ class KVCache {
   const BFloat16Weight* rounded_weight(std::size_t index) const {
     return rounded_weights_ != nullptr && index < rounded_weights_->size() ? &(*rounded_weights_)[index] : nullptr;
   }
-  void set_rounded_weights(std::shared_ptr<const RoundedWeights> weights) { rounded_weights_ = std::move(weights); }
+  // Null: none (and no rounded keys and values either).
+  void set_rounded_weights(std::shared_ptr<const RoundedWeights> weights) {
+    rounded_weights_ = std::move(weights);
+    if (rounded_weights_ == nullptr) {
+      rounded_keys_.clear();
+      rounded_values_.clear();
+    } else {
+      round_rows(0, keys_.rows());
+    }
+  }
 
   // Rows of sequence b: [capacity, width] each.
   auto keys(Index sequence) const { return keys_.middleRows(sequence * capacity_, capacity_); }
   auto values(Index sequence) const { return values_.middleRows(sequence * capacity_, capacity_); }
+  // The same rounded to bfloat16, when the cache carries rounded weights: keys transposed,
+  // [width, capacity], values [capacity, width].
+  bool has_rounded_rows() const { return !rounded_keys_.empty(); }
+  BFloat16Rows rounded_keys(Index sequence) const {
+    check_rounded();
+    return {rounded_keys_.data() + sequence * width_ * capacity_, width_, capacity_, capacity_};
+  }
+  BFloat16Rows rounded_values(Index sequence) const {
+    check_rounded();
+    return {rounded_values_.data() + sequence * capacity_ * width_, capacity_, width_, width_};
+  }
 
   // new_keys, new_values: [B*n, width], n new tokens per sequence, sequence-major.
   void append(const Matrix<Scalar>& new_keys, const Matrix<Scalar>& new_values) {
@@ -100,12 +123,15 @@ class KVCache {
         }
       dropped_ += drop;
       stored -= drop;
+      if (drop > 0)
+        for (Index b = 0; b < batch_size_; ++b) round_rows(b * capacity_ + sink_, stored - sink_);
     }
     MOA_CHECK(stored + steps <= capacity_, function, "appending ", steps, " steps to ", length_,
               " cached would exceed the capacity of ", capacity_);
     for (Index b = 0; b < batch_size_; ++b) {
       keys_.middleRows(b * capacity_ + stored, steps) = new_keys.middleRows(b * steps, steps);
       values_.middleRows(b * capacity_ + stored, steps) = new_values.middleRows(b * steps, steps);
+      round_rows(b * capacity_ + stored, steps);
     }
     length_ += steps;
     key_lengths_.assign(static_cast<std::size_t>(batch_size_), length_ - dropped_);
@@ -135,6 +161,7 @@ class KVCache {
       MOA_CHECK(length >= 0 && length <= capacity_, function, "key length ", length, " is outside [0, ", capacity_, "]");
     keys_ = keys;
     values_ = values;
+    round_rows(0, keys_.rows());
     key_lengths_ = key_lengths;
     length_ = capacity_;
     frozen_ = true;
@@ -159,9 +186,29 @@ class KVCache {
     values_.swap(values);
     key_lengths_.swap(key_lengths);
     batch_size_ = new_batch;
+    round_rows(0, keys_.rows());
   }
 
  private:
+  // Rounds rows [first, first + count) of the keys and values into their bfloat16 copies, when the
+  // cache keeps them (sized here to the float ones).
+  void round_rows(Index first, Index count) {
+    if (rounded_weights_ == nullptr) return;
+    rounded_keys_.resize(static_cast<std::size_t>(keys_.size()));
+    rounded_values_.resize(static_cast<std::size_t>(values_.size()));
+    for (Index row = first; row < first + count; ++row) {
+      const Index sequence = row / capacity_, position = row % capacity_;
+      for (Index c = 0; c < width_; ++c) {
+        rounded_keys_[static_cast<std::size_t>((sequence * width_ + c) * capacity_ + position)] =
+            round_to_bfloat16(static_cast<float>(keys_(row, c)));
+        rounded_values_[static_cast<std::size_t>(row * width_ + c)] = round_to_bfloat16(static_cast<float>(values_(row, c)));
+      }
+    }
+  }
+  void check_rounded() const {
+    MOA_CHECK(has_rounded_rows(), "KVCache::rounded_keys", "the cache keeps no rounded keys and values");
+  }
+
   Index batch_size_ = 0;
   Index capacity_ = 0;
   Index width_ = 0;
@@ -176,7 +223,31 @@ class KVCache {
   Matrix<Scalar> values_;           // [B*capacity, width]
   std::vector<Index> key_lengths_;  // [B]
   std::shared_ptr<const RoundedWeights> rounded_weights_;
+  std::vector<std::uint16_t> rounded_keys_;    // [B, width, capacity] with rounded weights (keys transposed)
+  std::vector<std::uint16_t> rounded_values_;  // [B*capacity, width] with rounded weights
 };
+
+// Attention of query rows [R, d_h] against columns [first_column, first_column + d_h) of sequence
+// b's keys and values in a cache (a head of a multi-head cache, or all of MoA's one head): from the
+// rounded keys and values when the cache keeps them and the rows are few (a decoding step), else
+// from the float ones on `compute`. probabilities: [R, capacity]; output: [R, d_h].
+template <typename Scalar>
+void attention_over_cache(const ConstMatrixRef<Scalar>& queries, const KVCache<Scalar>& cache, Index sequence,
+                          Index first_column, const AttentionLayout& layout, MatrixRef<Scalar> probabilities,
+                          MatrixRef<Scalar> output, const Compute& compute, Precision precision) {
+  const Index head_dim = queries.cols();
+  if constexpr (std::is_same_v<Scalar, float>) {
+    if (cache.has_rounded_rows() && queries.rows() <= kRoundedWeightRows) {
+      attention_forward(queries, cache.rounded_keys(sequence).middle_rows(first_column, head_dim),
+                        cache.rounded_values(sequence).middle_cols(first_column, head_dim), layout, probabilities,
+                        output);
+      return;
+    }
+  }
+  attention_forward<Scalar>(queries, cache.keys(sequence).middleCols(first_column, head_dim),
+                            cache.values(sequence).middleCols(first_column, head_dim), layout, probabilities, output,
+                            compute, precision);
+}
 
 // Checks a decoding step's input [B*n, model_dim] against a cache of B sequences and `width`
 // columns; returns n, the new tokens per sequence.

@@ -382,9 +382,9 @@ class MixtureOfAttention {
           layout.shift_from = cache.sink_rows();
           layout.key_shift = cache.key_shift();
           for (Index i = first; i < first + count; ++i) grouped_queries.row(i) = queries.row(by_expert.order[i]);
-          attention_forward<Scalar>(grouped_queries.middleRows(first, count), cache.keys(b), cache.values(b), layout,
-                                    grouped_probabilities.middleRows(first, count), grouped_attended.middleRows(first, count),
-                                    *compute_, precision);
+          attention_over_cache<Scalar>(grouped_queries.middleRows(first, count), cache, b, 0, layout,
+                                       grouped_probabilities.middleRows(first, count),
+                                       grouped_attended.middleRows(first, count), *compute_, precision);
           for (Index i = first; i < first + count; ++i) attended.row(by_expert.order[i]) = grouped_attended.row(i);
           flops += cost::attention(static_cast<double>(layout.visible_pairs()), static_cast<double>(config_.head_dim));
         });
@@ -401,8 +401,8 @@ class MixtureOfAttention {
         layout.span = shared_span();
         layout.shift_from = cache.sink_rows();
         layout.key_shift = cache.key_shift();
-        attention_forward<Scalar>(queries.middleRows(b * steps * k, steps * k), cache.keys(b), cache.values(b), layout,
-                                  probabilities, attended.middleRows(b * steps * k, steps * k), *compute_, precision);
+        attention_over_cache<Scalar>(queries.middleRows(b * steps * k, steps * k), cache, b, 0, layout, probabilities,
+                                     attended.middleRows(b * steps * k, steps * k), *compute_, precision);
         flops += cost::attention(static_cast<double>(layout.visible_pairs()), static_cast<double>(config_.head_dim));
       }
     }

@@ -272,10 +272,9 @@ class MixtureOfHeads {
       layout.causal = !cache.frozen();
       layout.position_offset = offset;
       layout.block_positions = config_.causal_block;
-      attention_forward<Scalar>(queries.middleRows(first, count), cache.keys(b).middleCols(h * head_dim, head_dim),
-                                cache.values(b).middleCols(h * head_dim, head_dim), layout,
-                                probabilities.middleRows(first, count), attended.middleRows(first, count), *compute_,
-                                precision);
+      attention_over_cache<Scalar>(queries.middleRows(first, count), cache, b, h * head_dim, layout,
+                                   probabilities.middleRows(first, count), attended.middleRows(first, count), *compute_,
+                                   precision);
       flops += cost::attention(static_cast<double>(layout.visible_pairs()), static_cast<double>(head_dim));
     }
     cache.set_last_step_flops(flops);

@@ -183,10 +183,9 @@ class MultiHeadAttention {
       layout.position_offset = offset;
       layout.block_positions = config_.causal_block;
       for (Index h = 0; h < heads; ++h) {
-        attention_forward<Scalar>(queries.block(b * steps, h * head_dim, steps, head_dim),
-                                  cache.keys(b).middleCols(h * head_dim, head_dim),
-                                  cache.values(b).middleCols(h * head_dim, head_dim), layout, probabilities,
-                                  attended.block(b * steps, h * head_dim, steps, head_dim), *compute_, precision);
+        attention_over_cache<Scalar>(queries.block(b * steps, h * head_dim, steps, head_dim), cache, b, h * head_dim,
+                                     layout, probabilities, attended.block(b * steps, h * head_dim, steps, head_dim),
+                                     *compute_, precision);
       }
       flops += cost::attention(static_cast<double>(layout.visible_pairs() * heads), static_cast<double>(head_dim));
     }
