@@ -7,10 +7,12 @@
 // assignment order (queries) or added into the token rows (outputs, scaled by the gates). Backward
 // mirrors both. Experts no assignment chose cost nothing.
 //
-// Threads: with enough busy experts, consecutive experts of about equal load run as parts on the
-// compute's threads (sums into token rows per part, added up in part order); otherwise each
-// expert splits its rows across the threads. Either way the split depends only on the plan and the
-// thread count, so results are bit-identical run to run.
+// Threads: with enough busy experts, the products whose experts write disjoint rows (queries,
+// and the backward of the output projection) take one expert per part, busiest first, on whichever
+// thread is free; those that sum into token rows run consecutive experts of about equal load as
+// parts (sums per part, added up in part order). Otherwise each expert splits its rows across the
+// threads. Either way what each expert computes depends only on the plan and the thread count, so
+// results are bit-identical run to run.
 #pragma once
 
 #include "moa/bfloat16.hpp"
@@ -33,10 +35,11 @@ class ExpertProjections {
                   const std::vector<Index>& tokens, const ConstMatrixRef<Scalar>& weights, Index head_dim,
                   Matrix<Scalar>& queries, Precision precision, const BFloat16Weight* rounded = nullptr) {
     queries.resize(static_cast<Index>(tokens.size()), head_dim);
-    const Index parts = expert_parts(compute, plan, input.cols() * head_dim);
-    scratch_.resize(static_cast<std::size_t>(parts));
-    for_each_expert_in_parts(compute, plan, parts, [&](Index e, const Index* ids, Index count, Index part) {
-      Scratch& scratch = scratch_[static_cast<std::size_t>(part)];
+    // Experts write disjoint rows: each one a part of its own.
+    const bool parallel = expert_parts(compute, plan, input.cols() * head_dim) > 1;
+    scratch_.resize(static_cast<std::size_t>(compute.threads()));
+    for_each_expert_dynamically(compute, plan, parallel, [&](Index e, const Index* ids, Index count, int thread) {
+      Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
       const auto weight = weights.middleRows(e * head_dim, head_dim);    // [d_h, d_model]
       auto inputs = rows_of(scratch.wide_rows, count, input.cols());      // [c, d_model]
       auto projected = rows_of(scratch.narrow_result, count, head_dim);   // [c, d_h]
@@ -96,11 +99,11 @@ class ExpertProjections {
                     const ConstMatrixRef<Scalar>& weights, MatrixRef<Scalar> weight_grad, Scalar* grad_gates,
                     Matrix<Scalar>& grad_attended) {
     const Index head_dim = attended.cols(), model = grad_output.cols();
-    // Experts write disjoint rows and weight slices: parts of them run on separate threads.
-    const Index parts = expert_parts(compute, plan, model * head_dim);
-    scratch_.resize(static_cast<std::size_t>(parts));
-    for_each_expert_in_parts(compute, plan, parts, [&](Index e, const Index* ids, Index count, Index part) {
-      Scratch& scratch = scratch_[static_cast<std::size_t>(part)];
+    // Experts write disjoint rows and weight slices: each one a part of its own.
+    const bool parallel = expert_parts(compute, plan, model * head_dim) > 1;
+    scratch_.resize(static_cast<std::size_t>(compute.threads()));
+    for_each_expert_dynamically(compute, plan, parallel, [&](Index e, const Index* ids, Index count, int thread) {
+      Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
       const auto weight = weights.middleRows(e * model, model);  // [d_model, d_h]
       const bool everyone = count == grad_output.rows();      // every token chose e: rows already in token order
       auto gathered = rows_of(scratch.wide_rows, everyone ? 0 : count, model);  // [c, d_model]
@@ -198,6 +201,28 @@ class ExpertProjections {
     });
   }
 
+  // visit(expert, ids, count, thread) for every expert with assignments. In parallel, each expert
+  // is a part that the first free thread takes, the busiest experts first (so the last to finish
+  // are small). For work whose experts write disjoint outputs, which thread runs an expert changes
+  // nothing: `thread` only picks scratch.
+  template <typename Visit>
+  static void for_each_expert_dynamically(const Compute& compute, const DispatchPlan& plan, bool parallel,
+                                          Visit&& visit) {
+    if (!parallel) {
+      plan.for_each_expert([&](Index e, const Index* ids, Index count) { visit(e, ids, count, 0); });
+      return;
+    }
+    std::vector<Index> busiest_first;  // experts with assignments, most first (ties in expert order)
+    for (Index e = 0; e < plan.num_experts; ++e)
+      if (plan.count(e) > 0) busiest_first.push_back(e);
+    std::stable_sort(busiest_first.begin(), busiest_first.end(),
+                     [&](Index a, Index b) { return plan.count(a) > plan.count(b); });
+    compute.pool().run(static_cast<Index>(busiest_first.size()), [&](Index part, int thread) {
+      const Index e = busiest_first[static_cast<std::size_t>(part)];
+      visit(e, plan.order.data() + plan.offsets[e], plan.count(e), thread);
+    });
+  }
+
   // Sums into token rows from parts of the experts: part 0 adds into `total` itself, every other
   // part into a zeroed matrix of its own, and add_up adds those in part order.
   class PartSums {
@@ -224,7 +249,7 @@ class ExpertProjections {
     return buffer.topRows(rows);
   }
 
-  std::vector<Scratch> scratch_;  // one per part
+  std::vector<Scratch> scratch_;  // one per part or per thread
 };
 
 }  // namespace moa

@@ -9,6 +9,7 @@
 #pragma once
 
 #include "moa/error.hpp"
+#include "moa/tensor.hpp"
 
 #include <atomic>
 #include <condition_variable>
