@@ -34,11 +34,6 @@ TEST_CASE("DispatchPlan groups assignments by expert with counts and offsets", "
   REQUIRE(plan.offsets == std::vector<Index>{0, 2, 3, 6, 6});
   REQUIRE(plan.order == std::vector<Index>{1, 6, 2, 0, 3, 7});
   REQUIRE(plan.count(3) == 0);
-  // Runs of consecutive experts with about equal assignments (counts 2, 1, 3, 0).
-  REQUIRE(plan.expert_runs(1) == std::vector<Index>{0, 4});
-  REQUIRE(plan.expert_runs(2) == std::vector<Index>{0, 2, 4});
-  REQUIRE(plan.expert_runs(3) == std::vector<Index>{0, 1, 2, 4});
-  REQUIRE_MOA_ERROR(plan.expert_runs(0), "DispatchPlan::expert_runs: parts must be positive, got 0");
   REQUIRE_MOA_ERROR(moa::DispatchPlan::build({0, 4}, 4, 2), "expert 4 is outside [0, 4)");
   REQUIRE_MOA_ERROR(moa::DispatchPlan::build({0, 1, 2}, 4, 2), "not a multiple of top_k = 2");
 }

@@ -7,10 +7,10 @@
 // assignment order (queries) or added into the token rows (outputs, scaled by the gates). Backward
 // mirrors both. Experts no assignment chose cost nothing.
 //
-// Threads: with enough busy experts, the products whose experts write disjoint rows (queries,
-// and the backward of the output projection) take one expert per part, busiest first, on whichever
-// thread is free; those that sum into token rows run consecutive experts of about equal load as
-// parts (sums per part, added up in part order). Otherwise each expert splits its rows across the
+// Threads: with enough busy experts, each expert is a part of its own, taken busiest first by
+// whichever thread is free. Experts write disjoint rows (queries, gradients of the attended rows);
+// what sums into token rows (outputs, input gradients) is first written per assignment and then
+// added up token by token, in assignment order. Otherwise each expert splits its rows across the
 // threads. Either way what each expert computes depends only on the plan and the thread count, so
 // results are bit-identical run to run.
 #pragma once
@@ -36,7 +36,7 @@ class ExpertProjections {
                   Matrix<Scalar>& queries, Precision precision, const BFloat16Weight* rounded = nullptr) {
     queries.resize(static_cast<Index>(tokens.size()), head_dim);
     // Experts write disjoint rows: each one a part of its own.
-    const bool parallel = expert_parts(compute, plan, input.cols() * head_dim) > 1;
+    const bool parallel = experts_in_parallel(compute, plan, input.cols() * head_dim);
     scratch_.resize(static_cast<std::size_t>(compute.threads()));
     for_each_expert_dynamically(compute, plan, parallel, [&](Index e, const Index* ids, Index count, int thread) {
       Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
@@ -65,13 +65,29 @@ class ExpertProjections {
                              const ConstMatrixRef<Scalar>& weights, Index rows, Precision precision,
                              const BFloat16Weight* rounded = nullptr) {
     const Index head_dim = attended.cols(), model = weights.rows() / std::max<Index>(plan.num_experts, 1);
+    if (experts_in_parallel(compute, plan, model * head_dim)) {
+      // Each expert's rows go to its assignments' rows, then each token adds up its own.
+      scratch_.resize(static_cast<std::size_t>(compute.threads()));
+      by_assignment_.resize(static_cast<Index>(tokens.size()), model);  // [A, d_model]
+      for_each_expert_dynamically(compute, plan, true, [&](Index e, const Index* ids, Index count, int thread) {
+        Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
+        auto scaled = rows_of(scratch.scaled, count, head_dim);       // [c, d_h] gate * a
+        auto projected = rows_of(scratch.wide_result, count, model);  // [c, d_model]
+        for (Index i = 0; i < count; ++i) scaled.row(i) = gates[ids[i]] * attended.row(ids[i]);
+        weight_product<Scalar>(compute, scaled, weights.middleRows(e * model, model), rounded, e, projected, false,
+                               precision);
+        for (Index i = 0; i < count; ++i) by_assignment_.row(ids[i]) = projected.row(i);
+      });
+      Matrix<Scalar> output(rows, model);  // [N, d_model]
+      sum_by_token(compute, tokens, plan, output, false);
+      return output;
+    }
+    // Expert by expert, each splitting its rows across the threads (an expert has one row per token).
     Matrix<Scalar> output = Matrix<Scalar>::Zero(rows, model);  // [N, d_model]
-    const Index parts = expert_parts(compute, plan, model * head_dim);
-    scratch_.resize(static_cast<std::size_t>(parts));
-    PartSums part_sums(output, parts);
-    for_each_expert_in_parts(compute, plan, parts, [&](Index e, const Index* ids, Index count, Index part) {
-      Scratch& scratch = scratch_[static_cast<std::size_t>(part)];
-      Matrix<Scalar>& target = part_sums.of(part);                  // [N, d_model]
+    scratch_.resize(1);
+    plan.for_each_expert([&](Index e, const Index* ids, Index count) {
+      Scratch& scratch = scratch_.front();
+      Matrix<Scalar>& target = output;                              // [N, d_model]
       const auto weight = weights.middleRows(e * model, model);      // [d_model, d_h]
       auto scaled = rows_of(scratch.scaled, count, head_dim);        // [c, d_h] gate * a
       auto projected = rows_of(scratch.wide_result, count, model);   // [c, d_model]
@@ -87,7 +103,6 @@ class ExpertProjections {
         for (Index i = first; i < first + slice; ++i) target.row(tokens[ids[i]]) += projected.row(i);
       });
     });
-    part_sums.add_up(compute);
     return output;
   }
 
@@ -100,7 +115,7 @@ class ExpertProjections {
                     Matrix<Scalar>& grad_attended) {
     const Index head_dim = attended.cols(), model = grad_output.cols();
     // Experts write disjoint rows and weight slices: each one a part of its own.
-    const bool parallel = expert_parts(compute, plan, model * head_dim) > 1;
+    const bool parallel = experts_in_parallel(compute, plan, model * head_dim);
     scratch_.resize(static_cast<std::size_t>(compute.threads()));
     for_each_expert_dynamically(compute, plan, parallel, [&](Index e, const Index* ids, Index count, int thread) {
       Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
@@ -133,13 +148,35 @@ class ExpertProjections {
                    const std::vector<Index>& tokens, const DispatchPlan& plan, const ConstMatrixRef<Scalar>& weights,
                    MatrixRef<Scalar> weight_grad, Matrix<Scalar>& grad_input) {
     const Index head_dim = grad_queries.cols(), model = input.cols();
-    // Experts of one part add into the token rows of the part's own sum, added up in part order.
-    const Index parts = expert_parts(compute, plan, model * head_dim);
-    scratch_.resize(static_cast<std::size_t>(parts));
-    PartSums part_sums(grad_input, parts);
-    for_each_expert_in_parts(compute, plan, parts, [&](Index e, const Index* ids, Index count, Index part) {
-      Scratch& scratch = scratch_[static_cast<std::size_t>(part)];
-      Matrix<Scalar>& target = part_sums.of(part);                    // [N, d_model]
+    if (experts_in_parallel(compute, plan, model * head_dim)) {
+      // Each expert's input gradient rows go to its assignments' rows, then each token adds up its own.
+      scratch_.resize(static_cast<std::size_t>(compute.threads()));
+      by_assignment_.resize(static_cast<Index>(tokens.size()), model);  // [A, d_model]
+      for_each_expert_dynamically(compute, plan, true, [&](Index e, const Index* ids, Index count, int thread) {
+        Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
+        const auto weight = weights.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
+        const bool everyone = count == input.rows();  // every token chose e: inputs already in token order
+        auto grad_rows = rows_of(scratch.narrow_rows, count, head_dim);           // [c, d_h]
+        auto gathered = rows_of(scratch.wide_rows, everyone ? 0 : count, model);  // [c, d_model]
+        const ConstMatrixRef<Scalar> inputs = everyone ? ConstMatrixRef<Scalar>(input) : gathered;
+        auto grad_inputs = rows_of(scratch.wide_result, count, model);            // [c, d_model]
+        for (Index i = 0; i < count; ++i) {
+          grad_rows.row(i) = grad_queries.row(ids[i]);
+          if (!everyone) gathered.row(i) = input.row(tokens[ids[i]]);
+        }
+        gemm<Scalar>(compute, grad_rows, Transpose::no, weight, Transpose::no, grad_inputs);
+        for (Index i = 0; i < count; ++i) by_assignment_.row(ids[i]) = grad_inputs.row(i);
+        gemm<Scalar>(compute, grad_rows, Transpose::yes, inputs, Transpose::no,
+                     weight_grad.middleRows(e * head_dim, head_dim), true);
+      });
+      sum_by_token(compute, tokens, plan, grad_input, true);
+      return;
+    }
+    // Expert by expert, each splitting its rows across the threads (an expert has one row per token).
+    scratch_.resize(1);
+    plan.for_each_expert([&](Index e, const Index* ids, Index count) {
+      Scratch& scratch = scratch_.front();
+      Matrix<Scalar>& target = grad_input;                             // [N, d_model]
       const auto weight = weights.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
       const bool everyone = count == input.rows();  // every token chose e: inputs already in token order
       auto grad_rows = rows_of(scratch.narrow_rows, count, head_dim);           // [c, d_h]
@@ -158,7 +195,6 @@ class ExpertProjections {
       gemm<Scalar>(compute, grad_rows, Transpose::yes, inputs, Transpose::no,
                    weight_grad.middleRows(e * head_dim, head_dim), true);
     });
-    part_sums.add_up(compute);
   }
 
  private:
@@ -173,32 +209,16 @@ class ExpertProjections {
     Matrix<Scalar> scaled;                      // [c, d_h] gate * attended
   };
 
-  // How many parts the experts are cut into, each run on a thread of its own: one per thread when
-  // there are at least two busy experts per thread and work enough to repay waking them;
-  // otherwise one part, whose experts split their rows across the threads instead. A part holds
-  // consecutive experts of about equal assignments (DispatchPlan::expert_runs).
-  static Index expert_parts(const Compute& compute, const DispatchPlan& plan, Index weight_size) {
+  // Whether the experts run as parts of their own on the compute's threads: when there are at
+  // least two busy experts per thread and work enough to repay waking them. Otherwise each expert
+  // splits its rows across the threads instead.
+  static bool experts_in_parallel(const Compute& compute, const DispatchPlan& plan, Index weight_size) {
     const int threads = compute.threads();
-    if (threads == 1) return 1;
+    if (threads == 1) return false;
     Index busy = 0;
     for (Index e = 0; e < plan.num_experts; ++e) busy += plan.count(e) > 0 ? 1 : 0;
     const double work = static_cast<double>(plan.assignments()) * static_cast<double>(weight_size);
-    return busy >= 2 * threads && work >= detail::kParallelGemmFlops ? threads : 1;
-  }
-
-  // visit(expert, ids, count, part) for every expert with assignments, the parts on the compute's
-  // threads, each part's experts in order.
-  template <typename Visit>
-  static void for_each_expert_in_parts(const Compute& compute, const DispatchPlan& plan, Index parts, Visit&& visit) {
-    if (parts == 1) {
-      plan.for_each_expert([&](Index e, const Index* ids, Index count) { visit(e, ids, count, Index(0)); });
-      return;
-    }
-    const std::vector<Index> runs = plan.expert_runs(parts);
-    compute.pool().run(parts, [&](Index part, int) {
-      for (Index e = runs[static_cast<std::size_t>(part)]; e < runs[static_cast<std::size_t>(part + 1)]; ++e)
-        if (plan.count(e) > 0) visit(e, plan.order.data() + plan.offsets[e], plan.count(e), part);
-    });
+    return busy >= 2 * threads && work >= detail::kParallelGemmFlops;
   }
 
   // visit(expert, ids, count, thread) for every expert with assignments. In parallel, each expert
@@ -223,25 +243,30 @@ class ExpertProjections {
     });
   }
 
-  // Sums into token rows from parts of the experts: part 0 adds into `total` itself, every other
-  // part into a zeroed matrix of its own, and add_up adds those in part order.
-  class PartSums {
-   public:
-    PartSums(Matrix<Scalar>& total, Index parts) : total_(total) {
-      for (Index part = 1; part < parts; ++part) others_.push_back(Matrix<Scalar>::Zero(total.rows(), total.cols()));
-    }
-    Matrix<Scalar>& of(Index part) { return part == 0 ? total_ : others_[static_cast<std::size_t>(part - 1)]; }
-    void add_up(const Compute& compute) {
-      if (others_.empty()) return;
-      parallel_ranges(compute, total_.rows(), kRowGrain, [&](Index first, Index rows, int) {
-        for (const Matrix<Scalar>& other : others_) total_.middleRows(first, rows) += other.middleRows(first, rows);
-      });
-    }
-
-   private:
-    Matrix<Scalar>& total_;
-    std::vector<Matrix<Scalar>> others_;
-  };
+  // target.row(t) (+)= the sum of by_assignment_'s rows of t's assignments in the plan, in
+  // assignment order (zero for a token with none), tokens spread over the threads: the same sums for
+  // any thread count and whichever thread ran which expert.
+  void sum_by_token(const Compute& compute, const std::vector<Index>& tokens, const DispatchPlan& plan,
+                    Matrix<Scalar>& target, bool accumulate) {
+    const Index rows = target.rows(), assignments = static_cast<Index>(tokens.size());
+    std::vector<char> planned(static_cast<std::size_t>(assignments), 0);  // [A] padding is not in the plan
+    for (Index a : plan.order) planned[static_cast<std::size_t>(a)] = 1;
+    token_offsets_.assign(static_cast<std::size_t>(rows + 1), 0);  // [N + 1]
+    for (Index a = 0; a < assignments; ++a)
+      if (planned[static_cast<std::size_t>(a)]) ++token_offsets_[static_cast<std::size_t>(tokens[a] + 1)];
+    for (Index t = 0; t < rows; ++t) token_offsets_[t + 1] += token_offsets_[t];
+    token_assignments_.resize(static_cast<std::size_t>(token_offsets_[rows]));  // ids grouped by token, ascending
+    std::vector<Index> next(token_offsets_.begin(), token_offsets_.end() - 1);
+    for (Index a = 0; a < assignments; ++a)
+      if (planned[static_cast<std::size_t>(a)]) token_assignments_[static_cast<std::size_t>(next[tokens[a]]++)] = a;
+    parallel_ranges(compute, rows, kRowGrain, [&](Index first, Index count, int) {
+      for (Index t = first; t < first + count; ++t) {
+        if (!accumulate) target.row(t).setZero();
+        for (Index i = token_offsets_[t]; i < token_offsets_[t + 1]; ++i)
+          target.row(t) += by_assignment_.row(token_assignments_[static_cast<std::size_t>(i)]);
+      }
+    });
+  }
 
   // The first `rows` rows of a scratch buffer, grown (never shrunk) to fit.
   static auto rows_of(Matrix<Scalar>& buffer, Index rows, Index cols) {
@@ -249,7 +274,9 @@ class ExpertProjections {
     return buffer.topRows(rows);
   }
 
-  std::vector<Scratch> scratch_;  // one per part or per thread
+  std::vector<Scratch> scratch_;  // one per thread
+  Matrix<Scalar> by_assignment_;  // [A, d_model] each assignment's row of a sum into token rows
+  std::vector<Index> token_offsets_, token_assignments_;  // [N + 1], [A]: token t's assignments
 };
 
 }  // namespace moa

@@ -55,21 +55,6 @@ struct DispatchPlan {
       if (count(e) > 0) visit(e, order.data() + offsets[e], count(e));
   }
 
-  // The experts cut into `parts` runs of consecutive experts with about equal assignments: run g
-  // is experts [bounds[g], bounds[g + 1]). Depends on the plan and `parts` alone.
-  std::vector<Index> expert_runs(Index parts) const {
-    MOA_CHECK(parts > 0, "DispatchPlan::expert_runs", "parts must be positive, got ", parts);
-    std::vector<Index> bounds(static_cast<std::size_t>(parts + 1), num_experts);
-    bounds[0] = 0;
-    Index expert = 0;
-    for (Index g = 1; g < parts; ++g) {
-      const Index target = assignments() * g / parts;  // assignments before run g
-      while (expert < num_experts && offsets[expert + 1] <= target) ++expert;
-      bounds[static_cast<std::size_t>(g)] = std::max(expert, bounds[static_cast<std::size_t>(g - 1)]);
-    }
-    return bounds;
-  }
-
   // experts: [A], the expert of each assignment, or -1 for an unrouted (padding) token; top_k:
   // the slots per token (1 where there is no fixed number).
   static DispatchPlan build(const std::vector<Index>& experts, Index num_experts, Index top_k) {
