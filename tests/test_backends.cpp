@@ -196,7 +196,8 @@ TEST_CASE("MoA and MHA on every backend and thread count: float forward and back
 TEST_CASE("Threads: bit-identical run to run at a fixed count; 1 and 2 threads agree to rounding",
           "[moa][backend]") {
   // The small layer splits each expert's rows across threads; the larger one (enough experts and
-  // work) gives each thread a run of whole experts, summing into token rows per run.
+  // work) makes each expert a part of its own, taken by whichever thread is free, and sums into
+  // token rows per assignment.
   auto larger = backend_moa_config();
   larger.model_dim = 128;
   larger.num_experts = 8;
