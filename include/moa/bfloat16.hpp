@@ -119,8 +119,8 @@ struct BFloat16Load {
 
 namespace detail {
 
-// c[m, n] += a[m, k] b with b [k, n] bfloat16 (row stride ldb). Streams b once per 4 rows of a:
-// for few rows (decoding steps).
+// c[m, n] += a[m, k] b with b [k, n] bfloat16 (row stride ldb): rows times a rounded weight block
+// or rounded keys (transposed) and values. Streams b once per 4 rows of a: for few rows (decoding).
 inline void few_rows_times_bfloat16(Index m, Index n, Index k, const float* a, Index lda, const std::uint16_t* b,
                                     Index ldb, float* c, Index ldc) {
   for (Index i = 0; i < m; i += 4) {
@@ -131,21 +131,6 @@ inline void few_rows_times_bfloat16(Index m, Index n, Index k, const float* a, I
       case 2: few_rows_times<float, 2, BFloat16Load>(n, k, rows, lda, b, ldb, out, ldc); break;
       case 3: few_rows_times<float, 3, BFloat16Load>(n, k, rows, lda, b, ldb, out, ldc); break;
       default: few_rows_times<float, 4, BFloat16Load>(n, k, rows, lda, b, ldb, out, ldc); break;
-    }
-  }
-}
-
-// c[m, n] += a[m, k] b^T with b [n, k] bfloat16 (row stride ldb): query rows against rounded keys.
-inline void few_rows_times_transposed_bfloat16(Index m, Index n, Index k, const float* a, Index lda,
-                                               const std::uint16_t* b, Index ldb, float* c, Index ldc) {
-  for (Index i = 0; i < m; i += 4) {
-    const float* rows = a + i * lda;
-    float* out = c + i * ldc;
-    switch (std::min<Index>(4, m - i)) {
-      case 1: few_rows_times_transposed<float, 1, BFloat16Load>(n, k, rows, lda, b, ldb, out, ldc); break;
-      case 2: few_rows_times_transposed<float, 2, BFloat16Load>(n, k, rows, lda, b, ldb, out, ldc); break;
-      case 3: few_rows_times_transposed<float, 3, BFloat16Load>(n, k, rows, lda, b, ldb, out, ldc); break;
-      default: few_rows_times_transposed<float, 4, BFloat16Load>(n, k, rows, lda, b, ldb, out, ldc); break;
     }
   }
 }

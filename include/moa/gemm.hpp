@@ -99,7 +99,7 @@ EIGEN_ALWAYS_INLINE void reduce_packets(const Packet* packets, Scalar* totals) {
 }
 
 // How a kernel reads b: packets of Scalar from b's elements, and one element as a Scalar. Plain
-// loads here; moa/bfloat16.hpp widens bfloat16 weights and keys.
+// loads here; moa/bfloat16.hpp widens bfloat16 weights, keys and values.
 template <typename Scalar>
 struct PlainLoad {
   template <typename Packet>
@@ -112,8 +112,8 @@ struct PlainLoad {
 // c[M, R] += a[M, k] b[R, k]^T for M rows of a and R rows of b (row-major, unit column stride):
 // dot products in SIMD packets, so b is read once for all M rows. Each element's sum runs in the
 // same order wherever its column falls, so splitting columns across threads changes nothing.
-template <typename Scalar, int M, int R, typename Load = PlainLoad<Scalar>, typename Element = Scalar>
-void dot_block(Index k, const Scalar* a, Index lda, const Element* b, Index ldb, Scalar* c, Index ldc) {
+template <typename Scalar, int M, int R>
+void dot_block(Index k, const Scalar* a, Index lda, const Scalar* b, Index ldb, Scalar* c, Index ldc) {
   using Packet = typename Eigen::internal::packet_traits<Scalar>::type;
   constexpr Index width = Eigen::internal::packet_traits<Scalar>::size;
   Packet sums[M][R];
@@ -122,7 +122,7 @@ void dot_block(Index k, const Scalar* a, Index lda, const Element* b, Index ldb,
   Index p = 0;
   for (; p + width <= k; p += width) {
     Packet columns[R];
-    for (int r = 0; r < R; ++r) columns[r] = Load::template packet<Packet>(b + r * ldb + p);
+    for (int r = 0; r < R; ++r) columns[r] = Eigen::internal::ploadu<Packet>(b + r * ldb + p);
     for (int i = 0; i < M; ++i) {
       const Packet row = Eigen::internal::ploadu<Packet>(a + i * lda + p);
       for (int r = 0; r < R; ++r) sums[i][r] = Eigen::internal::pmadd(row, columns[r], sums[i][r]);
@@ -133,7 +133,7 @@ void dot_block(Index k, const Scalar* a, Index lda, const Element* b, Index ldb,
   for (int i = 0; i < M; ++i)
     for (int r = 0; r < R; ++r) {
       Scalar sum = totals[i][r];
-      for (Index q = p; q < k; ++q) sum += a[i * lda + q] * Load::scalar(b[r * ldb + q]);
+      for (Index q = p; q < k; ++q) sum += a[i * lda + q] * b[r * ldb + q];
       c[i * ldc + r] += sum;
     }
 }
@@ -184,13 +184,13 @@ void few_rows_times(Index n, Index k, const Scalar* a, Index lda, const Element*
 
 // c[M, n] += a[M, k] b[n, k]^T with M <= kMatrixVectorRows: a decoding step's product with a
 // weight, which streams the weight once (a matrix product would pack all of it first).
-template <typename Scalar, int M, typename Load = PlainLoad<Scalar>, typename Element = Scalar>
-void few_rows_times_transposed(Index n, Index k, const Scalar* a, Index lda, const Element* b, Index ldb, Scalar* c,
+template <typename Scalar, int M>
+void few_rows_times_transposed(Index n, Index k, const Scalar* a, Index lda, const Scalar* b, Index ldb, Scalar* c,
                                Index ldc) {
   constexpr Index block = 4;  // rows of b in flight: enough loads to hide latency, few registers
   Index j = 0;
-  for (; j + block <= n; j += block) dot_block<Scalar, M, block, Load>(k, a, lda, b + j * ldb, ldb, c + j, ldc);
-  for (; j < n; ++j) dot_block<Scalar, M, 1, Load>(k, a, lda, b + j * ldb, ldb, c + j, ldc);
+  for (; j + block <= n; j += block) dot_block<Scalar, M, block>(k, a, lda, b + j * ldb, ldb, c + j, ldc);
+  for (; j < n; ++j) dot_block<Scalar, M, 1>(k, a, lda, b + j * ldb, ldb, c + j, ldc);
 }
 
 // The product with Eigen on raw row-major storage.
