@@ -65,44 +65,29 @@ class ExpertProjections {
                              const ConstMatrixRef<Scalar>& weights, Index rows, Precision precision,
                              const BFloat16Weight* rounded = nullptr) {
     const Index head_dim = attended.cols(), model = weights.rows() / std::max<Index>(plan.num_experts, 1);
-    if (experts_in_parallel(compute, plan, model * head_dim)) {
-      // Each expert's rows go to its assignments' rows, then each token adds up its own.
-      scratch_.resize(static_cast<std::size_t>(compute.threads()));
-      by_assignment_.resize(static_cast<Index>(tokens.size()), model);  // [A, d_model]
-      for_each_expert_dynamically(compute, plan, true, [&](Index e, const Index* ids, Index count, int thread) {
-        Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
-        auto scaled = rows_of(scratch.scaled, count, head_dim);       // [c, d_h] gate * a
-        auto projected = rows_of(scratch.wide_result, count, model);  // [c, d_model]
-        for (Index i = 0; i < count; ++i) scaled.row(i) = gates[ids[i]] * attended.row(ids[i]);
-        weight_product<Scalar>(compute, scaled, weights.middleRows(e * model, model), rounded, e, projected, false,
-                               precision);
-        for (Index i = 0; i < count; ++i) by_assignment_.row(ids[i]) = projected.row(i);
-      });
-      Matrix<Scalar> output(rows, model);  // [N, d_model]
-      sum_by_token(compute, tokens, plan, output, false);
-      return output;
-    }
-    // Expert by expert, each splitting its rows across the threads (an expert has one row per token).
-    Matrix<Scalar> output = Matrix<Scalar>::Zero(rows, model);  // [N, d_model]
-    scratch_.resize(1);
-    plan.for_each_expert([&](Index e, const Index* ids, Index count) {
-      Scratch& scratch = scratch_.front();
-      Matrix<Scalar>& target = output;                              // [N, d_model]
+    // In parallel, each expert's rows go to its assignments' rows, then each token adds up its own;
+    // otherwise experts add into the token rows one after another.
+    const bool parallel = experts_in_parallel(compute, plan, model * head_dim);
+    prepare(compute, parallel, static_cast<Index>(tokens.size()), model);
+    Matrix<Scalar> output = parallel ? Matrix<Scalar>(rows, model) : Matrix<Scalar>::Zero(rows, model);  // [N, d_model]
+    for_each_expert_dynamically(compute, plan, parallel, [&](Index e, const Index* ids, Index count, int thread) {
+      Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
       const auto weight = weights.middleRows(e * model, model);      // [d_model, d_h]
       auto scaled = rows_of(scratch.scaled, count, head_dim);        // [c, d_h] gate * a
       auto projected = rows_of(scratch.wide_result, count, model);   // [c, d_model]
       parallel_ranges(compute, count, kRowGrain, [&](Index first, Index slice, int) {
         for (Index i = first; i < first + slice; ++i) scaled.row(i) = gates[ids[i]] * attended.row(ids[i]);
-        if (count == rows) {  // every token chose e: accumulate in place
+        if (!parallel && count == rows) {  // every token chose e: accumulate in place
           weight_product<Scalar>(compute, scaled.middleRows(first, slice), weight, rounded, e,
-                                 target.middleRows(first, slice), true, precision);
+                                 output.middleRows(first, slice), true, precision);
           return;
         }
         weight_product<Scalar>(compute, scaled.middleRows(first, slice), weight, rounded, e,
                                projected.middleRows(first, slice), false, precision);
-        for (Index i = first; i < first + slice; ++i) target.row(tokens[ids[i]]) += projected.row(i);
+        add_rows(parallel, ids, first, slice, tokens, projected, output);
       });
     });
+    if (parallel) sum_by_token(compute, tokens, plan, output, false);
     return output;
   }
 
@@ -148,35 +133,11 @@ class ExpertProjections {
                    const std::vector<Index>& tokens, const DispatchPlan& plan, const ConstMatrixRef<Scalar>& weights,
                    MatrixRef<Scalar> weight_grad, Matrix<Scalar>& grad_input) {
     const Index head_dim = grad_queries.cols(), model = input.cols();
-    if (experts_in_parallel(compute, plan, model * head_dim)) {
-      // Each expert's input gradient rows go to its assignments' rows, then each token adds up its own.
-      scratch_.resize(static_cast<std::size_t>(compute.threads()));
-      by_assignment_.resize(static_cast<Index>(tokens.size()), model);  // [A, d_model]
-      for_each_expert_dynamically(compute, plan, true, [&](Index e, const Index* ids, Index count, int thread) {
-        Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
-        const auto weight = weights.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
-        const bool everyone = count == input.rows();  // every token chose e: inputs already in token order
-        auto grad_rows = rows_of(scratch.narrow_rows, count, head_dim);           // [c, d_h]
-        auto gathered = rows_of(scratch.wide_rows, everyone ? 0 : count, model);  // [c, d_model]
-        const ConstMatrixRef<Scalar> inputs = everyone ? ConstMatrixRef<Scalar>(input) : gathered;
-        auto grad_inputs = rows_of(scratch.wide_result, count, model);            // [c, d_model]
-        for (Index i = 0; i < count; ++i) {
-          grad_rows.row(i) = grad_queries.row(ids[i]);
-          if (!everyone) gathered.row(i) = input.row(tokens[ids[i]]);
-        }
-        gemm<Scalar>(compute, grad_rows, Transpose::no, weight, Transpose::no, grad_inputs);
-        for (Index i = 0; i < count; ++i) by_assignment_.row(ids[i]) = grad_inputs.row(i);
-        gemm<Scalar>(compute, grad_rows, Transpose::yes, inputs, Transpose::no,
-                     weight_grad.middleRows(e * head_dim, head_dim), true);
-      });
-      sum_by_token(compute, tokens, plan, grad_input, true);
-      return;
-    }
-    // Expert by expert, each splitting its rows across the threads (an expert has one row per token).
-    scratch_.resize(1);
-    plan.for_each_expert([&](Index e, const Index* ids, Index count) {
-      Scratch& scratch = scratch_.front();
-      Matrix<Scalar>& target = grad_input;                             // [N, d_model]
+    // As in project_out: per assignment then per token in parallel, else into the token rows.
+    const bool parallel = experts_in_parallel(compute, plan, model * head_dim);
+    prepare(compute, parallel, static_cast<Index>(tokens.size()), model);
+    for_each_expert_dynamically(compute, plan, parallel, [&](Index e, const Index* ids, Index count, int thread) {
+      Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
       const auto weight = weights.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
       const bool everyone = count == input.rows();  // every token chose e: inputs already in token order
       auto grad_rows = rows_of(scratch.narrow_rows, count, head_dim);           // [c, d_h]
@@ -190,11 +151,12 @@ class ExpertProjections {
         }
         gemm<Scalar>(compute, grad_rows.middleRows(first, rows), Transpose::no, weight, Transpose::no,
                      grad_inputs.middleRows(first, rows));
-        for (Index i = first; i < first + rows; ++i) target.row(tokens[ids[i]]) += grad_inputs.row(i);
+        add_rows(parallel, ids, first, rows, tokens, grad_inputs, grad_input);
       });
       gemm<Scalar>(compute, grad_rows, Transpose::yes, inputs, Transpose::no,
                    weight_grad.middleRows(e * head_dim, head_dim), true);
     });
+    if (parallel) sum_by_token(compute, tokens, plan, grad_input, true);
   }
 
  private:
@@ -241,6 +203,23 @@ class ExpertProjections {
       const Index e = busiest_first[static_cast<std::size_t>(part)];
       visit(e, plan.order.data() + plan.offsets[e], plan.count(e), thread);
     });
+  }
+
+  // Scratch for each thread that runs experts, and the per-assignment rows of a parallel sum.
+  void prepare(const Compute& compute, bool parallel, Index assignments, Index model) {
+    scratch_.resize(parallel ? static_cast<std::size_t>(compute.threads()) : 1);
+    if (parallel) by_assignment_.resize(assignments, model);  // [A, d_model]
+  }
+
+  // Rows [first, first + count) of one expert's results: to their assignments' rows of
+  // by_assignment_ (parallel), or added into their tokens' rows of target.
+  template <typename Results>
+  void add_rows(bool parallel, const Index* ids, Index first, Index count, const std::vector<Index>& tokens,
+                const Results& results, Matrix<Scalar>& target) {
+    for (Index i = first; i < first + count; ++i) {
+      if (parallel) by_assignment_.row(ids[i]) = results.row(i);
+      else target.row(tokens[ids[i]]) += results.row(i);
+    }
   }
 
   // target.row(t) (+)= the sum of by_assignment_'s rows of t's assignments in the plan, in
