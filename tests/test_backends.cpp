@@ -343,6 +343,7 @@ TEST_CASE("bfloat16 decoding: caches carry rounded weights, keys and values; ste
   }
   const auto f32 = std::make_shared<moa::Compute>(bf16_backend, 1, moa::Precision::f32);
   const auto bf16 = std::make_shared<moa::Compute>(bf16_backend, 1, moa::Precision::bf16);
+  const Index config_head_dim = backend_moa_config().head_dim;
   auto check = [&](auto& layer) {
     moa::Rng rng(23);
     layer.set_training(false);
@@ -360,6 +361,10 @@ TEST_CASE("bfloat16 decoding: caches carry rounded weights, keys and values; ste
       REQUIRE(rounded == (compute == bf16));
       REQUIRE((self.has_rounded_rows() == rounded && cross.has_rounded_rows() == rounded));
       layer.step(prefix, self);
+      MatrixF probabilities(1, 6), output(1, config_head_dim);
+      REQUIRE_MOA_ERROR(moa::attention_over_cache<float>(MatrixF::Zero(1, config_head_dim), self, 3, 0, moa::AttentionLayout{},
+                                                         probabilities, output, *compute, moa::Precision::f32),
+                        "sequence 3 and columns [0, " + std::to_string(config_head_dim) + ")");
       return std::vector<MatrixF>{layer.step(token, self), layer.step(token, cross)};
     };
     const std::vector<MatrixF> exact = run(f32), rounded = run(bf16);

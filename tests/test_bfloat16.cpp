@@ -132,6 +132,10 @@ TEST_CASE("attention_forward over rounded keys and values: the float kernel on t
   REQUIRE_MOA_ERROR(moa::attention_forward(random_matrix<float>(1, head_dim, rng), rounded_keys, rounded_values, layout,
                                            probabilities, output),
                     "rounded keys (transposed) [32, 37]");
+  REQUIRE_MOA_ERROR(rounded_keys.middle_rows(head_dim, head_dim + 1), "middle_rows: [16, 33) is outside [0, 32)");
+  REQUIRE_MOA_ERROR(rounded_values.middle_cols(-1, 2), "middle_cols: [-1, 1) is outside [0, 32)");
+  MatrixF sums = MatrixF::Zero(1, 3);
+  REQUIRE_MOA_ERROR(moa::add_column_sums(moa::Compute(), keys, sums.row(0)), "sums has 3 entries for a matrix of 37 x 32");
 }
 
 TEST_CASE("KVCache with rounded weights: rounded keys (transposed) and values follow every change", "[bf16][cache]") {

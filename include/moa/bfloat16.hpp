@@ -142,8 +142,20 @@ inline void few_rows_times_bfloat16(Index m, Index n, Index k, const float* a, I
 struct BFloat16Rows {
   const std::uint16_t* data = nullptr;
   Index rows = 0, cols = 0, stride = 0;
-  BFloat16Rows middle_rows(Index first, Index count) const { return {data + first * stride, count, cols, stride}; }
-  BFloat16Rows middle_cols(Index first, Index count) const { return {data + first, rows, count, stride}; }
+  BFloat16Rows middle_rows(Index first, Index count) const {
+    check_range(first, count, rows, "moa::BFloat16Rows::middle_rows");
+    return {data + first * stride, count, cols, stride};
+  }
+  BFloat16Rows middle_cols(Index first, Index count) const {
+    check_range(first, count, cols, "moa::BFloat16Rows::middle_cols");
+    return {data + first, rows, count, stride};
+  }
+
+ private:
+  static void check_range(Index first, Index count, Index extent, const char* function) {
+    MOA_CHECK(first >= 0 && count >= 0 && first + count <= extent, function, "[", first, ", ", first + count,
+              ") is outside [0, ", extent, ")");
+  }
 };
 
 // c = a W_b^T, or c += a W_b^T with accumulate, where W_b is block b of a rounded weight: a [m, in]

@@ -431,6 +431,8 @@ void add_column_sums(const Compute& compute, const Expression& matrix, Sums&& su
   // Below about this many additions a second thread costs more than it saves.
   constexpr double kParallelAdditions = 1 << 16;
   const Index rows = matrix.rows(), cols = matrix.cols();
+  MOA_CHECK(sums.size() == cols, "moa::add_column_sums", "sums has ", sums.size(), " entries for a matrix of ", rows,
+            " x ", cols);
   const bool parallel = static_cast<double>(rows) * static_cast<double>(cols) >= kParallelAdditions;
   parallel_ranges(compute, cols, parallel ? 16 : cols, [&](Index first, Index count, int) {
     for (Index i = 0; i < rows; ++i) sums.segment(first, count) += matrix.row(i).segment(first, count);

@@ -236,6 +236,10 @@ void attention_over_cache(const ConstMatrixRef<Scalar>& queries, const KVCache<S
                           Index first_column, const AttentionLayout& layout, MatrixRef<Scalar> probabilities,
                           MatrixRef<Scalar> output, const Compute& compute, Precision precision) {
   const Index head_dim = queries.cols();
+  MOA_CHECK(sequence >= 0 && sequence < cache.batch_size() && first_column >= 0 &&
+                first_column + head_dim <= cache.width(),
+            "moa::attention_over_cache", "sequence ", sequence, " and columns [", first_column, ", ",
+            first_column + head_dim, ") for a cache of ", cache.batch_size(), " sequences of width ", cache.width());
   if constexpr (std::is_same_v<Scalar, float>) {
     if (cache.has_rounded_rows() && queries.rows() <= kRoundedWeightRows) {
       attention_forward(queries, cache.rounded_keys(sequence).middle_rows(first_column, head_dim),
