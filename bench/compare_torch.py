@@ -22,6 +22,7 @@ Needs Debian's python3-torch with libopenblas0-pthread (otherwise torch uses the
 and is about 20x slower: the script refuses to compare then). Not part of the tests.
 """
 import argparse
+import ctypes
 import json
 import math
 import subprocess
@@ -250,6 +251,27 @@ def moa_times(moa_bench, threads, min_seconds):
     return times
 
 
+def limit_blas_threads(threads):
+    """torch.set_num_threads does not reach OpenBLAS, which otherwise takes every core: set it there
+    too, then check on a product that PyTorch's CPU time is no more than `threads` times its wall time."""
+    with open("/proc/self/maps") as maps:
+        libraries = {line.split()[-1] for line in maps if "blas" in line and line.rstrip().endswith(".so.3")
+                     or "libopenblas" in line}
+    for library in libraries:
+        handle = ctypes.CDLL(library)
+        if hasattr(handle, "openblas_set_num_threads"):
+            handle.openblas_set_num_threads(threads)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(10):
+        a @ b
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    if cpu > (threads + 0.25) * wall:
+        sys.exit(f"PyTorch used {cpu / wall:.1f} cores for a matrix product, not {threads}: its BLAS ignores "
+                 "the thread count (set OPENBLAS_NUM_THREADS)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--moa-bench", default="build/bench/bench/moa_bench", help="path of moa_bench")
@@ -268,6 +290,7 @@ def main():
         if "openblas" not in blas:
             sys.exit("torch would use the reference BLAS (20x slower): install libopenblas0-pthread first")
     torch.set_num_threads(arguments.threads)
+    limit_blas_threads(arguments.threads)
     moa = moa_times(arguments.moa_bench, arguments.threads, arguments.min_time)
     print(f"torch {torch.__version__}, {arguments.threads} thread(s); times in ms, speedup = PyTorch / moa")
     print(f"{'shape':8} {'moa fwd':>9} {'torch fwd':>10} {'speedup':>8} {'moa f+b':>9} {'torch f+b':>10} {'speedup':>8}"
