@@ -1,6 +1,7 @@
 // MoA, MoH and MHA forward, forward+backward and decoding, float, at the shapes of the project's
 // targets, on the run's Compute (--threads, --precision, --backend; see bench_main.cpp). Forwards
-// run in evaluation mode (so --precision=bf16 applies to them), forward+backward in training.
+// are inference (infer: evaluation mode, so --precision=bf16 applies, and nothing kept for a
+// backward), forward+backward is training.
 //
 // FLOPs are counted by the layers (last_forward_flops: router, projections, and attention over
 // the keys each query really sees); forward+backward counts 3x the forward, the usual estimate
@@ -77,15 +78,20 @@ void run_layer(benchmark::State& state, Layer& layer, const Shape& shape, bool c
   const MatrixF input = random_matrix(batch.rows(), shape.model, rng);
   const MatrixF grad_output = random_matrix(batch.rows(), shape.model, rng);
   layer.set_training(with_backward);
+  // untimed: creates the backend's kernels for these shapes and counts the FLOPs
+  layer.forward_self(input, batch, causal);
   auto iteration = [&] {
-    MatrixF output = layer.forward_self(input, batch, causal);
-    benchmark::DoNotOptimize(output.data());
     if (with_backward) {
+      MatrixF output = layer.forward_self(input, batch, causal);
+      benchmark::DoNotOptimize(output.data());
       MatrixF grad_input = layer.backward_self(grad_output);
       benchmark::DoNotOptimize(grad_input.data());
+    } else {  // inference: keeps nothing for a backward, as PyTorch's forward under no_grad
+      MatrixF output = layer.infer(input, batch, input, batch, causal);
+      benchmark::DoNotOptimize(output.data());
     }
   };
-  iteration();  // untimed: creates the backend's kernels for these shapes
+  iteration();
   const moa_bench::LoopClock clock;
   for (auto _ : state) iteration();
   set_counters(state, clock, layer.last_forward_flops() * (with_backward ? 3.0 : 1.0), static_cast<double>(batch.rows()));

@@ -1,7 +1,10 @@
 #include "support.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 using namespace moa_test;
 
@@ -129,4 +132,46 @@ TEST_CASE("softmax functions reject mismatched shapes", "[softmax][errors]") {
   REQUIRE_MOA_ERROR(moa::log_softmax_rows(logits, MatrixD(1, 3)), "log_softmax_rows");
   REQUIRE_MOA_ERROR(moa::softmax_rows_backward(logits, MatrixD(2, 4)), "softmax_rows_backward");
   REQUIRE_MOA_ERROR(moa::log_softmax_rows_backward(logits, MatrixD(2, 4)), "log_softmax_rows_backward");
+}
+
+TEMPLATE_TEST_CASE("exp_shifted_inplace: exp((x - offset) * scale) and its sum, every length and start, the same wherever the row starts",
+                   "[softmax]", float, double) {
+  using Scalar = TestType;
+  const Scalar offset = Scalar(0.75), scale = Scalar(0.125);
+  std::vector<Scalar> source(80);
+  for (std::size_t i = 0; i < source.size(); ++i) source[i] = Scalar(std::sin(0.37 * static_cast<double>(i)) * 20);
+  const double tolerance = std::is_same_v<Scalar, float> ? 1e-6 : 1e-14;
+  for (moa::Index length = 0; length <= 40; ++length) {
+    for (moa::Index start = 0; start < 17; ++start) {
+      std::vector<Scalar> values(source.begin(), source.end());
+      const std::vector<Scalar> row(values.begin() + start, values.begin() + start + length);
+      const Scalar total = moa::detail::exp_shifted_inplace(values.data() + start, length, offset, scale);
+      double expected_total = 0;
+      for (moa::Index j = 0; j < length; ++j) {
+        const double expected = std::exp((static_cast<double>(row[static_cast<std::size_t>(j)]) - offset) * scale);
+        expected_total += expected;
+        REQUIRE(std::abs(values[static_cast<std::size_t>(start + j)] - expected) <= tolerance * expected);
+      }
+      REQUIRE(std::abs(total - expected_total) <= tolerance * std::max(1.0, expected_total) * 4);
+      for (moa::Index j = 0; j < start; ++j) REQUIRE(values[static_cast<std::size_t>(j)] == source[static_cast<std::size_t>(j)]);
+      for (moa::Index j = start + length; j < 80; ++j) REQUIRE(values[static_cast<std::size_t>(j)] == source[static_cast<std::size_t>(j)]);
+    }
+  }
+  // The same values at any start give the same bits.
+  for (moa::Index length : {7, 16, 33}) {
+    std::vector<Scalar> reference;
+    Scalar reference_total = 0;
+    for (moa::Index start = 0; start < 17; ++start) {
+      std::vector<Scalar> values(80, Scalar(0));
+      std::copy(source.begin(), source.begin() + length, values.begin() + start);
+      const Scalar total = moa::detail::exp_shifted_inplace(values.data() + start, length, offset, scale);
+      const std::vector<Scalar> result(values.begin() + start, values.begin() + start + length);
+      if (start == 0) {
+        reference = result;
+        reference_total = total;
+      }
+      REQUIRE(result == reference);
+      REQUIRE(total == reference_total);
+    }
+  }
 }

@@ -18,6 +18,7 @@
 #include "moa/error.hpp"
 #include "moa/gemm.hpp"
 #include "moa/sequence_batch.hpp"
+#include "moa/softmax.hpp"
 #include "moa/tensor.hpp"
 
 #include <algorithm>
@@ -165,14 +166,12 @@ void attention_forward_with(Index head_dim, const AttentionLayout& layout, Matri
       hide(visible.sink_end, visible.band_start);
       hide(visible.end, block_keys.end);
       if (visible.count() == 0) continue;
-      Scalar max_value = -std::numeric_limits<Scalar>::infinity();
-      if (sink.size() > 0) max_value = sink.maxCoeff();
-      if (band.size() > 0) max_value = std::max(max_value, band.maxCoeff());
-      sink = ((sink.array() - max_value) * scale).exp().matrix();
-      band = ((band.array() - max_value) * scale).exp().matrix();
-      const Scalar total = sink.sum() + band.sum();
-      sink /= total;
-      band /= total;
+      const Scalar max_value = std::max(row_max(sink.data(), sink.size()), row_max(band.data(), band.size()));
+      const Scalar total = exp_shifted_inplace(sink.data(), sink.size(), max_value, scale) +
+                           exp_shifted_inplace(band.data(), band.size(), max_value, scale);
+      const Scalar inverse = Scalar(1) / total;
+      sink *= inverse;
+      band *= inverse;
     }
     for (int i = 0; i < run_count; ++i)
       weigh(probabilities.block(first_row, runs[i].first, rows, runs[i].count), runs[i], block_output, i > 0);
@@ -180,6 +179,30 @@ void attention_forward_with(Index head_dim, const AttentionLayout& layout, Matri
 }
 
 }  // namespace detail
+
+// Where a layer's forward puts its attention probabilities: into `kept` ([rows, keys], every row,
+// for backward), or with kept null (inference) into one buffer per thread, reused from part to part
+// so that it stays in cache (the probabilities of a batch can be far larger than the batch).
+template <typename Scalar>
+class AttentionProbabilities {
+ public:
+  AttentionProbabilities(Matrix<Scalar>* kept, Index rows, Index keys, int threads)
+      : kept_(kept), keys_(keys), per_thread_(kept != nullptr ? 0 : static_cast<std::size_t>(threads)) {
+    if (kept_ != nullptr) kept_->resize(rows, keys);
+  }
+  // Rows [first, first + count) for a part on `thread`: [count, keys].
+  MatrixRef<Scalar> rows(Index first, Index count, int thread) {
+    if (kept_ != nullptr) return kept_->middleRows(first, count);
+    Matrix<Scalar>& buffer = per_thread_[static_cast<std::size_t>(thread)];
+    if (buffer.rows() < count) buffer.resize(count, keys_);
+    return buffer.topRows(count);
+  }
+
+ private:
+  Matrix<Scalar>* kept_;
+  Index keys_;
+  std::vector<Matrix<Scalar>> per_thread_;
+};
 
 // queries: [R, d_h], keys/values: [S, d_h] with S >= key_length, probabilities: [R, S] (only the
 // computed key runs are written), output: [R, d_h] (rows past R of the layout are left alone). The

@@ -126,6 +126,7 @@ class MixtureOfAttention {
     check_spans(causal, "MixtureOfAttention::infer");
     const Routing routing = router.route(query, query_batch);
     ForwardPass pass;
+    pass.for_backward = false;
     return run_forward(query, query_batch, key_value, key_batch, causal, routing, product_precision(*compute_, false),
                        pass);
   }
@@ -148,7 +149,8 @@ class MixtureOfAttention {
     Matrix<Scalar> keys;           // [B*Tk, d_h]
     Matrix<Scalar> values;         // [B*Tk, d_h]
     Matrix<Scalar> queries;        // [A, d_h]
-    Matrix<Scalar> probabilities;  // [A, Tk]
+    bool for_backward = true;      // false: inference, which keeps no probabilities
+    Matrix<Scalar> probabilities;  // [A, Tk] for backward
     Matrix<Scalar> attended;       // [A, d_h], before the gates
     ExpertProjections<Scalar> projections;  // the per-expert products and their buffers
     ExpertRows by_expert;                   // with spans: the rows regrouped by (sequence, expert)
@@ -196,7 +198,8 @@ class MixtureOfAttention {
     pass.values = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision);  // [B*Tk, d_h]
     pass.projections.project_in(*compute_, query, pass.plan, routing.tokens, q_proj.value, config_.head_dim,
                                 pass.queries, precision);  // [A, d_h]
-    pass.probabilities.resize(assignments, key_batch.length);  // [A, Tk]
+    AttentionProbabilities<Scalar> probabilities(pass.for_backward ? &pass.probabilities : nullptr, assignments,
+                                                 key_batch.length, compute_->threads());  // [A, Tk]
     pass.attended.resize(assignments, config_.head_dim);        // [A, d_h], rows of routed tokens written
     pass.flops = projection_flops(query.rows(), key_value.rows(), pass.plan.assignments());
     // Sequences are independent: one per thread.
@@ -205,13 +208,13 @@ class MixtureOfAttention {
       pass.by_expert = rows_by_expert(routing, query_batch);
       pass.grouped_queries.resize(assignments, config_.head_dim);   // [A, d_h] in by_expert order
       pass.grouped_attended.resize(assignments, config_.head_dim);  // [A, d_h] in by_expert order
-      parallel_parts(*compute_, query_batch.batch_size, attention_work, [&](Index b, int) {
+      parallel_parts(*compute_, query_batch.batch_size, attention_work, [&](Index b, int thread) {
         for_each_expert_rows(pass.by_expert, b, key_batch.length_of(b), 0, [&](Index first, Index count, const AttentionLayout& layout) {
           for (Index i = first; i < first + count; ++i) pass.grouped_queries.row(i) = pass.queries.row(pass.by_expert.order[i]);
           attention_forward<Scalar>(pass.grouped_queries.middleRows(first, count),
                                     pass.keys.middleRows(b * key_batch.length, key_batch.length),
                                     pass.values.middleRows(b * key_batch.length, key_batch.length), layout,
-                                    pass.probabilities.middleRows(first, count),
+                                    probabilities.rows(first, count, thread),
                                     pass.grouped_attended.middleRows(first, count), *compute_, precision);
           for (Index i = first; i < first + count; ++i) pass.attended.row(pass.by_expert.order[i]) = pass.grouped_attended.row(i);
         });
@@ -221,12 +224,12 @@ class MixtureOfAttention {
           pass.flops += cost::attention(static_cast<double>(layout.visible_pairs()), static_cast<double>(config_.head_dim));
         });
     } else {
-      parallel_parts(*compute_, query_batch.batch_size, attention_work, [&](Index b, int) {
+      parallel_parts(*compute_, query_batch.batch_size, attention_work, [&](Index b, int thread) {
         const SequenceRows rows = sequence_rows(routing, query_batch, key_batch, causal, b);
         attention_forward<Scalar>(pass.queries.middleRows(rows.first, rows.count),
                                   pass.keys.middleRows(b * key_batch.length, key_batch.length),
                                   pass.values.middleRows(b * key_batch.length, key_batch.length), rows.layout,
-                                  pass.probabilities.middleRows(rows.first, rows.count),
+                                  probabilities.rows(rows.first, rows.count, thread),
                                   pass.attended.middleRows(rows.first, rows.count), *compute_, precision);
       });
       for (Index b = 0; b < query_batch.batch_size; ++b) {

@@ -155,6 +155,7 @@ class MixtureOfHeads {
     gating.routing = router.route(query, query_batch);
     group_gates(query, gating);
     ForwardPass pass;
+    pass.for_backward = false;
     return run_forward(query, query_batch, key_value, key_batch, causal, gating, product_precision(*compute_, false),
                        pass);
   }
@@ -327,7 +328,8 @@ class MixtureOfHeads {
     Matrix<Scalar> keys;           // [B*Tk, H*d_h]
     Matrix<Scalar> values;         // [B*Tk, H*d_h]
     Matrix<Scalar> queries;        // [A, d_h]
-    Matrix<Scalar> probabilities;  // [A, Tk]
+    bool for_backward = true;      // false: inference, which keeps no probabilities
+    Matrix<Scalar> probabilities;  // [A, Tk] for backward
     Matrix<Scalar> attended;       // [A, d_h], before the gates
     ExpertProjections<Scalar> projections;
     double flops = 0.0;
@@ -414,19 +416,20 @@ class MixtureOfHeads {
     pass.values = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision);  // [B*Tk, H*d_h]
     pass.projections.project_in(*compute_, query, pass.plan, assigned.tokens, q_proj.value, head_dim, pass.queries,
                                 precision);                // [A, d_h]
-    pass.probabilities.resize(rows, key_length);          // [A, Tk]
+    AttentionProbabilities<Scalar> probabilities(pass.for_backward ? &pass.probabilities : nullptr, rows, key_length,
+                                                 compute_->threads());  // [A, Tk]
     pass.attended.resize(rows, head_dim);                 // [A, d_h]
     pass.flops = projection_flops(query.rows(), key_value.rows(), rows);
     // (sequence, head) pairs are independent: one per thread.
     const double attention_work = static_cast<double>(rows) * key_length * head_dim;
-    parallel_parts(*compute_, query_batch.batch_size * heads, attention_work, [&](Index pair, int) {
+    parallel_parts(*compute_, query_batch.batch_size * heads, attention_work, [&](Index pair, int thread) {
       const Index b = pair / heads, h = pair % heads;
       const Index first = assigned.group_rows[pair], count = assigned.group_rows[pair + 1] - first;
       if (count == 0) return;
       attention_forward<Scalar>(pass.queries.middleRows(first, count),
                                 pass.keys.block(b * key_length, h * head_dim, key_length, head_dim),
                                 pass.values.block(b * key_length, h * head_dim, key_length, head_dim),
-                                group_layout(assigned, key_batch, causal, b, h), pass.probabilities.middleRows(first, count),
+                                group_layout(assigned, key_batch, causal, b, h), probabilities.rows(first, count, thread),
                                 pass.attended.middleRows(first, count), *compute_, precision);
     });
     for (Index pair = 0; pair < query_batch.batch_size * heads; ++pair)

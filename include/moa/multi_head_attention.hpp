@@ -94,6 +94,7 @@ class MultiHeadAttention {
     detail::validate_attention_batches("MultiHeadAttention::infer", model_dim(), query.rows(), query.cols(), query_batch,
                                        key_value.rows(), key_value.cols(), key_batch, causal);
     ForwardPass pass;
+    pass.for_backward = false;
     return run_forward(query, query_batch, key_value, key_batch, causal, product_precision(*compute_, false), pass);
   }
 
@@ -211,7 +212,8 @@ class MultiHeadAttention {
     Matrix<Scalar> queries;        // [B*Tq, h*d_h]
     Matrix<Scalar> keys;           // [B*Tk, h*d_h]
     Matrix<Scalar> values;         // [B*Tk, h*d_h]
-    Matrix<Scalar> probabilities;  // [B*h*Tq, Tk]
+    bool for_backward = true;      // false: inference, which keeps no probabilities
+    Matrix<Scalar> probabilities;  // [B*h*Tq, Tk] for backward
     Matrix<Scalar> attended;       // [B*Tq, h*d_h]
     double flops = 0.0;
   };
@@ -223,19 +225,21 @@ class MultiHeadAttention {
     pass.keys = linear_product<Scalar>(*compute_, key_value, k_proj.value, precision);    // [B*Tk, h*d_h]
     pass.values = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision);  // [B*Tk, h*d_h]
     const Index heads = config_.num_heads, head_dim = config_.head_dim;
-    pass.probabilities.resize(query_batch.batch_size * heads * query_batch.length, key_batch.length);  // [B*h*Tq, Tk]
+    AttentionProbabilities<Scalar> probabilities(pass.for_backward ? &pass.probabilities : nullptr,
+                                                 query_batch.batch_size * heads * query_batch.length, key_batch.length,
+                                                 compute_->threads());  // [B*h*Tq, Tk]
     pass.attended = Matrix<Scalar>::Zero(query.rows(), width());  // [B*Tq, h*d_h]
     pass.flops = projection_flops(query.rows(), key_value.rows());
     // (sequence, head) pairs are independent: one per thread.
     const double attention_work = static_cast<double>(query.rows()) * key_batch.length * width();
-    parallel_parts(*compute_, query_batch.batch_size * heads, attention_work, [&](Index pair, int) {
+    parallel_parts(*compute_, query_batch.batch_size * heads, attention_work, [&](Index pair, int thread) {
       const Index b = pair / heads, h = pair % heads;
       attention_forward<Scalar>(
           pass.queries.block(b * query_batch.length, h * head_dim, query_batch.length, head_dim),
           pass.keys.block(b * key_batch.length, h * head_dim, key_batch.length, head_dim),
           pass.values.block(b * key_batch.length, h * head_dim, key_batch.length, head_dim),
           layout_of(query_batch, key_batch, causal, b),
-          pass.probabilities.middleRows((b * heads + h) * query_batch.length, query_batch.length),
+          probabilities.rows((b * heads + h) * query_batch.length, query_batch.length, thread),
           pass.attended.block(b * query_batch.length, h * head_dim, query_batch.length, head_dim), *compute_, precision);
     });
     for (Index b = 0; b < query_batch.batch_size; ++b)
