@@ -10,7 +10,9 @@ GFLOP/s, %best and tokens/s at one thread, then the 2-thread time (its speedup) 
 """
 import argparse
 import json
+import os
 import subprocess
+import sys
 
 SHAPES = [("toy", "(32, 32, 256, 8, 2, 64)"), ("base", "(8, 128, 512, 8, 8, 128)"),
           ("wide8", "(8, 128, 512, 8, 4, 64)"), ("wide", "(8, 128, 512, 32, 4, 64)"),
@@ -65,6 +67,11 @@ def main():
     parser.add_argument("--moa-bench", default="build/bench/bench/moa_bench", help="path of moa_bench")
     parser.add_argument("--repetitions", type=int, default=3)
     arguments = parser.parse_args()
+    if arguments.repetitions < 1:
+        sys.exit(f"--repetitions must be at least 1, got {arguments.repetitions}")
+    if not os.access(arguments.moa_bench, os.X_OK):
+        sys.exit(f"no moa_bench at {arguments.moa_bench}: build it with `cmake --workflow --preset bench`, "
+                 "or pass --moa-bench")
     one = run(arguments.moa_bench, ["--threads=1"], arguments.repetitions)
     two = run(arguments.moa_bench, ["--threads=2"], arguments.repetitions)
     bf16 = run(arguments.moa_bench, ["--precision=bf16"], arguments.repetitions)

@@ -25,6 +25,7 @@ import argparse
 import ctypes
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -280,6 +281,11 @@ def main():
     arguments = parser.parse_args()
     if arguments.threads < 1:
         sys.exit("--threads must be at least 1")
+    if arguments.min_time <= 0:
+        sys.exit(f"--min-time must be positive, got {arguments.min_time}")
+    if not os.access(arguments.moa_bench, os.X_OK):
+        sys.exit(f"no moa_bench at {arguments.moa_bench}: build it with `cmake --workflow --preset bench`, "
+                 "or pass --moa-bench")
     config = torch.__config__.show()
     if "BLAS_INFO=generic" in config:
         try:
