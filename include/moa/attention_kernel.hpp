@@ -178,8 +178,6 @@ void attention_forward_with(Index head_dim, const AttentionLayout& layout, Matri
   });
 }
 
-}  // namespace detail
-
 // Where a layer's forward puts its attention probabilities: into `kept` ([rows, keys], every row,
 // for backward), or with kept null (inference) into one buffer per thread, reused from part to part
 // so that it stays in cache (the probabilities of a batch can be far larger than the batch).
@@ -203,6 +201,8 @@ class AttentionProbabilities {
   Index keys_;
   std::vector<Matrix<Scalar>> per_thread_;
 };
+
+}  // namespace detail
 
 // queries: [R, d_h], keys/values: [S, d_h] with S >= key_length, probabilities: [R, S] (only the
 // computed key runs are written), output: [R, d_h] (rows past R of the layout are left alone). The

@@ -198,7 +198,7 @@ class MixtureOfAttention {
     pass.values = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision);  // [B*Tk, d_h]
     pass.projections.project_in(*compute_, query, pass.plan, routing.tokens, q_proj.value, config_.head_dim,
                                 pass.queries, precision);  // [A, d_h]
-    AttentionProbabilities<Scalar> probabilities(pass.for_backward ? &pass.probabilities : nullptr, assignments,
+    detail::AttentionProbabilities<Scalar> probabilities(pass.for_backward ? &pass.probabilities : nullptr, assignments,
                                                  key_batch.length, compute_->threads());  // [A, Tk]
     pass.attended.resize(assignments, config_.head_dim);        // [A, d_h], rows of routed tokens written
     pass.flops = projection_flops(query.rows(), key_value.rows(), pass.plan.assignments());

@@ -416,7 +416,7 @@ class MixtureOfHeads {
     pass.values = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision);  // [B*Tk, H*d_h]
     pass.projections.project_in(*compute_, query, pass.plan, assigned.tokens, q_proj.value, head_dim, pass.queries,
                                 precision);                // [A, d_h]
-    AttentionProbabilities<Scalar> probabilities(pass.for_backward ? &pass.probabilities : nullptr, rows, key_length,
+    detail::AttentionProbabilities<Scalar> probabilities(pass.for_backward ? &pass.probabilities : nullptr, rows, key_length,
                                                  compute_->threads());  // [A, Tk]
     pass.attended.resize(rows, head_dim);                 // [A, d_h]
     pass.flops = projection_flops(query.rows(), key_value.rows(), rows);

@@ -225,7 +225,7 @@ class MultiHeadAttention {
     pass.keys = linear_product<Scalar>(*compute_, key_value, k_proj.value, precision);    // [B*Tk, h*d_h]
     pass.values = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision);  // [B*Tk, h*d_h]
     const Index heads = config_.num_heads, head_dim = config_.head_dim;
-    AttentionProbabilities<Scalar> probabilities(pass.for_backward ? &pass.probabilities : nullptr,
+    detail::AttentionProbabilities<Scalar> probabilities(pass.for_backward ? &pass.probabilities : nullptr,
                                                  query_batch.batch_size * heads * query_batch.length, key_batch.length,
                                                  compute_->threads());  // [B*h*Tq, Tk]
     pass.attended = Matrix<Scalar>::Zero(query.rows(), width());  // [B*Tq, h*d_h]
