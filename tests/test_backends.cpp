@@ -472,3 +472,72 @@ TEST_CASE("set_compute refuses a null compute, naming the layer", "[backend]") {
   // The layer still works on its previous compute.
   REQUIRE(linear.forward(MatrixF::Ones(2, 3)).allFinite());
 }
+
+#ifdef MOA_TEST_HAVE_DNNL
+TEST_CASE("oneDNN packed weights: inference reuses them, and every change of the weights is seen",
+          "[moa][moh][mha][backend]") {
+  // Products large enough for oneDNN (smaller ones go to Eigen, which packs nothing).
+  const auto batch = moa::SequenceBatch::padded(64, {64, 50});
+  moa::Rng rng(3);
+  const MatrixF input = random_matrix<float>(batch.rows(), 128, rng);
+  const MatrixF grad_output = random_matrix<float>(batch.rows(), 128, rng);
+  const auto eigen = std::make_shared<moa::Compute>(std::make_shared<moa::EigenGemm>(), 1);
+  auto check_layer = [&](auto& layer, const moa::ComputePtr& compute, double tolerance) {
+    const auto* backend = dynamic_cast<const moa::DnnlGemm*>(&compute->backend());
+    REQUIRE(backend != nullptr);
+    moa::Adam<float> adam(moa::pack_parameters(layer));
+    layer.set_compute(compute);
+    // The layer's inference against a copy's on Eigen, twice (the second from the packed copies).
+    auto require_current = [&](const char* after) {
+      INFO("after " << after);
+      layer.set_training(false);
+      auto reference = layer;
+      reference.set_compute(eigen);
+      const MatrixF expected = reference.infer(input, batch, input, batch, true);
+      const MatrixF first = layer.infer(input, batch, input, batch, true);
+      REQUIRE(relative_error(first.template cast<double>(), expected.template cast<double>()) < tolerance);
+      REQUIRE(backend->packed_bytes() > 0);
+      REQUIRE(layer.infer(input, batch, input, batch, true) == first);
+    };
+    require_current("building");
+    layer.set_training(true);
+    layer.forward_self(input, batch, true);
+    layer.backward_self(grad_output);
+    adam.step(1e-2);
+    require_current("an optimizer step");
+    layer.q_proj.value *= 0.5f;
+    layer.q_proj.touch();
+    require_current("writing the query weights and touching them");
+    for (const auto& entry : moa::parameters_of(layer)) entry.value() *= 1.25f;
+    require_current("writing every parameter through a ParameterList");
+  };
+  std::vector<std::pair<moa::ComputePtr, double>> computes;
+  for (int threads : {1, 2})
+    computes.emplace_back(std::make_shared<moa::Compute>(std::make_shared<moa::DnnlGemm>(), threads), 1e-5);
+  if (moa::DnnlGemm().has_bf16())
+    computes.emplace_back(std::make_shared<moa::Compute>(std::make_shared<moa::DnnlGemm>(), 1, moa::Precision::bf16),
+                          1e-2);
+  for (const auto& [compute, tolerance] : computes) {
+    INFO("threads " << compute->threads() << ", tolerance " << tolerance);
+    moa::MixtureOfAttentionConfig moa_config;
+    moa_config.model_dim = 128;
+    moa_config.num_experts = 4;
+    moa_config.top_k = 2;
+    moa_config.head_dim = 64;
+    moa::MixtureOfAttention<float> moa_layer(moa_config, rng);
+    moa::init_normal(moa_layer.router.weight, rng, 0.0, 0.5);
+    check_layer(moa_layer, compute, tolerance);
+    moa::MixtureOfHeadsConfig moh_config;
+    moh_config.model_dim = 128;
+    moh_config.shared_heads = 1;
+    moh_config.routed_heads = 4;
+    moh_config.top_k = 1;
+    moh_config.head_dim = 64;
+    moa::MixtureOfHeads<float> moh_layer(moh_config, rng);
+    moa::init_normal(moh_layer.router.weight, rng, 0.0, 0.5);
+    check_layer(moh_layer, compute, tolerance);
+    moa::MultiHeadAttention<float> mha_layer({128, 2, 64}, rng);
+    check_layer(mha_layer, compute, tolerance);
+  }
+}
+#endif

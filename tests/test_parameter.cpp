@@ -71,3 +71,31 @@ TEST_CASE("Parameter copies are independent; assigning the same shape keeps the 
   REQUIRE(c.value.isConstant(2.0f));
   REQUIRE(b.value.size() == 0);
 }
+
+TEST_CASE("Parameter versions: every write the library makes changes them, reads do not", "[parameter]") {
+  moa::Rng rng(0);
+  moa::FeedForward<float> ffn(4, 8, moa::Activation::relu, rng);
+  moa::Parameter<float>& weight = ffn.fc1.weight;
+  auto changed = [&](auto&& write) {
+    const std::uint64_t before = weight.version();
+    write();
+    return weight.version() != before;
+  };
+  REQUIRE(weight.version() != 0);
+  REQUIRE(changed([&] { moa::init_normal(weight, rng, 0.0, 1.0); }));
+  REQUIRE(changed([&] { weight.touch(); }));
+  moa::Parameter<float> other("other", weight.shape);
+  REQUIRE(other.version() != weight.version());  // storage of its own: a version of its own
+  REQUIRE(changed([&] { weight = other; }));     // same shape: numbers copied into this memory
+  auto list = moa::parameters_of(ffn);
+  REQUIRE(changed([&] { list[0].value().setZero(); }));
+  REQUIRE_FALSE(changed([&] { REQUIRE(list[0].values().sum() == 0.0f); }));
+  REQUIRE_FALSE(changed([&] { list[0].grad().setOnes(); }));
+  // Packed: one block, one version; the optimizer's flat update changes it.
+  auto packed = moa::pack_parameters(ffn);
+  REQUIRE(packed.contiguous());
+  moa::Adam<float> adam(packed);
+  REQUIRE(changed([&] { adam.step(1e-3); }));
+  REQUIRE(changed([&] { packed.flat_values(); }));
+  REQUIRE(ffn.fc2.bias.version() == weight.version());
+}

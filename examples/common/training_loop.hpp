@@ -383,7 +383,7 @@ class TrainingLoop {
     if (!settings_.distributed.is_parallel()) return;
     std::uint64_t hash = 1469598103934665603ULL;  // FNV-1a over the parameters' bits
     for (std::size_t i = 0; i < parameters_.size(); ++i) {
-      const auto* bytes = reinterpret_cast<const unsigned char*>(parameters_[i].value().data());
+      const auto* bytes = reinterpret_cast<const unsigned char*>(parameters_[i].values().data());
       const std::size_t count = static_cast<std::size_t>(parameters_[i].numel()) * sizeof(Scalar);
       for (std::size_t b = 0; b < count; ++b) hash = (hash ^ bytes[b]) * 1099511628211ULL;
     }

@@ -175,18 +175,19 @@ inline void gemm_bfloat16_weight(const ConstMatrixRef<float>& a, const BFloat16W
 constexpr Index kRoundedWeightRows = 16;
 
 // c = a W^T (or c += with accumulate) for the float weight W [n, k], or for block `block` of its
-// rounded copy when there is one (rounded not null) and a has few rows.
+// rounded copy when there is one (rounded not null) and a has few rows. weight_version: W's
+// version (inference: the backend may keep W repacked), or 0.
 template <typename Scalar>
 void weight_product(const Compute& compute, const ConstMatrixRef<Scalar>& a, const ConstMatrixRef<Scalar>& weight,
                     const BFloat16Weight* rounded, Index block, MatrixRef<Scalar> c, bool accumulate,
-                    Precision precision) {
+                    Precision precision, std::uint64_t weight_version = 0) {
   if constexpr (std::is_same_v<Scalar, float>) {
     if (rounded != nullptr && a.rows() <= kRoundedWeightRows) {
       gemm_bfloat16_weight(a, *rounded, block, c, accumulate);
       return;
     }
   }
-  gemm<Scalar>(compute, a, Transpose::no, weight, Transpose::yes, c, accumulate, precision);
+  gemm<Scalar>(compute, a, Transpose::no, weight, Transpose::yes, c, accumulate, precision, weight_version);
 }
 
 // input W^T as a new matrix [N, out], as linear_product, from the rounded weight when it serves.

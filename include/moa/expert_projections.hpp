@@ -21,6 +21,7 @@
 #include "moa/top_k.hpp"
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 namespace moa {
@@ -29,11 +30,13 @@ template <typename Scalar>
 class ExpertProjections {
  public:
   // queries: [A, d_h]; row a = input[tokens[a]] Wq_e^T for e = the expert of a. weights: [E*d_h,
-  // d_model] (expert e's rows e*d_h ..); rounded: their bfloat16 copy for decoding, or null.
+  // d_model] (expert e's rows e*d_h ..); rounded: their bfloat16 copy for decoding, or null;
+  // weights_version: their version when the backend may keep them repacked (inference), else 0.
   // Rows of assignments the plan skips (padding) are left unwritten.
   void project_in(const Compute& compute, const Matrix<Scalar>& input, const DispatchPlan& plan,
                   const std::vector<Index>& tokens, const ConstMatrixRef<Scalar>& weights, Index head_dim,
-                  Matrix<Scalar>& queries, Precision precision, const BFloat16Weight* rounded = nullptr) {
+                  Matrix<Scalar>& queries, Precision precision, const BFloat16Weight* rounded = nullptr,
+                  std::uint64_t weights_version = 0) {
     queries.resize(static_cast<Index>(tokens.size()), head_dim);
     // Experts write disjoint rows: each one a part of its own.
     const bool parallel = experts_in_parallel(compute, plan, input.cols() * head_dim);
@@ -47,11 +50,11 @@ class ExpertProjections {
       parallel_ranges(compute, count, kRowGrain, [&](Index first, Index rows, int) {
         if (everyone) {
           weight_product<Scalar>(compute, input.middleRows(first, rows), weight, rounded, e,
-                                 projected.middleRows(first, rows), false, precision);
+                                 projected.middleRows(first, rows), false, precision, weights_version);
         } else {
           for (Index i = first; i < first + rows; ++i) inputs.row(i) = input.row(tokens[ids[i]]);
           weight_product<Scalar>(compute, inputs.middleRows(first, rows), weight, rounded, e,
-                                 projected.middleRows(first, rows), false, precision);
+                                 projected.middleRows(first, rows), false, precision, weights_version);
         }
         for (Index i = first; i < first + rows; ++i) queries.row(ids[i]) = projected.row(i);
       });
@@ -63,7 +66,7 @@ class ExpertProjections {
   Matrix<Scalar> project_out(const Compute& compute, const Matrix<Scalar>& attended, const Scalar* gates,
                              const std::vector<Index>& tokens, const DispatchPlan& plan,
                              const ConstMatrixRef<Scalar>& weights, Index rows, Precision precision,
-                             const BFloat16Weight* rounded = nullptr) {
+                             const BFloat16Weight* rounded = nullptr, std::uint64_t weights_version = 0) {
     const Index head_dim = attended.cols(), model = weights.rows() / std::max<Index>(plan.num_experts, 1);
     // In parallel, each expert's rows go to its assignments' rows, then each token adds up its own;
     // otherwise experts add into the token rows one after another.
@@ -79,11 +82,11 @@ class ExpertProjections {
         for (Index i = first; i < first + slice; ++i) scaled.row(i) = gates[ids[i]] * attended.row(ids[i]);
         if (!parallel && count == rows) {  // every token chose e: accumulate in place
           weight_product<Scalar>(compute, scaled.middleRows(first, slice), weight, rounded, e,
-                                 output.middleRows(first, slice), true, precision);
+                                 output.middleRows(first, slice), true, precision, weights_version);
           return;
         }
         weight_product<Scalar>(compute, scaled.middleRows(first, slice), weight, rounded, e,
-                               projected.middleRows(first, slice), false, precision);
+                               projected.middleRows(first, slice), false, precision, weights_version);
         add_rows(parallel, ids, first, slice, tokens, projected, output);
       });
     });

@@ -18,6 +18,7 @@
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -43,6 +44,9 @@ struct GemmCall {
   Index ldc = 0;
   bool accumulate = false;
   Precision precision = Precision::f32;  // bf16 only where the caller allows it and the backend has it
+  // A version of b's values that changes whenever they do (a Parameter's version()), or 0 when
+  // unknown: while it holds, a backend may reuse b repacked for its kernels.
+  std::uint64_t b_version = 0;
 };
 
 class GemmBackend {
@@ -354,7 +358,7 @@ using ConstMatrixRef = Eigen::Ref<const Matrix<Scalar>, 0, Eigen::OuterStride<>>
 template <typename Scalar>
 void gemm(const Compute& compute, const ConstMatrixRef<Scalar>& a, Transpose transpose_a,
           const ConstMatrixRef<Scalar>& b, Transpose transpose_b, MatrixRef<Scalar> c, bool accumulate = false,
-          Precision precision = Precision::f32) {
+          Precision precision = Precision::f32, std::uint64_t b_version = 0) {
   const Index m = transpose_a == Transpose::no ? a.rows() : a.cols();
   const Index k = transpose_a == Transpose::no ? a.cols() : a.rows();
   const Index b_k = transpose_b == Transpose::no ? b.rows() : b.cols();
@@ -377,6 +381,7 @@ void gemm(const Compute& compute, const ConstMatrixRef<Scalar>& a, Transpose tra
     call.ldc = c.outerStride();
     call.accumulate = accumulate;
     call.precision = precision;
+    call.b_version = b_version;
     if (k == 0) {
       if (!accumulate) c.setZero();
       return;
@@ -389,11 +394,13 @@ void gemm(const Compute& compute, const ConstMatrixRef<Scalar>& a, Transpose tra
 }
 
 // The product x W^T of a layer with weight W [out, in]: input [N, in] -> [N, out], a new matrix.
+// weight_version: W's version where the backend may keep W repacked (inference), else 0.
 template <typename Scalar>
 Matrix<Scalar> linear_product(const Compute& compute, const ConstMatrixRef<Scalar>& input,
-                              const ConstMatrixRef<Scalar>& weight, Precision precision = Precision::f32) {
+                              const ConstMatrixRef<Scalar>& weight, Precision precision = Precision::f32,
+                              std::uint64_t weight_version = 0) {
   Matrix<Scalar> output(input.rows(), weight.rows());  // [N, out]
-  gemm<Scalar>(compute, input, Transpose::no, weight, Transpose::yes, output, false, precision);
+  gemm<Scalar>(compute, input, Transpose::no, weight, Transpose::yes, output, false, precision, weight_version);
   return output;
 }
 

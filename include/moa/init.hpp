@@ -44,16 +44,19 @@ void init_xavier_uniform(Parameter<Scalar>& parameter, Rng& rng, double gain = 1
   const Index fan_in = parameter.shape[parameter.shape.size() - 1];
   const Index fan_out = parameter.shape[parameter.shape.size() - 2];
   init_xavier_uniform(parameter.value, rng, fan_in, fan_out, gain);
+  parameter.touch();
 }
 
 template <typename Scalar>
 void init_normal(Parameter<Scalar>& parameter, Rng& rng, double mean, double stddev) {
   init_normal(parameter.value, rng, mean, stddev);
+  parameter.touch();
 }
 
 template <typename Scalar>
 void init_zeros(Parameter<Scalar>& parameter) {
   parameter.value.setZero();
+  parameter.touch();
 }
 
 }  // namespace moa

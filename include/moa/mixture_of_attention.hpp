@@ -194,10 +194,12 @@ class MixtureOfAttention {
                              const Routing& routing, Precision precision, ForwardPass& pass) const {
     const Index assignments = static_cast<Index>(routing.experts.size());
     pass.plan = DispatchPlan::build(routing.experts, config_.num_experts, slots_per_row());
-    pass.keys = linear_product<Scalar>(*compute_, key_value, k_proj.value, precision);    // [B*Tk, d_h]
-    pass.values = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision);  // [B*Tk, d_h]
+    // Inference lets the backend keep the weights repacked, until their versions change.
+    const auto version = [&](const Parameter<Scalar>& weight) { return pass.for_backward ? 0 : weight.version(); };
+    pass.keys = linear_product<Scalar>(*compute_, key_value, k_proj.value, precision, version(k_proj));    // [B*Tk, d_h]
+    pass.values = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision, version(v_proj));  // [B*Tk, d_h]
     pass.projections.project_in(*compute_, query, pass.plan, routing.tokens, q_proj.value, config_.head_dim,
-                                pass.queries, precision);  // [A, d_h]
+                                pass.queries, precision, nullptr, version(q_proj));  // [A, d_h]
     detail::AttentionProbabilities<Scalar> probabilities(pass.for_backward ? &pass.probabilities : nullptr, assignments,
                                                  key_batch.length, compute_->threads());  // [A, Tk]
     pass.attended.resize(assignments, config_.head_dim);        // [A, d_h], rows of routed tokens written
@@ -238,7 +240,7 @@ class MixtureOfAttention {
       }
     }
     return pass.projections.project_out(*compute_, pass.attended, routing.gates.data(), routing.tokens, pass.plan,
-                                        o_proj.value, query.rows(), precision);
+                                        o_proj.value, query.rows(), precision, nullptr, version(o_proj));
   }
 
  public:
@@ -370,7 +372,7 @@ class MixtureOfAttention {
     ExpertProjections<Scalar> projections;  // a step changes nothing in the layer
     Matrix<Scalar> queries;                 // [B*n*k, d_h]
     projections.project_in(*compute_, input, plan, routing.tokens, q_proj.value, config_.head_dim, queries, precision,
-                           cache.rounded_weight(cache.kQueryWeight));
+                           cache.rounded_weight(cache.kQueryWeight), q_proj.version());
     Matrix<Scalar> attended(input.rows() * k, config_.head_dim);                // [B*n*k, d_h]
     Matrix<Scalar> probabilities(steps * k, cache.capacity());                  // [n*k, capacity]
     double flops = projection_flops(input.rows(), cache.frozen() ? 0 : input.rows(), plan.assignments());
@@ -411,7 +413,7 @@ class MixtureOfAttention {
     }
     cache.set_last_step_flops(flops);
     return projections.project_out(*compute_, attended, routing.gates.data(), routing.tokens, plan, o_proj.value,
-                                   input.rows(), precision, cache.rounded_weight(cache.kOutputWeight));
+                                   input.rows(), precision, cache.rounded_weight(cache.kOutputWeight), o_proj.version());
   }
 
   void collect_parameters(ParameterList<Scalar>& list, const std::string& prefix = "") {

@@ -257,7 +257,7 @@ class MixtureOfHeads {
     ExpertProjections<Scalar> projections;  // a step changes nothing in the layer
     Matrix<Scalar> queries;                 // [A, d_h]
     projections.project_in(*compute_, input, plan, assigned.tokens, q_proj.value, head_dim, queries, precision,
-                           cache.rounded_weight(cache.kQueryWeight));
+                           cache.rounded_weight(cache.kQueryWeight), q_proj.version());
     const Index rows = static_cast<Index>(assigned.tokens.size());
     Matrix<Scalar> attended(rows, head_dim);                // [A, d_h]
     Matrix<Scalar> probabilities(rows, cache.capacity());  // [A, capacity]
@@ -280,7 +280,7 @@ class MixtureOfHeads {
     }
     cache.set_last_step_flops(flops);
     return projections.project_out(*compute_, attended, assigned.gates.data(), assigned.tokens, plan, o_proj.value,
-                                   input.rows(), precision, cache.rounded_weight(cache.kOutputWeight));
+                                   input.rows(), precision, cache.rounded_weight(cache.kOutputWeight), o_proj.version());
   }
 
   void collect_parameters(ParameterList<Scalar>& list, const std::string& prefix = "") {
@@ -412,10 +412,12 @@ class MixtureOfHeads {
     const Assignments& assigned = pass.assigned;
     const Index rows = static_cast<Index>(assigned.tokens.size());
     pass.plan = DispatchPlan::build(assigned.heads, heads, 1);
-    pass.keys = linear_product<Scalar>(*compute_, key_value, k_proj.value, precision);    // [B*Tk, H*d_h]
-    pass.values = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision);  // [B*Tk, H*d_h]
+    // Inference lets the backend keep the weights repacked, until their versions change.
+    const auto version = [&](const Parameter<Scalar>& weight) { return pass.for_backward ? 0 : weight.version(); };
+    pass.keys = linear_product<Scalar>(*compute_, key_value, k_proj.value, precision, version(k_proj));    // [B*Tk, H*d_h]
+    pass.values = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision, version(v_proj));  // [B*Tk, H*d_h]
     pass.projections.project_in(*compute_, query, pass.plan, assigned.tokens, q_proj.value, head_dim, pass.queries,
-                                precision);                // [A, d_h]
+                                precision, nullptr, version(q_proj));  // [A, d_h]
     detail::AttentionProbabilities<Scalar> probabilities(pass.for_backward ? &pass.probabilities : nullptr, rows, key_length,
                                                  compute_->threads());  // [A, Tk]
     pass.attended.resize(rows, head_dim);                 // [A, d_h]
@@ -437,7 +439,7 @@ class MixtureOfHeads {
           static_cast<double>(group_layout(assigned, key_batch, causal, pair / heads, pair % heads).visible_pairs()),
           static_cast<double>(head_dim));
     return pass.projections.project_out(*compute_, pass.attended, assigned.gates.data(), assigned.tokens, pass.plan,
-                                        o_proj.value, query.rows(), precision);
+                                        o_proj.value, query.rows(), precision, nullptr, version(o_proj));
   }
 
   // From the gradients of the A gates to the three routers; adds their input gradient to

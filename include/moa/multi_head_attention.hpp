@@ -221,9 +221,11 @@ class MultiHeadAttention {
   Matrix<Scalar> run_forward(const Matrix<Scalar>& query, const SequenceBatch& query_batch,
                              const Matrix<Scalar>& key_value, const SequenceBatch& key_batch, bool causal,
                              Precision precision, ForwardPass& pass) const {
-    pass.queries = linear_product<Scalar>(*compute_, query, q_proj.value, precision);    // [B*Tq, h*d_h]
-    pass.keys = linear_product<Scalar>(*compute_, key_value, k_proj.value, precision);    // [B*Tk, h*d_h]
-    pass.values = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision);  // [B*Tk, h*d_h]
+    // Inference lets the backend keep the weights repacked, until their versions change.
+    const auto version = [&](const Parameter<Scalar>& weight) { return pass.for_backward ? 0 : weight.version(); };
+    pass.queries = linear_product<Scalar>(*compute_, query, q_proj.value, precision, version(q_proj));    // [B*Tq, h*d_h]
+    pass.keys = linear_product<Scalar>(*compute_, key_value, k_proj.value, precision, version(k_proj));    // [B*Tk, h*d_h]
+    pass.values = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision, version(v_proj));  // [B*Tk, h*d_h]
     const Index heads = config_.num_heads, head_dim = config_.head_dim;
     detail::AttentionProbabilities<Scalar> probabilities(pass.for_backward ? &pass.probabilities : nullptr,
                                                  query_batch.batch_size * heads * query_batch.length, key_batch.length,
@@ -245,7 +247,7 @@ class MultiHeadAttention {
     for (Index b = 0; b < query_batch.batch_size; ++b)
       pass.flops += cost::attention(static_cast<double>(layout_of(query_batch, key_batch, causal, b).visible_pairs() * heads),
                                     static_cast<double>(head_dim));
-    return linear_product<Scalar>(*compute_, pass.attended, o_proj.value, precision);
+    return linear_product<Scalar>(*compute_, pass.attended, o_proj.value, precision, version(o_proj));
   }
 
   AttentionLayout layout_of(const SequenceBatch& query_batch, const SequenceBatch& key_batch, bool causal,

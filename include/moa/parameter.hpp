@@ -22,6 +22,8 @@
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <new>
@@ -35,11 +37,32 @@ namespace moa {
 template <typename Scalar>
 using ParameterView = Eigen::Map<Matrix<Scalar>>;
 
+namespace detail {
+// Versions are unique in the process, so memory freed and reused never meets an old version.
+inline std::uint64_t next_parameter_version() {
+  static std::atomic<std::uint64_t> last{0};
+  return last.fetch_add(1, std::memory_order_relaxed) + 1;
+}
+}  // namespace detail
+
 // Parameter memory: aligned for the widest SIMD Eigen was built for, and every tensor in it starts
 // at a multiple of kParameterAlignment elements. Eigen's reductions split work by address
 // alignment, so without this a sum over a parameter could round differently from run to run.
+//
+// The storage carries a version that changes whenever its values may have: a backend may keep a
+// weight repacked for its kernels (oneDNN, in inference) for as long as the version holds. Every
+// write the library makes touches it: optimizer steps, loaders, init_*, and any writable view a
+// ParameterList hands out. Code that writes a Parameter's value view itself calls touch().
 template <typename Scalar>
-using ParameterStorage = std::vector<Scalar, Eigen::aligned_allocator<Scalar>>;
+class ParameterStorage : public std::vector<Scalar, Eigen::aligned_allocator<Scalar>> {
+ public:
+  using std::vector<Scalar, Eigen::aligned_allocator<Scalar>>::vector;
+  std::uint64_t version() const { return version_; }
+  void touch() { version_ = detail::next_parameter_version(); }
+
+ private:
+  std::uint64_t version_ = detail::next_parameter_version();
+};
 constexpr Index kParameterAlignment = 16;
 inline Index aligned_extent(Index count) { return (count + kParameterAlignment - 1) / kParameterAlignment * kParameterAlignment; }
 
@@ -88,6 +111,7 @@ class Parameter {
     if (storage_ != nullptr && other.storage_ != nullptr && shape == other.shape) {
       value = other.value;
       grad = other.grad;
+      touch();
       return *this;
     }
     Parameter copy(other);
@@ -108,6 +132,12 @@ class Parameter {
   }
 
   void zero_grad() { grad.setZero(); }
+
+  // The version of the values (see ParameterStorage): call touch() after writing `value` directly.
+  std::uint64_t version() const { return storage_ == nullptr ? 0 : storage_->version(); }
+  void touch() {
+    if (storage_ != nullptr) storage_->touch();
+  }
 
   // The storage the views point into (for ParameterList and pack_parameters).
   const std::shared_ptr<ParameterStorage<Scalar>>& storage() const { return storage_; }
@@ -147,7 +177,13 @@ class ParameterList {
     std::string name;          // full dotted name
     std::vector<Index> shape;  // logical shape
 
-    ParameterView<Scalar> value() const { return ParameterView<Scalar>(value_, rows_, cols_); }
+    // A writable view of the values: handing it out counts as a change (touches the version).
+    ParameterView<Scalar> value() const {
+      storage_->touch();
+      return ParameterView<Scalar>(value_, rows_, cols_);
+    }
+    // The values, read only (no touch).
+    Eigen::Map<const Matrix<Scalar>> values() const { return Eigen::Map<const Matrix<Scalar>>(value_, rows_, cols_); }
     ParameterView<Scalar> grad() const { return ParameterView<Scalar>(grad_, rows_, cols_); }
     Index numel() const { return rows_ * cols_; }
 
@@ -223,7 +259,11 @@ class ParameterList {
     return contiguous() ? static_cast<Index>(entries_.back().value_ - entries_.front().value_) + entries_.back().numel() : 0;
   }
   Index flat_offset(std::size_t i) const { return static_cast<Index>(entries_[i].value_ - entries_.front().value_); }
-  ParameterView<Scalar> flat_values() const { return flat(contiguous() ? entries_.front().value_ : nullptr); }
+  // Writable, so it touches the block's version.
+  ParameterView<Scalar> flat_values() const {
+    if (contiguous()) entries_.front().storage_->touch();
+    return flat(contiguous() ? entries_.front().value_ : nullptr);
+  }
   ParameterView<Scalar> flat_grads() const { return flat(contiguous() ? entries_.front().grad_ : nullptr); }
 
   void zero_grad() const {

@@ -15,6 +15,11 @@
 //
 // bf16: where the CPU has AVX512-BF16 or AMX, a product the caller allows (evaluation forwards)
 // converts its inputs to bfloat16 and accumulates in f32.
+//
+// Packed weights: a call that gives B's version (GemmCall::b_version: inference with a layer's
+// weight) reuses B reordered into the layout the primitive's kernel reads, kept until the version
+// changes. Otherwise oneDNN copies B into that layout on every call, which for narrow experts
+// (64 rows of 64 experts) costs as much as a sixth of the layer.
 #pragma once
 
 #include "moa/bfloat16.hpp"
@@ -27,6 +32,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <tuple>
@@ -43,6 +49,11 @@ class DnnlGemm final : public GemmBackend {
   }
 
   std::string name() const override { return "onednn"; }
+  // Bytes of packed weight copies held (see "Packed weights" above).
+  std::size_t packed_bytes() const {
+    std::lock_guard<std::mutex> lock(packed_mutex_);
+    return packed_bytes_;
+  }
   bool has_bf16() const override { return has_bf16_; }
 
   void sgemm(const GemmCall& call) const override {
@@ -56,23 +67,26 @@ class DnnlGemm final : public GemmBackend {
       return;
     }
     const SingleThreaded single;
-    const float* a = call.a;
-    const float* b = call.b;
+    const bool packed = call.b_version != 0;  // B is read from its packed copy (reordered from the floats)
     Index lda = call.lda, ldb = call.ldb;
     thread_local std::vector<std::uint16_t> a_bf16, b_bf16;
     if (bf16) {  // contiguous bf16 copies in the same orientation
       const Index a_rows = call.transpose_a == Transpose::no ? call.m : call.k;
       const Index a_cols = call.transpose_a == Transpose::no ? call.k : call.m;
-      const Index b_rows = call.transpose_b == Transpose::no ? call.k : call.n;
-      const Index b_cols = call.transpose_b == Transpose::no ? call.n : call.k;
       to_bf16(call.a, a_rows, a_cols, call.lda, a_bf16);
-      to_bf16(call.b, b_rows, b_cols, call.ldb, b_bf16);
       lda = a_cols;
-      ldb = b_cols;
+      if (!packed) {
+        const Index b_rows = call.transpose_b == Transpose::no ? call.k : call.n;
+        const Index b_cols = call.transpose_b == Transpose::no ? call.n : call.k;
+        to_bf16(call.b, b_rows, b_cols, call.ldb, b_bf16);
+        ldb = b_cols;
+      }
     }
-    const void* a_data = bf16 ? static_cast<const void*>(a_bf16.data()) : static_cast<const void*>(a);
-    const void* b_data = bf16 ? static_cast<const void*>(b_bf16.data()) : static_cast<const void*>(b);
-    const std::size_t element = bf16 ? sizeof(std::uint16_t) : sizeof(float);
+    const bool b_bf16_copy = bf16 && !packed;
+    const void* a_data = bf16 ? static_cast<const void*>(a_bf16.data()) : static_cast<const void*>(call.a);
+    const void* b_data = b_bf16_copy ? static_cast<const void*>(b_bf16.data()) : static_cast<const void*>(call.b);
+    const std::size_t a_element = bf16 ? sizeof(std::uint16_t) : sizeof(float);
+    const std::size_t b_element = b_bf16_copy ? sizeof(std::uint16_t) : sizeof(float);
     // Every dimension in pieces of few sizes (see piece()), so changing row counts (experts,
     // batches) and token counts inside weight gradients reuse few primitives. Pieces of the inner
     // dimension accumulate into C one after another.
@@ -97,8 +111,8 @@ class DnnlGemm final : public GemmBackend {
             detail::eigen_gemm<float>(call.transpose_a, call.transpose_b, m_size, n_size, k_size, call.a + a_offset, lda,
                                       call.b + b_offset, ldb, call.c + m0 * call.ldc + n0, call.ldc, part.accumulate);
           } else {
-            run_piece(part, bf16, static_cast<const char*>(a_data) + a_offset * element, lda,
-                      static_cast<const char*>(b_data) + b_offset * element, ldb, call.c + m0 * call.ldc + n0);
+            run_piece(part, bf16, static_cast<const char*>(a_data) + a_offset * a_element, lda,
+                      static_cast<const char*>(b_data) + b_offset * b_element, ldb, call.c + m0 * call.ldc + n0);
           }
           m0 += m_size;
         }
@@ -144,18 +158,19 @@ class DnnlGemm final : public GemmBackend {
   static constexpr Index kMinBf16Rows = 32;
 
   struct Key {
-    bool transpose_a, transpose_b, accumulate, bf16;
+    bool transpose_a, transpose_b, accumulate, bf16, packed;  // packed: B in the kernel's layout (ldb 0)
     Index m, n, k, lda, ldb, ldc;
     bool operator==(const Key& other) const {
       return transpose_a == other.transpose_a && transpose_b == other.transpose_b && accumulate == other.accumulate &&
-             bf16 == other.bf16 && m == other.m && n == other.n && k == other.k && lda == other.lda &&
-             ldb == other.ldb && ldc == other.ldc;
+             bf16 == other.bf16 && packed == other.packed && m == other.m && n == other.n && k == other.k &&
+             lda == other.lda && ldb == other.ldb && ldc == other.ldc;
     }
   };
   struct KeyHash {
     std::size_t operator()(const Key& key) const {
       std::size_t hash = static_cast<std::size_t>(key.transpose_a) | static_cast<std::size_t>(key.transpose_b) << 1 |
-                         static_cast<std::size_t>(key.accumulate) << 2 | static_cast<std::size_t>(key.bf16) << 3;
+                         static_cast<std::size_t>(key.accumulate) << 2 | static_cast<std::size_t>(key.bf16) << 3 |
+                         static_cast<std::size_t>(key.packed) << 4;
       for (const Index value : {key.m, key.n, key.k, key.lda, key.ldb, key.ldc})
         hash = hash * 1000003u ^ static_cast<std::size_t>(value);
       return hash;
@@ -182,8 +197,9 @@ class DnnlGemm final : public GemmBackend {
 
   std::shared_ptr<const Entry> entry(const GemmCall& call, bool bf16, Index lda, Index ldb) const {
     const Index rows = call.m;
-    const Key key{call.transpose_a == Transpose::yes, call.transpose_b == Transpose::yes, call.accumulate, bf16,
-                  rows, call.n, call.k, lda, ldb, call.ldc};
+    const bool packed = call.b_version != 0;
+    const Key key{call.transpose_a == Transpose::yes, call.transpose_b == Transpose::yes, call.accumulate, bf16, packed,
+                  rows, call.n, call.k, lda, packed ? 0 : ldb, call.ldc};
     std::lock_guard<std::mutex> lock(mutex_);
     auto found = cache_.find(key);
     if (found != cache_.end()) return found->second;
@@ -198,7 +214,8 @@ class DnnlGemm final : public GemmBackend {
     auto created = std::make_shared<Entry>();
     created->id = next_id.fetch_add(1);
     created->a = dnnl::memory::desc({rows, call.k}, input_type, a_strides);
-    created->b = dnnl::memory::desc({call.k, call.n}, input_type, b_strides);
+    created->b = packed ? dnnl::memory::desc({call.k, call.n}, input_type, dnnl::memory::format_tag::any)
+                        : dnnl::memory::desc({call.k, call.n}, input_type, b_strides);
     created->c = dnnl::memory::desc({rows, call.n}, dt::f32, dnnl::memory::dims{call.ldc, 1});
     dnnl::primitive_attr attributes;
     attributes.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // per-thread scratch: safe across threads
@@ -210,14 +227,70 @@ class DnnlGemm final : public GemmBackend {
     const dnnl::matmul::primitive_desc descriptor(dnnl::matmul::desc(created->a, created->b, created->c), attributes,
                                                   engine_);
     created->primitive = dnnl::matmul(descriptor);
+    if (packed) created->b = descriptor.weights_desc();  // the layout the kernel chose
     created->scratch = descriptor.scratchpad_desc();
     cache_.emplace(key, created);
     return created;
   }
 
+  // A weight reordered into a kernel's layout, for one version of it.
+  struct Packed {
+    std::uint64_t version = 0;
+    dnnl::memory::desc layout;
+    std::vector<char> bytes;  // 64 more than the layout needs, for alignment
+    const void* data() const {
+      const auto address = reinterpret_cast<std::uintptr_t>(bytes.data());
+      return bytes.data() + ((64 - address % 64) % 64);
+    }
+  };
+  // B's place (pointer, orientation, extent, stride), with the inputs' type.
+  using PackedKey = std::tuple<const void*, bool, bool, Index, Index, Index>;
+  // Packed copies kept at most, in bytes; past this the store starts afresh (a copy in use lives on).
+  static constexpr std::size_t kMaxPackedBytes = std::size_t{1} << 30;
+
+  // The packed copy of B (float, as the caller gave it: b, ldb) in `layout`, made now if the store
+  // has none for this version and layout.
+  std::shared_ptr<const Packed> packed_weight(const GemmCall& call, bool bf16, const dnnl::memory::desc& layout,
+                                              const void* b, Index ldb) const {
+    const PackedKey key{b, call.transpose_b == Transpose::yes, bf16, call.k, call.n, ldb};
+    std::lock_guard<std::mutex> lock(packed_mutex_);
+    auto& variants = packed_[key];  // one per layout (primitives of different row counts may differ)
+    for (const auto& variant : variants)
+      if (variant->version == call.b_version && variant->layout == layout) return variant;
+    for (const auto& variant : variants)
+      if (variant->version != call.b_version) packed_bytes_ -= variant->bytes.size();
+    variants.erase(std::remove_if(variants.begin(), variants.end(),
+                                  [&](const auto& variant) { return variant->version != call.b_version; }),
+                   variants.end());
+    if (packed_bytes_ + layout.get_size() > kMaxPackedBytes) {
+      packed_.clear();
+      packed_bytes_ = 0;
+    }
+    auto made = std::make_shared<Packed>();
+    made->version = call.b_version;
+    made->layout = layout;
+    made->bytes.resize(layout.get_size() + 64);
+    const dnnl::memory::dims strides = call.transpose_b == Transpose::no ? dnnl::memory::dims{ldb, 1}
+                                                                          : dnnl::memory::dims{1, ldb};
+    dnnl::memory source(dnnl::memory::desc({call.k, call.n}, dnnl::memory::data_type::f32, strides), engine_,
+                        const_cast<void*>(b));
+    dnnl::memory target(layout, engine_, const_cast<void*>(made->data()));
+    dnnl::stream stream(engine_);
+    dnnl::reorder(source, target).execute(stream, source, target);
+    stream.wait();
+    packed_bytes_ += made->bytes.size();
+    packed_[key].push_back(made);
+    return made;
+  }
+
   void run_piece(const GemmCall& call, bool bf16, const void* a, Index lda, const void* b, Index ldb, float* c) const {
     const std::shared_ptr<const Entry> held = entry(call, bf16, lda, ldb);
     const Entry& chosen = *held;
+    std::shared_ptr<const Packed> packed;  // held while the primitive reads it
+    if (call.b_version != 0) {
+      packed = packed_weight(call, bf16, chosen.b, b, ldb);
+      b = packed->data();
+    }
     thread_local std::vector<char> scratch;
     thread_local std::unordered_map<std::uint64_t, Bound> bound;
     thread_local dnnl::stream stream(engine_);
@@ -255,6 +328,9 @@ class DnnlGemm final : public GemmBackend {
   bool has_bf16_ = false;
   mutable std::mutex mutex_;
   mutable std::unordered_map<Key, std::shared_ptr<const Entry>, KeyHash> cache_;
+  mutable std::mutex packed_mutex_;
+  mutable std::map<PackedKey, std::vector<std::shared_ptr<const Packed>>> packed_;
+  mutable std::size_t packed_bytes_ = 0;
 };
 
 }  // namespace moa

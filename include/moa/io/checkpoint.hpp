@@ -61,7 +61,7 @@ void save_checkpoint(const std::string& path, const ParameterList<Scalar>& param
                      std::map<std::string, std::string> metadata, const CheckpointWriting& writing = {}) {
   const char* function = "save_checkpoint";
   std::vector<TensorRef<Scalar>> tensors;
-  for (const auto& entry : parameters) tensors.push_back({entry.name, entry.shape, entry.value().data()});
+  for (const auto& entry : parameters) tensors.push_back({entry.name, entry.shape, entry.values().data()});
   for (std::size_t i = 0; i < parameters.size(); ++i) {
     const auto& shape = parameters[i].shape;
     tensors.push_back({"optimizer.exp_avg." + parameters[i].name, shape, optimizer.first_moment(i).data()});

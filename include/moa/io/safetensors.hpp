@@ -408,7 +408,7 @@ template <typename Scalar>
 void save_safetensors(const std::string& path, const ParameterList<Scalar>& parameters, DType dtype = DType::F32,
                       const std::map<std::string, std::string>& metadata = {}, const SyncFile& sync = {}) {
   std::vector<TensorRef<Scalar>> tensors;
-  for (const auto& entry : parameters) tensors.push_back({entry.name, entry.shape, entry.value().data()});
+  for (const auto& entry : parameters) tensors.push_back({entry.name, entry.shape, entry.values().data()});
   write_safetensors(path, tensors, dtype, metadata, sync);
 }
 
