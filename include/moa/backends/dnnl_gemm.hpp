@@ -18,8 +18,8 @@
 //
 // Packed weights: a call that gives B's version (GemmCall::b_version: inference with a layer's
 // weight) reuses B reordered into the layout the primitive's kernel reads, kept until the version
-// changes. Otherwise oneDNN copies B into that layout on every call, which for narrow experts
-// (64 rows of 64 experts) costs as much as a sixth of the layer.
+// changes. Otherwise oneDNN copies B into that layout on every call (and row piece), which for
+// narrow experts (64 experts of about 64 rows) took 13% of an inference forward.
 #pragma once
 
 #include "moa/bfloat16.hpp"
