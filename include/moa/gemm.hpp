@@ -22,6 +22,7 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 namespace moa {
 
@@ -142,10 +143,12 @@ void dot_block(Index k, const Scalar* a, Index lda, const Scalar* b, Index ldb, 
     }
 }
 
-// c[M, T*width] += a[M, k] b[k, T*width] (b row-major with stride ldb): T packets of columns held
-// in M*T accumulators while the k rows of b stream past, each read once for all M rows.
+// c[M, T*width] += a[M, k] b[k, T*width] (b row-major with stride ldb; a's element (i, p) at
+// a[i * lda + p * a_step]): T packets of columns held in M*T accumulators while the k rows of b
+// stream past, each read once for all M rows. With accumulate false, c = the product instead.
 template <typename Scalar, int M, int T, typename Load, typename Element>
-void axpy_tile(Index k, const Scalar* a, Index lda, const Element* b, Index ldb, Scalar* c, Index ldc) {
+void axpy_tile(Index k, const Scalar* a, Index lda, Index a_step, const Element* b, Index ldb, Scalar* c, Index ldc,
+               bool accumulate = true) {
   using Packet = typename Eigen::internal::packet_traits<Scalar>::type;
   constexpr Index width = Eigen::internal::packet_traits<Scalar>::size;
   Packet sums[M][T];
@@ -155,14 +158,15 @@ void axpy_tile(Index k, const Scalar* a, Index lda, const Element* b, Index ldb,
     Packet columns[T];
     for (int t = 0; t < T; ++t) columns[t] = Load::template packet<Packet>(b + p * ldb + t * width);
     for (int i = 0; i < M; ++i) {
-      const Packet broadcast = Eigen::internal::pset1<Packet>(a[i * lda + p]);
+      const Packet broadcast = Eigen::internal::pset1<Packet>(a[i * lda + p * a_step]);
       for (int t = 0; t < T; ++t) sums[i][t] = Eigen::internal::pmadd(broadcast, columns[t], sums[i][t]);
     }
   }
   for (int i = 0; i < M; ++i)
     for (int t = 0; t < T; ++t)
       Eigen::internal::pstoreu(c + i * ldc + t * width,
-                               Eigen::internal::padd(Eigen::internal::ploadu<Packet>(c + i * ldc + t * width), sums[i][t]));
+                               accumulate ? Eigen::internal::padd(Eigen::internal::ploadu<Packet>(c + i * ldc + t * width), sums[i][t])
+                                          : sums[i][t]);
 }
 #if defined(__GNUC__)
 #pragma GCC diagnostic pop
@@ -176,8 +180,8 @@ void few_rows_times(Index n, Index k, const Scalar* a, Index lda, const Element*
   constexpr int tile = width >= 16 ? 4 : 2;  // accumulators that fit the register file with M = 4
   Index j = 0;
   for (; j + tile * width <= n; j += tile * width)
-    axpy_tile<Scalar, M, tile, Load>(k, a, lda, b + j, ldb, c + j, ldc);
-  for (; j + width <= n; j += width) axpy_tile<Scalar, M, 1, Load>(k, a, lda, b + j, ldb, c + j, ldc);
+    axpy_tile<Scalar, M, tile, Load>(k, a, lda, 1, b + j, ldb, c + j, ldc);
+  for (; j + width <= n; j += width) axpy_tile<Scalar, M, 1, Load>(k, a, lda, 1, b + j, ldb, c + j, ldc);
   for (; j < n; ++j)
     for (int i = 0; i < M; ++i) {
       Scalar sum = 0;
@@ -197,6 +201,66 @@ void few_rows_times_transposed(Index n, Index k, const Scalar* a, Index lda, con
   for (; j < n; ++j) dot_block<Scalar, M, 1>(k, a, lda, b + j * ldb, ldb, c + j, ldc);
 }
 
+// Products up to this many multiply-adds (float) run in small_product below: attention within
+// short sequences (the translate trainer's 16 tokens: [64, 16] x [16, 48] per sequence), where a
+// general GEMM's packing and blocking cost more than the arithmetic (measured: Eigen 14-31 GFLOP/s
+// at these shapes).
+constexpr double kSmallKernelMacs = 1 << 17;
+
+// M rows of c[m, n] (+)= op(a) b with b row-major [k, n] (already op(b)) and n whole packets; a's
+// element (i, p) at a[i * a_row + p * a_step]. Column tiles of T packets, then single packets.
+template <typename Scalar, int M>
+void small_product_rows(Index n, Index k, const Scalar* a, Index a_row, Index a_step, const Scalar* b, Index ldb,
+                        Scalar* c, Index ldc, bool accumulate) {
+  constexpr Index width = Eigen::internal::packet_traits<Scalar>::size;
+  constexpr int tile = width >= 16 ? 4 : 2;  // M * tile accumulators fit the register file
+  Index j = 0;
+  for (; j + tile * width <= n; j += tile * width)
+    axpy_tile<Scalar, M, tile, PlainLoad<Scalar>>(k, a, a_row, a_step, b + j, ldb, c + j, ldc, accumulate);
+  for (; j < n; j += width)
+    axpy_tile<Scalar, M, 1, PlainLoad<Scalar>>(k, a, a_row, a_step, b + j, ldb, c + j, ldc, accumulate);
+}
+
+// Whether small_product takes a product: few multiply-adds, and every column in whole packets.
+template <typename Scalar>
+bool small_product_fits(Index m, Index n, Index k) {
+  constexpr Index width = Eigen::internal::packet_traits<Scalar>::size;
+  return std::is_same_v<Scalar, float> && n % width == 0 &&
+         static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k) < kSmallKernelMacs;
+}
+
+template <typename Scalar, int block>
+void small_product_blocks(Index m, Index n, Index k, const Scalar* a, Index a_row, Index a_step, const Scalar* b,
+                          Index ldb, Scalar* c, Index ldc, bool accumulate) {
+  Index i = 0;
+  for (; i + block <= m; i += block)
+    small_product_rows<Scalar, block>(n, k, a + i * a_row, a_row, a_step, b, ldb, c + i * ldc, ldc, accumulate);
+  for (; i < m; ++i)
+    small_product_rows<Scalar, 1>(n, k, a + i * a_row, a_row, a_step, b, ldb, c + i * ldc, ldc, accumulate);
+}
+
+// c[m, n] (+)= op(a) op(b) for a small product (small_product_fits): rows a block at a time against
+// op(b) held row-major (a transposed b is first copied so), each element summed over k in order.
+template <typename Scalar>
+void small_product(Transpose transpose_a, Transpose transpose_b, Index m, Index n, Index k, const Scalar* a,
+                   Index lda, const Scalar* b, Index ldb, Scalar* c, Index ldc, bool accumulate) {
+  thread_local std::vector<Scalar> transposed;  // [k, n] op(b) when b is transposed
+  if (transpose_b == Transpose::yes) {
+    transposed.resize(static_cast<std::size_t>(k * n));
+    for (Index j = 0; j < n; ++j)
+      for (Index p = 0; p < k; ++p) transposed[static_cast<std::size_t>(p * n + j)] = b[j * ldb + p];
+    b = transposed.data();
+    ldb = n;
+  }
+  // op(a)'s element (i, p): a[i * lda + p] as given, a[p * lda + i] transposed.
+  const Index a_row = transpose_a == Transpose::no ? lda : 1, a_step = transpose_a == Transpose::no ? 1 : lda;
+  // A single packet of columns needs eight rows of accumulators to hide the multiply-add latency.
+  if (n == Eigen::internal::packet_traits<Scalar>::size)
+    small_product_blocks<Scalar, 8>(m, n, k, a, a_row, a_step, b, ldb, c, ldc, accumulate);
+  else
+    small_product_blocks<Scalar, 4>(m, n, k, a, a_row, a_step, b, ldb, c, ldc, accumulate);
+}
+
 // The product with Eigen on raw row-major storage.
 template <typename Scalar>
 void eigen_gemm(Transpose transpose_a, Transpose transpose_b, Index m, Index n, Index k, const Scalar* a, Index lda,
@@ -206,10 +270,14 @@ void eigen_gemm(Transpose transpose_a, Transpose transpose_b, Index m, Index n, 
   const ConstStridedMap<Scalar> a_map(a, a_rows, a_cols, Eigen::OuterStride<>(lda));
   const ConstStridedMap<Scalar> b_map(b, b_rows, b_cols, Eigen::OuterStride<>(ldb));
   StridedMap<Scalar> c_map(c, m, n, Eigen::OuterStride<>(ldc));
-  if (!accumulate) c_map.setZero();
-  if (k == 0) return;
   // float only: double (the gradient checks' arithmetic) keeps Eigen's own order of summation.
   constexpr bool few_rows_kernels = std::is_same_v<Scalar, float>;
+  if (few_rows_kernels && k > 0 && m > kMatrixVectorRows && small_product_fits<Scalar>(m, n, k)) {
+    small_product(transpose_a, transpose_b, m, n, k, a, lda, b, ldb, c, ldc, accumulate);
+    return;
+  }
+  if (!accumulate) c_map.setZero();
+  if (k == 0) return;
   if (few_rows_kernels && m >= 1 && m <= kMatrixVectorRows && transpose_a == Transpose::no &&
       transpose_b == Transpose::yes) {
     switch (m) {  // x W^T with a weight W [n, k]: the layers' case
