@@ -458,6 +458,35 @@ TEST_CASE("Dropout, LayerNorm and Adam on two threads: the same numbers as on on
   for (std::size_t i = 0; i < list_one.size(); ++i) REQUIRE(list_two[i].value() == list_one[i].value());
 }
 
+TEST_CASE("Copies, sums and zeroing between layers: split over two threads, the same numbers as on one",
+          "[backend]") {
+  const auto two_threads = std::make_shared<moa::Compute>(std::make_shared<moa::EigenGemm>(), 2);
+  const moa::Compute& one_thread = *moa::Compute::standard();
+  moa::Rng rng(4);
+  const MatrixF a = random_matrix<float>(1000, 70, rng), b = random_matrix<float>(1000, 70, rng);
+  REQUIRE(2 * moa::detail::elementwise_row_grain(70) <= 1000);  // so two threads take a share each
+  const MatrixF sum = a + b;
+  REQUIRE(moa::detail::parallel_add(*two_threads, a, b) == sum);
+  REQUIRE(moa::detail::parallel_add(one_thread, a, b) == sum);
+  REQUIRE_MOA_ERROR(moa::detail::parallel_add(*two_threads, a, MatrixF(3, 70)),
+                    "moa::parallel_add: a is [1000, 70] but b is [3, 70]");
+  MatrixF target(3, 3);
+  moa::detail::parallel_assign(*two_threads, target, a);
+  REQUIRE(target == a);
+  moa::detail::parallel_assign(*two_threads, target, MatrixF::Zero(900, 20));
+  REQUIRE((target.rows() == 900 && target.cols() == 20 && target.isZero()));
+  // Linear caches its input by copy, or by move from a temporary: the same backward either way.
+  moa::Rng copy_rng(6), move_rng(6);
+  moa::Linear<float> copying(70, 5, true, copy_rng), moving(70, 5, true, move_rng);
+  copying.set_compute(two_threads);
+  moving.set_compute(two_threads);
+  const MatrixF output = copying.forward(a);
+  REQUIRE(moving.forward(MatrixF(a)) == output);
+  const MatrixF grad_output = random_matrix<float>(1000, 5, rng);
+  REQUIRE(copying.backward(grad_output) == moving.backward(grad_output));
+  REQUIRE(copying.weight.grad == moving.weight.grad);
+}
+
 TEST_CASE("set_compute refuses a null compute, naming the layer", "[backend]") {
   moa::Rng rng(1);
   moa::Linear<float> linear(3, 2, true, rng);

@@ -514,4 +514,34 @@ void add_column_sums(const Compute& compute, const Expression& matrix, Sums&& su
   });
 }
 
+namespace detail {
+
+// Rows per thread at least for elementwise work on rows of `cols` entries: about 16k entries (a few
+// microseconds), below which waking another thread costs more than it saves.
+inline Index elementwise_row_grain(Index cols) { return std::max<Index>(1, (Index(1) << 14) / std::max<Index>(cols, 1)); }
+
+// target = expression, resized to its shape, rows spread over the compute's threads when it is large
+// enough to repay waking them: the copies, sums and zeroing between layers would otherwise leave
+// the other threads idle. Elementwise, so the values are the same for any thread count.
+template <typename Scalar, typename Expression>
+void parallel_assign(const Compute& compute, Matrix<Scalar>& target, const Expression& expression) {
+  target.resize(expression.rows(), expression.cols());
+  parallel_ranges(compute, target.rows(), elementwise_row_grain(target.cols()), [&](Index first, Index count, int) {
+    target.middleRows(first, count) = expression.middleRows(first, count);
+  });
+}
+
+// a + b (a residual connection, a sum of gradients), in b's storage, rows over the compute's threads.
+template <typename Scalar>
+Matrix<Scalar> parallel_add(const Compute& compute, const Matrix<Scalar>& a, Matrix<Scalar> b) {
+  MOA_CHECK(a.rows() == b.rows() && a.cols() == b.cols(), "moa::parallel_add", "a is ", detail::shape_of(a),
+            " but b is ", detail::shape_of(b));
+  parallel_ranges(compute, b.rows(), elementwise_row_grain(b.cols()), [&](Index first, Index count, int) {
+    b.middleRows(first, count) += a.middleRows(first, count);
+  });
+  return b;
+}
+
+}  // namespace detail
+
 }  // namespace moa

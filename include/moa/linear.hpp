@@ -9,6 +9,7 @@
 #include "moa/tensor.hpp"
 
 #include <string>
+#include <utility>
 
 namespace moa {
 
@@ -38,11 +39,16 @@ class Linear {
   bool training() const { return training_; }
   void set_training(bool training) { training_ = training; }
 
-  // input: [N, in] -> output: [N, out]. Caches the input for backward.
+  // input: [N, in] -> output: [N, out]. Caches the input for backward (a temporary is moved in).
   Matrix<Scalar> forward(const Matrix<Scalar>& input) {
     check_input(input, "Linear::forward");
-    input_ = input;
-    return apply(input, product_precision(*compute_, training_));
+    detail::parallel_assign(*compute_, input_, input);
+    return apply(input_, product_precision(*compute_, training_));
+  }
+  Matrix<Scalar> forward(Matrix<Scalar>&& input) {
+    check_input(input, "Linear::forward");
+    input_ = std::move(input);
+    return apply(input_, product_precision(*compute_, training_));
   }
 
   // The same output for inference, caching nothing.

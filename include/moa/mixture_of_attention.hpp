@@ -165,8 +165,8 @@ class MixtureOfAttention {
                                        query_batch, key_value.rows(), key_value.cols(), key_batch, causal);
     // forward_self passes one matrix twice; keep one copy of it.
     self_attention_ = &query == &key_value;
-    query_ = query;
-    if (!self_attention_) key_value_ = key_value;
+    detail::parallel_assign(*compute_, query_, query);
+    if (!self_attention_) detail::parallel_assign(*compute_, key_value_, key_value);
     query_batch_ = query_batch;
     key_batch_ = key_batch;
     causal_ = causal;
@@ -257,7 +257,7 @@ class MixtureOfAttention {
     const std::vector<Index>& tokens = routing.tokens;                             // [A]
     // Large buffers are members, reused by every call: fresh ones would page-fault each time.
     Matrix<Scalar>& grad_attended = grad_attended_;  // [A, d_h]
-    grad_attended.setZero(pass_.attended.rows(), head_dim);
+    detail::parallel_assign(*compute_, grad_attended, Matrix<Scalar>::Zero(pass_.attended.rows(), head_dim));
     // Output side: y_t += gate * a Wo_e^T.
     pass_.projections.backward_out(*compute_, grad_output, pass_.attended, gates.data(), tokens, pass_.plan, o_proj.value,
                                    o_proj.grad, grad_gates.data(), grad_attended);
@@ -265,9 +265,9 @@ class MixtureOfAttention {
     Matrix<Scalar>& grad_queries = grad_queries_;  // [A, d_h]
     Matrix<Scalar>& grad_keys = grad_keys_;        // [B*Tk, d_h]
     Matrix<Scalar>& grad_values = grad_values_;    // [B*Tk, d_h]
-    grad_queries.setZero(pass_.queries.rows(), head_dim);
-    grad_keys.setZero(pass_.keys.rows(), head_dim);
-    grad_values.setZero(pass_.values.rows(), head_dim);
+    detail::parallel_assign(*compute_, grad_queries, Matrix<Scalar>::Zero(pass_.queries.rows(), head_dim));
+    detail::parallel_assign(*compute_, grad_keys, Matrix<Scalar>::Zero(pass_.keys.rows(), head_dim));
+    detail::parallel_assign(*compute_, grad_values, Matrix<Scalar>::Zero(pass_.values.rows(), head_dim));
     grad_scores_.resize(static_cast<std::size_t>(compute_->threads()));
     const double attention_work = static_cast<double>(pass_.queries.rows()) * key_batch_.length * head_dim;
     if (spans_differ()) {
@@ -316,8 +316,7 @@ class MixtureOfAttention {
 
   Matrix<Scalar> backward_self(const Matrix<Scalar>& grad_output) {
     AttentionGradients<Scalar> grads = backward(grad_output);
-    grads.query += grads.key_value;
-    return std::move(grads.query);
+    return detail::parallel_add(*compute_, grads.key_value, std::move(grads.query));
   }
 
   // alpha * L_a + beta * L_z of the last forward (0 without routed tokens).

@@ -131,8 +131,8 @@ class MixtureOfHeads {
     detail::validate_attention_batches("MixtureOfHeads::forward", model_dim(), query.rows(), query.cols(), query_batch,
                                        key_value.rows(), key_value.cols(), key_batch, causal);
     self_attention_ = &query == &key_value;  // forward_self passes one matrix twice: keep one copy
-    query_ = query;
-    if (!self_attention_) key_value_ = key_value;
+    detail::parallel_assign(*compute_, query_, query);
+    if (!self_attention_) detail::parallel_assign(*compute_, key_value_, key_value);
     query_batch_ = query_batch;
     key_batch_ = key_batch;
     causal_ = causal;
@@ -208,8 +208,7 @@ class MixtureOfHeads {
 
   Matrix<Scalar> backward_self(const Matrix<Scalar>& grad_output) {
     AttentionGradients<Scalar> grads = backward(grad_output);
-    grads.query += grads.key_value;
-    return std::move(grads.query);
+    return detail::parallel_add(*compute_, grads.key_value, std::move(grads.query));
   }
 
   // The routed heads' load-balance (and z) loss of the last forward.

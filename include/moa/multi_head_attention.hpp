@@ -75,8 +75,8 @@ class MultiHeadAttention {
                          const Matrix<Scalar>& key_value, const SequenceBatch& key_batch, bool causal) {
     detail::validate_attention_batches("MultiHeadAttention::forward", model_dim(), query.rows(), query.cols(),
                                        query_batch, key_value.rows(), key_value.cols(), key_batch, causal);
-    query_ = query;
-    key_value_ = key_value;
+    detail::parallel_assign(*compute_, query_, query);
+    detail::parallel_assign(*compute_, key_value_, key_value);
     query_batch_ = query_batch;
     key_batch_ = key_batch;
     causal_ = causal;
@@ -108,9 +108,10 @@ class MultiHeadAttention {
     gemm<Scalar>(*compute_, grad_output, Transpose::yes, pass_.attended, Transpose::no, o_proj.grad, true);
     Matrix<Scalar> grad_attended(grad_output.rows(), width());  // [B*Tq, h*d_h]
     gemm<Scalar>(*compute_, grad_output, Transpose::no, o_proj.value, Transpose::no, grad_attended);
-    Matrix<Scalar> grad_queries = Matrix<Scalar>::Zero(pass_.queries.rows(), width());  // [B*Tq, h*d_h]
-    Matrix<Scalar> grad_keys = Matrix<Scalar>::Zero(pass_.keys.rows(), width());        // [B*Tk, h*d_h]
-    Matrix<Scalar> grad_values = Matrix<Scalar>::Zero(pass_.values.rows(), width());    // [B*Tk, h*d_h]
+    Matrix<Scalar> grad_queries, grad_keys, grad_values;
+    detail::parallel_assign(*compute_, grad_queries, Matrix<Scalar>::Zero(pass_.queries.rows(), width()));  // [B*Tq, h*d_h]
+    detail::parallel_assign(*compute_, grad_keys, Matrix<Scalar>::Zero(pass_.keys.rows(), width()));        // [B*Tk, h*d_h]
+    detail::parallel_assign(*compute_, grad_values, Matrix<Scalar>::Zero(pass_.values.rows(), width()));    // [B*Tk, h*d_h]
     const Index query_length = query_batch_.length, key_length = key_batch_.length;
     grad_scores_.resize(static_cast<std::size_t>(compute_->threads()));
     const double attention_work = static_cast<double>(query_.rows()) * key_length * width();
@@ -137,8 +138,7 @@ class MultiHeadAttention {
 
   Matrix<Scalar> backward_self(const Matrix<Scalar>& grad_output) {
     AttentionGradients<Scalar> grads = backward(grad_output);
-    grads.query += grads.key_value;
-    return std::move(grads.query);
+    return detail::parallel_add(*compute_, grads.key_value, std::move(grads.query));
   }
 
   Scalar aux_loss() const { return Scalar(0); }

@@ -163,7 +163,7 @@ class Router {
     }
     batch.validate("Router::forward", "input", input.rows());
     check_input(input, static_cast<std::size_t>(input.rows()), "Router::forward");
-    input_ = input;
+    detail::parallel_assign(*compute_, input_, input);
     routed_ = batch.token_flags();
     noisy_ = false;
     logits_ = linear_product<Scalar>(*compute_, input, weight.value);  // [N, E]
@@ -290,7 +290,7 @@ class Router {
     const bool sampling = training_ && config_.sampled_experts > 0;
     MOA_CHECK(rng != nullptr || !(noisy || sampling), function,
               "noisy gating and sampled experts draw random numbers in training: pass an Rng");
-    input_ = input;
+    detail::parallel_assign(*compute_, input_, input);
     routed_ = routed;
     const Index rows = input.rows();
     logits_ = linear_product<Scalar>(*compute_, input, weight.value);  // [N, E]

@@ -49,6 +49,7 @@ class TransformerDecoderLayer {
     ffn_dropout_.set_training(training);
   }
   void set_compute(const ComputePtr& compute) {
+    compute_ = detail::checked_compute(compute, "TransformerDecoderLayer::set_compute");
     self_attn.set_compute(compute);
     encoder_attn.set_compute(compute);
     ffn.set_compute(compute);
@@ -83,20 +84,22 @@ class TransformerDecoderLayer {
       grads.memory = std::move(cross.key_value);
       return std::move(cross.query);
     };
+    const Compute& compute = *compute_;
     if (norm_ == NormPlacement::post) {
       const Matrix<Scalar> grad_third = final_layer_norm.backward(grad_output);
-      const Matrix<Scalar> grad_second_out = grad_third + ffn.backward(ffn_dropout_.backward(grad_third));
+      const Matrix<Scalar> grad_second_out = detail::parallel_add(compute, grad_third, ffn.backward(ffn_dropout_.backward(grad_third)));
       const Matrix<Scalar> grad_second = encoder_attn_layer_norm.backward(grad_second_out);
-      const Matrix<Scalar> grad_first_out = grad_second + cross_back(cross_dropout_.backward(grad_second));
+      const Matrix<Scalar> grad_first_out = detail::parallel_add(compute, grad_second, cross_back(cross_dropout_.backward(grad_second)));
       const Matrix<Scalar> grad_first = self_attn_layer_norm.backward(grad_first_out);
-      grads.input = grad_first + self_back(self_dropout_.backward(grad_first));
+      grads.input = detail::parallel_add(compute, grad_first, self_back(self_dropout_.backward(grad_first)));
       return grads;
     }
     const Matrix<Scalar> grad_second =
-        grad_output + final_layer_norm.backward(ffn.backward(ffn_dropout_.backward(grad_output)));
-    const Matrix<Scalar> grad_first =
-        grad_second + encoder_attn_layer_norm.backward(cross_back(cross_dropout_.backward(grad_second)));
-    grads.input = grad_first + self_attn_layer_norm.backward(self_back(self_dropout_.backward(grad_first)));
+        detail::parallel_add(compute, grad_output, final_layer_norm.backward(ffn.backward(ffn_dropout_.backward(grad_output))));
+    const Matrix<Scalar> grad_first = detail::parallel_add(
+        compute, grad_second, encoder_attn_layer_norm.backward(cross_back(cross_dropout_.backward(grad_second))));
+    grads.input = detail::parallel_add(compute, grad_first,
+                               self_attn_layer_norm.backward(self_back(self_dropout_.backward(grad_first))));
     return grads;
   }
 
@@ -109,7 +112,7 @@ class TransformerDecoderLayer {
     const LayerNorm<Scalar>* norms[3] = {&self_attn_layer_norm, &encoder_attn_layer_norm, &final_layer_norm};
     auto norm = [&](int which, const Matrix<Scalar>& x) { return norms[which]->infer(x); };
     auto feed_forward = [&](const Matrix<Scalar>& x) { return ffn.infer(x); };
-    auto keep = [](int, const Matrix<Scalar>& x) { return x; };
+    auto keep = [](int, Matrix<Scalar> x) { return x; };
     return wire(input, self, cross, norm, feed_forward, keep);
   }
 
@@ -121,7 +124,7 @@ class TransformerDecoderLayer {
     const LayerNorm<Scalar>* norms[3] = {&self_attn_layer_norm, &encoder_attn_layer_norm, &final_layer_norm};
     auto norm = [&](int which, const Matrix<Scalar>& x) { return norms[which]->infer(x); };
     auto feed_forward = [&](const Matrix<Scalar>& x) { return ffn.infer(x); };
-    auto keep = [](int, const Matrix<Scalar>& x) { return x; };
+    auto keep = [](int, Matrix<Scalar> x) { return x; };
     return wire(input, self, cross, norm, feed_forward, keep);
   }
 
@@ -150,18 +153,20 @@ class TransformerDecoderLayer {
   template <typename Self, typename Cross, typename Norm, typename FeedForwardBlock, typename Drop>
   Matrix<Scalar> wire(const Matrix<Scalar>& input, Self&& self, Cross&& cross, Norm&& norm, FeedForwardBlock&& feed_forward,
                       Drop&& drop) const {
+    const Compute& compute = *compute_;
     if (norm_ == NormPlacement::post) {
-      const Matrix<Scalar> first = norm(0, input + drop(0, self(input)));
-      const Matrix<Scalar> second = norm(1, first + drop(1, cross(first)));
-      return norm(2, second + drop(2, feed_forward(second)));
+      const Matrix<Scalar> first = norm(0, detail::parallel_add(compute, input, drop(0, self(input))));
+      const Matrix<Scalar> second = norm(1, detail::parallel_add(compute, first, drop(1, cross(first))));
+      return norm(2, detail::parallel_add(compute, second, drop(2, feed_forward(second))));
     }
-    const Matrix<Scalar> first = input + drop(0, self(norm(0, input)));
-    const Matrix<Scalar> second = first + drop(1, cross(norm(1, first)));
-    return second + drop(2, feed_forward(norm(2, second)));
+    const Matrix<Scalar> first = detail::parallel_add(compute, input, drop(0, self(norm(0, input))));
+    const Matrix<Scalar> second = detail::parallel_add(compute, first, drop(1, cross(norm(1, first))));
+    return detail::parallel_add(compute, second, drop(2, feed_forward(norm(2, second))));
   }
 
   Dropout<Scalar> self_dropout_, cross_dropout_, ffn_dropout_;
   NormPlacement norm_;
+  ComputePtr compute_ = Compute::standard();  // for the residual sums
 };
 
 }  // namespace moa

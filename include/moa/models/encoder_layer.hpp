@@ -41,6 +41,7 @@ class TransformerEncoderLayer {
     ffn_dropout_.set_training(training);
   }
   void set_compute(const ComputePtr& compute) {
+    compute_ = detail::checked_compute(compute, "TransformerEncoderLayer::set_compute");
     self_attn.set_compute(compute);
     ffn.set_compute(compute);
     self_attn_layer_norm.set_compute(compute);
@@ -67,20 +68,23 @@ class TransformerEncoderLayer {
     const LayerNorm<Scalar>* norms[2] = {&self_attn_layer_norm, &final_layer_norm};
     auto norm = [&](int which, const Matrix<Scalar>& x) { return norms[which]->infer(x); };
     auto feed_forward = [&](const Matrix<Scalar>& x) { return ffn.infer(x); };
-    auto keep = [](int, const Matrix<Scalar>& x) { return x; };
+    auto keep = [](int, Matrix<Scalar> x) { return x; };
     return wire(input, self, norm, feed_forward, keep);
   }
 
   // grad_output: [B*T, d_model] -> grad_input: [B*T, d_model]
   Matrix<Scalar> backward(const Matrix<Scalar>& grad_output) {
+    const Compute& compute = *compute_;
     if (norm_ == NormPlacement::post) {
       const Matrix<Scalar> grad_sum = final_layer_norm.backward(grad_output);
-      const Matrix<Scalar> grad_hidden = grad_sum + ffn.backward(ffn_dropout_.backward(grad_sum));
+      const Matrix<Scalar> grad_hidden = detail::parallel_add(compute, grad_sum, ffn.backward(ffn_dropout_.backward(grad_sum)));
       const Matrix<Scalar> grad_first = self_attn_layer_norm.backward(grad_hidden);
-      return grad_first + self_attn.backward_self(attention_dropout_.backward(grad_first));
+      return detail::parallel_add(compute, grad_first, self_attn.backward_self(attention_dropout_.backward(grad_first)));
     }
-    const Matrix<Scalar> grad_hidden = grad_output + final_layer_norm.backward(ffn.backward(ffn_dropout_.backward(grad_output)));
-    return grad_hidden + self_attn_layer_norm.backward(self_attn.backward_self(attention_dropout_.backward(grad_hidden)));
+    const Matrix<Scalar> grad_hidden =
+        detail::parallel_add(compute, grad_output, final_layer_norm.backward(ffn.backward(ffn_dropout_.backward(grad_output))));
+    return detail::parallel_add(compute, grad_hidden,
+                        self_attn_layer_norm.backward(self_attn.backward_self(attention_dropout_.backward(grad_hidden))));
   }
 
   Scalar aux_loss() const { return self_attn.aux_loss(); }
@@ -103,16 +107,18 @@ class TransformerEncoderLayer {
   template <typename Self, typename Norm, typename FeedForwardBlock, typename Drop>
   Matrix<Scalar> wire(const Matrix<Scalar>& input, Self&& self, Norm&& norm, FeedForwardBlock&& feed_forward,
                       Drop&& drop) const {
+    const Compute& compute = *compute_;
     if (norm_ == NormPlacement::post) {
-      const Matrix<Scalar> hidden = norm(0, input + drop(0, self(input)));
-      return norm(1, hidden + drop(1, feed_forward(hidden)));
+      const Matrix<Scalar> hidden = norm(0, detail::parallel_add(compute, input, drop(0, self(input))));
+      return norm(1, detail::parallel_add(compute, hidden, drop(1, feed_forward(hidden))));
     }
-    const Matrix<Scalar> hidden = input + drop(0, self(norm(0, input)));
-    return hidden + drop(1, feed_forward(norm(1, hidden)));
+    const Matrix<Scalar> hidden = detail::parallel_add(compute, input, drop(0, self(norm(0, input))));
+    return detail::parallel_add(compute, hidden, drop(1, feed_forward(norm(1, hidden))));
   }
 
   Dropout<Scalar> attention_dropout_, ffn_dropout_;
   NormPlacement norm_;
+  ComputePtr compute_ = Compute::standard();  // for the residual sums
 };
 
 }  // namespace moa

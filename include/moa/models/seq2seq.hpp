@@ -81,8 +81,8 @@ class Seq2Seq {
     Matrix<Scalar> hidden = decoder_dropout_.forward(embed_sequence(embed_tokens, target_input, target_batch), rng);
     for (auto& layer : decoder_layers) hidden = layer.forward(hidden, target_batch, memory_, source_batch, rng);
     if (config_.norm == NormPlacement::pre) hidden = decoder_norm.forward(hidden);
-    decoder_output_ = hidden;
-    return embed_tokens.project(hidden, product_precision(*compute_, training_));
+    decoder_output_ = std::move(hidden);
+    return embed_tokens.project(decoder_output_, product_precision(*compute_, training_));
   }
 
   // The same logits as forward in evaluation, const over the model: nothing drawn, nothing kept
@@ -105,12 +105,14 @@ class Seq2Seq {
   void backward(const Matrix<Scalar>& grad_logits) {
     Matrix<Scalar> grad = embed_tokens.project_backward(decoder_output_, grad_logits);  // [B*T, d_model]
     if (config_.norm == NormPlacement::pre) grad = decoder_norm.backward(grad);
-    Matrix<Scalar> grad_memory = Matrix<Scalar>::Zero(memory_.rows(), memory_.cols());  // [B*S, d_model]
+    Matrix<Scalar> grad_memory;  // [B*S, d_model] the sum over the decoder layers
     for (auto layer = decoder_layers.rbegin(); layer != decoder_layers.rend(); ++layer) {
       auto grads = layer->backward(grad);
       grad = std::move(grads.input);
-      grad_memory += grads.memory;
+      grad_memory = layer == decoder_layers.rbegin() ? std::move(grads.memory)
+                                                     : detail::parallel_add(*compute_, grad_memory, std::move(grads.memory));
     }
+    if (decoder_layers.empty()) grad_memory = Matrix<Scalar>::Zero(memory_.rows(), memory_.cols());
     embed_tokens.accumulate_grad(target_, decoder_dropout_.backward(grad) * embedding_scale<Scalar>(config_.model_dim));
     encoder.backward(std::move(grad_memory), embed_tokens);
   }
