@@ -313,25 +313,81 @@ TEST_CASE("bfloat16 inference: evaluation forwards within 1e-2 of f32 where the 
     WARN("no backend with native bfloat16 on this machine: bf16 inference not tested");
     return;
   }
-  const auto config = backend_moa_config();
-  const auto batch = moa::SequenceBatch::padded(40, {40, 23, 37});
-  moa::Rng rng(21);
-  moa::MixtureOfAttention<float> layer(config, rng);
-  moa::init_normal(layer.router.weight, rng, 0.0, 0.5);
-  const MatrixF input = random_matrix<float>(batch.rows(), config.model_dim, rng);
-  layer.set_training(false);
-  layer.set_compute(std::make_shared<moa::Compute>(bf16_backend, 1, moa::Precision::f32));
-  const MatrixF f32 = layer.forward_self(input, batch, true);
-  layer.set_compute(std::make_shared<moa::Compute>(bf16_backend, 2, moa::Precision::bf16));
-  const MatrixF bf16 = layer.forward_self(input, batch, true);
-  const double error = relative_error(bf16.cast<double>(), f32.cast<double>());
-  INFO("relative error of bf16 against f32: " << error);
-  REQUIRE(error < 1e-2);
-  REQUIRE(error > 1e-5);  // bf16 really was used: its 8-bit mantissa shows
-  // Training forwards stay f32 whatever the compute's inference precision.
-  layer.set_training(true);
-  const MatrixF trained = layer.forward_self(input, batch, true);
-  REQUIRE(relative_error(trained.cast<double>(), f32.cast<double>()) < 1e-6);
+  // The layer rounds its inputs to bfloat16 once for all its products: self-attention (one input)
+  // and cross-attention (two), experts that gather their rows and experts every token chose.
+  struct Case {
+    const char* name;
+    bool cross, causal, every_expert;
+  };
+  for (const Case& test : {Case{"causal self-attention", false, true, false}, Case{"self-attention", false, false, false},
+                           Case{"cross-attention", true, false, false},
+                           Case{"every token to every expert", false, false, true}}) {
+    INFO(test.name);
+    auto config = backend_moa_config();
+    if (test.every_expert) config.top_k = config.num_experts;
+    // Padding rows are not routed; without them an expert every token chose reads the input in place.
+    const auto batch = test.every_expert ? moa::SequenceBatch::full(3, 40) : moa::SequenceBatch::padded(40, {40, 23, 37});
+    const auto key_batch = moa::SequenceBatch::padded(36, {30, 36, 11});
+    moa::Rng rng(21);
+    moa::MixtureOfAttention<float> layer(config, rng);
+    moa::init_normal(layer.router.weight, rng, 0.0, 0.5);
+    const MatrixF input = random_matrix<float>(batch.rows(), config.model_dim, rng);
+    const MatrixF memory = random_matrix<float>(key_batch.rows(), config.model_dim, rng);
+    layer.set_training(false);
+    const auto forward = [&] {
+      return test.cross ? layer.forward(input, batch, memory, key_batch, false)
+                        : layer.forward_self(input, batch, test.causal);
+    };
+    layer.set_compute(std::make_shared<moa::Compute>(bf16_backend, 1, moa::Precision::f32));
+    const MatrixF f32 = forward();
+    for (int threads : {1, 2}) {
+      INFO(threads << " threads");
+      layer.set_compute(std::make_shared<moa::Compute>(bf16_backend, threads, moa::Precision::bf16));
+      const MatrixF bf16 = forward();
+      const double error = relative_error(bf16.cast<double>(), f32.cast<double>());
+      INFO("relative error of bf16 against f32: " << error);
+      REQUIRE(error < 1e-2);
+      REQUIRE(error > 1e-5);  // bf16 really was used: its 8-bit mantissa shows
+      const MatrixF inferred = test.cross ? layer.infer(input, batch, memory, key_batch, false)
+                                          : layer.infer(input, batch, input, batch, test.causal);
+      REQUIRE(inferred == bf16);
+    }
+    // Training forwards stay f32 whatever the compute's inference precision.
+    layer.set_training(true);
+    REQUIRE(relative_error(forward().cast<double>(), f32.cast<double>()) < 1e-6);
+  }
+}
+
+TEST_CASE("gemm_bfloat16_input: an operand rounded once gives the bf16 product of the float one", "[gemm][bf16]") {
+  moa::Rng rng(8);
+  const MatrixF a = random_matrix<float>(70, 48, rng), weight = random_matrix<float>(24, 48, rng);
+  moa::BFloat16Matrix rounded;
+  for (const auto& backend : backends()) {
+    INFO(backend->name());
+    const auto compute = std::make_shared<moa::Compute>(backend, 1);
+    rounded.assign(*compute, a);
+    MatrixF product(a.rows(), weight.rows());
+    if (!backend->has_bf16()) {
+      REQUIRE_THROWS_WITH(moa::gemm_bfloat16_input(*compute, rounded.view(), weight, moa::Transpose::yes, product),
+                          Catch::Contains("moa::gemm_bfloat16_input") && Catch::Contains("has no bf16 products"));
+      continue;
+    }
+    for (int threads : {1, 2}) {
+      INFO(threads << " threads");
+      const moa::Compute bf16(backend, threads, moa::Precision::bf16);
+      MatrixF expected(a.rows(), weight.rows());
+      moa::gemm<float>(bf16, a, moa::Transpose::no, weight, moa::Transpose::yes, expected, false, moa::Precision::bf16);
+      moa::gemm_bfloat16_input(bf16, rounded.view(), weight, moa::Transpose::yes, product);
+      REQUIRE(product == expected);  // the same rounding, the same kernel
+      moa::gemm_bfloat16_input(bf16, rounded.view().middle_rows(10, 40), weight, moa::Transpose::yes,
+                               product.middleRows(10, 40), true);
+      REQUIRE(product.middleRows(10, 40) == (2 * expected.middleRows(10, 40)).eval());
+      REQUIRE(relative_error(expected.cast<double>(), (a * weight.transpose()).cast<double>()) < 1e-2);
+    }
+    REQUIRE_THROWS_WITH(moa::gemm_bfloat16_input(*compute, rounded.view(), weight, moa::Transpose::no, product),
+                        Catch::Contains("moa::gemm_bfloat16_input") && Catch::Contains("a is [70, 48]") &&
+                            Catch::Contains("op(b) is [24, 48]"));
+  }
 }
 
 TEST_CASE("bfloat16 decoding: caches carry rounded weights, keys and values; steps within 1e-2 of f32",

@@ -3,7 +3,9 @@
 #include "moa/bfloat16.hpp"
 #include "moa/moa.hpp"
 
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 using namespace moa_test;
 
@@ -25,6 +27,28 @@ TEST_CASE("bfloat16: rounding to nearest, ties to even, and back", "[bf16]") {
   REQUIRE(moa::round_to_bfloat16(from_bits(0x3F808000)) == 0x3F80);  // a tie to the even 0x3F80
   REQUIRE(moa::round_to_bfloat16(from_bits(0x3F818000)) == 0x3F82);  // a tie to the even 0x3F82
   REQUIRE(moa::bfloat16_to_float(0x3F81) == from_bits(0x3F810000));
+}
+
+TEST_CASE("bfloat16: rounding an array (SIMD where built) equals rounding each value", "[bf16]") {
+  std::vector<float> values;
+  for (std::uint32_t bits : {0x3F807FFFu, 0x3F808000u, 0x3F808001u, 0x3F818000u, 0x7F7FFFFFu, 0x7F800000u, 0xFF800000u,
+                             0x7FC00000u, 0x00000001u, 0x80008000u, 0x00000000u, 0x80000000u})
+    values.push_back(from_bits(bits));
+  moa::Rng rng(3);
+  while (values.size() < 1000) values.push_back(static_cast<float>(rng.normal()) * std::ldexp(1.0f, static_cast<int>(values.size() % 60) - 30));
+  // Every count up to 40 (the SIMD body and its scalar tail), then the whole array.
+  std::vector<std::size_t> counts(41);
+  for (std::size_t count = 0; count < counts.size(); ++count) counts[count] = count;
+  counts.push_back(values.size());
+  for (std::size_t count : counts) {
+    std::vector<std::uint16_t> rounded(count + 1, 0xABCD);
+    moa::detail::round_to_bfloat16(values.data(), static_cast<moa::Index>(count), rounded.data());
+    for (std::size_t i = 0; i < count; ++i) {
+      INFO("value " << i << " of " << count);
+      REQUIRE(rounded[i] == moa::round_to_bfloat16(values[i]));
+    }
+    REQUIRE(rounded[count] == 0xABCD);  // nothing past the end
+  }
 }
 
 TEST_CASE("gemm_bfloat16_weight: the product with each block of the rounded weight", "[bf16][gemm]") {

@@ -158,6 +158,103 @@ struct BFloat16Rows {
   }
 };
 
+namespace detail {
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"  // see dot_block in moa/gemm.hpp
+#endif
+// target[i] = round_to_bfloat16(source[i]) for `count` values, in SIMD where the build has it (the
+// scalar loop is vectorised by -O3 only, and rounding a layer's input is on its hot path).
+inline void round_to_bfloat16(const float* source, Index count, std::uint16_t* target) {
+  Index i = 0;
+#if defined(__AVX512F__)
+  const __m512i half = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+  for (; i + 16 <= count; i += 16) {
+    const __m512i bits = _mm512_loadu_si512(source + i);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);  // ties to even
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(half, odd)), 16);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(target + i), _mm512_cvtepi32_epi16(rounded));
+  }
+#elif defined(__AVX2__)
+  const __m256i half = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
+  const auto round8 = [&](const float* from) {
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(from));
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), one);
+    return _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(half, odd)), 16);
+  };
+  for (; i + 16 <= count; i += 16) {
+    // packus works within 128-bit lanes: put the lanes back in order after it.
+    const __m256i packed = _mm256_packus_epi32(round8(source + i), round8(source + i + 8));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(target + i), _mm256_permute4x64_epi64(packed, 0xD8));
+  }
+#endif
+  for (; i < count; ++i) target[i] = moa::round_to_bfloat16(source[i]);
+}
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+
+}  // namespace detail
+
+// A float matrix's values rounded to bfloat16, row-major and contiguous: the A operand of bf16
+// products that would otherwise each round it again (a layer's input, read by its key, value and
+// every expert's query projection). Storage is reused by the next assign.
+class BFloat16Matrix {
+ public:
+  // Rounds source, rows spread over the compute's threads.
+  void assign(const Compute& compute, const ConstMatrixRef<float>& source) {
+    rows_ = source.rows();
+    cols_ = source.cols();
+    data_.resize(static_cast<std::size_t>(rows_ * cols_));
+    parallel_ranges(compute, rows_, detail::elementwise_row_grain(cols_), [&](Index first, Index count, int) {
+      for (Index r = first; r < first + count; ++r)
+        detail::round_to_bfloat16(source.data() + r * source.outerStride(), cols_, data_.data() + r * cols_);
+    });
+  }
+  Index rows() const { return rows_; }
+  Index cols() const { return cols_; }
+  const std::uint16_t* row(Index r) const { return data_.data() + r * cols_; }
+  BFloat16Rows view() const { return {data_.data(), rows_, cols_, cols_}; }
+
+ private:
+  Index rows_ = 0, cols_ = 0;
+  std::vector<std::uint16_t> data_;  // [rows, cols]
+};
+
+// c = a op(b), or c += a op(b) with accumulate, for a already rounded to bfloat16: a bf16 product
+// on the compute's backend (which must have bf16), split over its threads like gemm().
+inline void gemm_bfloat16_input(const Compute& compute, const BFloat16Rows& a, const ConstMatrixRef<float>& b,
+                                Transpose transpose_b, MatrixRef<float> c, bool accumulate = false,
+                                std::uint64_t b_version = 0) {
+  const Index b_k = transpose_b == Transpose::no ? b.rows() : b.cols();
+  const Index n = transpose_b == Transpose::no ? b.cols() : b.rows();
+  MOA_CHECK(a.cols == b_k && c.rows() == a.rows && c.cols() == n, "moa::gemm_bfloat16_input", "a is [", a.rows, ", ",
+            a.cols, "], op(b) is [", b_k, ", ", n, "], c is [", c.rows(), ", ", c.cols(), "]");
+  MOA_CHECK(compute.backend().has_bf16(), "moa::gemm_bfloat16_input", "the backend '", compute.backend().name(),
+            "' has no bf16 products");
+  if (a.rows == 0 || n == 0) return;
+  if (a.cols == 0) {
+    if (!accumulate) c.setZero();
+    return;
+  }
+  GemmCall call;
+  call.transpose_b = transpose_b;
+  call.m = a.rows;
+  call.n = n;
+  call.k = a.cols;
+  call.a_bf16 = a.data;
+  call.lda = a.stride;
+  call.b = b.data();
+  call.ldb = b.outerStride();
+  call.c = c.data();
+  call.ldc = c.outerStride();
+  call.accumulate = accumulate;
+  call.precision = Precision::bf16;
+  call.b_version = b_version;
+  detail::parallel_sgemm(compute, call);
+}
+
 // c = a W_b^T, or c += a W_b^T with accumulate, where W_b is block b of a rounded weight: a [m, in]
 // float, c [m, block_rows]. Streams the block once per 4 rows of a: for few rows (decoding steps);
 // larger products belong to gemm().

@@ -31,12 +31,18 @@ class ExpertProjections {
  public:
   // queries: [A, d_h]; row a = input[tokens[a]] Wq_e^T for e = the expert of a. weights: [E*d_h,
   // d_model] (expert e's rows e*d_h ..); rounded: their bfloat16 copy for decoding, or null;
-  // weights_version: their version when the backend may keep them repacked (inference), else 0.
+  // weights_version: their version when the backend may keep them repacked (inference), else 0;
+  // rounded_input: input rounded to bfloat16 for bf16 products (gathered instead of input), or null.
   // Rows of assignments the plan skips (padding) are left unwritten.
   void project_in(const Compute& compute, const Matrix<Scalar>& input, const DispatchPlan& plan,
                   const std::vector<Index>& tokens, const ConstMatrixRef<Scalar>& weights, Index head_dim,
                   Matrix<Scalar>& queries, Precision precision, const BFloat16Weight* rounded = nullptr,
-                  std::uint64_t weights_version = 0) {
+                  std::uint64_t weights_version = 0, const BFloat16Matrix* rounded_input = nullptr) {
+    MOA_CHECK(rounded_input == nullptr || (std::is_same_v<Scalar, float>), "ExpertProjections::project_in",
+              "rounded_input is for float layers");
+    MOA_CHECK(rounded_input == nullptr || (rounded_input->rows() == input.rows() && rounded_input->cols() == input.cols()),
+              "ExpertProjections::project_in", "rounded_input is [", rounded_input->rows(), ", ",
+              rounded_input->cols(), "] for an input of ", detail::shape_of(input));
     queries.resize(static_cast<Index>(tokens.size()), head_dim);
     // Experts write disjoint rows: each one a part of its own.
     const bool parallel = experts_in_parallel(compute, plan, input.cols() * head_dim);
@@ -44,11 +50,16 @@ class ExpertProjections {
     for_each_expert_dynamically(compute, plan, parallel, [&](Index e, const Index* ids, Index count, int thread) {
       Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
       const auto weight = weights.middleRows(e * head_dim, head_dim);    // [d_h, d_model]
-      auto inputs = rows_of(scratch.wide_rows, count, input.cols());      // [c, d_model]
-      auto projected = rows_of(scratch.narrow_result, count, head_dim);   // [c, d_h]
       const bool everyone = count == input.rows();  // every token chose e (so in token order): no gather
+      const Index gathered = everyone ? 0 : count;
+      auto inputs = rows_of(scratch.wide_rows, rounded_input ? 0 : gathered, input.cols());  // [c, d_model]
+      auto projected = rows_of(scratch.narrow_result, count, head_dim);                     // [c, d_h]
+      if (rounded_input) scratch.rounded_rows.resize(static_cast<std::size_t>(gathered * input.cols()));  // [c, d_model]
       parallel_ranges(compute, count, kRowGrain, [&](Index first, Index rows, int) {
-        if (everyone) {
+        if (rounded_input != nullptr) {
+          project_rounded(compute, *rounded_input, ids, first, rows, everyone, tokens, weight, weights_version,
+                          scratch.rounded_rows.data(), projected.middleRows(first, rows));
+        } else if (everyone) {
           weight_product<Scalar>(compute, input.middleRows(first, rows), weight, rounded, e,
                                  projected.middleRows(first, rows), false, precision, weights_version);
         } else {
@@ -172,7 +183,26 @@ class ExpertProjections {
     Matrix<Scalar> wide_rows, wide_result;      // [c, d_model] gathered rows, per-expert results
     Matrix<Scalar> narrow_rows, narrow_result;  // [c, d_h]
     Matrix<Scalar> scaled;                      // [c, d_h] gate * attended
+    std::vector<std::uint16_t> rounded_rows;    // [c, d_model] gathered rows of a rounded input
   };
+
+  // projected = rows [first, first + count) of an expert's rows of a rounded input times weight^T,
+  // in bf16: gathered as bfloat16 (half the bytes of floats) into gathered's same rows [c, d_model],
+  // or read in place when every token chose the expert (rows in token order).
+  template <typename Weight, typename Projected>
+  static void project_rounded(const Compute& compute, const BFloat16Matrix& input, const Index* ids, Index first,
+                              Index count, bool everyone, const std::vector<Index>& tokens, const Weight& weight,
+                              std::uint64_t weights_version, std::uint16_t* gathered, Projected&& projected) {
+    if constexpr (std::is_same_v<Scalar, float>) {  // float only (project_in checks)
+      const Index model = input.cols();
+      BFloat16Rows rows = input.view().middle_rows(everyone ? first : 0, everyone ? count : 0);
+      if (!everyone) {
+        for (Index i = first; i < first + count; ++i) std::copy_n(input.row(tokens[ids[i]]), model, gathered + i * model);
+        rows = {gathered + first * model, count, model, model};
+      }
+      gemm_bfloat16_input(compute, rows, weight, Transpose::yes, projected, false, weights_version);
+    }
+  }
 
   // Whether the experts run as parts of their own on the compute's threads: when there are at
   // least two busy experts per thread and work enough to repay waking them. Otherwise each expert

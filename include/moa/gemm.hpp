@@ -48,6 +48,9 @@ struct GemmCall {
   // A version of b's values that changes whenever they do (a Parameter's version()), or 0 when
   // unknown: while it holds, a backend may reuse b repacked for its kernels.
   std::uint64_t b_version = 0;
+  // A already rounded to bfloat16, in place of `a` (then null; lda is this one's): an operand that
+  // several products read is rounded once. Only with precision bf16, on a backend with bf16.
+  const std::uint16_t* a_bf16 = nullptr;
 };
 
 class GemmBackend {
@@ -325,6 +328,8 @@ class EigenGemm final : public GemmBackend {
  public:
   std::string name() const override { return "eigen"; }
   void sgemm(const GemmCall& call) const override {
+    MOA_CHECK(call.a_bf16 == nullptr, "EigenGemm::sgemm", "A is given rounded to bfloat16, which this backend does not "
+              "multiply (has_bf16() is false)");
     detail::eigen_gemm<float>(call.transpose_a, call.transpose_b, call.m, call.n, call.k, call.a, call.lda, call.b,
                               call.ldb, call.c, call.ldc, call.accumulate);
   }
@@ -403,7 +408,9 @@ inline void parallel_sgemm(const Compute& compute, GemmCall call) {
     GemmCall piece = call;
     if (split_rows) {  // rows of C: rows of A (or its columns when transposed)
       piece.m = last - first;
-      piece.a = call.a + (call.transpose_a == Transpose::no ? first * call.lda : first);
+      const Index a_offset = call.transpose_a == Transpose::no ? first * call.lda : first;
+      if (call.a_bf16 != nullptr) piece.a_bf16 = call.a_bf16 + a_offset;
+      else piece.a = call.a + a_offset;
       piece.c = call.c + first * call.ldc;
     } else {  // columns of C: columns of B (or its rows when transposed)
       piece.n = last - first;

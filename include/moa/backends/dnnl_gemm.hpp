@@ -57,8 +57,12 @@ class DnnlGemm final : public GemmBackend {
   bool has_bf16() const override { return has_bf16_; }
 
   void sgemm(const GemmCall& call) const override {
-    // bf16 converts both operands on every call: for a few rows that costs more than it saves.
-    const bool bf16 = call.precision == Precision::bf16 && has_bf16_ && call.m >= kMinBf16Rows;
+    const bool rounded_a = call.a_bf16 != nullptr;  // A given in bf16: the product is bf16
+    MOA_CHECK(!rounded_a || (has_bf16_ && call.precision == Precision::bf16), "DnnlGemm::sgemm",
+              "A is given rounded to bfloat16 but the product is ", to_string(call.precision),
+              has_bf16_ ? "" : " and this CPU has no bf16 instructions");
+    // bf16 converts the operands on every call: for a few rows that costs more than it saves.
+    const bool bf16 = rounded_a || (call.precision == Precision::bf16 && has_bf16_ && call.m >= kMinBf16Rows);
     const bool few_rows = call.m <= detail::kMatrixVectorRows;  // streaming the weight once is all it takes
     if (!bf16 && (few_rows || static_cast<double>(call.m) * static_cast<double>(call.n) * static_cast<double>(call.k) < kSmallProduct)) {
       // oneDNN's fixed cost per call (a few microseconds) exceeds such a product's own time.
@@ -71,10 +75,12 @@ class DnnlGemm final : public GemmBackend {
     Index lda = call.lda, ldb = call.ldb;
     thread_local std::vector<std::uint16_t> a_bf16, b_bf16;
     if (bf16) {  // contiguous bf16 copies in the same orientation
-      const Index a_rows = call.transpose_a == Transpose::no ? call.m : call.k;
-      const Index a_cols = call.transpose_a == Transpose::no ? call.k : call.m;
-      to_bf16(call.a, a_rows, a_cols, call.lda, a_bf16);
-      lda = a_cols;
+      if (!rounded_a) {
+        const Index a_rows = call.transpose_a == Transpose::no ? call.m : call.k;
+        const Index a_cols = call.transpose_a == Transpose::no ? call.k : call.m;
+        to_bf16(call.a, a_rows, a_cols, call.lda, a_bf16);
+        lda = a_cols;
+      }
       if (!packed) {
         const Index b_rows = call.transpose_b == Transpose::no ? call.k : call.n;
         const Index b_cols = call.transpose_b == Transpose::no ? call.n : call.k;
@@ -83,7 +89,9 @@ class DnnlGemm final : public GemmBackend {
       }
     }
     const bool b_bf16_copy = bf16 && !packed;
-    const void* a_data = bf16 ? static_cast<const void*>(a_bf16.data()) : static_cast<const void*>(call.a);
+    const void* a_data = rounded_a ? static_cast<const void*>(call.a_bf16)
+                         : bf16    ? static_cast<const void*>(a_bf16.data())
+                                   : static_cast<const void*>(call.a);
     const void* b_data = b_bf16_copy ? static_cast<const void*>(b_bf16.data()) : static_cast<const void*>(call.b);
     const std::size_t a_element = bf16 ? sizeof(std::uint16_t) : sizeof(float);
     const std::size_t b_element = b_bf16_copy ? sizeof(std::uint16_t) : sizeof(float);
@@ -188,11 +196,7 @@ class DnnlGemm final : public GemmBackend {
 
   static void to_bf16(const float* source, Index rows, Index cols, Index ld, std::vector<std::uint16_t>& target) {
     target.resize(static_cast<std::size_t>(rows * cols));
-    for (Index r = 0; r < rows; ++r) {
-      const float* row = source + r * ld;
-      std::uint16_t* out = target.data() + r * cols;
-      for (Index c = 0; c < cols; ++c) out[c] = round_to_bfloat16(row[c]);
-    }
+    for (Index r = 0; r < rows; ++r) detail::round_to_bfloat16(source + r * ld, cols, target.data() + r * cols);
   }
 
   std::shared_ptr<const Entry> entry(const GemmCall& call, bool bf16, Index lda, Index ldb) const {
