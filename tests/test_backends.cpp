@@ -305,7 +305,8 @@ TEST_CASE("Seq2Seq on every backend: float logits and gradients match double", "
   }
 }
 
-TEST_CASE("bfloat16 inference: evaluation forwards within 1e-2 of f32 where the CPU has bf16", "[moa][bf16]") {
+TEST_CASE("bfloat16 inference: evaluation forwards within 1e-2 of f32 where the CPU has bf16",
+          "[moa][mha][moh][bf16]") {
   std::shared_ptr<const moa::GemmBackend> bf16_backend;
   for (const auto& backend : backends())
     if (backend->has_bf16()) bf16_backend = backend;
@@ -313,26 +314,17 @@ TEST_CASE("bfloat16 inference: evaluation forwards within 1e-2 of f32 where the 
     WARN("no backend with native bfloat16 on this machine: bf16 inference not tested");
     return;
   }
-  // The layer rounds its inputs to bfloat16 once for all its products: self-attention (one input)
-  // and cross-attention (two), experts that gather their rows and experts every token chose.
+  // The layers round their inputs to bfloat16 once for all their products: self-attention (one
+  // input) and cross-attention (two), experts that gather their rows and experts every token chose.
   struct Case {
     const char* name;
     bool cross, causal, every_expert;
   };
-  for (const Case& test : {Case{"causal self-attention", false, true, false}, Case{"self-attention", false, false, false},
-                           Case{"cross-attention", true, false, false},
-                           Case{"every token to every expert", false, false, true}}) {
-    INFO(test.name);
-    auto config = backend_moa_config();
-    if (test.every_expert) config.top_k = config.num_experts;
-    // Padding rows are not routed; without them an expert every token chose reads the input in place.
-    const auto batch = test.every_expert ? moa::SequenceBatch::full(3, 40) : moa::SequenceBatch::padded(40, {40, 23, 37});
+  const auto check = [&](auto& layer, const Case& test, const moa::SequenceBatch& batch) {
     const auto key_batch = moa::SequenceBatch::padded(36, {30, 36, 11});
     moa::Rng rng(21);
-    moa::MixtureOfAttention<float> layer(config, rng);
-    moa::init_normal(layer.router.weight, rng, 0.0, 0.5);
-    const MatrixF input = random_matrix<float>(batch.rows(), config.model_dim, rng);
-    const MatrixF memory = random_matrix<float>(key_batch.rows(), config.model_dim, rng);
+    const MatrixF input = random_matrix<float>(batch.rows(), layer.model_dim(), rng);
+    const MatrixF memory = random_matrix<float>(key_batch.rows(), layer.model_dim(), rng);
     layer.set_training(false);
     const auto forward = [&] {
       return test.cross ? layer.forward(input, batch, memory, key_batch, false)
@@ -354,7 +346,41 @@ TEST_CASE("bfloat16 inference: evaluation forwards within 1e-2 of f32 where the 
     }
     // Training forwards stay f32 whatever the compute's inference precision.
     layer.set_training(true);
-    REQUIRE(relative_error(forward().cast<double>(), f32.cast<double>()) < 1e-6);
+    const MatrixF trained = forward();
+    REQUIRE(relative_error(trained.cast<double>(), f32.cast<double>()) < 1e-6);
+  };
+  for (const Case& test : {Case{"causal self-attention", false, true, false}, Case{"self-attention", false, false, false},
+                           Case{"cross-attention", true, false, false},
+                           Case{"every token to every expert", false, false, true}}) {
+    INFO(test.name);
+    auto config = backend_moa_config();
+    if (test.every_expert) config.top_k = config.num_experts;
+    // Padding rows are not routed; without them an expert every token chose reads the input in place.
+    const auto batch = test.every_expert ? moa::SequenceBatch::full(3, 40) : moa::SequenceBatch::padded(40, {40, 23, 37});
+    moa::Rng rng(21);
+    {
+      INFO("MixtureOfAttention");
+      moa::MixtureOfAttention<float> layer(config, rng);
+      moa::init_normal(layer.router.weight, rng, 0.0, 0.5);
+      check(layer, test, batch);
+    }
+    {
+      INFO("MultiHeadAttention");
+      moa::MultiHeadAttention<float> layer({config.model_dim, 2, config.head_dim}, rng);
+      check(layer, test, batch);
+    }
+    {
+      INFO("MixtureOfHeads");
+      moa::MixtureOfHeadsConfig moh_config;
+      moh_config.model_dim = config.model_dim;
+      moh_config.shared_heads = 1;
+      moh_config.routed_heads = config.num_experts;
+      moh_config.top_k = config.top_k;
+      moh_config.head_dim = config.head_dim;
+      moa::MixtureOfHeads<float> layer(moh_config, rng);
+      moa::init_normal(layer.router.weight, rng, 0.0, 0.5);
+      check(layer, test, batch);
+    }
   }
 }
 

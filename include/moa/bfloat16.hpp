@@ -255,6 +255,43 @@ inline void gemm_bfloat16_input(const Compute& compute, const BFloat16Rows& a, c
   detail::parallel_sgemm(compute, call);
 }
 
+// A layer input that several products x W^T read (its key, value and query projections): with
+// bf16 products it is rounded to bfloat16 once, here, and every product reads that copy; otherwise
+// they read the input as it is. storage: the rounded copy's buffer, kept by the caller for reuse.
+template <typename Scalar>
+class ProductInput {
+ public:
+  ProductInput(const Compute& compute, const Matrix<Scalar>& input, Precision precision, BFloat16Matrix& storage)
+      : compute_(&compute), input_(&input), precision_(precision) {
+    if constexpr (std::is_same_v<Scalar, float>) {
+      if (precision == Precision::bf16) {
+        storage.assign(compute, input);
+        rounded_ = &storage;
+      }
+    }
+  }
+
+  // input W^T for a weight W [out, in] with its version (0: unknown), a new matrix [N, out].
+  Matrix<Scalar> times(const ConstMatrixRef<Scalar>& weight, std::uint64_t weight_version) const {
+    if constexpr (std::is_same_v<Scalar, float>) {
+      if (rounded_ != nullptr) {
+        Matrix<float> output(input_->rows(), weight.rows());  // [N, out]
+        gemm_bfloat16_input(*compute_, rounded_->view(), weight, Transpose::yes, output, false, weight_version);
+        return output;
+      }
+    }
+    return linear_product<Scalar>(*compute_, *input_, weight, precision_, weight_version);
+  }
+  // The rounded copy, or null when the products are not bf16.
+  const BFloat16Matrix* rounded() const { return rounded_; }
+
+ private:
+  const Compute* compute_;
+  const Matrix<Scalar>* input_;
+  Precision precision_;
+  const BFloat16Matrix* rounded_ = nullptr;
+};
+
 // c = a W_b^T, or c += a W_b^T with accumulate, where W_b is block b of a rounded weight: a [m, in]
 // float, c [m, block_rows]. Streams the block once per 4 rows of a: for few rows (decoding steps);
 // larger products belong to gemm().

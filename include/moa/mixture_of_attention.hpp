@@ -198,27 +198,14 @@ class MixtureOfAttention {
     pass.plan = DispatchPlan::build(routing.experts, config_.num_experts, slots_per_row());
     // Inference lets the backend keep the weights repacked, until their versions change.
     const auto version = [&](const Parameter<Scalar>& weight) { return pass.for_backward ? 0 : weight.version(); };
-    const BFloat16Matrix* rounded_query = nullptr;  // bf16: the inputs rounded once, not once per product
-    if constexpr (std::is_same_v<Scalar, float>) {
-      if (precision == Precision::bf16) {
-        pass.rounded_query.assign(*compute_, query);
-        const bool self = &query == &key_value;
-        if (!self) pass.rounded_key_value.assign(*compute_, key_value);
-        const BFloat16Rows rounded_key_value = (self ? pass.rounded_query : pass.rounded_key_value).view();
-        pass.keys.resize(key_value.rows(), config_.head_dim);    // [B*Tk, d_h]
-        pass.values.resize(key_value.rows(), config_.head_dim);  // [B*Tk, d_h]
-        gemm_bfloat16_input(*compute_, rounded_key_value, k_proj.value, Transpose::yes, pass.keys, false, version(k_proj));
-        gemm_bfloat16_input(*compute_, rounded_key_value, v_proj.value, Transpose::yes, pass.values, false,
-                            version(v_proj));
-        rounded_query = &pass.rounded_query;
-      }
-    }
-    if (rounded_query == nullptr) {
-      pass.keys = linear_product<Scalar>(*compute_, key_value, k_proj.value, precision, version(k_proj));    // [B*Tk, d_h]
-      pass.values = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision, version(v_proj));  // [B*Tk, d_h]
-    }
+    // bf16: each input rounded once for all the products that read it.
+    const ProductInput<Scalar> query_input(*compute_, query, precision, pass.rounded_query);
+    const ProductInput<Scalar> key_value_input =
+        &query == &key_value ? query_input : ProductInput<Scalar>(*compute_, key_value, precision, pass.rounded_key_value);
+    pass.keys = key_value_input.times(k_proj.value, version(k_proj));    // [B*Tk, d_h]
+    pass.values = key_value_input.times(v_proj.value, version(v_proj));  // [B*Tk, d_h]
     pass.projections.project_in(*compute_, query, pass.plan, routing.tokens, q_proj.value, config_.head_dim,
-                                pass.queries, precision, nullptr, version(q_proj), rounded_query);  // [A, d_h]
+                                pass.queries, precision, nullptr, version(q_proj), query_input.rounded());  // [A, d_h]
     detail::AttentionProbabilities<Scalar> probabilities(pass.for_backward ? &pass.probabilities : nullptr, assignments,
                                                  key_batch.length, compute_->threads());  // [A, Tk]
     pass.attended.resize(assignments, config_.head_dim);        // [A, d_h], rows of routed tokens written

@@ -331,6 +331,8 @@ class MixtureOfHeads {
     Matrix<Scalar> probabilities;  // [A, Tk] for backward
     Matrix<Scalar> attended;       // [A, d_h], before the gates
     ExpertProjections<Scalar> projections;
+    BFloat16Matrix rounded_query;      // bf16 products: [B*Tq, d_model] rounded once for all of them
+    BFloat16Matrix rounded_key_value;  // bf16 cross-attention: [B*Tk, d_model]
     double flops = 0.0;
   };
 
@@ -413,10 +415,14 @@ class MixtureOfHeads {
     pass.plan = DispatchPlan::build(assigned.heads, heads, 1);
     // Inference lets the backend keep the weights repacked, until their versions change.
     const auto version = [&](const Parameter<Scalar>& weight) { return pass.for_backward ? 0 : weight.version(); };
-    pass.keys = linear_product<Scalar>(*compute_, key_value, k_proj.value, precision, version(k_proj));    // [B*Tk, H*d_h]
-    pass.values = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision, version(v_proj));  // [B*Tk, H*d_h]
+    // bf16: each input rounded once for all the products that read it.
+    const ProductInput<Scalar> query_input(*compute_, query, precision, pass.rounded_query);
+    const ProductInput<Scalar> key_value_input =
+        &query == &key_value ? query_input : ProductInput<Scalar>(*compute_, key_value, precision, pass.rounded_key_value);
+    pass.keys = key_value_input.times(k_proj.value, version(k_proj));    // [B*Tk, H*d_h]
+    pass.values = key_value_input.times(v_proj.value, version(v_proj));  // [B*Tk, H*d_h]
     pass.projections.project_in(*compute_, query, pass.plan, assigned.tokens, q_proj.value, head_dim, pass.queries,
-                                precision, nullptr, version(q_proj));  // [A, d_h]
+                                precision, nullptr, version(q_proj), query_input.rounded());  // [A, d_h]
     detail::AttentionProbabilities<Scalar> probabilities(pass.for_backward ? &pass.probabilities : nullptr, rows, key_length,
                                                  compute_->threads());  // [A, Tk]
     pass.attended.resize(rows, head_dim);                 // [A, d_h]

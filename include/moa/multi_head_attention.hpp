@@ -215,6 +215,8 @@ class MultiHeadAttention {
     bool for_backward = true;      // false: inference, which keeps no probabilities
     Matrix<Scalar> probabilities;  // [B*h*Tq, Tk] for backward
     Matrix<Scalar> attended;       // [B*Tq, h*d_h]
+    BFloat16Matrix rounded_query;      // bf16 products: [B*Tq, d_model] rounded once for all of them
+    BFloat16Matrix rounded_key_value;  // bf16 cross-attention: [B*Tk, d_model]
     double flops = 0.0;
   };
 
@@ -223,9 +225,13 @@ class MultiHeadAttention {
                              Precision precision, ForwardPass& pass) const {
     // Inference lets the backend keep the weights repacked, until their versions change.
     const auto version = [&](const Parameter<Scalar>& weight) { return pass.for_backward ? 0 : weight.version(); };
-    pass.queries = linear_product<Scalar>(*compute_, query, q_proj.value, precision, version(q_proj));    // [B*Tq, h*d_h]
-    pass.keys = linear_product<Scalar>(*compute_, key_value, k_proj.value, precision, version(k_proj));    // [B*Tk, h*d_h]
-    pass.values = linear_product<Scalar>(*compute_, key_value, v_proj.value, precision, version(v_proj));  // [B*Tk, h*d_h]
+    // bf16: each input rounded once for all the products that read it.
+    const ProductInput<Scalar> query_input(*compute_, query, precision, pass.rounded_query);
+    const ProductInput<Scalar> key_value_input =
+        &query == &key_value ? query_input : ProductInput<Scalar>(*compute_, key_value, precision, pass.rounded_key_value);
+    pass.queries = query_input.times(q_proj.value, version(q_proj));     // [B*Tq, h*d_h]
+    pass.keys = key_value_input.times(k_proj.value, version(k_proj));    // [B*Tk, h*d_h]
+    pass.values = key_value_input.times(v_proj.value, version(v_proj));  // [B*Tk, h*d_h]
     const Index heads = config_.num_heads, head_dim = config_.head_dim;
     detail::AttentionProbabilities<Scalar> probabilities(pass.for_backward ? &pass.probabilities : nullptr,
                                                  query_batch.batch_size * heads * query_batch.length, key_batch.length,
