@@ -195,11 +195,10 @@ class ExpertProjections {
                               std::uint64_t weights_version, std::uint16_t* gathered, Projected&& projected) {
     if constexpr (std::is_same_v<Scalar, float>) {  // float only (project_in checks)
       const Index model = input.cols();
-      BFloat16Rows rows = input.view().middle_rows(everyone ? first : 0, everyone ? count : 0);
-      if (!everyone) {
+      if (!everyone)
         for (Index i = first; i < first + count; ++i) std::copy_n(input.row(tokens[ids[i]]), model, gathered + i * model);
-        rows = {gathered + first * model, count, model, model};
-      }
+      const BFloat16Rows rows = everyone ? input.view().middle_rows(first, count)
+                                         : BFloat16Rows{gathered + first * model, count, model, model};
       gemm_bfloat16_input(compute, rows, weight, Transpose::yes, projected, false, weights_version);
     }
   }
