@@ -235,6 +235,40 @@ TEST_CASE("Threads: bit-identical run to run at a fixed count; 1 and 2 threads a
   }
 }
 
+TEST_CASE("Threads: experts large enough to split are split even when there are many; the same numbers",
+          "[moa][backend]") {
+  // Every token to each of 4 experts, 1024 tokens: 512 rows per thread and expert, so the forward
+  // and the backward split each expert's rows over the threads, and the outputs go straight into
+  // the token rows (every token chose each expert: accumulated in place).
+  auto config = backend_moa_config();
+  config.model_dim = 256;
+  config.num_experts = 4;
+  config.top_k = 4;
+  config.head_dim = 64;
+  const auto batch = moa::SequenceBatch::full(8, 128);
+  for (const auto& backend : backends()) {
+    INFO(backend->name());
+    auto run = [&](int threads) {
+      moa::Rng rng(5);
+      moa::MixtureOfAttention<float> layer(config, rng);
+      moa::init_normal(layer.router.weight, rng, 0.0, 0.5);
+      layer.set_compute(std::make_shared<moa::Compute>(backend, threads));
+      const MatrixF input = random_matrix<float>(batch.rows(), config.model_dim, rng);
+      const MatrixF grad_output = random_matrix<float>(batch.rows(), config.model_dim, rng);
+      std::vector<MatrixF> results{layer.forward_self(input, batch, true), layer.backward_self(grad_output)};
+      for (const auto& entry : moa::parameters_of(layer)) results.push_back(entry.grad());
+      results.push_back(layer.infer(input, batch, input, batch, true));
+      return results;
+    };
+    const auto two = run(2), again = run(2), one = run(1);
+    for (std::size_t i = 0; i < two.size(); ++i) {
+      INFO("result " << i);
+      REQUIRE((two[i].array() == again[i].array()).all());
+      REQUIRE(relative_error(two[i].cast<double>(), one[i].cast<double>()) < 1e-5);
+    }
+  }
+}
+
 TEST_CASE("Threads: MixtureOfHeads bit-identical run to run at 2 threads; 1 and 2 threads agree to rounding",
           "[moh][backend]") {
   moa::MixtureOfHeadsConfig config;

@@ -174,7 +174,6 @@ class InverseSqrtSchedule {
   double initial_lr_;
 };
 
-// Scales all gradients by max_norm / (norm + 1e-6) when their global L2 norm exceeds max_norm, as
 // The global L2 norm of every gradient; NaN or infinity when any gradient is not finite.
 template <typename Scalar>
 double grad_norm(const ParameterList<Scalar>& parameters) {
@@ -183,6 +182,7 @@ double grad_norm(const ParameterList<Scalar>& parameters) {
   return std::sqrt(squared);
 }
 
+// Scales all gradients by max_norm / (norm + 1e-6) when their global L2 norm exceeds max_norm, as
 // torch.nn.utils.clip_grad_norm_. Returns the norm before clipping (a non-finite norm clips nothing).
 template <typename Scalar>
 double clip_grad_norm(const ParameterList<Scalar>& parameters, double max_norm) {
