@@ -195,6 +195,36 @@ TEST_CASE("MoA and MHA on every backend and thread count: float forward and back
   }
 }
 
+// The results of a layer at 2 threads, at 2 again and at 1: bit-identical run to run, within
+// float rounding across the counts.
+void require_same_results(const std::vector<MatrixF>& two, const std::vector<MatrixF>& again,
+                          const std::vector<MatrixF>& one) {
+  for (std::size_t i = 0; i < two.size(); ++i) {
+    INFO("result " << i);
+    REQUIRE((two[i].array() == again[i].array()).all());
+    REQUIRE(relative_error(two[i].cast<double>(), one[i].cast<double>()) < 1e-5);
+  }
+}
+
+// MoA on `backend` at 2 threads, twice, and at 1: the training forward, backward, every parameter's
+// gradient and infer() bit-identical run to run at 2 threads, and within float rounding of 1.
+void require_threads_agree(const moa::MixtureOfAttentionConfig& config, const moa::SequenceBatch& batch, bool causal,
+                           std::uint64_t seed, const std::shared_ptr<const moa::GemmBackend>& backend) {
+  auto run = [&](int threads) {
+    moa::Rng rng(seed);
+    moa::MixtureOfAttention<float> layer(config, rng);
+    moa::init_normal(layer.router.weight, rng, 0.0, 0.5);
+    layer.set_compute(std::make_shared<moa::Compute>(backend, threads));
+    const MatrixF input = random_matrix<float>(batch.rows(), config.model_dim, rng);
+    const MatrixF grad_output = random_matrix<float>(batch.rows(), config.model_dim, rng);
+    std::vector<MatrixF> results{layer.forward_self(input, batch, causal), layer.backward_self(grad_output)};
+    for (const auto& entry : moa::parameters_of(layer)) results.push_back(entry.grad());
+    results.push_back(layer.infer(input, batch, input, batch, causal));
+    return results;
+  };
+  require_same_results(run(2), run(2), run(1));
+}
+
 TEST_CASE("Threads: bit-identical run to run at a fixed count; 1 and 2 threads agree to rounding",
           "[moa][backend]") {
   // The small layer splits each expert's rows across threads; the larger one (enough experts and
@@ -215,23 +245,7 @@ TEST_CASE("Threads: bit-identical run to run at a fixed count; 1 and 2 threads a
   for (const auto& backend : backends()) {
     const bool causal = config.mode == moa::RoutingMode::token_choice;
     INFO(backend->name() << ", d_model " << config.model_dim << (causal ? "" : ", expert choice"));
-    auto run = [&](int threads) {
-      moa::Rng rng(9);
-      moa::MixtureOfAttention<float> layer(config, rng);
-      moa::init_normal(layer.router.weight, rng, 0.0, 0.5);
-      layer.set_compute(std::make_shared<moa::Compute>(backend, threads));
-      const MatrixF input = random_matrix<float>(batch.rows(), config.model_dim, rng);
-      const MatrixF grad_output = random_matrix<float>(batch.rows(), config.model_dim, rng);
-      std::vector<MatrixF> results{layer.forward_self(input, batch, causal), layer.backward_self(grad_output)};
-      for (const auto& entry : moa::parameters_of(layer)) results.push_back(entry.grad());
-      return results;
-    };
-    const auto two = run(2), again = run(2), one = run(1);
-    for (std::size_t i = 0; i < two.size(); ++i) {
-      INFO("result " << i);
-      REQUIRE((two[i].array() == again[i].array()).all());
-      REQUIRE(relative_error(two[i].cast<double>(), one[i].cast<double>()) < 1e-5);
-    }
+    require_threads_agree(config, batch, causal, 9, backend);
   }
 }
 
@@ -245,27 +259,9 @@ TEST_CASE("Threads: experts large enough to split are split even when there are 
   config.num_experts = 4;
   config.top_k = 4;
   config.head_dim = 64;
-  const auto batch = moa::SequenceBatch::full(8, 128);
   for (const auto& backend : backends()) {
     INFO(backend->name());
-    auto run = [&](int threads) {
-      moa::Rng rng(5);
-      moa::MixtureOfAttention<float> layer(config, rng);
-      moa::init_normal(layer.router.weight, rng, 0.0, 0.5);
-      layer.set_compute(std::make_shared<moa::Compute>(backend, threads));
-      const MatrixF input = random_matrix<float>(batch.rows(), config.model_dim, rng);
-      const MatrixF grad_output = random_matrix<float>(batch.rows(), config.model_dim, rng);
-      std::vector<MatrixF> results{layer.forward_self(input, batch, true), layer.backward_self(grad_output)};
-      for (const auto& entry : moa::parameters_of(layer)) results.push_back(entry.grad());
-      results.push_back(layer.infer(input, batch, input, batch, true));
-      return results;
-    };
-    const auto two = run(2), again = run(2), one = run(1);
-    for (std::size_t i = 0; i < two.size(); ++i) {
-      INFO("result " << i);
-      REQUIRE((two[i].array() == again[i].array()).all());
-      REQUIRE(relative_error(two[i].cast<double>(), one[i].cast<double>()) < 1e-5);
-    }
+    require_threads_agree(config, moa::SequenceBatch::full(8, 128), true, 5, backend);
   }
 }
 
@@ -293,12 +289,7 @@ TEST_CASE("Threads: MixtureOfHeads bit-identical run to run at 2 threads; 1 and 
       for (const auto& entry : moa::parameters_of(layer)) results.push_back(entry.grad());
       return results;
     };
-    const auto two = run(2), again = run(2), one = run(1);
-    for (std::size_t i = 0; i < two.size(); ++i) {
-      INFO("result " << i);
-      REQUIRE((two[i].array() == again[i].array()).all());
-      REQUIRE(relative_error(two[i].cast<double>(), one[i].cast<double>()) < 1e-5);
-    }
+    require_same_results(run(2), run(2), run(1));
   }
 }
 
