@@ -18,6 +18,10 @@ Attention is batched multi-query attention: the T*k expert queries of a sequence
 shared K and V. Forward runs under no_grad (evaluation); forward+backward backpropagates
 sum(y * g) into every weight and the input, as moa_bench does. One thread unless --threads.
 
+Both sides are timed alike: each measurement is the best of three runs of --min-time / 3 seconds
+(moa_bench's repetitions, PyTorch's timed loops), and the two alternate shape by shape, so that a
+host that slows down for a while slows both.
+
 Needs Debian's python3-torch with libopenblas0-pthread (otherwise torch uses the reference BLAS
 and is about 20x slower: the script refuses to compare then). Not part of the tests.
 """
@@ -200,16 +204,19 @@ def torch_translate_tokens_per_second(kind, min_seconds):
     return batch * length / best_time(step, min_seconds)
 
 
-def best_time(function, min_seconds=1.0, repeats=3):
+REPEATS = 3  # runs per measurement, the best kept
+
+
+def best_time(function, min_seconds=1.0):
     function()
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(REPEATS):
         count, start = 0, time.perf_counter()
         while True:
             function()
             count += 1
             elapsed = time.perf_counter() - start
-            if elapsed >= min_seconds / repeats:
+            if elapsed >= min_seconds / REPEATS:
                 break
         best = min(best, elapsed / count)
     return best
@@ -239,16 +246,22 @@ def torch_times(shape, min_seconds):
     return result
 
 
-def moa_times(moa_bench, threads, min_seconds):
-    """Seconds per iteration of BM_MoA/<shape>_... and BM_TranslateStep_..., by benchmark name."""
-    names = "|".join(shape[0] for shape in SHAPES)
-    command = [moa_bench, f"--threads={threads}", f"--benchmark_filter=BM_MoA/({names})_forward|BM_TranslateStep",
-               "--benchmark_format=json", f"--benchmark_min_time={min_seconds}"]
+def moa_times(moa_bench, threads, min_seconds, benchmark_filter):
+    """Seconds per iteration of the benchmarks matching the filter, by name (BM_MoA/ dropped): the
+    best of REPEATS repetitions of min_seconds / REPEATS each, as best_time does for PyTorch."""
+    command = [moa_bench, f"--threads={threads}", f"--benchmark_filter={benchmark_filter}",
+               "--benchmark_format=json", f"--benchmark_min_time={min_seconds / REPEATS}",
+               f"--benchmark_repetitions={REPEATS}"]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     times = {}
     for entry in json.loads(output)["benchmarks"]:
+        if entry.get("run_type") != "iteration":
+            continue  # the repetitions' mean, median and deviation
         scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[entry["time_unit"]]
-        times[entry["name"].replace("BM_MoA/", "")] = entry["real_time"] * scale
+        name = entry["run_name"].replace("BM_MoA/", "")
+        times[name] = min(times.get(name, float("inf")), entry["real_time"] * scale)
+    if not times:
+        sys.exit(f"{moa_bench} ran no benchmark matching {benchmark_filter}")
     return times
 
 
@@ -297,25 +310,26 @@ def main():
             sys.exit("torch would use the reference BLAS (20x slower): install libopenblas0-pthread first")
     torch.set_num_threads(arguments.threads)
     limit_blas_threads(arguments.threads)
-    moa = moa_times(arguments.moa_bench, arguments.threads, arguments.min_time)
     print(f"torch {torch.__version__}, {arguments.threads} thread(s); times in ms, speedup = PyTorch / moa")
     print(f"{'shape':8} {'moa fwd':>9} {'torch fwd':>10} {'speedup':>8} {'moa f+b':>9} {'torch f+b':>10} {'speedup':>8}"
           f"  torch variants")
     for shape in SHAPES:
         name = shape[0]
+        ours = moa_times(arguments.moa_bench, arguments.threads, arguments.min_time, f"^BM_MoA/{name}_forward(_backward)?$")
         theirs = torch_times(shape, arguments.min_time)
-        ours_forward, ours_both = moa[f"{name}_forward"], moa[f"{name}_forward_backward"]
+        ours_forward, ours_both = ours[f"{name}_forward"], ours[f"{name}_forward_backward"]
         torch_forward, forward_variant = theirs["forward"]
         torch_both, both_variant = theirs["forward_backward"]
         print(f"{name:8} {ours_forward * 1e3:9.2f} {torch_forward * 1e3:10.2f} {torch_forward / ours_forward:8.2f}"
               f" {ours_both * 1e3:9.2f} {torch_both * 1e3:10.2f} {torch_both / ours_both:8.2f}"
-              f"  {forward_variant}/{both_variant}")
+              f"  {forward_variant}/{both_variant}", flush=True)
     print("\ntranslate trainer step (demo model, 96 x 16 target tokens), target tokens/s")
     print(f"{'model':8} {'moa':>9} {'torch':>10} {'speedup':>8}")
     for kind in ("moa", "mha"):
-        ours = 96 * 16 / moa[f"BM_TranslateStep_{kind}"]
+        step = moa_times(arguments.moa_bench, arguments.threads, arguments.min_time, f"^BM_TranslateStep_{kind}$")
+        ours = 96 * 16 / step[f"BM_TranslateStep_{kind}"]
         theirs = torch_translate_tokens_per_second(kind, arguments.min_time)
-        print(f"{kind:8} {ours:9.0f} {theirs:10.0f} {ours / theirs:8.2f}")
+        print(f"{kind:8} {ours:9.0f} {theirs:10.0f} {ours / theirs:8.2f}", flush=True)
 
 
 if __name__ == "__main__":
