@@ -1,6 +1,9 @@
 #include "attention_support.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
+#include <vector>
 
 using namespace moa_test;
 
@@ -26,6 +29,54 @@ TEST_CASE("top_k_indices: largest first, ties toward the lower index", "[router]
   REQUIRE(chosen[1] == 2);
   REQUIRE(chosen[2] == 4);
   REQUIRE_MOA_ERROR(moa::top_k_indices(values, 5, 6, chosen), "k = 6 must be in [1, 5]");
+}
+
+// The k largest by a stable sort: largest first, equal values in index order.
+template <typename Scalar>
+std::vector<Index> sorted_top_k(const std::vector<Scalar>& values, Index k) {
+  std::vector<Index> order(values.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = static_cast<Index>(i);
+  std::stable_sort(order.begin(), order.end(), [&](Index a, Index b) { return values[a] > values[b]; });
+  order.resize(static_cast<std::size_t>(k));
+  return order;
+}
+
+TEMPLATE_TEST_CASE("top_k_indices equals a stable sort on finite rows of every length, with and without ties",
+                   "[router]", float, double) {
+  // Rows of up to 300 values and k up to 12 take both ways through top_k_indices (the passes over
+  // router-sized rows, the insertion elsewhere); values drawn from 4 levels make ties common.
+  moa::Rng rng(5);
+  for (const bool ties : {false, true}) {
+    for (Index length = 1; length <= 300; length += length < 40 ? 1 : 37) {
+      for (Index k = 1; k <= std::min<Index>(length, 12); ++k) {
+        std::vector<TestType> values(static_cast<std::size_t>(length));
+        for (auto& value : values)
+          value = ties ? static_cast<TestType>(rng.next_u64() % 4) - TestType(1.5) : static_cast<TestType>(rng.normal());
+        std::vector<Index> chosen(static_cast<std::size_t>(k));
+        moa::top_k_indices(values.data(), length, k, chosen.data());
+        INFO("length " << length << ", k " << k << (ties ? ", with ties" : ""));
+        REQUIRE(chosen == sorted_top_k(values, k));
+      }
+    }
+  }
+}
+
+TEST_CASE("top_k_indices: rows with NaN or infinities keep the insertion's order", "[router]") {
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  // 12 values, k = 2: the size where finite rows take the passes.
+  std::vector<float> values = {0.1f, 0.5f, -inf, 0.2f, inf, 0.3f, 0.0f, 0.4f, 0.6f, -0.1f, 0.05f, 0.7f};
+  Index chosen[2];
+  moa::top_k_indices(values.data(), 12, 2, chosen);
+  REQUIRE(chosen[0] == 4);
+  REQUIRE(chosen[1] == 11);
+  values[4] = nan;  // NaN never enters the list once it is full, nor moves ahead of a value
+  moa::top_k_indices(values.data(), 12, 2, chosen);
+  REQUIRE(chosen[0] == 11);
+  REQUIRE(chosen[1] == 8);
+  values[0] = nan;  // ... but the first k values fill it whatever they are, and nothing passes a NaN
+  moa::top_k_indices(values.data(), 12, 2, chosen);
+  REQUIRE(chosen[0] == 0);
+  REQUIRE(chosen[1] == 11);
 }
 
 TEST_CASE("DispatchPlan groups assignments by expert with counts and offsets", "[router]") {
