@@ -432,7 +432,10 @@ TEST_CASE("gemm_bfloat16_input: an operand rounded once gives the bf16 product o
       REQUIRE(product == expected);  // the same rounding, the same kernel
       moa::gemm_bfloat16_input(bf16, rounded.view().middle_rows(10, 40), weight, moa::Transpose::yes,
                                product.middleRows(10, 40), true);
-      REQUIRE(product.middleRows(10, 40) == (2 * expected.middleRows(10, 40)).eval());
+      // Accumulating may add into c part way through the sum over k (oneDNN's AMX kernel does), so
+      // it agrees with the sum of two products to float rounding, not bit for bit.
+      REQUIRE(relative_error(product.middleRows(10, 40).cast<double>(),
+                             (2 * expected.middleRows(10, 40)).cast<double>()) < 1e-6);
       REQUIRE(relative_error(expected.cast<double>(), (a * weight.transpose()).cast<double>()) < 1e-2);
     }
     REQUIRE_THROWS_WITH(moa::gemm_bfloat16_input(*compute, rounded.view(), weight, moa::Transpose::no, product),
