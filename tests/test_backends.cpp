@@ -10,6 +10,7 @@
 #endif
 
 #include <atomic>
+#include <set>
 #include <stdexcept>
 
 using namespace moa_test;
@@ -287,6 +288,40 @@ TEST_CASE("Threads: MixtureOfHeads bit-identical run to run at 2 threads; 1 and 
       const MatrixF grad_output = random_matrix<float>(batch.rows(), config.model_dim, rng);
       std::vector<MatrixF> results{layer.forward_self(input, batch, true), layer.backward_self(grad_output)};
       for (const auto& entry : moa::parameters_of(layer)) results.push_back(entry.grad());
+      return results;
+    };
+    require_same_results(run(2), run(2), run(1));
+  }
+}
+
+TEST_CASE("Threads: decoding steps (a row or two per expert) run the experts in parallel; the same numbers",
+          "[moa][backend][cache]") {
+  // 8 sequences, one token each, 4 of 32 experts: 32 assignments of 512 x 64 weights, fewer
+  // multiply-adds than repay waking a thread, but enough weights to read to repay it.
+  moa::MixtureOfAttentionConfig config;
+  config.model_dim = 512;
+  config.num_experts = 32;
+  config.top_k = 4;
+  config.head_dim = 64;
+  const Index sequences = 8, weight_size = config.model_dim * config.head_dim;
+  STATIC_REQUIRE(moa::detail::kParallelGemmFlops > 32.0 * 512 * 64);
+  for (const auto& backend : backends()) {
+    INFO(backend->name());
+    auto run = [&](int threads) {
+      moa::Rng rng(31);
+      moa::MixtureOfAttention<float> layer(config, rng);
+      moa::init_normal(layer.router.weight, rng, 0.0, 0.5);
+      layer.set_training(false);
+      layer.set_compute(std::make_shared<moa::Compute>(backend, threads));
+      auto cache = layer.make_self_cache(sequences, 4);
+      std::vector<MatrixF> results;
+      for (int step = 0; step < 3; ++step) {
+        const MatrixF token = random_matrix<float>(sequences, config.model_dim, rng);
+        results.push_back(layer.step(token, cache));
+        const std::vector<Index> experts = layer.router.route(token).experts;
+        const Index busy = static_cast<Index>(std::set<Index>(experts.begin(), experts.end()).size());
+        REQUIRE(moa::detail::kWeightReadCost * busy * weight_size >= moa::detail::kParallelGemmFlops);
+      }
       return results;
     };
     require_same_results(run(2), run(2), run(1));

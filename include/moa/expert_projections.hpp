@@ -26,6 +26,13 @@
 
 namespace moa {
 
+namespace detail {
+// A weight read from the last-level cache costs about as long as this many multiply-adds, for
+// telling whether experts with a row or two each (decoding) repay waking the threads: wide's
+// decoding step on 2 threads takes 0.6 of one thread's time, 0.95 when reads counted for nothing.
+constexpr double kWeightReadCost = 8;
+}  // namespace detail
+
 template <typename Scalar>
 class ExpertProjections {
  public:
@@ -210,14 +217,17 @@ class ExpertProjections {
   // wakes the threads for every expert. Measured on 2 threads: the forward gains from splitting
   // from about 64 rows per thread (wide: 5%; base and causal 9-10%), backward only from larger
   // experts (base and causal: 6-10% in forward+backward; wide and the translate trainer's model,
-  // about 2M multiply-adds per thread and expert, 2% slower).
+  // about 2M multiply-adds per thread and expert, 2% slower). With a row or two per expert (decoding
+  // steps) the products stream their weights rather than compute, so reading the weights counts as
+  // work too (see kWeightReadCost).
   enum class Pass { forward, backward };
   static bool experts_in_parallel(const Compute& compute, const DispatchPlan& plan, Index weight_size, Pass pass) {
     const int threads = compute.threads();
     if (threads == 1) return false;
     Index busy = 0;
     for (Index e = 0; e < plan.num_experts; ++e) busy += plan.count(e) > 0 ? 1 : 0;
-    const double work = static_cast<double>(plan.assignments()) * static_cast<double>(weight_size);
+    const double work = std::max(static_cast<double>(plan.assignments()), detail::kWeightReadCost * static_cast<double>(busy)) *
+                        static_cast<double>(weight_size);
     if (busy < 2 * threads || work < detail::kParallelGemmFlops) return false;
     const double rows_per_thread = static_cast<double>(plan.assignments()) / static_cast<double>(busy * threads);
     const bool split = pass == Pass::forward ? rows_per_thread >= 64.0
