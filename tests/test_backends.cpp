@@ -81,10 +81,11 @@ TEST_CASE("gemm: every backend and thread count equals a naive product", "[gemm]
   for (const NamedCompute& named : float_computes()) {
     // 200 x 130 x 64 is past the size at which a product is split over threads; widths of whole
     // SIMD packets (16, 48, 64) below kSmallKernelMacs take the small-product kernel, 16 with eight
-    // rows at a time.
+    // rows at a time. Below a packet of columns, x W^T takes blocks of dot products (n 5 and 8;
+    // k 20 has a tail past its packets).
     for (const Index m : {1, 3, 4, 15, 16, 17, 47, 100, 200}) {
-      for (const Index n : {1, 5, 16, 48, 64, 130}) {
-        for (const Index k : {1, 7, 64}) {
+      for (const Index n : {1, 5, 8, 16, 48, 64, 130}) {
+        for (const Index k : {1, 7, 20, 64}) {
           for (const bool transpose_a : {false, true}) {
             for (const bool transpose_b : {false, true}) {
               for (const bool accumulate : {false, true}) {

@@ -204,6 +204,23 @@ void few_rows_times_transposed(Index n, Index k, const Scalar* a, Index lda, con
   for (; j < n; ++j) dot_block<Scalar, M, 1>(k, a, lda, b + j * ldb, ldb, c + j, ldc);
 }
 
+// c[m, n] += a[m, k] b[n, k]^T for n below a packet of columns (a router's logits over E = 8
+// experts): blocks of 4 x 4 dot products, each streaming its rows of a and b once, where Eigen's
+// GEMM packs both operands for a kernel whose columns are mostly empty.
+template <typename Scalar>
+void narrow_times_transposed(Index m, Index n, Index k, const Scalar* a, Index lda, const Scalar* b, Index ldb,
+                             Scalar* c, Index ldc) {
+  constexpr int rows = 4, columns = 4;
+  Index i = 0;
+  for (; i + rows <= m; i += rows) {
+    Index j = 0;
+    for (; j + columns <= n; j += columns)
+      dot_block<Scalar, rows, columns>(k, a + i * lda, lda, b + j * ldb, ldb, c + i * ldc + j, ldc);
+    for (; j < n; ++j) dot_block<Scalar, rows, 1>(k, a + i * lda, lda, b + j * ldb, ldb, c + i * ldc + j, ldc);
+  }
+  for (; i < m; ++i) few_rows_times_transposed<Scalar, 1>(n, k, a + i * lda, lda, b, ldb, c + i * ldc, ldc);
+}
+
 // Products up to this many multiply-adds (float) run in small_product below: attention within
 // short sequences (the translate trainer's 16 tokens: [64, 16] x [16, 48] per sequence), where
 // Eigen's GEMM spends more on packing its operands than on the arithmetic (BM_SmallProduct:
@@ -281,6 +298,11 @@ void eigen_gemm(Transpose transpose_a, Transpose transpose_b, Index m, Index n, 
   }
   if (!accumulate) c_map.setZero();
   if (k == 0) return;
+  if (few_rows_kernels && m > kMatrixVectorRows && n < Eigen::internal::packet_traits<Scalar>::size &&
+      transpose_a == Transpose::no && transpose_b == Transpose::yes) {
+    narrow_times_transposed<Scalar>(m, n, k, a, lda, b, ldb, c, ldc);
+    return;
+  }
   if (few_rows_kernels && m >= 1 && m <= kMatrixVectorRows && transpose_a == Transpose::no &&
       transpose_b == Transpose::yes) {
     switch (m) {  // x W^T with a weight W [n, k]: the layers' case
