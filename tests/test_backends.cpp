@@ -140,6 +140,15 @@ TEST_CASE("Compute: bad thread counts and bf16 without native support are refuse
                     "precision bf16 needs a backend with native bfloat16 products");
 }
 
+TEST_CASE("Compute::serial: the same backend and precision on one thread", "[backend]") {
+  const auto backend = std::make_shared<moa::EigenGemm>();
+  const moa::Compute one(backend), two(backend, 2);
+  REQUIRE(&one.serial() == &one);
+  REQUIRE(two.serial().threads() == 1);
+  REQUIRE(&two.serial().backend() == backend.get());
+  REQUIRE(two.serial().inference_precision() == two.inference_precision());
+}
+
 TEST_CASE("ThreadPool: every part once, exceptions reach the caller, nested calls run inline", "[backend]") {
   moa::ThreadPool pool(2);
   std::vector<std::atomic<int>> seen(100);
@@ -264,6 +273,56 @@ TEST_CASE("Threads: experts large enough to split are split even when there are 
   for (const auto& backend : backends()) {
     INFO(backend->name());
     require_threads_agree(config, moa::SequenceBatch::full(8, 128), true, 5, backend);
+  }
+}
+
+namespace {
+
+// Counts the products whose B lies in [begin, end) (a layer's weight), passing every call on.
+struct CountingBackend final : moa::GemmBackend {
+  std::shared_ptr<const moa::GemmBackend> inner;
+  const float *begin = nullptr, *end = nullptr;
+  mutable std::atomic<int> calls{0};
+  explicit CountingBackend(std::shared_ptr<const moa::GemmBackend> wrapped) : inner(std::move(wrapped)) {}
+  std::string name() const override { return inner->name(); }
+  void sgemm(const moa::GemmCall& call) const override {
+    if (call.b >= begin && call.b < end) ++calls;
+    inner->sgemm(call);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("Threads: experts run as parts of their own multiply on one thread each: one product per expert",
+          "[moa][backend]") {
+  // 182 tokens x 4 of 8 experts: about 91 rows per expert, too few to split over 2 threads (forward
+  // in training or backward), so each expert is a part of its own; its rows are not cut in two
+  // products run one after another (the nested loop would split them as on 2 threads).
+  auto config = backend_moa_config();
+  config.model_dim = 128;
+  config.num_experts = 8;
+  config.top_k = 4;
+  config.head_dim = 32;
+  const auto batch = moa::SequenceBatch::padded(64, {64, 50, 61, 7});
+  for (const auto& backend : backends()) {
+    INFO(backend->name());
+    moa::Rng rng(3);
+    moa::MixtureOfAttention<float> layer(config, rng);
+    moa::init_normal(layer.router.weight, rng, 0.0, 0.5);  // tokens spread over the experts
+    auto counting = std::make_shared<CountingBackend>(backend);
+    const float* weights = layer.q_proj.value.data();
+    counting->begin = weights;
+    counting->end = weights + layer.q_proj.value.size();
+    layer.set_compute(std::make_shared<moa::Compute>(counting, 2));
+    const MatrixF input = random_matrix<float>(batch.rows(), config.model_dim, rng);
+    layer.forward_self(input, batch, true);
+    int busy = 0;
+    for (const Index count : layer.routing_statistics().counts) busy += count > 0 ? 1 : 0;
+    REQUIRE(busy >= 6);
+    REQUIRE(counting->calls.load() == busy);  // the query projections
+    counting->calls = 0;
+    layer.backward_self(random_matrix<float>(batch.rows(), config.model_dim, rng));
+    REQUIRE(counting->calls.load() == busy);  // the input gradients' products with Wq
   }
 }
 

@@ -54,7 +54,8 @@ class ExpertProjections {
     // Experts write disjoint rows: each one a part of its own.
     const bool parallel = experts_in_parallel(compute, plan, input.cols() * head_dim, Pass::forward);
     scratch_.resize(static_cast<std::size_t>(compute.threads()));
-    for_each_expert_dynamically(compute, plan, parallel, [&](Index e, const Index* ids, Index count, int thread) {
+    for_each_expert_dynamically(compute, plan, parallel, [&](Index e, const Index* ids, Index count, int thread,
+                                                          const Compute& expert_compute) {
       Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
       const auto weight = weights.middleRows(e * head_dim, head_dim);    // [d_h, d_model]
       const bool everyone = count == input.rows();  // every token chose e (so in token order): no gather
@@ -62,16 +63,16 @@ class ExpertProjections {
       auto inputs = rows_of(scratch.wide_rows, rounded_input ? 0 : gathered, input.cols());  // [c, d_model]
       auto projected = rows_of(scratch.narrow_result, count, head_dim);                     // [c, d_h]
       if (rounded_input) scratch.rounded_rows.resize(static_cast<std::size_t>(gathered * input.cols()));  // [c, d_model]
-      parallel_ranges(compute, count, kRowGrain, [&](Index first, Index rows, int) {
+      parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index rows, int) {
         if (rounded_input != nullptr) {
-          project_rounded(compute, *rounded_input, ids, first, rows, everyone, tokens, weight, weights_version,
+          project_rounded(expert_compute, *rounded_input, ids, first, rows, everyone, tokens, weight, weights_version,
                           scratch.rounded_rows.data(), projected.middleRows(first, rows));
         } else if (everyone) {
-          weight_product<Scalar>(compute, input.middleRows(first, rows), weight, rounded, e,
+          weight_product<Scalar>(expert_compute, input.middleRows(first, rows), weight, rounded, e,
                                  projected.middleRows(first, rows), false, precision, weights_version);
         } else {
           for (Index i = first; i < first + rows; ++i) inputs.row(i) = input.row(tokens[ids[i]]);
-          weight_product<Scalar>(compute, inputs.middleRows(first, rows), weight, rounded, e,
+          weight_product<Scalar>(expert_compute, inputs.middleRows(first, rows), weight, rounded, e,
                                  projected.middleRows(first, rows), false, precision, weights_version);
         }
         for (Index i = first; i < first + rows; ++i) queries.row(ids[i]) = projected.row(i);
@@ -91,19 +92,20 @@ class ExpertProjections {
     const bool parallel = experts_in_parallel(compute, plan, model * head_dim, Pass::forward);
     prepare(compute, parallel, static_cast<Index>(tokens.size()), model);
     Matrix<Scalar> output = parallel ? Matrix<Scalar>(rows, model) : Matrix<Scalar>::Zero(rows, model);  // [N, d_model]
-    for_each_expert_dynamically(compute, plan, parallel, [&](Index e, const Index* ids, Index count, int thread) {
+    for_each_expert_dynamically(compute, plan, parallel, [&](Index e, const Index* ids, Index count, int thread,
+                                                          const Compute& expert_compute) {
       Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
       const auto weight = weights.middleRows(e * model, model);      // [d_model, d_h]
       auto scaled = rows_of(scratch.scaled, count, head_dim);        // [c, d_h] gate * a
       auto projected = rows_of(scratch.wide_result, count, model);   // [c, d_model]
-      parallel_ranges(compute, count, kRowGrain, [&](Index first, Index slice, int) {
+      parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index slice, int) {
         for (Index i = first; i < first + slice; ++i) scaled.row(i) = gates[ids[i]] * attended.row(ids[i]);
         if (!parallel && count == rows) {  // every token chose e: accumulate in place
-          weight_product<Scalar>(compute, scaled.middleRows(first, slice), weight, rounded, e,
+          weight_product<Scalar>(expert_compute, scaled.middleRows(first, slice), weight, rounded, e,
                                  output.middleRows(first, slice), true, precision, weights_version);
           return;
         }
-        weight_product<Scalar>(compute, scaled.middleRows(first, slice), weight, rounded, e,
+        weight_product<Scalar>(expert_compute, scaled.middleRows(first, slice), weight, rounded, e,
                                projected.middleRows(first, slice), false, precision, weights_version);
         add_rows(parallel, ids, first, slice, tokens, projected, output);
       });
@@ -123,7 +125,8 @@ class ExpertProjections {
     // Experts write disjoint rows and weight slices: each one a part of its own.
     const bool parallel = experts_in_parallel(compute, plan, model * head_dim, Pass::backward);
     scratch_.resize(static_cast<std::size_t>(compute.threads()));
-    for_each_expert_dynamically(compute, plan, parallel, [&](Index e, const Index* ids, Index count, int thread) {
+    for_each_expert_dynamically(compute, plan, parallel, [&](Index e, const Index* ids, Index count, int thread,
+                                                          const Compute& expert_compute) {
       Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
       const auto weight = weights.middleRows(e * model, model);  // [d_model, d_h]
       const bool everyone = count == grad_output.rows();      // every token chose e: rows already in token order
@@ -131,19 +134,19 @@ class ExpertProjections {
       const ConstMatrixRef<Scalar> grad_rows = everyone ? ConstMatrixRef<Scalar>(grad_output) : gathered;
       auto scaled = rows_of(scratch.scaled, count, head_dim);                // [c, d_h] gate * a
       auto grad_unscaled = rows_of(scratch.narrow_result, count, head_dim);  // [c, d_h] d(gate * a)
-      parallel_ranges(compute, count, kRowGrain, [&](Index first, Index rows, int) {
+      parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index rows, int) {
         for (Index i = first; i < first + rows; ++i) {
           if (!everyone) gathered.row(i) = grad_output.row(tokens[ids[i]]);
           scaled.row(i) = gates[ids[i]] * attended.row(ids[i]);
         }
-        gemm<Scalar>(compute, grad_rows.middleRows(first, rows), Transpose::no, weight, Transpose::no,
+        gemm<Scalar>(expert_compute, grad_rows.middleRows(first, rows), Transpose::no, weight, Transpose::no,
                      grad_unscaled.middleRows(first, rows));
         for (Index i = first; i < first + rows; ++i) {
           grad_gates[ids[i]] = grad_unscaled.row(i).dot(attended.row(ids[i]));
           grad_attended.row(ids[i]) = gates[ids[i]] * grad_unscaled.row(i);
         }
       });
-      gemm<Scalar>(compute, grad_rows, Transpose::yes, scaled, Transpose::no, weight_grad.middleRows(e * model, model),
+      gemm<Scalar>(expert_compute, grad_rows, Transpose::yes, scaled, Transpose::no, weight_grad.middleRows(e * model, model),
                    true);
     });
   }
@@ -157,7 +160,8 @@ class ExpertProjections {
     // As in project_out: per assignment then per token in parallel, else into the token rows.
     const bool parallel = experts_in_parallel(compute, plan, model * head_dim, Pass::backward);
     prepare(compute, parallel, static_cast<Index>(tokens.size()), model);
-    for_each_expert_dynamically(compute, plan, parallel, [&](Index e, const Index* ids, Index count, int thread) {
+    for_each_expert_dynamically(compute, plan, parallel, [&](Index e, const Index* ids, Index count, int thread,
+                                                          const Compute& expert_compute) {
       Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
       const auto weight = weights.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
       const bool everyone = count == input.rows();  // every token chose e: inputs already in token order
@@ -165,16 +169,16 @@ class ExpertProjections {
       auto gathered = rows_of(scratch.wide_rows, everyone ? 0 : count, model);  // [c, d_model]
       const ConstMatrixRef<Scalar> inputs = everyone ? ConstMatrixRef<Scalar>(input) : gathered;
       auto grad_inputs = rows_of(scratch.wide_result, count, model);            // [c, d_model]
-      parallel_ranges(compute, count, kRowGrain, [&](Index first, Index rows, int) {
+      parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index rows, int) {
         for (Index i = first; i < first + rows; ++i) {
           grad_rows.row(i) = grad_queries.row(ids[i]);
           if (!everyone) gathered.row(i) = input.row(tokens[ids[i]]);
         }
-        gemm<Scalar>(compute, grad_rows.middleRows(first, rows), Transpose::no, weight, Transpose::no,
+        gemm<Scalar>(expert_compute, grad_rows.middleRows(first, rows), Transpose::no, weight, Transpose::no,
                      grad_inputs.middleRows(first, rows));
         add_rows(parallel, ids, first, rows, tokens, grad_inputs, grad_input);
       });
-      gemm<Scalar>(compute, grad_rows, Transpose::yes, inputs, Transpose::no,
+      gemm<Scalar>(expert_compute, grad_rows, Transpose::yes, inputs, Transpose::no,
                    weight_grad.middleRows(e * head_dim, head_dim), true);
     });
     if (parallel) sum_by_token(compute, tokens, plan, grad_input, true);
@@ -214,10 +218,12 @@ class ExpertProjections {
   // least two busy experts per thread, work enough to repay waking them, and experts too small to
   // split. Otherwise each expert splits its rows across the threads instead, which adds the
   // outputs straight into the token rows (no per-assignment rows and second pass to sum them) but
-  // wakes the threads for every expert. Measured on 2 threads: the forward gains from splitting
-  // from about 64 rows per thread (wide: 5%; base and causal 9-10%), backward only from larger
-  // experts (base and causal: 6-10% in forward+backward; wide and the translate trainer's model,
-  // about 2M multiply-adds per thread and expert, 2% slower). With a row or two per expert (decoding
+  // wakes the threads for every expert, and in training has oneDNN copy each weight once per
+  // thread. Measured on 2 threads (Xeon): the forward gains from splitting from about 200 rows per
+  // thread (wide8 and causal at 256: 3-7%; base at 512: 10%; wide at 64 and toy at 128 lose 5-20%),
+  // backward only from larger experts (base and causal: 6-10% in forward+backward; wide and the
+  // translate trainer's model, about 2M multiply-adds per thread and expert, 2% slower). Each expert
+  // run as a part multiplies on one thread (Compute::serial), whole. With a row or two per expert (decoding
   // steps) the products stream their weights rather than compute, so reading the weights counts as
   // work too (see kWeightReadCost).
   enum class Pass { forward, backward };
@@ -230,20 +236,21 @@ class ExpertProjections {
                         static_cast<double>(weight_size);
     if (busy < 2 * threads || work < detail::kParallelGemmFlops) return false;
     const double rows_per_thread = static_cast<double>(plan.assignments()) / static_cast<double>(busy * threads);
-    const bool split = pass == Pass::forward ? rows_per_thread >= 64.0
+    const bool split = pass == Pass::forward ? rows_per_thread >= 192.0
                                              : rows_per_thread * static_cast<double>(weight_size) >= double(1 << 22);
     return !split;
   }
 
-  // visit(expert, ids, count, thread) for every expert with assignments. In parallel, each expert
-  // is a part that the first free thread takes, the busiest experts first (so the last to finish
-  // are small). For work whose experts write disjoint outputs, which thread runs an expert changes
-  // nothing: `thread` only picks scratch.
+  // visit(expert, ids, count, thread, expert_compute) for every expert with assignments. In
+  // parallel, each expert is a part that the first free thread takes, the busiest experts first (so
+  // the last to finish are small), and multiplies on expert_compute = compute.serial(). For work
+  // whose experts write disjoint outputs, which thread runs an expert changes nothing: `thread`
+  // only picks scratch.
   template <typename Visit>
   static void for_each_expert_dynamically(const Compute& compute, const DispatchPlan& plan, bool parallel,
                                           Visit&& visit) {
     if (!parallel) {
-      plan.for_each_expert([&](Index e, const Index* ids, Index count) { visit(e, ids, count, 0); });
+      plan.for_each_expert([&](Index e, const Index* ids, Index count) { visit(e, ids, count, 0, compute); });
       return;
     }
     std::vector<Index> busiest_first;  // experts with assignments, most first (ties in expert order)
@@ -253,7 +260,7 @@ class ExpertProjections {
                      [&](Index a, Index b) { return plan.count(a) > plan.count(b); });
     compute.pool().run(static_cast<Index>(busiest_first.size()), [&](Index part, int thread) {
       const Index e = busiest_first[static_cast<std::size_t>(part)];
-      visit(e, plan.order.data() + plan.offsets[e], plan.count(e), thread);
+      visit(e, plan.order.data() + plan.offsets[e], plan.count(e), thread, compute.serial());
     });
   }
 

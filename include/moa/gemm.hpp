@@ -369,6 +369,7 @@ class Compute {
     MOA_CHECK(precision != Precision::bf16 || backend_->has_bf16(), "Compute", "precision bf16 needs a backend with ",
               "native bfloat16 products (oneDNN on a CPU with AVX512-BF16 or AMX); backend '", backend_->name(),
               "' has none on this CPU");
+    if (threads > 1) serial_ = std::make_unique<Compute>(backend_, 1, precision_);
   }
 
   // The shared default: Eigen, one thread, f32.
@@ -381,11 +382,16 @@ class Compute {
   ThreadPool& pool() const { return *pool_; }
   int threads() const { return pool_->size(); }
   Precision inference_precision() const { return precision_; }
+  // The same backend and precision on one thread: for the work inside one part of a parallel
+  // loop, which would otherwise split its products into parts run one after another (a pool
+  // already running runs nested loops inline, split as on all threads).
+  const Compute& serial() const { return serial_ ? *serial_ : *this; }
 
  private:
   std::shared_ptr<const GemmBackend> backend_;
   std::unique_ptr<ThreadPool> pool_;
   Precision precision_;
+  std::unique_ptr<Compute> serial_;  // one thread, when threads > 1
 };
 
 using ComputePtr = std::shared_ptr<const Compute>;
@@ -501,15 +507,18 @@ Matrix<Scalar> linear_product(const Compute& compute, const ConstMatrixRef<Scala
   return output;
 }
 
-// Runs task(part, thread) for parts [0, parts) on the compute's threads, or inline when the whole
-// job is too small (`work` multiply-adds or so) to repay waking them.
+// Runs task(part, thread, part_compute) for parts [0, parts) on the compute's threads, or inline
+// when the whole job is too small (`work` multiply-adds or so) to repay waking them. part_compute
+// is what a part multiplies on: compute.serial() when the parts run in parallel (a part's products
+// whole, not cut in pieces run one after another), else compute (whose threads are free).
 template <typename Task>
 void parallel_parts(const Compute& compute, Index parts, double work, Task&& task) {
-  if (compute.threads() == 1 || work < detail::kParallelGemmFlops) {
-    for (Index part = 0; part < parts; ++part) task(part, 0);
+  if (compute.threads() == 1 || parts == 1 || work < detail::kParallelGemmFlops) {
+    for (Index part = 0; part < parts; ++part) task(part, 0, compute);
     return;
   }
-  compute.pool().run(parts, task);
+  const Compute& part_compute = compute.serial();
+  compute.pool().run(parts, [&](Index part, int thread) { task(part, thread, part_compute); });
 }
 
 // Calls task(first, count, thread) over [0, total) in chunks of at least `grain` items, on the

@@ -216,14 +216,14 @@ class MixtureOfAttention {
       pass.by_expert = rows_by_expert(routing, query_batch);
       pass.grouped_queries.resize(assignments, config_.head_dim);   // [A, d_h] in by_expert order
       pass.grouped_attended.resize(assignments, config_.head_dim);  // [A, d_h] in by_expert order
-      parallel_parts(*compute_, query_batch.batch_size, attention_work, [&](Index b, int thread) {
+      parallel_parts(*compute_, query_batch.batch_size, attention_work, [&](Index b, int thread, const Compute& part_compute) {
         for_each_expert_rows(pass.by_expert, b, key_batch.length_of(b), 0, [&](Index first, Index count, const AttentionLayout& layout) {
           for (Index i = first; i < first + count; ++i) pass.grouped_queries.row(i) = pass.queries.row(pass.by_expert.order[i]);
           attention_forward<Scalar>(pass.grouped_queries.middleRows(first, count),
                                     pass.keys.middleRows(b * key_batch.length, key_batch.length),
                                     pass.values.middleRows(b * key_batch.length, key_batch.length), layout,
                                     probabilities.rows(first, count, thread),
-                                    pass.grouped_attended.middleRows(first, count), *compute_, precision);
+                                    pass.grouped_attended.middleRows(first, count), part_compute, precision);
           for (Index i = first; i < first + count; ++i) pass.attended.row(pass.by_expert.order[i]) = pass.grouped_attended.row(i);
         });
       });
@@ -232,13 +232,13 @@ class MixtureOfAttention {
           pass.flops += cost::attention(static_cast<double>(layout.visible_pairs()), static_cast<double>(config_.head_dim));
         });
     } else {
-      parallel_parts(*compute_, query_batch.batch_size, attention_work, [&](Index b, int thread) {
+      parallel_parts(*compute_, query_batch.batch_size, attention_work, [&](Index b, int thread, const Compute& part_compute) {
         const SequenceRows rows = sequence_rows(routing, query_batch, key_batch, causal, b);
         attention_forward<Scalar>(pass.queries.middleRows(rows.first, rows.count),
                                   pass.keys.middleRows(b * key_batch.length, key_batch.length),
                                   pass.values.middleRows(b * key_batch.length, key_batch.length), rows.layout,
                                   probabilities.rows(rows.first, rows.count, thread),
-                                  pass.attended.middleRows(rows.first, rows.count), *compute_, precision);
+                                  pass.attended.middleRows(rows.first, rows.count), part_compute, precision);
       });
       for (Index b = 0; b < query_batch.batch_size; ++b) {
         const AttentionLayout layout = sequence_rows(routing, query_batch, key_batch, causal, b).layout;
@@ -283,7 +283,7 @@ class MixtureOfAttention {
       grouped_grad.resize(grad_attended.rows(), head_dim);
       grouped_grad_queries.resize(grad_attended.rows(), head_dim);
       const std::vector<Index>& order = pass_.by_expert.order;
-      parallel_parts(*compute_, query_batch_.batch_size, attention_work, [&](Index b, int thread) {
+      parallel_parts(*compute_, query_batch_.batch_size, attention_work, [&](Index b, int thread, const Compute& part_compute) {
         const Index key_rows = key_batch_.length, first_key = b * key_rows;
         for_each_expert_rows(pass_.by_expert, b, key_batch_.length_of(b), 0, [&](Index first, Index count, const AttentionLayout& layout) {
           for (Index i = first; i < first + count; ++i) grouped_grad.row(i) = grad_attended.row(order[i]);
@@ -292,12 +292,12 @@ class MixtureOfAttention {
                                      pass_.probabilities.middleRows(first, count), grouped_grad.middleRows(first, count),
                                      layout, grouped_grad_queries.middleRows(first, count),
                                      grad_keys.middleRows(first_key, key_rows), grad_values.middleRows(first_key, key_rows),
-                                     &grad_scores_[static_cast<std::size_t>(thread)], *compute_);
+                                     &grad_scores_[static_cast<std::size_t>(thread)], part_compute);
           for (Index i = first; i < first + count; ++i) grad_queries.row(order[i]) = grouped_grad_queries.row(i);
         });
       });
     } else {
-      parallel_parts(*compute_, query_batch_.batch_size, attention_work, [&](Index b, int thread) {
+      parallel_parts(*compute_, query_batch_.batch_size, attention_work, [&](Index b, int thread, const Compute& part_compute) {
         const SequenceRows rows = sequence_rows(routing, query_batch_, key_batch_, causal_, b);
         const Index key_rows = key_batch_.length, first_key = b * key_rows;
         attention_backward<Scalar>(pass_.queries.middleRows(rows.first, rows.count),
@@ -306,7 +306,7 @@ class MixtureOfAttention {
                                    grad_attended.middleRows(rows.first, rows.count), rows.layout,
                                    grad_queries.middleRows(rows.first, rows.count),
                                    grad_keys.middleRows(first_key, key_rows), grad_values.middleRows(first_key, key_rows),
-                                   &grad_scores_[static_cast<std::size_t>(thread)], *compute_);
+                                   &grad_scores_[static_cast<std::size_t>(thread)], part_compute);
       });
     }
     // Query side: q = x Wq_e^T.

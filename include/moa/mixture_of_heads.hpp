@@ -180,7 +180,7 @@ class MixtureOfHeads {
     grad_scores_.resize(static_cast<std::size_t>(compute_->threads()));
     const Index key_length = key_batch_.length;
     const double attention_work = static_cast<double>(assigned.tokens.size()) * key_length * head_dim;
-    parallel_parts(*compute_, query_batch_.batch_size * heads, attention_work, [&](Index pair, int thread) {
+    parallel_parts(*compute_, query_batch_.batch_size * heads, attention_work, [&](Index pair, int thread, const Compute& part_compute) {
       const Index b = pair / heads, h = pair % heads;
       const Index first = assigned.group_rows[pair], count = assigned.group_rows[pair + 1] - first;
       if (count == 0) return;
@@ -192,7 +192,7 @@ class MixtureOfHeads {
                                  grad_queries.middleRows(first, count),
                                  grad_keys.block(b * key_length, h * head_dim, key_length, head_dim),
                                  grad_values.block(b * key_length, h * head_dim, key_length, head_dim),
-                                 &grad_scores_[static_cast<std::size_t>(thread)], *compute_);
+                                 &grad_scores_[static_cast<std::size_t>(thread)], part_compute);
     });
     // Query side: q = x Wq_i^T, and the gates' three routers.
     AttentionGradients<Scalar> grads;
@@ -429,7 +429,7 @@ class MixtureOfHeads {
     pass.flops = projection_flops(query.rows(), key_value.rows(), rows);
     // (sequence, head) pairs are independent: one per thread.
     const double attention_work = static_cast<double>(rows) * key_length * head_dim;
-    parallel_parts(*compute_, query_batch.batch_size * heads, attention_work, [&](Index pair, int thread) {
+    parallel_parts(*compute_, query_batch.batch_size * heads, attention_work, [&](Index pair, int thread, const Compute& part_compute) {
       const Index b = pair / heads, h = pair % heads;
       const Index first = assigned.group_rows[pair], count = assigned.group_rows[pair + 1] - first;
       if (count == 0) return;
@@ -437,7 +437,7 @@ class MixtureOfHeads {
                                 pass.keys.block(b * key_length, h * head_dim, key_length, head_dim),
                                 pass.values.block(b * key_length, h * head_dim, key_length, head_dim),
                                 group_layout(assigned, key_batch, causal, b, h), probabilities.rows(first, count, thread),
-                                pass.attended.middleRows(first, count), *compute_, precision);
+                                pass.attended.middleRows(first, count), part_compute, precision);
     });
     for (Index pair = 0; pair < query_batch.batch_size * heads; ++pair)
       pass.flops += cost::attention(

@@ -115,7 +115,7 @@ class MultiHeadAttention {
     const Index query_length = query_batch_.length, key_length = key_batch_.length;
     grad_scores_.resize(static_cast<std::size_t>(compute_->threads()));
     const double attention_work = static_cast<double>(query_.rows()) * key_length * width();
-    parallel_parts(*compute_, query_batch_.batch_size * heads, attention_work, [&](Index pair, int thread) {
+    parallel_parts(*compute_, query_batch_.batch_size * heads, attention_work, [&](Index pair, int thread, const Compute& part_compute) {
       const Index b = pair / heads, h = pair % heads;
       attention_backward<Scalar>(
           pass_.queries.block(b * query_length, h * head_dim, query_length, head_dim),
@@ -126,7 +126,7 @@ class MultiHeadAttention {
           grad_queries.block(b * query_length, h * head_dim, query_length, head_dim),
           grad_keys.block(b * key_length, h * head_dim, key_length, head_dim),
           grad_values.block(b * key_length, h * head_dim, key_length, head_dim),
-          &grad_scores_[static_cast<std::size_t>(thread)], *compute_);
+          &grad_scores_[static_cast<std::size_t>(thread)], part_compute);
     });
     gemm<Scalar>(*compute_, grad_queries, Transpose::yes, query_, Transpose::no, q_proj.grad, true);
     AttentionGradients<Scalar> grads;
@@ -240,7 +240,7 @@ class MultiHeadAttention {
     pass.flops = projection_flops(query.rows(), key_value.rows());
     // (sequence, head) pairs are independent: one per thread.
     const double attention_work = static_cast<double>(query.rows()) * key_batch.length * width();
-    parallel_parts(*compute_, query_batch.batch_size * heads, attention_work, [&](Index pair, int thread) {
+    parallel_parts(*compute_, query_batch.batch_size * heads, attention_work, [&](Index pair, int thread, const Compute& part_compute) {
       const Index b = pair / heads, h = pair % heads;
       attention_forward<Scalar>(
           pass.queries.block(b * query_batch.length, h * head_dim, query_batch.length, head_dim),
@@ -248,7 +248,7 @@ class MultiHeadAttention {
           pass.values.block(b * key_batch.length, h * head_dim, key_batch.length, head_dim),
           layout_of(query_batch, key_batch, causal, b),
           probabilities.rows((b * heads + h) * query_batch.length, query_batch.length, thread),
-          pass.attended.block(b * query_batch.length, h * head_dim, query_batch.length, head_dim), *compute_, precision);
+          pass.attended.block(b * query_batch.length, h * head_dim, query_batch.length, head_dim), part_compute, precision);
     });
     for (Index b = 0; b < query_batch.batch_size; ++b)
       pass.flops += cost::attention(static_cast<double>(layout_of(query_batch, key_batch, causal, b).visible_pairs() * heads),
