@@ -73,6 +73,18 @@ moa::MixtureOfAttentionConfig backend_moa_config() {
   return config;
 }
 
+// Enough experts and work on kParallelBatch's 182 tokens (about 91 rows per expert) that, on 2
+// threads, each expert is a part of its own.
+moa::MixtureOfAttentionConfig parallel_experts_config() {
+  auto config = backend_moa_config();
+  config.model_dim = 128;
+  config.num_experts = 8;
+  config.top_k = 4;
+  config.head_dim = 32;
+  return config;
+}
+const moa::SequenceBatch kParallelBatch = moa::SequenceBatch::padded(64, {64, 50, 61, 7});
+
 }  // namespace
 
 TEST_CASE("gemm: every backend and thread count equals a naive product", "[gemm][backend]") {
@@ -241,12 +253,8 @@ TEST_CASE("Threads: bit-identical run to run at a fixed count; 1 and 2 threads a
   // The small layer splits each expert's rows across threads; the larger one (enough experts and
   // work) makes each expert a part of its own, taken by whichever thread is free, and sums into
   // token rows per assignment.
-  auto larger = backend_moa_config();
-  larger.model_dim = 128;
-  larger.num_experts = 8;
-  larger.top_k = 4;
-  larger.head_dim = 32;
-  const auto batch = moa::SequenceBatch::padded(64, {64, 50, 61, 7});
+  const auto larger = parallel_experts_config();
+  const auto& batch = kParallelBatch;
   STATIC_REQUIRE(moa::detail::kParallelGemmFlops <= 182.0 * 4 * 128 * 32);  // the larger layer's work per product
   // Expert choice (non-causal) as well: its assignments come in a different order.
   auto expert_choice = larger;
@@ -298,12 +306,8 @@ TEST_CASE("Threads: experts run as parts of their own multiply on one thread eac
   // 182 tokens x 4 of 8 experts: about 91 rows per expert, too few to split over 2 threads (forward
   // in training or backward), so each expert is a part of its own; its rows are not cut in two
   // products run one after another (the nested loop would split them as on 2 threads).
-  auto config = backend_moa_config();
-  config.model_dim = 128;
-  config.num_experts = 8;
-  config.top_k = 4;
-  config.head_dim = 32;
-  const auto batch = moa::SequenceBatch::padded(64, {64, 50, 61, 7});
+  const auto config = parallel_experts_config();
+  const auto& batch = kParallelBatch;
   for (const auto& backend : backends()) {
     INFO(backend->name());
     moa::Rng rng(3);

@@ -222,10 +222,10 @@ class ExpertProjections {
   // thread. Measured on 2 threads (Xeon): the forward gains from splitting from about 200 rows per
   // thread (wide8 and causal at 256: 3-7%; base at 512: 10%; wide at 64 and toy at 128 lose 5-20%),
   // backward only from larger experts (base and causal: 6-10% in forward+backward; wide and the
-  // translate trainer's model, about 2M multiply-adds per thread and expert, 2% slower). Each expert
-  // run as a part multiplies on one thread (Compute::serial), whole. With a row or two per expert (decoding
-  // steps) the products stream their weights rather than compute, so reading the weights counts as
-  // work too (see kWeightReadCost).
+  // translate trainer's model, about 2M multiply-adds per thread and expert, 2% slower). Each
+  // expert run as a part multiplies on one thread (Compute::serial), whole. With a row or two per
+  // expert (decoding steps) the products stream their weights rather than compute, so reading the
+  // weights counts as work too (see kWeightReadCost).
   enum class Pass { forward, backward };
   static bool experts_in_parallel(const Compute& compute, const DispatchPlan& plan, Index weight_size, Pass pass) {
     const int threads = compute.threads();
