@@ -63,7 +63,15 @@ class ExpertProjections {
       auto inputs = rows_of(scratch.wide_rows, rounded_input ? 0 : gathered, input.cols());  // [c, d_model]
       auto projected = rows_of(scratch.narrow_result, count, head_dim);                     // [c, d_h]
       if (rounded_input) scratch.rounded_rows.resize(static_cast<std::size_t>(gathered * input.cols()));  // [c, d_model]
+      const Index* token_rows = everyone ? nullptr : token_rows_of(scratch, tokens, ids, count);          // [c]
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index rows, int) {
+        // The row kernel reads the tokens' rows in place and writes the assignments' rows.
+        if (rounded_input == nullptr &&
+            rows_times_weight<Scalar>(expert_compute, precision, weight, weights_version, rows,
+                                      input.data() + (everyone ? first * input.cols() : 0), input.cols(),
+                                      everyone ? nullptr : token_rows + first, queries.data(), head_dim, ids + first,
+                                      false))
+          return;
         if (rounded_input != nullptr) {
           project_rounded(expert_compute, *rounded_input, ids, first, rows, everyone, tokens, weight, weights_version,
                           scratch.rounded_rows.data(), projected.middleRows(first, rows));
@@ -98,6 +106,7 @@ class ExpertProjections {
       const auto weight = weights.middleRows(e * model, model);      // [d_model, d_h]
       auto scaled = rows_of(scratch.scaled, count, head_dim);        // [c, d_h] gate * a
       auto projected = rows_of(scratch.wide_result, count, model);   // [c, d_model]
+      const Index* target_rows = parallel ? ids : token_rows_of(scratch, tokens, ids, count);  // [c]
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index slice, int) {
         for (Index i = first; i < first + slice; ++i) scaled.row(i) = gates[ids[i]] * attended.row(ids[i]);
         if (!parallel && count == rows) {  // every token chose e: accumulate in place
@@ -105,6 +114,12 @@ class ExpertProjections {
                                  output.middleRows(first, slice), true, precision, weights_version);
           return;
         }
+        // The row kernel adds into the token rows (or writes the assignments' rows) in place.
+        if (rows_times_weight<Scalar>(expert_compute, precision, weight, weights_version, slice,
+                                      scaled.data() + first * head_dim, head_dim, nullptr,
+                                      parallel ? by_assignment_.data() : output.data(), model, target_rows + first,
+                                      !parallel))
+          return;
         weight_product<Scalar>(expert_compute, scaled.middleRows(first, slice), weight, rounded, e,
                                projected.middleRows(first, slice), false, precision, weights_version);
         add_rows(parallel, ids, first, slice, tokens, projected, output);
@@ -195,6 +210,7 @@ class ExpertProjections {
     Matrix<Scalar> narrow_rows, narrow_result;  // [c, d_h]
     Matrix<Scalar> scaled;                      // [c, d_h] gate * attended
     std::vector<std::uint16_t> rounded_rows;    // [c, d_model] gathered rows of a rounded input
+    std::vector<Index> token_rows;              // [c] the token row of each of an expert's assignments
   };
 
   // projected = rows [first, first + count) of an expert's rows of a rounded input times weight^T,
@@ -304,6 +320,13 @@ class ExpertProjections {
           target.row(t) += by_assignment_.row(token_assignments_[static_cast<std::size_t>(i)]);
       }
     });
+  }
+
+  // The token rows of an expert's `count` assignments ids, in scratch: [c].
+  static const Index* token_rows_of(Scratch& scratch, const std::vector<Index>& tokens, const Index* ids, Index count) {
+    scratch.token_rows.resize(static_cast<std::size_t>(count));
+    for (Index i = 0; i < count; ++i) scratch.token_rows[static_cast<std::size_t>(i)] = tokens[static_cast<std::size_t>(ids[i])];
+    return scratch.token_rows.data();
   }
 
   // The first `rows` rows of a scratch buffer, grown (never shrunk) to fit.

@@ -6,12 +6,18 @@
 // oneDNN's lives in moa/backends/dnnl_gemm.hpp (optional target moa::dnnl). Double products always use
 // Eigen: they serve the gradient checks, where oneDNN has no f64 matmul.
 //
+// One kind of product skips the backend: an inference product of lists of scattered rows (the
+// tokens routed to an expert) with a layer's weight, which no GEMM library takes without copying
+// the rows out and back. moa's own row kernel (moa/row_kernel.hpp, AVX-512) reads and writes them
+// in place: see rows_times_weight.
+//
 // A Compute bundles what a layer needs to run: the backend, a thread pool and the precision
 // allowed for inference. Layers hold a shared Compute (set_compute on a model reaches all its
 // layers); without one they use Compute::standard(): Eigen, one thread, f32.
 #pragma once
 
 #include "moa/error.hpp"
+#include "moa/row_kernel.hpp"
 #include "moa/tensor.hpp"
 #include "moa/thread_pool.hpp"
 
@@ -369,7 +375,7 @@ class Compute {
     MOA_CHECK(precision != Precision::bf16 || backend_->has_bf16(), "Compute", "precision bf16 needs a backend with ",
               "native bfloat16 products (oneDNN on a CPU with AVX512-BF16 or AMX); backend '", backend_->name(),
               "' has none on this CPU");
-    if (threads > 1) serial_ = std::make_unique<Compute>(backend_, 1, precision_);
+    if (threads > 1) serial_.reset(new Compute(backend_, 1, precision_, panels_));
   }
 
   // The shared default: Eigen, one thread, f32.
@@ -386,11 +392,19 @@ class Compute {
   // loop, which would otherwise split its products into parts run one after another (a pool
   // already running runs nested loops inline, split as on all threads).
   const Compute& serial() const { return serial_ ? *serial_ : *this; }
+  // The weights packed for moa's row kernel (moa/row_kernel.hpp), shared with serial().
+  const detail::PanelStore& panels() const { return *panels_; }
 
  private:
+  Compute(std::shared_ptr<const GemmBackend> backend, int threads, Precision precision,
+          std::shared_ptr<detail::PanelStore> panels)
+      : backend_(std::move(backend)), pool_(std::make_unique<ThreadPool>(threads)), precision_(precision),
+        panels_(std::move(panels)) {}
+
   std::shared_ptr<const GemmBackend> backend_;
   std::unique_ptr<ThreadPool> pool_;
   Precision precision_;
+  std::shared_ptr<detail::PanelStore> panels_ = std::make_shared<detail::PanelStore>();
   std::unique_ptr<Compute> serial_;  // one thread, when threads > 1
 };
 
@@ -493,6 +507,27 @@ void gemm(const Compute& compute, const ConstMatrixRef<Scalar>& a, Transpose tra
   } else {
     detail::eigen_gemm<Scalar>(transpose_a, transpose_b, m, n, k, a.data(), a.outerStride(), b.data(),
                                b.outerStride(), c.data(), c.outerStride(), accumulate);
+  }
+}
+
+// Lists of rows times a layer's weight W [n, k], in place: for i < m, row c_rows[i] of c (+)= row
+// a_rows[i] of a times W^T (a null list: rows in order). Done by moa's row kernel, when it serves:
+// float in f32, W with a version (inference, so its packed copy lasts), and n a multiple of 16 on
+// an AVX-512 CPU. Otherwise returns false having done nothing, and the caller gathers the rows for
+// an ordinary product.
+template <typename Scalar>
+bool rows_times_weight(const Compute& compute, Precision precision, const ConstMatrixRef<Scalar>& weight,
+                       std::uint64_t weight_version, Index m, const Scalar* a, Index lda, const Index* a_rows,
+                       Scalar* c, Index ldc, const Index* c_rows, bool accumulate) {
+  if constexpr (std::is_same_v<Scalar, float>) {
+    if (precision != Precision::f32 || weight_version == 0 || !detail::row_kernel_serves(weight.rows())) return false;
+    if (m == 0) return true;
+    const auto packed =
+        compute.panels().get(weight.data(), weight.rows(), weight.cols(), weight.outerStride(), weight_version);
+    detail::row_kernel(m, a, lda, a_rows, *packed, c, ldc, c_rows, accumulate);
+    return true;
+  } else {
+    return false;
   }
 }
 

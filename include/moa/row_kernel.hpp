@@ -1,0 +1,192 @@
+// moa/row_kernel.hpp - moa's own product kernel for lists of rows: c[c_rows[i]] (+)= a[a_rows[i]] W^T.
+//
+// Head-routed layers multiply each expert's weight by the rows of the tokens routed to it, which
+// lie scattered in the input; results go back to scattered rows too. A GEMM library takes
+// contiguous matrices, so those rows were gathered into scratch before each product and scattered
+// after it: 19% of an inference forward at wide8 (the copies stream megabytes through the cache),
+// on top of products oneDNN runs at 130-190 GFLOP/s. This kernel reads and writes the rows where
+// they are. It needs AVX-512 (checked at run time: the build needs no -mavx512f) and a weight
+// packed for it, so it serves inference, whose weights keep their version from call to call; the
+// packed copies live in a PanelStore (one per Compute), remade when a weight's version changes.
+//
+// Layout: W [n, k] (the layer's [out, in]) as panels of 64 of its rows, each panel k-major:
+// element (kk, j) of panel p is W[64 p + j][kk], so one k step of a panel is 64 contiguous floats,
+// four AVX-512 registers. A tile of up to 6 rows by one panel keeps 24 sums in registers.
+#pragma once
+
+#include "moa/tensor.hpp"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define MOA_ROW_KERNEL_X86 1
+#include <immintrin.h>
+#else
+#define MOA_ROW_KERNEL_X86 0
+#endif
+
+namespace moa::detail {
+
+// Columns of a panel, and the granule a product's n must be a multiple of for the kernel.
+constexpr Index kPanelWidth = 64;
+constexpr Index kPanelGranule = 16;
+
+// A weight W [n, k] packed into panels (see the header comment), for one version of W.
+struct PanelWeight {
+  std::uint64_t version = 0;
+  Index n = 0, k = 0;
+  std::vector<float> panels;  // [ceil(n / 64)] x [k, min(64, n - 64 p)]
+
+  const float* panel(Index p) const { return panels.data() + p * kPanelWidth * k; }
+  Index panel_width(Index p) const { return std::min(kPanelWidth, n - p * kPanelWidth); }
+};
+
+// Packed copies of weights, by place (pointer, shape, stride) and version. Thread-safe: experts
+// running on different threads fetch their own weights.
+class PanelStore {
+ public:
+  std::shared_ptr<const PanelWeight> get(const float* weight, Index n, Index k, Index ld, std::uint64_t version) const {
+    const Key key{weight, n, k, ld};
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto& slot = packed_[key];
+    if (slot && slot->version == version) return slot;
+    if (slot) bytes_ -= slot->panels.size() * sizeof(float);
+    if (bytes_ + static_cast<std::size_t>(n * k) * sizeof(float) > kMaxBytes) {  // start afresh (copies in use live on)
+      packed_.clear();
+      bytes_ = 0;
+    }
+    auto made = std::make_shared<PanelWeight>();
+    made->version = version;
+    made->n = n;
+    made->k = k;
+    made->panels.resize(static_cast<std::size_t>(n * k));
+    for (Index p = 0; p * kPanelWidth < n; ++p) {
+      float* panel = made->panels.data() + p * kPanelWidth * k;
+      const Index width = made->panel_width(p);
+      for (Index j = 0; j < width; ++j)
+        for (Index kk = 0; kk < k; ++kk) panel[kk * width + j] = weight[(p * kPanelWidth + j) * ld + kk];
+    }
+    bytes_ += made->panels.size() * sizeof(float);
+    packed_[key] = made;
+    return made;
+  }
+
+  std::size_t bytes() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return bytes_;
+  }
+
+ private:
+  using Key = std::tuple<const float*, Index, Index, Index>;
+  static constexpr std::size_t kMaxBytes = std::size_t{1} << 30;
+  mutable std::mutex mutex_;
+  mutable std::map<Key, std::shared_ptr<const PanelWeight>> packed_;
+  mutable std::size_t bytes_ = 0;
+};
+
+#if MOA_ROW_KERNEL_X86
+
+// Rows [0, R) of a tile: c_row[r][0, 16 V) (+)= sum over kk of a_row[r][kk] panel[kk][0, 16 V).
+// Each row is stored (or loaded, added and stored) before the next, so two rows of a tile that
+// name the same row of c both land.
+template <int R, int V>
+__attribute__((target("avx512f"))) inline void row_tile(const float* const* a_row, const float* panel, Index k,
+                                                        float* const* c_row, bool accumulate) {
+  __m512 sum[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) sum[r][v] = _mm512_setzero_ps();
+  for (Index kk = 0; kk < k; ++kk) {
+    __m512 b[V];
+    for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(panel + kk * 16 * V + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_set1_ps(a_row[r][kk]);
+      for (int v = 0; v < V; ++v) sum[r][v] = _mm512_fmadd_ps(x, b[v], sum[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) {
+      float* target = c_row[r] + 16 * v;
+      _mm512_storeu_ps(target, accumulate ? _mm512_add_ps(_mm512_loadu_ps(target), sum[r][v]) : sum[r][v]);
+    }
+}
+
+template <int V>
+__attribute__((target("avx512f"))) inline void row_panel(Index m, const float* const* a_row, const float* panel,
+                                                         Index k, float* const* c_row, bool accumulate) {
+  Index i = 0;
+  for (; i + 6 <= m; i += 6) row_tile<6, V>(a_row + i, panel, k, c_row + i, accumulate);
+  switch (m - i) {
+    case 5: row_tile<5, V>(a_row + i, panel, k, c_row + i, accumulate); break;
+    case 4: row_tile<4, V>(a_row + i, panel, k, c_row + i, accumulate); break;
+    case 3: row_tile<3, V>(a_row + i, panel, k, c_row + i, accumulate); break;
+    case 2: row_tile<2, V>(a_row + i, panel, k, c_row + i, accumulate); break;
+    case 1: row_tile<1, V>(a_row + i, panel, k, c_row + i, accumulate); break;
+    default: break;
+  }
+}
+
+#endif
+
+// Whether this CPU (and build) runs the row kernel: x86-64 with AVX-512F, compiled by GCC or Clang.
+inline bool row_kernel_available() {
+#if MOA_ROW_KERNEL_X86
+  static const bool available = __builtin_cpu_supports("avx512f");
+  return available;
+#else
+  return false;
+#endif
+}
+
+// Whether a product of m rows with a weight of n rows goes to the row kernel.
+inline bool row_kernel_serves(Index n) { return row_kernel_available() && n > 0 && n % kPanelGranule == 0; }
+
+// For i < m: row c_rows[i] of c (+)= row a_rows[i] of a times W^T, W packed (row_kernel_serves(W.n)).
+// a: rows of W.k floats with stride lda; c: rows of W.n floats with stride ldc; a null row list
+// means rows 0, 1, ... in order. Rows of c may repeat when accumulating (each adds in turn).
+inline void row_kernel(Index m, const float* a, Index lda, const Index* a_rows, const PanelWeight& weight, float* c,
+                       Index ldc, const Index* c_rows, bool accumulate) {
+#if MOA_ROW_KERNEL_X86
+  constexpr Index kBlock = 96;  // rows whose pointers are found at once
+  // The depth of a panel read in one pass over the rows: 128 x 64 floats (32 KB) stay in the L1
+  // cache; a whole panel of a query projection (512 deep, 128 KB) would come from L2 at every tile.
+  constexpr Index kDepthBlock = 128;
+  const float* a_row[kBlock];
+  float* c_row[kBlock];
+  for (Index first = 0; first < m; first += kBlock) {
+    const Index rows = std::min(kBlock, m - first);
+    for (Index i = 0; i < rows; ++i) {
+      a_row[i] = a + (a_rows ? a_rows[first + i] : first + i) * lda;
+      c_row[i] = c + (c_rows ? c_rows[first + i] : first + i) * ldc;
+    }
+    for (Index p = 0; p * kPanelWidth < weight.n; ++p) {
+      float* c_panel[kBlock];
+      for (Index i = 0; i < rows; ++i) c_panel[i] = c_row[i] + p * kPanelWidth;
+      const Index width = weight.panel_width(p);
+      for (Index k0 = 0; k0 < weight.k; k0 += kDepthBlock) {
+        const Index depth = std::min(kDepthBlock, weight.k - k0);
+        const float* panel = weight.panel(p) + k0 * width;
+        const float* a_block[kBlock];
+        for (Index i = 0; i < rows; ++i) a_block[i] = a_row[i] + k0;
+        const bool add = accumulate || k0 > 0;
+        switch (width / 16) {
+          case 4: row_panel<4>(rows, a_block, panel, depth, c_panel, add); break;
+          case 3: row_panel<3>(rows, a_block, panel, depth, c_panel, add); break;
+          case 2: row_panel<2>(rows, a_block, panel, depth, c_panel, add); break;
+          default: row_panel<1>(rows, a_block, panel, depth, c_panel, add); break;
+        }
+      }
+    }
+  }
+#else
+  (void)m, (void)a, (void)lda, (void)a_rows, (void)weight, (void)c, (void)ldc, (void)c_rows, (void)accumulate;
+#endif
+}
+
+}  // namespace moa::detail

@@ -1,0 +1,157 @@
+// moa's row kernel (moa/row_kernel.hpp): lists of rows times a packed weight, in place.
+#include "support.hpp"
+
+#include <numeric>
+
+using namespace moa_test;
+
+namespace {
+
+// Rows a_rows of `a` times W^T, into rows c_rows of `c`, in double.
+void naive_rows_product(const MatrixF& a, const std::vector<Index>& a_rows, const MatrixF& weight, MatrixD& c,
+                        const std::vector<Index>& c_rows, bool accumulate) {
+  for (std::size_t i = 0; i < a_rows.size(); ++i) {
+    const Index source = a_rows[i], target = c_rows[i];
+    const Eigen::RowVectorXd product = a.row(source).cast<double>() * weight.cast<double>().transpose();
+    if (accumulate) c.row(target) += product;
+    else c.row(target) = product;
+  }
+}
+
+}  // namespace
+
+TEST_CASE("row kernel: lists of rows times a packed weight equal a naive product, in place", "[gemm][row_kernel]") {
+  if (!moa::detail::row_kernel_available()) {
+    WARN("this CPU has no AVX-512: the row kernel is not used here (products gather their rows instead)");
+    REQUIRE_FALSE(moa::detail::row_kernel_serves(64));
+    return;
+  }
+  moa::Rng rng(11);
+  moa::detail::PanelStore store;
+  std::uint64_t version = 0;
+  // n: whole panels, a part panel of each width, several panels; k: below and above the depth block.
+  for (const Index n : {16, 48, 64, 80, 112, 512}) {
+    for (const Index k : {1, 7, 64, 129, 300}) {
+      for (const Index m : {0, 1, 5, 6, 7, 13, 100, 200}) {
+        for (const bool lists : {false, true}) {
+          for (const bool accumulate : {false, true}) {
+            INFO("n " << n << ", k " << k << ", m " << m << ", row lists " << lists << ", accumulate " << accumulate);
+            const MatrixF weight = random_matrix<float>(n, k, rng);   // [n, k]
+            const MatrixF a = random_matrix<float>(m + 9, k, rng);    // [m + 9, k]: more rows than the list reads
+            MatrixF c = random_matrix<float>(m + 5, n, rng);          // [m + 5, n]
+            std::vector<Index> a_rows, c_rows;                        // [m] each
+            for (Index i = 0; i < m; ++i) {
+              a_rows.push_back(static_cast<Index>(rng.next_u64() % static_cast<std::uint64_t>(m + 9)));
+              // Accumulating, rows may repeat (each adds in turn); else distinct rows, reversed.
+              c_rows.push_back(accumulate ? static_cast<Index>(rng.next_u64() % static_cast<std::uint64_t>(m + 5))
+                                          : m - 1 - i);
+            }
+            if (!lists) std::iota(a_rows.begin(), a_rows.end(), Index{0}), std::iota(c_rows.begin(), c_rows.end(), Index{0});
+            MatrixD expected = c.cast<double>();
+            naive_rows_product(a, a_rows, weight, expected, c_rows, accumulate);
+            // Each weight a new version: a new matrix may take a freed one's place.
+            const auto packed = store.get(weight.data(), n, k, k, ++version);
+            moa::detail::row_kernel(m, a.data(), k, lists ? a_rows.data() : nullptr, *packed, c.data(), n,
+                                    lists ? c_rows.data() : nullptr, accumulate);
+            REQUIRE(relative_error(c.cast<double>(), expected) < 1e-6);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("rows_times_weight: f32 inference only; the packed copy follows the weight's version", "[gemm][row_kernel]") {
+  moa::Rng rng(12);
+  MatrixF weight = random_matrix<float>(64, 40, rng);  // [n = 64, k = 40]
+  const MatrixF a = random_matrix<float>(10, 40, rng);
+  const std::vector<Index> a_rows{9, 0, 3, 3, 7};
+  const std::vector<Index> c_rows{4, 1, 0, 2, 3};
+  const auto compute = std::make_shared<moa::Compute>();
+  auto run = [&](moa::Precision precision, std::uint64_t version, const MatrixF& w, bool& served) {
+    MatrixF c = MatrixF::Constant(5, w.rows(), 7.0f);
+    served = moa::rows_times_weight<float>(*compute, precision, w, version, 5, a.data(), 40, a_rows.data(), c.data(),
+                                           w.rows(), c_rows.data(), false);
+    return c;
+  };
+  auto expected_of = [&](const MatrixF& w) {
+    MatrixD expected = MatrixD::Constant(5, w.rows(), 7.0);
+    naive_rows_product(a, a_rows, w, expected, c_rows, false);
+    return expected;
+  };
+  bool served = false;
+  // Training (no version), bf16, and widths the kernel has no panel for gather their rows instead.
+  REQUIRE((run(moa::Precision::f32, 0, weight, served).array() == 7.0f).all());
+  REQUIRE_FALSE(served);
+  REQUIRE((run(moa::Precision::bf16, 3, weight, served).array() == 7.0f).all());
+  REQUIRE_FALSE(served);
+  const MatrixF narrow = weight.topRows(40);  // n = 40: not a multiple of 16
+  REQUIRE((run(moa::Precision::f32, 3, narrow, served).array() == 7.0f).all());
+  REQUIRE_FALSE(served);
+  const moa::Matrix<double> weight_d = weight.cast<double>();
+  moa::Matrix<double> c_d(5, 64);
+  REQUIRE_FALSE(moa::rows_times_weight<double>(*compute, moa::Precision::f32, weight_d, 3, 5, a.cast<double>().eval().data(),
+                                               40, a_rows.data(), c_d.data(), 64, c_rows.data(), false));
+  if (!moa::detail::row_kernel_available()) {
+    WARN("this CPU has no AVX-512: the row kernel is not used here");
+    run(moa::Precision::f32, 3, weight, served);
+    REQUIRE_FALSE(served);
+    return;
+  }
+  REQUIRE(relative_error(run(moa::Precision::f32, 3, weight, served).cast<double>(), expected_of(weight)) < 1e-6);
+  REQUIRE(served);
+  REQUIRE(compute->panels().bytes() == 64 * 40 * sizeof(float));
+  // The same version reads the packed copy, stale or not; a new version packs the weight again.
+  weight *= 2.0f;
+  REQUIRE(relative_error(run(moa::Precision::f32, 3, weight, served).cast<double>(), expected_of(weight / 2.0f)) < 1e-6);
+  REQUIRE(relative_error(run(moa::Precision::f32, 4, weight, served).cast<double>(), expected_of(weight)) < 1e-6);
+  REQUIRE(compute->panels().bytes() == 64 * 40 * sizeof(float));
+  // Threads share one store: a compute's serial() packs nothing again.
+  const auto two = std::make_shared<moa::Compute>(std::make_shared<moa::EigenGemm>(), 2);
+  MatrixF c(5, 64);
+  REQUIRE(moa::rows_times_weight<float>(two->serial(), moa::Precision::f32, weight, 4, 5, a.data(), 40, a_rows.data(),
+                                        c.data(), 64, c_rows.data(), false));
+  REQUIRE(two->panels().bytes() == 64 * 40 * sizeof(float));
+  REQUIRE(&two->serial().panels() == &two->panels());
+}
+
+TEST_CASE("row kernel in the layers: inference (rows in place) equals the evaluation forward (rows gathered)",
+          "[moa][moh][row_kernel]") {
+  const auto batch = moa::SequenceBatch::padded(24, {24, 17, 9});
+  // head_dim 64 and 48: the kernel's panels for both projections; 40: for the output projection
+  // only (d_model 96), the query projection's rows are gathered in both.
+  for (const Index head_dim : {64, 48, 40}) {
+    for (const int threads : {1, 2}) {
+      INFO("head_dim " << head_dim << ", threads " << threads);
+      const auto compute = std::make_shared<moa::Compute>(std::make_shared<moa::EigenGemm>(), threads);
+      moa::Rng rng(13);
+      const MatrixF input = random_matrix<float>(batch.rows(), 96, rng);
+      moa::MixtureOfAttentionConfig moa_config;
+      moa_config.model_dim = 96;
+      moa_config.num_experts = 6;
+      moa_config.top_k = 2;
+      moa_config.head_dim = head_dim;
+      moa::MixtureOfAttention<float> moa_layer(moa_config, rng);
+      moa::init_normal(moa_layer.router.weight, rng, 0.0, 0.5);
+      moa::MixtureOfHeadsConfig moh_config;
+      moh_config.model_dim = 96;
+      moh_config.shared_heads = 2;
+      moh_config.routed_heads = 6;
+      moh_config.top_k = 2;
+      moh_config.head_dim = head_dim;
+      moa::MixtureOfHeads<float> moh_layer(moh_config, rng);
+      moa::init_normal(moh_layer.router.weight, rng, 0.0, 0.5);
+      auto check = [&](auto& layer) {
+        layer.set_compute(compute);
+        layer.set_training(false);
+        const MatrixF gathered = layer.forward_self(input, batch, true);
+        const MatrixF in_place = layer.infer(input, batch, input, batch, true);
+        REQUIRE(relative_error(in_place.cast<double>(), gathered.cast<double>()) < 1e-6);
+        REQUIRE((layer.infer(input, batch, input, batch, true).array() == in_place.array()).all());
+      };
+      check(moa_layer);
+      check(moh_layer);
+      REQUIRE((compute->panels().bytes() > 0) == moa::detail::row_kernel_available());
+    }
+  }
+}
