@@ -65,12 +65,12 @@ class ExpertProjections {
       if (rounded_input) scratch.rounded_rows.resize(static_cast<std::size_t>(gathered * input.cols()));  // [c, d_model]
       const Index* token_rows = everyone ? nullptr : token_rows_of(scratch, tokens, ids, count);          // [c]
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index rows, int) {
-        // The row kernel reads the tokens' rows in place and writes the assignments' rows.
-        if (rounded_input == nullptr &&
+        // The row kernel reads the tokens' rows in place and writes the assignments' rows (when
+        // every token chose e, the rows are in order already: the backend's product takes them).
+        if (rounded_input == nullptr && !everyone &&
             rows_times_weight<Scalar>(expert_compute, precision, weight, weights_version, rows,
-                                      input.data() + (everyone ? first * input.cols() : 0), input.cols(),
-                                      everyone ? nullptr : token_rows + first, queries.data(), head_dim, ids + first,
-                                      false))
+                                      input.data(), input.cols(), token_rows + first, queries.data(), head_dim,
+                                      ids + first, false))
           return;
         if (rounded_input != nullptr) {
           project_rounded(expert_compute, *rounded_input, ids, first, rows, everyone, tokens, weight, weights_version,

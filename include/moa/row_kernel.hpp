@@ -117,11 +117,22 @@ __attribute__((target("avx512f"))) inline void row_tile(const float* const* a_ro
     }
 }
 
+// Rows [0, m) times one depth block of a panel. Meanwhile `next_lines` cache lines from `next` (the
+// block after this one) are fetched into L2, a few before each tile: with many experts, each
+// weight comes from memory once per call, and the first tile of a block would wait on it (wide64's
+// forward: 7.2-8.0 -> 6.5-7.6 ms).
 template <int V>
 __attribute__((target("avx512f"))) inline void row_panel(Index m, const float* const* a_row, const float* panel,
-                                                         Index k, float* const* c_row, bool accumulate) {
+                                                         Index k, float* const* c_row, bool accumulate,
+                                                         const char* next, Index next_lines) {
   Index i = 0;
-  for (; i + 6 <= m; i += 6) row_tile<6, V>(a_row + i, panel, k, c_row + i, accumulate);
+  const Index tiles = (m + 5) / 6;
+  const Index per_tile = (next_lines + tiles - 1) / std::max<Index>(tiles, 1);
+  for (; i + 6 <= m; i += 6) {
+    for (Index line = (i / 6) * per_tile; line < std::min(next_lines, (i / 6 + 1) * per_tile); ++line)
+      _mm_prefetch(next + 64 * line, _MM_HINT_T1);
+    row_tile<6, V>(a_row + i, panel, k, c_row + i, accumulate);
+  }
   switch (m - i) {
     case 5: row_tile<5, V>(a_row + i, panel, k, c_row + i, accumulate); break;
     case 4: row_tile<4, V>(a_row + i, panel, k, c_row + i, accumulate); break;
@@ -172,14 +183,18 @@ inline void row_kernel(Index m, const float* a, Index lda, const Index* a_rows, 
       for (Index k0 = 0; k0 < weight.k; k0 += kDepthBlock) {
         const Index depth = std::min(kDepthBlock, weight.k - k0);
         const float* panel = weight.panel(p) + k0 * width;
+        const float* next = panel + depth * width;  // the next block (of this panel or the next one)
+        const Index next_lines =
+            std::min<Index>(weight.panels.data() + weight.panels.size() - next, kDepthBlock * kPanelWidth) / 16;
+        const char* ahead = reinterpret_cast<const char*>(next);
         const float* a_block[kBlock];
         for (Index i = 0; i < rows; ++i) a_block[i] = a_row[i] + k0;
         const bool add = accumulate || k0 > 0;
         switch (width / 16) {
-          case 4: row_panel<4>(rows, a_block, panel, depth, c_panel, add); break;
-          case 3: row_panel<3>(rows, a_block, panel, depth, c_panel, add); break;
-          case 2: row_panel<2>(rows, a_block, panel, depth, c_panel, add); break;
-          default: row_panel<1>(rows, a_block, panel, depth, c_panel, add); break;
+          case 4: row_panel<4>(rows, a_block, panel, depth, c_panel, add, ahead, next_lines); break;
+          case 3: row_panel<3>(rows, a_block, panel, depth, c_panel, add, ahead, next_lines); break;
+          case 2: row_panel<2>(rows, a_block, panel, depth, c_panel, add, ahead, next_lines); break;
+          default: row_panel<1>(rows, a_block, panel, depth, c_panel, add, ahead, next_lines); break;
         }
       }
     }
