@@ -155,3 +155,27 @@ TEST_CASE("row kernel in the layers: inference (rows in place) equals the evalua
     }
   }
 }
+
+TEST_CASE("row kernel with experts as parts on 2 threads: inference equals the evaluation forward",
+          "[moa][row_kernel]") {
+  // 182 tokens x 4 of 8 experts, about 91 rows each: on 2 threads each expert is a part of its own,
+  // and its outputs go to per-assignment rows summed token by token afterwards.
+  moa::MixtureOfAttentionConfig config;
+  config.model_dim = 128;
+  config.num_experts = 8;
+  config.top_k = 4;
+  config.head_dim = 32;
+  const auto batch = moa::SequenceBatch::padded(64, {64, 50, 61, 7});
+  moa::Rng rng(14);
+  moa::MixtureOfAttention<float> layer(config, rng);
+  moa::init_normal(layer.router.weight, rng, 0.0, 0.5);
+  const auto compute = std::make_shared<moa::Compute>(std::make_shared<moa::EigenGemm>(), 2);
+  layer.set_compute(compute);
+  layer.set_training(false);
+  const MatrixF input = random_matrix<float>(batch.rows(), config.model_dim, rng);
+  const MatrixF gathered = layer.forward_self(input, batch, true);
+  const MatrixF in_place = layer.infer(input, batch, input, batch, true);
+  REQUIRE(relative_error(in_place.cast<double>(), gathered.cast<double>()) < 1e-6);
+  REQUIRE((compute->panels().bytes() > 0) == moa::detail::row_kernel_available());
+}
+
