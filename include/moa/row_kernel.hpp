@@ -28,6 +28,13 @@
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define MOA_ROW_KERNEL_X86 1
 #include <immintrin.h>
+// The tile's loops over rows and registers unrolled at any optimisation level: at -O2, GCC kept
+// the sums in memory, and the kernel ran at a quarter of its speed.
+#if defined(__clang__)
+#define MOA_UNROLL _Pragma("unroll")
+#else
+#define MOA_UNROLL _Pragma("GCC unroll 8")
+#endif
 #else
 #define MOA_ROW_KERNEL_X86 0
 #endif
@@ -100,18 +107,18 @@ template <int R, int V>
 __attribute__((target("avx512f"))) inline void row_tile(const float* const* a_row, const float* panel, Index k,
                                                         float* const* c_row, bool accumulate) {
   __m512 sum[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) sum[r][v] = _mm512_setzero_ps();
+  MOA_UNROLL for (int r = 0; r < R; ++r)
+    MOA_UNROLL for (int v = 0; v < V; ++v) sum[r][v] = _mm512_setzero_ps();
   for (Index kk = 0; kk < k; ++kk) {
     __m512 b[V];
-    for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(panel + kk * 16 * V + 16 * v);
-    for (int r = 0; r < R; ++r) {
+    MOA_UNROLL for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(panel + kk * 16 * V + 16 * v);
+    MOA_UNROLL for (int r = 0; r < R; ++r) {
       const __m512 x = _mm512_set1_ps(a_row[r][kk]);
-      for (int v = 0; v < V; ++v) sum[r][v] = _mm512_fmadd_ps(x, b[v], sum[r][v]);
+      MOA_UNROLL for (int v = 0; v < V; ++v) sum[r][v] = _mm512_fmadd_ps(x, b[v], sum[r][v]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) {
+  MOA_UNROLL for (int r = 0; r < R; ++r)
+    MOA_UNROLL for (int v = 0; v < V; ++v) {
       float* target = c_row[r] + 16 * v;
       _mm512_storeu_ps(target, accumulate ? _mm512_add_ps(_mm512_loadu_ps(target), sum[r][v]) : sum[r][v]);
     }
