@@ -61,7 +61,7 @@ TEST_CASE("row kernel: lists of rows times a packed weight equal a naive product
   }
 }
 
-TEST_CASE("rows_times_weight: f32 inference only; the packed copy follows the weight's version", "[gemm][row_kernel]") {
+TEST_CASE("detail::rows_times_weight: f32 inference only; the packed copy follows the weight's version", "[gemm][row_kernel]") {
   moa::Rng rng(12);
   MatrixF weight = random_matrix<float>(64, 40, rng);  // [n = 64, k = 40]
   const MatrixF a = random_matrix<float>(10, 40, rng);
@@ -70,8 +70,10 @@ TEST_CASE("rows_times_weight: f32 inference only; the packed copy follows the we
   const auto compute = std::make_shared<moa::Compute>();
   auto run = [&](moa::Precision precision, std::uint64_t version, const MatrixF& w, bool& served) {
     MatrixF c = MatrixF::Constant(5, w.rows(), 7.0f);
-    served = moa::rows_times_weight<float>(*compute, precision, w, version, 5, a.data(), 40, a_rows.data(), c.data(),
-                                           w.rows(), c_rows.data(), false);
+    served = moa::detail::rows_times_weight_serves<float>(precision, version, w.rows());
+    if (served)
+      moa::detail::rows_times_weight<float>(*compute, w, version, 5, a.data(), 40, a_rows.data(), c.data(), w.rows(),
+                                            c_rows.data(), false);
     return c;
   };
   auto expected_of = [&](const MatrixF& w) {
@@ -88,10 +90,7 @@ TEST_CASE("rows_times_weight: f32 inference only; the packed copy follows the we
   const MatrixF narrow = weight.topRows(40);  // n = 40: not a multiple of 16
   REQUIRE((run(moa::Precision::f32, 3, narrow, served).array() == 7.0f).all());
   REQUIRE_FALSE(served);
-  const moa::Matrix<double> weight_d = weight.cast<double>();
-  moa::Matrix<double> c_d(5, 64);
-  REQUIRE_FALSE(moa::rows_times_weight<double>(*compute, moa::Precision::f32, weight_d, 3, 5, a.cast<double>().eval().data(),
-                                               40, a_rows.data(), c_d.data(), 64, c_rows.data(), false));
+  REQUIRE_FALSE(moa::detail::rows_times_weight_serves<double>(moa::Precision::f32, 3, 64));
   if (!moa::detail::row_kernel_available()) {
     WARN("this CPU has no AVX-512: the row kernel is not used here");
     run(moa::Precision::f32, 3, weight, served);
@@ -109,8 +108,8 @@ TEST_CASE("rows_times_weight: f32 inference only; the packed copy follows the we
   // Threads share one store: a compute's serial() packs nothing again.
   const auto two = std::make_shared<moa::Compute>(std::make_shared<moa::EigenGemm>(), 2);
   MatrixF c(5, 64);
-  REQUIRE(moa::rows_times_weight<float>(two->serial(), moa::Precision::f32, weight, 4, 5, a.data(), 40, a_rows.data(),
-                                        c.data(), 64, c_rows.data(), false));
+  moa::detail::rows_times_weight<float>(two->serial(), weight, 4, 5, a.data(), 40, a_rows.data(), c.data(), 64,
+                                        c_rows.data(), false);
   REQUIRE(two->panels().bytes() == 64 * 40 * sizeof(float));
   REQUIRE(&two->serial().panels() == &two->panels());
 }

@@ -59,19 +59,21 @@ class ExpertProjections {
       Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
       const auto weight = weights.middleRows(e * head_dim, head_dim);    // [d_h, d_model]
       const bool everyone = count == input.rows();  // every token chose e (so in token order): no gather
-      const Index gathered = everyone ? 0 : count;
+      // The row kernel reads the tokens' rows in place and writes the assignments' rows (when
+      // every token chose e, the rows are in order already: the backend's product takes them).
+      const bool in_place = rounded_input == nullptr && !everyone &&
+                            detail::rows_times_weight_serves<Scalar>(precision, weights_version, head_dim);
+      const Index gathered = everyone || in_place ? 0 : count;
       auto inputs = rows_of(scratch.wide_rows, rounded_input ? 0 : gathered, input.cols());  // [c, d_model]
-      auto projected = rows_of(scratch.narrow_result, count, head_dim);                     // [c, d_h]
+      auto projected = rows_of(scratch.narrow_result, in_place ? 0 : count, head_dim);      // [c, d_h]
       if (rounded_input) scratch.rounded_rows.resize(static_cast<std::size_t>(gathered * input.cols()));  // [c, d_model]
-      const Index* token_rows = everyone ? nullptr : token_rows_of(scratch, tokens, ids, count);          // [c]
+      const Index* token_rows = in_place ? token_rows_of(scratch, tokens, ids, count) : nullptr;        // [c]
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index rows, int) {
-        // The row kernel reads the tokens' rows in place and writes the assignments' rows (when
-        // every token chose e, the rows are in order already: the backend's product takes them).
-        if (rounded_input == nullptr && !everyone &&
-            rows_times_weight<Scalar>(expert_compute, precision, weight, weights_version, rows,
-                                      input.data(), input.cols(), token_rows + first, queries.data(), head_dim,
-                                      ids + first, false))
+        if (in_place) {
+          detail::rows_times_weight<Scalar>(expert_compute, weight, weights_version, rows, input.data(), input.cols(),
+                                            token_rows + first, queries.data(), head_dim, ids + first, false);
           return;
+        }
         if (rounded_input != nullptr) {
           project_rounded(expert_compute, *rounded_input, ids, first, rows, everyone, tokens, weight, weights_version,
                           scratch.rounded_rows.data(), projected.middleRows(first, rows));
@@ -104,22 +106,26 @@ class ExpertProjections {
                                                           const Compute& expert_compute) {
       Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
       const auto weight = weights.middleRows(e * model, model);      // [d_model, d_h]
-      auto scaled = rows_of(scratch.scaled, count, head_dim);        // [c, d_h] gate * a
-      auto projected = rows_of(scratch.wide_result, count, model);   // [c, d_model]
-      const Index* target_rows = parallel ? ids : token_rows_of(scratch, tokens, ids, count);  // [c]
+      const bool everyone = !parallel && count == rows;  // every token chose e: accumulate in place
+      // Otherwise the row kernel adds into the token rows (or writes the assignments' rows) in place.
+      const bool in_place = !everyone && detail::rows_times_weight_serves<Scalar>(precision, weights_version, model);
+      auto scaled = rows_of(scratch.scaled, count, head_dim);                               // [c, d_h] gate * a
+      auto projected = rows_of(scratch.wide_result, everyone || in_place ? 0 : count, model);  // [c, d_model]
+      const Index* target_rows = !in_place ? nullptr : parallel ? ids : token_rows_of(scratch, tokens, ids, count);  // [c]
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index slice, int) {
         for (Index i = first; i < first + slice; ++i) scaled.row(i) = gates[ids[i]] * attended.row(ids[i]);
-        if (!parallel && count == rows) {  // every token chose e: accumulate in place
+        if (everyone) {
           weight_product<Scalar>(expert_compute, scaled.middleRows(first, slice), weight, rounded, e,
                                  output.middleRows(first, slice), true, precision, weights_version);
           return;
         }
-        // The row kernel adds into the token rows (or writes the assignments' rows) in place.
-        if (rows_times_weight<Scalar>(expert_compute, precision, weight, weights_version, slice,
-                                      scaled.data() + first * head_dim, head_dim, nullptr,
-                                      parallel ? by_assignment_.data() : output.data(), model, target_rows + first,
-                                      !parallel))
+        if (in_place) {
+          detail::rows_times_weight<Scalar>(expert_compute, weight, weights_version, slice,
+                                            scaled.data() + first * head_dim, head_dim, nullptr,
+                                            parallel ? by_assignment_.data() : output.data(), model,
+                                            target_rows + first, !parallel);
           return;
+        }
         weight_product<Scalar>(expert_compute, scaled.middleRows(first, slice), weight, rounded, e,
                                projected.middleRows(first, slice), false, precision, weights_version);
         add_rows(parallel, ids, first, slice, tokens, projected, output);

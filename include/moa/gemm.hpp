@@ -9,7 +9,7 @@
 // One kind of product skips the backend: an inference product of lists of scattered rows (the
 // tokens routed to an expert) with a layer's weight, which no GEMM library takes without copying
 // the rows out and back. moa's own row kernel (moa/row_kernel.hpp, AVX-512) reads and writes them
-// in place: see rows_times_weight.
+// in place: see detail::rows_times_weight.
 //
 // A Compute bundles what a layer needs to run: the backend, a thread pool and the precision
 // allowed for inference. Layers hold a shared Compute (set_compute on a model reaches all its
@@ -510,26 +510,32 @@ void gemm(const Compute& compute, const ConstMatrixRef<Scalar>& a, Transpose tra
   }
 }
 
-// Lists of rows times a layer's weight W [n, k], in place: for i < m, row c_rows[i] of c (+)= row
-// a_rows[i] of a times W^T (a null list: rows in order). Done by moa's row kernel, when it serves:
-// float in f32, W with a version (inference, so its packed copy lasts), and n a multiple of 16 on
-// an AVX-512 CPU. Otherwise returns false having done nothing, and the caller gathers the rows for
-// an ordinary product.
+namespace detail {
+// Whether rows_times_weight serves a product with a layer's weight of n rows: float in f32, the
+// weight with a version (inference, so its packed copy lasts), and n a multiple of 16 on an
+// AVX-512 CPU. Otherwise the caller gathers the rows for an ordinary product.
 template <typename Scalar>
-bool rows_times_weight(const Compute& compute, Precision precision, const ConstMatrixRef<Scalar>& weight,
-                       std::uint64_t weight_version, Index m, const Scalar* a, Index lda, const Index* a_rows,
-                       Scalar* c, Index ldc, const Index* c_rows, bool accumulate) {
+bool rows_times_weight_serves(Precision precision, std::uint64_t weight_version, Index n) {
+  return std::is_same_v<Scalar, float> && precision == Precision::f32 && weight_version != 0 && row_kernel_serves(n);
+}
+
+// Lists of rows times a layer's weight W [n, k], in place: for i < m, row c_rows[i] of c (+)= row
+// a_rows[i] of a times W^T (a null list: rows in order), by moa's row kernel. Only where
+// rows_times_weight_serves; the layers check the rows, this cannot.
+template <typename Scalar>
+void rows_times_weight(const Compute& compute, const ConstMatrixRef<Scalar>& weight, std::uint64_t weight_version,
+                       Index m, const Scalar* a, Index lda, const Index* a_rows, Scalar* c, Index ldc,
+                       const Index* c_rows, bool accumulate) {
   if constexpr (std::is_same_v<Scalar, float>) {
-    if (precision != Precision::f32 || weight_version == 0 || !detail::row_kernel_serves(weight.rows())) return false;
-    if (m == 0) return true;
+    if (m == 0) return;
     const auto packed =
         compute.panels().get(weight.data(), weight.rows(), weight.cols(), weight.outerStride(), weight_version);
-    detail::row_kernel(m, a, lda, a_rows, *packed, c, ldc, c_rows, accumulate);
-    return true;
+    row_kernel(m, a, lda, a_rows, *packed, c, ldc, c_rows, accumulate);
   } else {
-    return false;
+    throw Error("moa::detail::rows_times_weight: the row kernel takes float only");
   }
 }
+}  // namespace detail
 
 // The product x W^T of a layer with weight W [out, in]: input [N, in] -> [N, out], a new matrix.
 // weight_version: W's version where the backend may keep W repacked (inference), else 0.
