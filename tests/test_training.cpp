@@ -5,6 +5,7 @@
 #include "common/training.hpp"
 #include "common/training_loop.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -62,6 +63,20 @@ TEST_CASE("moving_average and the SVG writers", "[training]") {
   const std::string text((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
   REQUIRE(text.find("<polyline") != std::string::npos);
   REQUIRE(text.find(">a</text>") != std::string::npos);
+  // A series with nothing to draw (a run shorter than the first validation) stays out of the
+  // legend; one with a single point gets a dot, since a line of one point shows nothing.
+  moa_examples::write_line_chart(chart, "t", "x", "y",
+                                 {{"train", {1, 2}, {3, 2}, "red", true},
+                                  {"empty", {}, {}, "blue", false},
+                                  {"nan", {1}, {std::nan("")}, "blue", false},
+                                  {"one", {2}, {2.5}, "green", false}});
+  std::ifstream second_file(chart);
+  const std::string second((std::istreambuf_iterator<char>(second_file)), std::istreambuf_iterator<char>());
+  REQUIRE(second.find(">empty</text>") == std::string::npos);
+  REQUIRE(second.find(">nan</text>") == std::string::npos);
+  REQUIRE(second.find(">one</text>") != std::string::npos);
+  REQUIRE(second.find("<circle") != std::string::npos);
+  REQUIRE(second.find("fill='green'") != std::string::npos);
   REQUIRE_MOA_ERROR(moa_examples::write_line_chart(chart, "t", "x", "y", {{"a", {1, 2}, {1}, "red", false}}),
                     "series 'a' has 2 x and 1 y values");
   REQUIRE_MOA_ERROR(moa_examples::write_heatmap(chart, "t", {"r"}, {"c1", "c2"}, {{1.0}}), "a row has 1 values for 2 columns");

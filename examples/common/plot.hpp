@@ -100,14 +100,19 @@ inline void write_line_chart(const std::string& path, const std::string& title, 
         << detail::svg_number(y) << "</text>\n";
   svg << "<rect x='" << left << "' y='" << top << "' width='" << right - left << "' height='" << bottom - top
       << "' fill='none' stroke='black'/>\n";
-  for (std::size_t k = 0; k < series.size(); ++k) {
-    const PlotSeries& s = series[k];
+  std::size_t drawn = 0;  // series in the legend: those with a point to draw
+  for (const PlotSeries& s : series) {
+    const auto points = std::count_if(s.y.begin(), s.y.end(), [](double y) { return std::isfinite(y); });
+    if (points == 0) continue;  // e.g. validation losses of a run shorter than the first validation
     svg << "<polyline fill='none' stroke='" << s.color << "' stroke-width='2'" << (s.dashed ? " stroke-dasharray='6 4'" : "")
         << " points='";
     for (std::size_t i = 0; i < s.x.size(); ++i)
       if (std::isfinite(s.y[i])) svg << px(s.x[i]) << ',' << py(s.y[i]) << ' ';
     svg << "'/>\n";
-    const double legend_y = top + 18 + 18 * static_cast<double>(k);
+    for (std::size_t i = 0; points == 1 && i < s.x.size(); ++i)  // a line of one point shows nothing: a dot
+      if (std::isfinite(s.y[i]))
+        svg << "<circle cx='" << px(s.x[i]) << "' cy='" << py(s.y[i]) << "' r='3' fill='" << s.color << "'/>\n";
+    const double legend_y = top + 18 + 18 * static_cast<double>(drawn++);
     svg << "<line x1='" << right - 250 << "' y1='" << legend_y << "' x2='" << right - 220 << "' y2='" << legend_y
         << "' stroke='" << s.color << "' stroke-width='2'" << (s.dashed ? " stroke-dasharray='6 4'" : "") << "/>"
         << "<text x='" << right - 214 << "' y='" << legend_y + 4 << "'>" << detail::svg_escape(s.label) << "</text>\n";
