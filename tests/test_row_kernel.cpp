@@ -51,10 +51,90 @@ TEST_CASE("row kernel: lists of rows times a packed weight equal a naive product
             naive_rows_product(a, a_rows, weight, expected, c_rows, accumulate);
             // Each weight a new version: a new matrix may take a freed one's place.
             const auto packed = store.get(weight.data(), n, k, k, ++version);
-            moa::detail::row_kernel(m, a.data(), k, lists ? a_rows.data() : nullptr, *packed, c.data(), n,
+            moa::detail::row_kernel(m, a.data(), k, lists ? a_rows.data() : nullptr, moa::detail::PanelView::packed(*packed), c.data(), n,
                                     lists ? c_rows.data() : nullptr, accumulate);
             REQUIRE(relative_error(c.cast<double>(), expected) < 1e-6);
           }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("row kernel: lists of rows times a weight read as it lies (a backward's product) equal a naive product",
+          "[gemm][row_kernel]") {
+  if (!moa::detail::row_kernel_available()) {
+    WARN("this CPU has no AVX-512: backward products gather their rows instead");
+    return;
+  }
+  moa::Rng rng(15);
+  // M [k, n] as it lies is W = M^T: n one panel read in place (16, 48, 64) or panels copied
+  // together (80, 512: rows a layer's width apart); k below and above the depth block.
+  for (const Index n : {16, 48, 64, 80, 512}) {
+    for (const Index k : {1, 16, 64, 200}) {
+      for (const Index m : {0, 1, 7, 100}) {
+        for (const bool accumulate : {false, true}) {
+          INFO("n " << n << ", k " << k << ", m " << m << ", accumulate " << accumulate);
+          const MatrixF stored = random_matrix<float>(k, n + 3, rng);  // [k, n + 3]: rows wider than the product
+          const MatrixF weight = stored.leftCols(n).transpose();        // W [n, k]
+          const MatrixF a = random_matrix<float>(m + 4, k, rng);
+          MatrixF c = random_matrix<float>(m + 2, n, rng);
+          std::vector<Index> a_rows, c_rows;
+          for (Index i = 0; i < m; ++i) {
+            a_rows.push_back(static_cast<Index>(rng.next_u64() % static_cast<std::uint64_t>(m + 4)));
+            c_rows.push_back(static_cast<Index>(rng.next_u64() % static_cast<std::uint64_t>(m + 2)));
+          }
+          if (!accumulate) std::iota(c_rows.begin(), c_rows.end(), Index{0});
+          MatrixD expected = c.cast<double>();
+          naive_rows_product(a, a_rows, weight, expected, c_rows, accumulate);
+          moa::detail::row_kernel(m, a.data(), k, a_rows.data(),
+                                  moa::detail::PanelView::transposed(stored.data(), k, n, n + 3), c.data(), n,
+                                  c_rows.data(), accumulate);
+          REQUIRE(relative_error(c.cast<double>(), expected) < 1e-6);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("outer kernel: a weight gradient G^T X over lists of rows equals a naive sum, for any split of its rows",
+          "[gemm][row_kernel]") {
+  if (!moa::detail::row_kernel_available()) {
+    WARN("this CPU has no AVX-512: weight gradients gather their rows instead");
+    return;
+  }
+  moa::Rng rng(16);
+  // n: tiles of 6 rows and remainders; k: X read in place (one panel, rows in order) or copied;
+  // m: below and above the kernel's block of 64 rows.
+  for (const Index n : {1, 6, 16, 47, 512}) {
+    for (const Index k : {16, 48, 64, 80, 512}) {
+      for (const Index m : {0, 1, 5, 64, 150}) {
+        for (const bool lists : {false, true}) {
+          INFO("n " << n << ", k " << k << ", m " << m << ", row lists " << lists);
+          const MatrixF g = random_matrix<float>(m + 3, n, rng);  // [m + 3, n]
+          const MatrixF x = random_matrix<float>(m + 5, k, rng);  // [m + 5, k]
+          std::vector<Index> g_rows(static_cast<std::size_t>(m)), x_rows(static_cast<std::size_t>(m));
+          for (Index i = 0; i < m; ++i) {
+            g_rows[static_cast<std::size_t>(i)] = lists ? static_cast<Index>(rng.next_u64() % static_cast<std::uint64_t>(m + 3)) : i;
+            x_rows[static_cast<std::size_t>(i)] = lists ? static_cast<Index>(rng.next_u64() % static_cast<std::uint64_t>(m + 5)) : i;
+          }
+          const MatrixF start = random_matrix<float>(n, k, rng);
+          MatrixD expected = start.cast<double>();
+          for (Index i = 0; i < m; ++i)
+            expected += g.row(g_rows[static_cast<std::size_t>(i)]).transpose().cast<double>() *
+                        x.row(x_rows[static_cast<std::size_t>(i)]).cast<double>();
+          MatrixF whole = start;
+          moa::detail::outer_kernel(m, g.data(), n, lists ? g_rows.data() : nullptr, x.data(), k,
+                                    lists ? x_rows.data() : nullptr, n, k, whole.data(), k);
+          REQUIRE(relative_error(whole.cast<double>(), expected) < 1e-6);
+          // Rows of w in two calls (as threads split them): the same floats.
+          MatrixF split = start;
+          const Index half = n / 2;
+          moa::detail::outer_kernel(m, g.data(), n, lists ? g_rows.data() : nullptr, x.data(), k,
+                                    lists ? x_rows.data() : nullptr, half, k, split.data(), k);
+          moa::detail::outer_kernel(m, g.data() + half, n, lists ? g_rows.data() : nullptr, x.data(), k,
+                                    lists ? x_rows.data() : nullptr, n - half, k, split.data() + half * k, k);
+          REQUIRE((split.array() == whole.array()).all());
         }
       }
     }

@@ -5,7 +5,10 @@
 // An assignment list of A entries (token[a], expert[a], gate[a]) is grouped by expert in a
 // DispatchPlan; each expert's rows are gathered, multiplied in one GEMM, and scattered back to
 // assignment order (queries) or added into the token rows (outputs, scaled by the gates). Backward
-// mirrors both. Experts no assignment chose cost nothing.
+// mirrors both. Experts no assignment chose cost nothing. On AVX-512 CPUs, float products whose
+// widths are multiples of 16 skip the gathers: moa's row kernels (moa/row_kernel.hpp) read and
+// write the rows in place, in inference and in the backward (the training forward's weights change
+// every step, and packing them each time cost what the gathers save).
 //
 // Threads: with enough busy experts, too small to split well, each expert is a part of its own,
 // taken busiest first by whichever thread is free. Experts write disjoint rows (queries, gradients
@@ -151,24 +154,35 @@ class ExpertProjections {
       Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
       const auto weight = weights.middleRows(e * model, model);  // [d_model, d_h]
       const bool everyone = count == grad_output.rows();      // every token chose e: rows already in token order
-      auto gathered = rows_of(scratch.wide_rows, everyone ? 0 : count, model);  // [c, d_model]
+      // The row kernels read the tokens' gradient rows in place (no gather) and the weight as it lies.
+      const bool in_place = !everyone && row_kernels_take(head_dim, model);
+      auto gathered = rows_of(scratch.wide_rows, everyone || in_place ? 0 : count, model);  // [c, d_model]
       const ConstMatrixRef<Scalar> grad_rows = everyone ? ConstMatrixRef<Scalar>(grad_output) : gathered;
       auto scaled = rows_of(scratch.scaled, count, head_dim);                // [c, d_h] gate * a
       auto grad_unscaled = rows_of(scratch.narrow_result, count, head_dim);  // [c, d_h] d(gate * a)
+      const Index* token_rows = in_place ? token_rows_of(scratch, tokens, ids, count) : nullptr;  // [c]
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index rows, int) {
         for (Index i = first; i < first + rows; ++i) {
-          if (!everyone) gathered.row(i) = grad_output.row(tokens[ids[i]]);
+          if (!everyone && !in_place) gathered.row(i) = grad_output.row(tokens[ids[i]]);
           scaled.row(i) = gates[ids[i]] * attended.row(ids[i]);
         }
-        gemm<Scalar>(expert_compute, grad_rows.middleRows(first, rows), Transpose::no, weight, Transpose::no,
-                     grad_unscaled.middleRows(first, rows));
+        if (in_place)
+          row_kernel_transposed(weight, rows, grad_output.data(), model, token_rows + first,
+                                grad_unscaled.data() + first * head_dim, head_dim, nullptr, false);
+        else
+          gemm<Scalar>(expert_compute, grad_rows.middleRows(first, rows), Transpose::no, weight, Transpose::no,
+                       grad_unscaled.middleRows(first, rows));
         for (Index i = first; i < first + rows; ++i) {
           grad_gates[ids[i]] = grad_unscaled.row(i).dot(attended.row(ids[i]));
           grad_attended.row(ids[i]) = gates[ids[i]] * grad_unscaled.row(i);
         }
       });
-      gemm<Scalar>(expert_compute, grad_rows, Transpose::yes, scaled, Transpose::no, weight_grad.middleRows(e * model, model),
-                   true);
+      auto expert_grad = weight_grad.middleRows(e * model, model);  // [d_model, d_h]
+      if (in_place)
+        outer_in_place(expert_compute, count, grad_output.data(), model, token_rows, scaled.data(), head_dim, nullptr,
+                       expert_grad);
+      else
+        gemm<Scalar>(expert_compute, grad_rows, Transpose::yes, scaled, Transpose::no, expert_grad, true);
     });
   }
 
@@ -186,11 +200,21 @@ class ExpertProjections {
       Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
       const auto weight = weights.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
       const bool everyone = count == input.rows();  // every token chose e: inputs already in token order
-      auto grad_rows = rows_of(scratch.narrow_rows, count, head_dim);           // [c, d_h]
-      auto gathered = rows_of(scratch.wide_rows, everyone ? 0 : count, model);  // [c, d_model]
+      // The row kernels read the gradient and input rows in place and add into the token rows.
+      const bool in_place = !everyone && row_kernels_take(head_dim, model);
+      const Index copied = in_place ? 0 : count;
+      auto grad_rows = rows_of(scratch.narrow_rows, copied, head_dim);                  // [c, d_h]
+      auto gathered = rows_of(scratch.wide_rows, everyone ? 0 : copied, model);         // [c, d_model]
       const ConstMatrixRef<Scalar> inputs = everyone ? ConstMatrixRef<Scalar>(input) : gathered;
-      auto grad_inputs = rows_of(scratch.wide_result, count, model);            // [c, d_model]
+      auto grad_inputs = rows_of(scratch.wide_result, copied, model);                   // [c, d_model]
+      const Index* token_rows = in_place ? token_rows_of(scratch, tokens, ids, count) : nullptr;  // [c]
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index rows, int) {
+        if (in_place) {
+          row_kernel_transposed(weight, rows, grad_queries.data(), head_dim, ids + first,
+                                parallel ? by_assignment_.data() : grad_input.data(), model,
+                                (parallel ? ids : token_rows) + first, !parallel);
+          return;
+        }
         for (Index i = first; i < first + rows; ++i) {
           grad_rows.row(i) = grad_queries.row(ids[i]);
           if (!everyone) gathered.row(i) = input.row(tokens[ids[i]]);
@@ -199,8 +223,12 @@ class ExpertProjections {
                      grad_inputs.middleRows(first, rows));
         add_rows(parallel, ids, first, rows, tokens, grad_inputs, grad_input);
       });
-      gemm<Scalar>(expert_compute, grad_rows, Transpose::yes, inputs, Transpose::no,
-                   weight_grad.middleRows(e * head_dim, head_dim), true);
+      auto expert_grad = weight_grad.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
+      if (in_place)
+        outer_in_place(expert_compute, count, grad_queries.data(), head_dim, ids, input.data(), model, token_rows,
+                       expert_grad);
+      else
+        gemm<Scalar>(expert_compute, grad_rows, Transpose::yes, inputs, Transpose::no, expert_grad, true);
     });
     if (parallel) sum_by_token(compute, tokens, plan, grad_input, true);
   }
@@ -208,6 +236,35 @@ class ExpertProjections {
  private:
   // Rows of one expert handed to a thread at a time.
   static constexpr Index kRowGrain = 32;
+
+  // Whether the backward's row kernels serve an expert of these widths: float on an AVX-512 CPU,
+  // both widths multiples of 16.
+  static bool row_kernels_take(Index head_dim, Index model) {
+    return std::is_same_v<Scalar, float> && detail::row_kernel_serves(head_dim) && detail::row_kernel_serves(model);
+  }
+
+  // For i < m: row c_rows[i] of c (+)= row a_rows[i] of a times M, M [k, n] an expert's weight as
+  // it lies (float only: row_kernels_take).
+  static void row_kernel_transposed(const ConstMatrixRef<Scalar>& m, Index rows, const Scalar* a, Index lda,
+                                    const Index* a_rows, Scalar* c, Index ldc, const Index* c_rows, bool accumulate) {
+    if constexpr (std::is_same_v<Scalar, float>)
+      detail::row_kernel(rows, a, lda, a_rows, detail::PanelView::transposed(m.data(), m.rows(), m.cols(), m.outerStride()),
+                         c, ldc, c_rows, accumulate);
+  }
+
+  // weight_grad [n, k] += G^T X over an expert's m rows, G's rows g_rows of g and X's rows x_rows
+  // of x (null: in order), in place (float only: row_kernels_take). Rows of weight_grad are split
+  // over the compute's threads; each element sums its rows in order, so any thread count gives the
+  // same gradient.
+  static void outer_in_place(const Compute& compute, Index m, const Scalar* g, Index ldg, const Index* g_rows,
+                             const Scalar* x, Index ldx, const Index* x_rows, MatrixRef<Scalar> weight_grad) {
+    if constexpr (std::is_same_v<Scalar, float>) {
+      const Index k = weight_grad.cols(), ldw = weight_grad.outerStride();
+      parallel_ranges(compute, weight_grad.rows(), 48, [&](Index first, Index rows, int) {
+        detail::outer_kernel(m, g + first, ldg, g_rows, x, ldx, x_rows, rows, k, weight_grad.data() + first * ldw, ldw);
+      });
+    }
+  }
 
   // Buffers reused across experts and calls, so a pass does not allocate per expert; one per
   // width, so none is resized between uses.

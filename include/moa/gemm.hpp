@@ -530,7 +530,7 @@ void rows_times_weight(const Compute& compute, const ConstMatrixRef<Scalar>& wei
     if (m == 0) return;
     const auto packed =
         compute.panels().get(weight.data(), weight.rows(), weight.cols(), weight.outerStride(), weight_version);
-    row_kernel(m, a, lda, a_rows, *packed, c, ldc, c_rows, accumulate);
+    row_kernel(m, a, lda, a_rows, PanelView::packed(*packed), c, ldc, c_rows, accumulate);
   } else {
     throw Error("moa::detail::rows_times_weight: the row kernel takes float only");
   }

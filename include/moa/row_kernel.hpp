@@ -5,9 +5,11 @@
 // contiguous matrices, so those rows were gathered into scratch before each product and scattered
 // after it: 19% of an inference forward at wide8 (the copies stream megabytes through the cache),
 // on top of products oneDNN runs at 130-190 GFLOP/s. This kernel reads and writes the rows where
-// they are. It needs AVX-512 (checked at run time: the build needs no -mavx512f) and a weight
-// packed for it, so it serves inference, whose weights keep their version from call to call; the
-// packed copies live in a PanelStore (one per Compute), remade when a weight's version changes.
+// they are. It needs AVX-512 (checked at run time: the build needs no -mavx512f). The forward's
+// products take W^T, so they need the weight packed: that serves inference, whose weights keep their
+// version from call to call; the packed copies live in a PanelStore (one per Compute), remade when
+// a weight's version changes. The backward's products take W itself, read as it lies (PanelView::
+// transposed), and outer_kernel sums the weight gradients over the same scattered rows.
 //
 // Layout: W [n, k] (the layer's [out, in]) as panels of 64 of its rows, each panel k-major:
 // element (kk, j) of panel p is W[64 p + j][kk], so one k step of a panel is 64 contiguous floats,
@@ -53,6 +55,26 @@ struct PanelWeight {
 
   const float* panel(Index p) const { return panels.data() + p * kPanelWidth * k; }
   Index panel_width(Index p) const { return std::min(kPanelWidth, n - p * kPanelWidth); }
+};
+
+// How the kernel reads W [n, k]: panel p (columns 64 p .. of the product) at data + p * panel_step,
+// its step kk at + kk * row_step, min(64, n - 64 p) contiguous floats. A packed weight has
+// row_step 0 (each panel's own width); a matrix M [k, n] (row-major, leading dimension ld) is
+// W = M^T as it lies, with panel_step 64 and row_step ld: a backward's product with a weight.
+struct PanelView {
+  const float* data = nullptr;
+  Index n = 0, k = 0, panel_step = 0, row_step = 0;
+  const float* end = nullptr;  // the packed buffer's end (blocks ahead are prefetched), or null
+
+  static PanelView packed(const PanelWeight& weight) {
+    return {weight.panels.data(), weight.n, weight.k, kPanelWidth * weight.k, 0,
+            weight.panels.data() + weight.panels.size()};
+  }
+  static PanelView transposed(const float* m, Index k, Index n, Index ld) { return {m, n, k, kPanelWidth, ld, nullptr}; }
+
+  const float* panel(Index p) const { return data + p * panel_step; }
+  Index panel_width(Index p) const { return std::min(kPanelWidth, n - p * kPanelWidth); }
+  Index step(Index p) const { return row_step == 0 ? panel_width(p) : row_step; }
 };
 
 // Packed copies of weights, by place (pointer, shape, stride) and version. Thread-safe: experts
@@ -107,14 +129,14 @@ class PanelStore {
 // Each row is stored (or loaded, added and stored) before the next, so two rows of a tile that
 // name the same row of c both land.
 template <int R, int V>
-__attribute__((target("avx512f"))) inline void row_tile(const float* const* a_row, const float* panel, Index k,
-                                                        float* const* c_row, bool accumulate) {
+__attribute__((target("avx512f"))) inline void row_tile(const float* const* a_row, const float* panel, Index step,
+                                                        Index k, float* const* c_row, bool accumulate) {
   __m512 sum[R][V];
   MOA_UNROLL for (int r = 0; r < R; ++r)
     MOA_UNROLL for (int v = 0; v < V; ++v) sum[r][v] = _mm512_setzero_ps();
   for (Index kk = 0; kk < k; ++kk) {
     __m512 b[V];
-    MOA_UNROLL for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(panel + kk * 16 * V + 16 * v);
+    MOA_UNROLL for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(panel + kk * step + 16 * v);
     MOA_UNROLL for (int r = 0; r < R; ++r) {
       const __m512 x = _mm512_set1_ps(a_row[r][kk]);
       MOA_UNROLL for (int v = 0; v < V; ++v) sum[r][v] = _mm512_fmadd_ps(x, b[v], sum[r][v]);
@@ -133,7 +155,7 @@ __attribute__((target("avx512f"))) inline void row_tile(const float* const* a_ro
 // forward: 7.2-8.0 -> 6.5-7.6 ms).
 template <int V>
 __attribute__((target("avx512f"))) inline void row_panel(Index m, const float* const* a_row, const float* panel,
-                                                         Index k, float* const* c_row, bool accumulate,
+                                                         Index step, Index k, float* const* c_row, bool accumulate,
                                                          const char* next, Index next_lines) {
   Index i = 0;
   const Index tiles = (m + 5) / 6;
@@ -141,15 +163,69 @@ __attribute__((target("avx512f"))) inline void row_panel(Index m, const float* c
   for (; i + 6 <= m; i += 6) {
     for (Index line = (i / 6) * per_tile; line < std::min(next_lines, (i / 6 + 1) * per_tile); ++line)
       _mm_prefetch(next + 64 * line, _MM_HINT_T1);
-    row_tile<6, V>(a_row + i, panel, k, c_row + i, accumulate);
+    row_tile<6, V>(a_row + i, panel, step, k, c_row + i, accumulate);
   }
   switch (m - i) {
-    case 5: row_tile<5, V>(a_row + i, panel, k, c_row + i, accumulate); break;
-    case 4: row_tile<4, V>(a_row + i, panel, k, c_row + i, accumulate); break;
-    case 3: row_tile<3, V>(a_row + i, panel, k, c_row + i, accumulate); break;
-    case 2: row_tile<2, V>(a_row + i, panel, k, c_row + i, accumulate); break;
-    case 1: row_tile<1, V>(a_row + i, panel, k, c_row + i, accumulate); break;
+    case 5: row_tile<5, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
+    case 4: row_tile<4, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
+    case 3: row_tile<3, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
+    case 2: row_tile<2, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
+    case 1: row_tile<1, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
     default: break;
+  }
+}
+
+// rows x width floats (width a multiple of 16) from rows `step` apart into contiguous rows.
+__attribute__((target("avx512f"))) inline void copy_rows(Index rows, Index width, const float* source, Index step,
+                                                         float* target) {
+  for (Index r = 0; r < rows; ++r)
+    for (Index j = 0; j < width; j += 16) _mm512_storeu_ps(target + r * width + j, _mm512_loadu_ps(source + r * step + j));
+}
+
+// Rows [0, R) of a weight gradient's tile: w_row[r][0, 16 V) += sum over i < m of g_row[i][r]
+// x[i xs + (0, 16 V)], the sums over i in order. g_row: m rows of the gradient, each read at the
+// tile's first column; x: m rows of a panel, xs apart.
+template <int R, int V>
+__attribute__((target("avx512f"))) inline void outer_tile(Index m, const float* const* g_row, Index g_column,
+                                                          const float* x, Index xs, float* const* w_row) {
+  __m512 sum[R][V];
+  MOA_UNROLL for (int r = 0; r < R; ++r)
+    MOA_UNROLL for (int v = 0; v < V; ++v) {
+      _mm_prefetch(reinterpret_cast<const char*>(w_row[r] + 16 * v), _MM_HINT_T0);
+      sum[r][v] = _mm512_setzero_ps();
+    }
+  for (Index i = 0; i < m; ++i) {
+    __m512 b[V];
+    MOA_UNROLL for (int v = 0; v < V; ++v) b[v] = _mm512_loadu_ps(x + i * xs + 16 * v);
+    const float* g = g_row[i] + g_column;
+    MOA_UNROLL for (int r = 0; r < R; ++r) {
+      const __m512 value = _mm512_set1_ps(g[r]);
+      MOA_UNROLL for (int v = 0; v < V; ++v) sum[r][v] = _mm512_fmadd_ps(value, b[v], sum[r][v]);
+    }
+  }
+  MOA_UNROLL for (int r = 0; r < R; ++r)
+    MOA_UNROLL for (int v = 0; v < V; ++v) {
+      float* target = w_row[r] + 16 * v;
+      _mm512_storeu_ps(target, _mm512_add_ps(_mm512_loadu_ps(target), sum[r][v]));
+    }
+}
+
+// Rows [0, n) of w's panel (rows ldw apart) += G^T X: G's m rows g_row, X [m, 16 V] (rows xs apart).
+template <int V>
+__attribute__((target("avx512f"))) inline void outer_panel(Index m, const float* const* g_row, Index n, const float* x,
+                                                           Index xs, float* w, Index ldw) {
+  for (Index j0 = 0; j0 < n; j0 += 6) {
+    float* w_row[6];
+    const Index tile = std::min<Index>(6, n - j0);
+    for (Index r = 0; r < tile; ++r) w_row[r] = w + (j0 + r) * ldw;
+    switch (tile) {
+      case 6: outer_tile<6, V>(m, g_row, j0, x, xs, w_row); break;
+      case 5: outer_tile<5, V>(m, g_row, j0, x, xs, w_row); break;
+      case 4: outer_tile<4, V>(m, g_row, j0, x, xs, w_row); break;
+      case 3: outer_tile<3, V>(m, g_row, j0, x, xs, w_row); break;
+      case 2: outer_tile<2, V>(m, g_row, j0, x, xs, w_row); break;
+      default: outer_tile<1, V>(m, g_row, j0, x, xs, w_row); break;
+    }
   }
 }
 
@@ -168,10 +244,11 @@ inline bool row_kernel_available() {
 // Whether a product of m rows with a weight of n rows goes to the row kernel.
 inline bool row_kernel_serves(Index n) { return row_kernel_available() && n > 0 && n % kPanelGranule == 0; }
 
-// For i < m: row c_rows[i] of c (+)= row a_rows[i] of a times W^T, W packed (row_kernel_serves(W.n)).
-// a: rows of W.k floats with stride lda; c: rows of W.n floats with stride ldc; a null row list
-// means rows 0, 1, ... in order. Rows of c may repeat when accumulating (each adds in turn).
-inline void row_kernel(Index m, const float* a, Index lda, const Index* a_rows, const PanelWeight& weight, float* c,
+// For i < m: row c_rows[i] of c (+)= row a_rows[i] of a times W^T, W read through `weight`
+// (row_kernel_serves(weight.n)). a: rows of weight.k floats with stride lda; c: rows of weight.n
+// floats with stride ldc; a null row list means rows 0, 1, ... in order. Rows of c may repeat
+// when accumulating (each adds in turn).
+inline void row_kernel(Index m, const float* a, Index lda, const Index* a_rows, const PanelView& weight, float* c,
                        Index ldc, const Index* c_rows, bool accumulate) {
 #if MOA_ROW_KERNEL_X86
   constexpr Index kBlock = 96;  // rows whose pointers are found at once
@@ -180,6 +257,7 @@ inline void row_kernel(Index m, const float* a, Index lda, const Index* a_rows, 
   constexpr Index kDepthBlock = 128;
   const float* a_row[kBlock];
   float* c_row[kBlock];
+  alignas(64) float local[kDepthBlock * kPanelWidth];  // a block of a weight read as it lies
   for (Index first = 0; first < m; first += kBlock) {
     const Index rows = std::min(kBlock, m - first);
     for (Index i = 0; i < rows; ++i) {
@@ -189,28 +267,93 @@ inline void row_kernel(Index m, const float* a, Index lda, const Index* a_rows, 
     for (Index p = 0; p * kPanelWidth < weight.n; ++p) {
       float* c_panel[kBlock];
       for (Index i = 0; i < rows; ++i) c_panel[i] = c_row[i] + p * kPanelWidth;
-      const Index width = weight.panel_width(p);
+      const Index width = weight.panel_width(p), step = weight.step(p);
       for (Index k0 = 0; k0 < weight.k; k0 += kDepthBlock) {
         const Index depth = std::min(kDepthBlock, weight.k - k0);
-        const float* panel = weight.panel(p) + k0 * width;
-        const float* next = panel + depth * width;  // the next block (of this panel or the next one)
+        const float* panel = weight.panel(p) + k0 * step;
+        // A packed weight's next block (of this panel or the next one) is the memory after this one.
+        const float* next = panel + depth * step;
+        Index read_step = step;
+        if (step != width) {  // a weight as it lies: its block's rows, a layer's width apart, copied together
+          copy_rows(depth, width, panel, step, local);
+          // The next block (deeper in this panel, else the next panel) into L2 while this one runs.
+          const bool deeper = k0 + depth < weight.k;
+          if (deeper || (p + 1) * kPanelWidth < weight.n) {
+            const float* upcoming = deeper ? panel + depth * step : weight.panel(p + 1);
+            const Index upcoming_rows = deeper ? std::min(kDepthBlock, weight.k - k0 - depth) : std::min(kDepthBlock, weight.k);
+            for (Index kk = 0; kk < upcoming_rows; ++kk)
+              for (Index j = 0; j < weight.panel_width(deeper ? p : p + 1); j += 16)
+                _mm_prefetch(reinterpret_cast<const char*>(upcoming + kk * step + j), _MM_HINT_T1);
+          }
+          panel = local;
+          read_step = width;
+        }
         const Index next_lines =
-            std::min<Index>(weight.panels.data() + weight.panels.size() - next, kDepthBlock * kPanelWidth) / 16;
+            weight.end ? std::min<Index>(weight.end - next, kDepthBlock * kPanelWidth) / 16 : 0;
         const char* ahead = reinterpret_cast<const char*>(next);
         const float* a_block[kBlock];
         for (Index i = 0; i < rows; ++i) a_block[i] = a_row[i] + k0;
         const bool add = accumulate || k0 > 0;
         switch (width / 16) {
-          case 4: row_panel<4>(rows, a_block, panel, depth, c_panel, add, ahead, next_lines); break;
-          case 3: row_panel<3>(rows, a_block, panel, depth, c_panel, add, ahead, next_lines); break;
-          case 2: row_panel<2>(rows, a_block, panel, depth, c_panel, add, ahead, next_lines); break;
-          default: row_panel<1>(rows, a_block, panel, depth, c_panel, add, ahead, next_lines); break;
+          case 4: row_panel<4>(rows, a_block, panel, read_step, depth, c_panel, add, ahead, next_lines); break;
+          case 3: row_panel<3>(rows, a_block, panel, read_step, depth, c_panel, add, ahead, next_lines); break;
+          case 2: row_panel<2>(rows, a_block, panel, read_step, depth, c_panel, add, ahead, next_lines); break;
+          default: row_panel<1>(rows, a_block, panel, read_step, depth, c_panel, add, ahead, next_lines); break;
         }
       }
     }
   }
 #else
   (void)m, (void)a, (void)lda, (void)a_rows, (void)weight, (void)c, (void)ldc, (void)c_rows, (void)accumulate;
+#endif
+}
+
+// The weight gradient of an expert's rows, in place: w [n, k] (rows ldw apart) += G^T X, where
+// row i of G [m, n] is row g_rows[i] of g (stride ldg) and row i of X [m, k] is row x_rows[i] of x
+// (stride ldx); null lists mean rows in order. k a multiple of 16 (row_kernel_serves(k)). Each
+// element sums over the rows in order, whatever range of w's rows a call is given.
+inline void outer_kernel(Index m, const float* g, Index ldg, const Index* g_rows, const float* x, Index ldx,
+                         const Index* x_rows, Index n, Index k, float* w, Index ldw) {
+#if MOA_ROW_KERNEL_X86
+  // A pass takes kBlock rows. X's rows are read in place when they lie one panel wide and in order;
+  // otherwise a panel of their slices is copied together first, since rows of a layer's width
+  // (2 KB apart at d_model 512) fall into a few L1 sets and would evict one another between tiles.
+  constexpr Index kBlock = 64;
+  alignas(64) float x_local[kBlock * kPanelWidth];
+  const float* g_row[kBlock];
+  const float* x_row[kBlock];
+  const bool x_in_place = x_rows == nullptr && ldx == k && k <= kPanelWidth;
+  for (Index first = 0; first < m; first += kBlock) {
+    const Index rows = std::min(kBlock, m - first);
+    for (Index i = 0; i < rows; ++i) {
+      g_row[i] = g + (g_rows ? g_rows[first + i] : first + i) * ldg;
+      x_row[i] = x + (x_rows ? x_rows[first + i] : first + i) * ldx;
+    }
+    for (Index p = 0; p * kPanelWidth < k; ++p) {
+      const Index width = std::min(kPanelWidth, k - p * kPanelWidth);
+      const float* panel = x_row[0];
+      Index step = ldx;
+      if (!x_in_place) {
+        for (Index i = 0; i < rows; ++i) copy_rows(1, width, x_row[i] + p * kPanelWidth, 0, x_local + i * width);
+        // The rows' next slices into L2 while this panel runs: scattered rows defeat the prefetchers.
+        if ((p + 1) * kPanelWidth < k)
+          for (Index i = 0; i < rows; ++i)
+            for (Index j = (p + 1) * kPanelWidth; j < std::min(k, (p + 2) * kPanelWidth); j += 16)
+              _mm_prefetch(reinterpret_cast<const char*>(x_row[i] + j), _MM_HINT_T1);
+        panel = x_local;
+        step = width;
+      }
+      float* w_panel = w + p * kPanelWidth;
+      switch (width / 16) {
+        case 4: outer_panel<4>(rows, g_row, n, panel, step, w_panel, ldw); break;
+        case 3: outer_panel<3>(rows, g_row, n, panel, step, w_panel, ldw); break;
+        case 2: outer_panel<2>(rows, g_row, n, panel, step, w_panel, ldw); break;
+        default: outer_panel<1>(rows, g_row, n, panel, step, w_panel, ldw); break;
+      }
+    }
+  }
+#else
+  (void)m, (void)g, (void)ldg, (void)g_rows, (void)x, (void)ldx, (void)x_rows, (void)n, (void)k, (void)w, (void)ldw;
 #endif
 }
 
