@@ -39,30 +39,6 @@ std::vector<NamedCompute> float_computes() {
   return list;
 }
 
-// Copies every parameter of `source` (double) into `target` (float), by name.
-template <typename Target, typename Source>
-void copy_parameters(Target& target, Source& source) {
-  auto from = moa::parameters_of(source);
-  auto to = moa::parameters_of(target);
-  REQUIRE(from.size() == to.size());
-  for (std::size_t i = 0; i < from.size(); ++i) {
-    REQUIRE(from[i].name == to[i].name);
-    to[i].value() = from[i].value().template cast<typename Target::Scalar>();
-  }
-}
-
-// Every parameter gradient of `actual` (float) within `tolerance` of `expected` (double).
-template <typename Float, typename Double>
-void require_same_gradients(Float& actual, Double& expected, double tolerance) {
-  auto float_parameters = moa::parameters_of(actual);
-  auto double_parameters = moa::parameters_of(expected);
-  for (std::size_t i = 0; i < float_parameters.size(); ++i) {
-    INFO("parameter " << double_parameters[i].name);
-    const MatrixD grad = float_parameters[i].grad().template cast<double>();
-    REQUIRE(relative_error(grad, double_parameters[i].grad()) < tolerance);
-  }
-}
-
 moa::MixtureOfAttentionConfig backend_moa_config() {
   moa::MixtureOfAttentionConfig config;
   config.model_dim = 48;

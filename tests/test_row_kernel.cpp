@@ -258,3 +258,50 @@ TEST_CASE("row kernel with experts as parts on 2 threads: inference equals the e
   REQUIRE((compute->panels().bytes() > 0) == moa::detail::row_kernel_available());
 }
 
+
+TEST_CASE("row kernels in the backward: float MoA and MoH gradients match double at widths of every kernel path",
+          "[moa][moh][row_kernel]") {
+  const auto batch = moa::SequenceBatch::padded(30, {30, 21, 26});
+  // d_model 160: three panels, the last part-wide. head_dim 16: one panel, the attended rows read in
+  // place by the weight-gradient kernel; 80: the output weight read as it lies in two panels, copied.
+  for (const Index head_dim : {16, 80}) {
+    for (const int threads : {1, 2}) {
+      INFO("head_dim " << head_dim << ", threads " << threads);
+      const auto compute = std::make_shared<moa::Compute>(std::make_shared<moa::EigenGemm>(), threads);
+      moa::Rng rng(17);
+      const MatrixD input = random_matrix(batch.rows(), 160, rng);
+      const MatrixD grad_output = random_matrix(batch.rows(), 160, rng);
+      auto check = [&](auto& layer, auto& reference) {
+        using Float = std::decay_t<decltype(layer)>;
+        copy_parameters(layer, reference);
+        layer.set_compute(compute);
+        const MatrixD expected = reference.forward_self(input, batch, true);
+        const MatrixF actual = layer.forward_self(input.cast<float>(), batch, true);
+        REQUIRE(relative_error(actual.template cast<double>(), expected) < 1e-5);
+        const MatrixD expected_grad = reference.backward_self(grad_output);
+        const MatrixF actual_grad = layer.backward_self(grad_output.cast<float>());
+        REQUIRE(relative_error(actual_grad.template cast<double>(), expected_grad) < 1e-4);
+        require_same_gradients<Float>(layer, reference, 1e-4);
+      };
+      moa::MixtureOfAttentionConfig moa_config;
+      moa_config.model_dim = 160;
+      moa_config.num_experts = 5;
+      moa_config.top_k = 2;
+      moa_config.head_dim = head_dim;
+      moa::MixtureOfAttention<double> moa_reference(moa_config, rng);
+      moa::init_normal(moa_reference.router.weight, rng, 0.0, 0.5);
+      moa::MixtureOfAttention<float> moa_layer(moa_config, rng);
+      check(moa_layer, moa_reference);
+      moa::MixtureOfHeadsConfig moh_config;
+      moh_config.model_dim = 160;
+      moh_config.shared_heads = 1;
+      moh_config.routed_heads = 5;
+      moh_config.top_k = 2;
+      moh_config.head_dim = head_dim;
+      moa::MixtureOfHeads<double> moh_reference(moh_config, rng);
+      moa::init_normal(moh_reference.router.weight, rng, 0.0, 0.5);
+      moa::MixtureOfHeads<float> moh_layer(moh_config, rng);
+      check(moh_layer, moh_reference);
+    }
+  }
+}
