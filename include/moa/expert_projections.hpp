@@ -253,16 +253,24 @@ class ExpertProjections {
   }
 
   // weight_grad [n, k] += G^T X over an expert's m rows, G's rows g_rows of g and X's rows x_rows
-  // of x (null: in order), in place (float only: row_kernels_take). Rows of weight_grad are split
-  // over the compute's threads; each element sums its rows in order, so any thread count gives the
-  // same gradient.
+  // of x (null: in order), in place (float only: row_kernels_take). The threads take panels of 64
+  // columns where there are several (each copies only its own slices of X's rows), else ranges of
+  // rows; each element sums its rows in order, so any thread count gives the same gradient.
   static void outer_in_place(const Compute& compute, Index m, const Scalar* g, Index ldg, const Index* g_rows,
                              const Scalar* x, Index ldx, const Index* x_rows, MatrixRef<Scalar> weight_grad) {
     if constexpr (std::is_same_v<Scalar, float>) {
-      const Index k = weight_grad.cols(), ldw = weight_grad.outerStride();
-      parallel_ranges(compute, weight_grad.rows(), 48, [&](Index first, Index rows, int) {
-        detail::outer_kernel(m, g + first, ldg, g_rows, x, ldx, x_rows, rows, k, weight_grad.data() + first * ldw, ldw);
-      });
+      const Index n = weight_grad.rows(), k = weight_grad.cols(), ldw = weight_grad.outerStride();
+      const Index panels = (k + detail::kPanelWidth - 1) / detail::kPanelWidth;
+      if (panels > 1) {
+        parallel_ranges(compute, panels, 1, [&](Index first, Index count, int) {
+          const Index column = first * detail::kPanelWidth, width = std::min(k - column, count * detail::kPanelWidth);
+          detail::outer_kernel(m, g, ldg, g_rows, x + column, ldx, x_rows, n, width, weight_grad.data() + column, ldw);
+        });
+      } else {
+        parallel_ranges(compute, n, 12, [&](Index first, Index rows, int) {
+          detail::outer_kernel(m, g + first, ldg, g_rows, x, ldx, x_rows, rows, k, weight_grad.data() + first * ldw, ldw);
+        });
+      }
     }
   }
 
