@@ -141,19 +141,20 @@ TEST_CASE("outer kernel: a weight gradient G^T X over lists of rows equals a nai
   }
 }
 
-TEST_CASE("detail::rows_times_weight: f32 inference only; the packed copy follows the weight's version", "[gemm][row_kernel]") {
+TEST_CASE("detail::packed_weight: inference keeps a packed copy per version, training packs into scratch",
+          "[gemm][row_kernel]") {
   moa::Rng rng(12);
   MatrixF weight = random_matrix<float>(64, 40, rng);  // [n = 64, k = 40]
   const MatrixF a = random_matrix<float>(10, 40, rng);
   const std::vector<Index> a_rows{9, 0, 3, 3, 7};
   const std::vector<Index> c_rows{4, 1, 0, 2, 3};
   const auto compute = std::make_shared<moa::Compute>();
-  auto run = [&](moa::Precision precision, std::uint64_t version, const MatrixF& w, bool& served) {
+  moa::detail::PanelWeight scratch;
+  auto run = [&](const moa::Compute& on, std::uint64_t version, const MatrixF& w) {
     MatrixF c = MatrixF::Constant(5, w.rows(), 7.0f);
-    served = moa::detail::rows_times_weight_serves<float>(precision, version, w.rows());
-    if (served)
-      moa::detail::rows_times_weight<float>(*compute, w, version, 5, a.data(), 40, a_rows.data(), c.data(), w.rows(),
-                                            c_rows.data(), false);
+    const auto packed = moa::detail::packed_weight<float>(on, w, version, scratch);
+    moa::detail::rows_times_weight<float>(*packed, 5, a.data(), 40, a_rows.data(), c.data(), w.rows(), c_rows.data(),
+                                          false);
     return c;
   };
   auto expected_of = [&](const MatrixF& w) {
@@ -161,40 +162,56 @@ TEST_CASE("detail::rows_times_weight: f32 inference only; the packed copy follow
     naive_rows_product(a, a_rows, w, expected, c_rows, false);
     return expected;
   };
-  bool served = false;
-  // Training (no version), bf16, and widths the kernel has no panel for gather their rows instead.
-  REQUIRE((run(moa::Precision::f32, 0, weight, served).array() == 7.0f).all());
-  REQUIRE_FALSE(served);
-  REQUIRE((run(moa::Precision::bf16, 3, weight, served).array() == 7.0f).all());
-  REQUIRE_FALSE(served);
-  const MatrixF narrow = weight.topRows(40);  // n = 40: not a multiple of 16
-  REQUIRE((run(moa::Precision::f32, 3, narrow, served).array() == 7.0f).all());
-  REQUIRE_FALSE(served);
-  REQUIRE_FALSE(moa::detail::rows_times_weight_serves<double>(moa::Precision::f32, 3, 64));
+  // bf16, doubles and widths the kernel has no panel for gather their rows instead.
+  REQUIRE_FALSE(moa::detail::rows_times_weight_serves<float>(moa::Precision::bf16, 64));
+  REQUIRE_FALSE(moa::detail::rows_times_weight_serves<float>(moa::Precision::f32, 40));
+  REQUIRE_FALSE(moa::detail::rows_times_weight_serves<double>(moa::Precision::f32, 64));
   if (!moa::detail::row_kernel_available()) {
     WARN("this CPU has no AVX-512: the row kernel is not used here");
-    run(moa::Precision::f32, 3, weight, served);
-    REQUIRE_FALSE(served);
+    REQUIRE_FALSE(moa::detail::rows_times_weight_serves<float>(moa::Precision::f32, 64));
     return;
   }
-  REQUIRE(relative_error(run(moa::Precision::f32, 3, weight, served).cast<double>(), expected_of(weight)) < 1e-6);
-  REQUIRE(served);
+  REQUIRE(moa::detail::rows_times_weight_serves<float>(moa::Precision::f32, 64));
+  // Training (no version): packed into the scratch on every call, nothing kept.
+  REQUIRE(relative_error(run(*compute, 0, weight).cast<double>(), expected_of(weight)) < 1e-6);
+  REQUIRE(scratch.panels.size() == 64 * 40);
+  REQUIRE(compute->panels().bytes() == 0);
+  // Inference: the same version reads the kept copy, stale or not; a new version packs again.
+  REQUIRE(relative_error(run(*compute, 3, weight).cast<double>(), expected_of(weight)) < 1e-6);
   REQUIRE(compute->panels().bytes() == 64 * 40 * sizeof(float));
-  // The same version reads the packed copy, stale or not; a new version packs the weight again.
   weight *= 2.0f;
-  REQUIRE(relative_error(run(moa::Precision::f32, 3, weight, served).cast<double>(), expected_of(weight / 2.0f)) < 1e-6);
-  REQUIRE(relative_error(run(moa::Precision::f32, 4, weight, served).cast<double>(), expected_of(weight)) < 1e-6);
+  REQUIRE(relative_error(run(*compute, 3, weight).cast<double>(), expected_of(weight / 2.0f)) < 1e-6);
+  REQUIRE(relative_error(run(*compute, 0, weight).cast<double>(), expected_of(weight)) < 1e-6);
+  REQUIRE(relative_error(run(*compute, 4, weight).cast<double>(), expected_of(weight)) < 1e-6);
   REQUIRE(compute->panels().bytes() == 64 * 40 * sizeof(float));
   // Threads share one store: a compute's serial() packs nothing again.
   const auto two = std::make_shared<moa::Compute>(std::make_shared<moa::EigenGemm>(), 2);
-  MatrixF c(5, 64);
-  moa::detail::rows_times_weight<float>(two->serial(), weight, 4, 5, a.data(), 40, a_rows.data(), c.data(), 64,
-                                        c_rows.data(), false);
+  run(*two, 4, weight);
+  run(two->serial(), 4, weight);
   REQUIRE(two->panels().bytes() == 64 * 40 * sizeof(float));
   REQUIRE(&two->serial().panels() == &two->panels());
 }
 
-TEST_CASE("row kernel in the layers: inference (rows in place) equals the evaluation forward (rows gathered)",
+TEST_CASE("packing: 16 x 16 blocks transposed in registers and the edges give every element its place",
+          "[gemm][row_kernel]") {
+  moa::Rng rng(18);
+  for (const Index n : {16, 37, 64, 80, 130}) {
+    for (const Index k : {1, 15, 16, 40, 512}) {
+      INFO("n " << n << ", k " << k);
+      const MatrixF stored = random_matrix<float>(n, k + 2, rng);  // rows wider than the weight
+      moa::detail::PanelWeight packed;
+      moa::detail::pack_weight(stored.data(), n, k, k + 2, packed);
+      REQUIRE(static_cast<Index>(packed.panels.size()) == n * k);
+      for (Index j = 0; j < n; ++j)
+        for (Index kk = 0; kk < k; ++kk) {
+          const Index p = j / moa::detail::kPanelWidth, width = packed.panel_width(p);
+          REQUIRE(packed.panel(p)[kk * width + j % moa::detail::kPanelWidth] == stored(j, kk));
+        }
+    }
+  }
+}
+
+TEST_CASE("row kernel in the layers: inference (packed copies kept) equals the evaluation forward (packed as used)",
           "[moa][moh][row_kernel]") {
   const auto batch = moa::SequenceBatch::padded(24, {24, 17, 9});
   // head_dim 64 and 48: the kernel's panels for both projections; 40: for the output projection
@@ -223,10 +240,10 @@ TEST_CASE("row kernel in the layers: inference (rows in place) equals the evalua
       auto check = [&](auto& layer) {
         layer.set_compute(compute);
         layer.set_training(false);
-        const MatrixF gathered = layer.forward_self(input, batch, true);
-        const MatrixF in_place = layer.infer(input, batch, input, batch, true);
-        REQUIRE(relative_error(in_place.cast<double>(), gathered.cast<double>()) < 1e-6);
-        REQUIRE((layer.infer(input, batch, input, batch, true).array() == in_place.array()).all());
+        const MatrixF evaluated = layer.forward_self(input, batch, true);
+        const MatrixF inferred = layer.infer(input, batch, input, batch, true);
+        REQUIRE(relative_error(inferred.cast<double>(), evaluated.cast<double>()) < 1e-6);
+        REQUIRE((layer.infer(input, batch, input, batch, true).array() == inferred.array()).all());
       };
       check(moa_layer);
       check(moh_layer);
@@ -252,9 +269,9 @@ TEST_CASE("row kernel with experts as parts on 2 threads: inference equals the e
   layer.set_compute(compute);
   layer.set_training(false);
   const MatrixF input = random_matrix<float>(batch.rows(), config.model_dim, rng);
-  const MatrixF gathered = layer.forward_self(input, batch, true);
-  const MatrixF in_place = layer.infer(input, batch, input, batch, true);
-  REQUIRE(relative_error(in_place.cast<double>(), gathered.cast<double>()) < 1e-6);
+  const MatrixF evaluated = layer.forward_self(input, batch, true);
+  const MatrixF inferred = layer.infer(input, batch, input, batch, true);
+  REQUIRE(relative_error(inferred.cast<double>(), evaluated.cast<double>()) < 1e-6);
   REQUIRE((compute->panels().bytes() > 0) == moa::detail::row_kernel_available());
 }
 

@@ -7,8 +7,7 @@
 // assignment order (queries) or added into the token rows (outputs, scaled by the gates). Backward
 // mirrors both. Experts no assignment chose cost nothing. On AVX-512 CPUs, float products whose
 // widths are multiples of 16 skip the gathers: moa's row kernels (moa/row_kernel.hpp) read and
-// write the rows in place, in inference and in the backward (the training forward's weights change
-// every step, and packing them each time cost what the gathers save).
+// write the rows in place, forward and backward.
 //
 // Threads: with enough busy experts, too small to split well, each expert is a part of its own,
 // taken busiest first by whichever thread is free. Experts write disjoint rows (queries, gradients
@@ -41,7 +40,8 @@ class ExpertProjections {
  public:
   // queries: [A, d_h]; row a = input[tokens[a]] Wq_e^T for e = the expert of a. weights: [E*d_h,
   // d_model] (expert e's rows e*d_h ..); rounded: their bfloat16 copy for decoding, or null;
-  // weights_version: their version when the backend may keep them repacked (inference), else 0;
+  // weights_version: their version when the backend may keep them repacked (inference), else 0
+  // (training: the row kernel packs each expert's weight into scratch as it comes);
   // rounded_input: input rounded to bfloat16 for bf16 products (gathered instead of input), or null.
   // Rows of assignments the plan skips (padding) are left unwritten.
   void project_in(const Compute& compute, const Matrix<Scalar>& input, const DispatchPlan& plan,
@@ -64,17 +64,19 @@ class ExpertProjections {
       const bool everyone = count == input.rows();  // every token chose e (so in token order): no gather
       // The row kernel reads the tokens' rows in place and writes the assignments' rows (when
       // every token chose e, the rows are in order already: the backend's product takes them).
-      const bool in_place = rounded_input == nullptr && !everyone &&
-                            detail::rows_times_weight_serves<Scalar>(precision, weights_version, head_dim);
+      const bool in_place =
+          rounded_input == nullptr && !everyone && detail::rows_times_weight_serves<Scalar>(precision, head_dim);
       const Index gathered = everyone || in_place ? 0 : count;
       auto inputs = rows_of(scratch.wide_rows, rounded_input ? 0 : gathered, input.cols());  // [c, d_model]
       auto projected = rows_of(scratch.narrow_result, in_place ? 0 : count, head_dim);      // [c, d_h]
       if (rounded_input) scratch.rounded_rows.resize(static_cast<std::size_t>(gathered * input.cols()));  // [c, d_model]
       const Index* token_rows = in_place ? token_rows_of(scratch, tokens, ids, count) : nullptr;        // [c]
+      const auto packed = in_place ? detail::packed_weight<Scalar>(expert_compute, weight, weights_version, scratch.packed)
+                                   : nullptr;
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index rows, int) {
         if (in_place) {
-          detail::rows_times_weight<Scalar>(expert_compute, weight, weights_version, rows, input.data(), input.cols(),
-                                            token_rows + first, queries.data(), head_dim, ids + first, false);
+          detail::rows_times_weight<Scalar>(*packed, rows, input.data(), input.cols(), token_rows + first,
+                                            queries.data(), head_dim, ids + first, false);
           return;
         }
         if (rounded_input != nullptr) {
@@ -111,10 +113,12 @@ class ExpertProjections {
       const auto weight = weights.middleRows(e * model, model);      // [d_model, d_h]
       const bool everyone = !parallel && count == rows;  // every token chose e: accumulate in place
       // Otherwise the row kernel adds into the token rows (or writes the assignments' rows) in place.
-      const bool in_place = !everyone && detail::rows_times_weight_serves<Scalar>(precision, weights_version, model);
+      const bool in_place = !everyone && detail::rows_times_weight_serves<Scalar>(precision, model);
       auto scaled = rows_of(scratch.scaled, count, head_dim);                               // [c, d_h] gate * a
       auto projected = rows_of(scratch.wide_result, everyone || in_place ? 0 : count, model);  // [c, d_model]
       const Index* target_rows = !in_place ? nullptr : parallel ? ids : token_rows_of(scratch, tokens, ids, count);  // [c]
+      const auto packed = in_place ? detail::packed_weight<Scalar>(expert_compute, weight, weights_version, scratch.packed)
+                                   : nullptr;
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index slice, int) {
         for (Index i = first; i < first + slice; ++i) scaled.row(i) = gates[ids[i]] * attended.row(ids[i]);
         if (everyone) {
@@ -123,8 +127,7 @@ class ExpertProjections {
           return;
         }
         if (in_place) {
-          detail::rows_times_weight<Scalar>(expert_compute, weight, weights_version, slice,
-                                            scaled.data() + first * head_dim, head_dim, nullptr,
+          detail::rows_times_weight<Scalar>(*packed, slice, scaled.data() + first * head_dim, head_dim, nullptr,
                                             parallel ? by_assignment_.data() : output.data(), model,
                                             target_rows + first, !parallel);
           return;
@@ -282,6 +285,7 @@ class ExpertProjections {
     Matrix<Scalar> scaled;                      // [c, d_h] gate * attended
     std::vector<std::uint16_t> rounded_rows;    // [c, d_model] gathered rows of a rounded input
     std::vector<Index> token_rows;              // [c] the token row of each of an expert's assignments
+    detail::PanelWeight packed;                 // an expert's weight packed for the row kernel (training)
   };
 
   // projected = rows [first, first + count) of an expert's rows of a rounded input times weight^T,

@@ -511,26 +511,37 @@ void gemm(const Compute& compute, const ConstMatrixRef<Scalar>& a, Transpose tra
 }
 
 namespace detail {
-// Whether rows_times_weight serves a product with a layer's weight of n rows: float in f32, the
-// weight with a version (inference, so its packed copy lasts), and n a multiple of 16 on an
-// AVX-512 CPU. Otherwise the caller gathers the rows for an ordinary product.
+// Whether rows_times_weight serves a product with a layer's weight of n rows: float in f32, and n
+// a multiple of 16 on an AVX-512 CPU. Otherwise the caller gathers the rows for an ordinary product.
 template <typename Scalar>
-bool rows_times_weight_serves(Precision precision, std::uint64_t weight_version, Index n) {
-  return std::is_same_v<Scalar, float> && precision == Precision::f32 && weight_version != 0 && row_kernel_serves(n);
+bool rows_times_weight_serves(Precision precision, Index n) {
+  return std::is_same_v<Scalar, float> && precision == Precision::f32 && row_kernel_serves(n);
 }
 
-// Lists of rows times a layer's weight W [n, k], in place: for i < m, row c_rows[i] of c (+)= row
+// A layer's weight W [n, k] packed for the row kernel (rows_times_weight_serves): with a version
+// (inference), the compute's kept copy of that version, packed once; without (training, whose
+// weights change every step), packed now into `scratch`, which the result then points to.
+template <typename Scalar>
+std::shared_ptr<const PanelWeight> packed_weight(const Compute& compute, const ConstMatrixRef<Scalar>& weight,
+                                                 std::uint64_t weight_version, PanelWeight& scratch) {
+  if constexpr (std::is_same_v<Scalar, float>) {
+    if (weight_version != 0)
+      return compute.panels().get(weight.data(), weight.rows(), weight.cols(), weight.outerStride(), weight_version);
+    pack_weight(weight.data(), weight.rows(), weight.cols(), weight.outerStride(), scratch);
+    return std::shared_ptr<const PanelWeight>(std::shared_ptr<const PanelWeight>(), &scratch);
+  } else {
+    throw Error("moa::detail::packed_weight: the row kernel takes float only");
+  }
+}
+
+// Lists of rows times a packed weight W [n, k], in place: for i < m, row c_rows[i] of c (+)= row
 // a_rows[i] of a times W^T (a null list: rows in order), by moa's row kernel. Only where
 // rows_times_weight_serves; the layers check the rows, this cannot.
 template <typename Scalar>
-void rows_times_weight(const Compute& compute, const ConstMatrixRef<Scalar>& weight, std::uint64_t weight_version,
-                       Index m, const Scalar* a, Index lda, const Index* a_rows, Scalar* c, Index ldc,
-                       const Index* c_rows, bool accumulate) {
+void rows_times_weight(const PanelWeight& weight, Index m, const Scalar* a, Index lda, const Index* a_rows, Scalar* c,
+                       Index ldc, const Index* c_rows, bool accumulate) {
   if constexpr (std::is_same_v<Scalar, float>) {
-    if (m == 0) return;
-    const auto packed =
-        compute.panels().get(weight.data(), weight.rows(), weight.cols(), weight.outerStride(), weight_version);
-    row_kernel(m, a, lda, a_rows, PanelView::packed(*packed), c, ldc, c_rows, accumulate);
+    if (m > 0) row_kernel(m, a, lda, a_rows, PanelView::packed(weight), c, ldc, c_rows, accumulate);
   } else {
     throw Error("moa::detail::rows_times_weight: the row kernel takes float only");
   }
