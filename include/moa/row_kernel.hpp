@@ -21,6 +21,7 @@
 #include "moa/tensor.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -93,32 +94,39 @@ struct PanelView {
 };
 
 #if MOA_ROW_KERNEL_X86
-// target[kk * target_ld + j] = source[j * ld + kk] for j, kk < 16: a 16 x 16 block transposed in registers.
+// The lanes a two-source permute takes in one round of transpose_16x16: for row i (high: row
+// i + s), lanes p without bit s from row i, with it from row i + s (16 + lane).
+constexpr std::array<int, 16> block_swap_lanes(int s, bool high) {
+  std::array<int, 16> lanes{};
+  for (int p = 0; p < 16; ++p) lanes[p] = high ? ((p & s) ? 16 + p : p + s) : ((p & s) ? 16 + p - s : p);
+  return lanes;
+}
+
+// One round: rows i and i + s (bit s of i clear) swap their blocks of s columns across the diagonal.
+template <int S>
+__attribute__((target("avx512f"))) inline void swap_blocks(__m512* r) {
+  static constexpr std::array<int, 16> low = block_swap_lanes(S, false), high = block_swap_lanes(S, true);
+  const __m512i take_low = _mm512_loadu_si512(low.data()), take_high = _mm512_loadu_si512(high.data());
+  MOA_UNROLL for (int i = 0; i < 16; ++i) {
+    if (i & S) continue;
+    const __m512 upper = r[i], lower = r[i + S];
+    r[i] = _mm512_permutex2var_ps(upper, take_low, lower);
+    r[i + S] = _mm512_permutex2var_ps(upper, take_high, lower);
+  }
+}
+
+// target[kk * target_ld + j] = source[j * ld + kk] for j, kk < 16: a 16 x 16 block transposed in
+// registers, in four rounds of two-source permutes. (GCC 12 warns falsely inside the unpack and
+// shuffle intrinsics, whose merge source is left undefined.)
 __attribute__((target("avx512f"))) inline void transpose_16x16(const float* source, Index ld, float* target,
                                                                Index target_ld) {
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(source + i * ld);
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-  }
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
-    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
-  }
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
-  }
-  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(target + i * target_ld, r[i]);
+  __m512 r[16];
+  MOA_UNROLL for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(source + i * ld);
+  swap_blocks<8>(r);
+  swap_blocks<4>(r);
+  swap_blocks<2>(r);
+  swap_blocks<1>(r);
+  MOA_UNROLL for (int i = 0; i < 16; ++i) _mm512_storeu_ps(target + i * target_ld, r[i]);
 }
 #endif
 
