@@ -51,8 +51,10 @@ TEST_CASE("row kernel: lists of rows times a packed weight equal a naive product
             naive_rows_product(a, a_rows, weight, expected, c_rows, accumulate);
             // Each weight a new version: a new matrix may take a freed one's place.
             const auto packed = store.get(weight.data(), n, k, k, ++version);
+            // Fetching another weight ahead meanwhile (the next expert's) changes nothing.
             moa::detail::row_kernel(m, a.data(), k, lists ? a_rows.data() : nullptr, moa::detail::PanelView::packed(*packed), c.data(), n,
-                                    lists ? c_rows.data() : nullptr, accumulate);
+                                    lists ? c_rows.data() : nullptr, accumulate,
+                                    moa::detail::Upcoming::of(weight.data(), n, k, k));
             REQUIRE(relative_error(c.cast<double>(), expected) < 1e-6);
           }
         }
@@ -93,6 +95,34 @@ TEST_CASE("row kernel: lists of rows times a weight read as it lies (a backward'
           REQUIRE(relative_error(c.cast<double>(), expected) < 1e-6);
         }
       }
+    }
+  }
+}
+
+TEST_CASE("Upcoming: a matrix in one piece is its lines, and shares split them without gap or overlap", "[row_kernel]") {
+  using moa::detail::Upcoming;
+  const std::vector<float> buffer(1000);
+  const Upcoming whole = Upcoming::of(buffer.data(), 10, 100, 100);
+  REQUIRE(whole.data == reinterpret_cast<const char*>(buffer.data()));
+  REQUIRE(whole.lines == 63);  // 1000 floats: 62.5 lines of 16
+  REQUIRE(Upcoming::of(buffer.data(), 10, 50, 100).lines == 0);  // rows apart: not one piece
+  REQUIRE(Upcoming::of(buffer.data(), 1, 50, 100).lines == 4);   // one row is one piece
+  REQUIRE(Upcoming::of(nullptr, 10, 100, 100).lines == 0);
+  for (const Index lines : {0, 1, 5, 63, 2048}) {
+    for (const Index parts : {1, 2, 3, 11, 64, 100}) {
+      INFO(lines << " lines in " << parts << " parts");
+      const Upcoming upcoming{whole.data, lines};
+      Index covered = 0;
+      for (Index part = 0; part < parts; ++part) {
+        const Upcoming share = upcoming.share(part, parts);
+        REQUIRE(share.lines >= 0);
+        if (share.lines > 0) REQUIRE(share.data == upcoming.data + 64 * covered);
+        covered += share.lines;
+      }
+      REQUIRE(covered == lines);
+      // A range of shares is the shares it spans.
+      const Upcoming range = upcoming.share(1, parts, 2);
+      REQUIRE(range.lines == upcoming.share(1, parts).lines + upcoming.share(2, parts).lines);
     }
   }
 }

@@ -58,7 +58,7 @@ class ExpertProjections {
     const bool parallel = experts_in_parallel(compute, plan, input.cols() * head_dim, Pass::forward);
     scratch_.resize(static_cast<std::size_t>(compute.threads()));
     for_each_expert_dynamically(compute, plan, parallel, [&](Index e, const Index* ids, Index count, int thread,
-                                                          const Compute& expert_compute) {
+                                                          const Compute& expert_compute, Index next) {
       Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
       const auto weight = weights.middleRows(e * head_dim, head_dim);    // [d_h, d_model]
       const bool everyone = count == input.rows();  // every token chose e (so in token order): no gather
@@ -73,10 +73,15 @@ class ExpertProjections {
       const Index* token_rows = in_place ? token_rows_of(scratch, tokens, ids, count) : nullptr;        // [c]
       const auto packed = in_place ? detail::packed_weight<Scalar>(expert_compute, weight, weights_version, scratch.packed)
                                    : nullptr;
+      std::shared_ptr<const detail::PanelWeight> kept_next;
+      const detail::Upcoming upcoming =
+          in_place && next >= 0 ? detail::upcoming_weight<Scalar>(expert_compute, weights.middleRows(next * head_dim, head_dim),
+                                                                  weights_version, kept_next)
+                                : detail::Upcoming{};
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index rows, int) {
         if (in_place) {
           detail::rows_times_weight<Scalar>(*packed, rows, input.data(), input.cols(), token_rows + first,
-                                            queries.data(), head_dim, ids + first, false);
+                                            queries.data(), head_dim, ids + first, false, upcoming);
           return;
         }
         if (rounded_input != nullptr) {
@@ -108,7 +113,7 @@ class ExpertProjections {
     prepare(compute, parallel, static_cast<Index>(tokens.size()), model);
     Matrix<Scalar> output = parallel ? Matrix<Scalar>(rows, model) : Matrix<Scalar>::Zero(rows, model);  // [N, d_model]
     for_each_expert_dynamically(compute, plan, parallel, [&](Index e, const Index* ids, Index count, int thread,
-                                                          const Compute& expert_compute) {
+                                                          const Compute& expert_compute, Index next) {
       Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
       const auto weight = weights.middleRows(e * model, model);      // [d_model, d_h]
       const bool everyone = !parallel && count == rows;  // every token chose e: accumulate in place
@@ -119,6 +124,11 @@ class ExpertProjections {
       const Index* target_rows = !in_place ? nullptr : parallel ? ids : token_rows_of(scratch, tokens, ids, count);  // [c]
       const auto packed = in_place ? detail::packed_weight<Scalar>(expert_compute, weight, weights_version, scratch.packed)
                                    : nullptr;
+      std::shared_ptr<const detail::PanelWeight> kept_next;
+      const detail::Upcoming upcoming =
+          in_place && next >= 0 ? detail::upcoming_weight<Scalar>(expert_compute, weights.middleRows(next * model, model),
+                                                                  weights_version, kept_next)
+                                : detail::Upcoming{};
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index slice, int) {
         for (Index i = first; i < first + slice; ++i) scaled.row(i) = gates[ids[i]] * attended.row(ids[i]);
         if (everyone) {
@@ -129,7 +139,7 @@ class ExpertProjections {
         if (in_place) {
           detail::rows_times_weight<Scalar>(*packed, slice, scaled.data() + first * head_dim, head_dim, nullptr,
                                             parallel ? by_assignment_.data() : output.data(), model,
-                                            target_rows + first, !parallel);
+                                            target_rows + first, !parallel, upcoming);
           return;
         }
         weight_product<Scalar>(expert_compute, scaled.middleRows(first, slice), weight, rounded, e,
@@ -153,7 +163,7 @@ class ExpertProjections {
     const bool parallel = experts_in_parallel(compute, plan, model * head_dim, Pass::backward);
     scratch_.resize(static_cast<std::size_t>(compute.threads()));
     for_each_expert_dynamically(compute, plan, parallel, [&](Index e, const Index* ids, Index count, int thread,
-                                                          const Compute& expert_compute) {
+                                                          const Compute& expert_compute, Index next) {
       Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
       const auto weight = weights.middleRows(e * model, model);  // [d_model, d_h]
       const bool everyone = count == grad_output.rows();      // every token chose e: rows already in token order
@@ -164,6 +174,9 @@ class ExpertProjections {
       auto scaled = rows_of(scratch.scaled, count, head_dim);                // [c, d_h] gate * a
       auto grad_unscaled = rows_of(scratch.narrow_result, count, head_dim);  // [c, d_h] d(gate * a)
       const Index* token_rows = in_place ? token_rows_of(scratch, tokens, ids, count) : nullptr;  // [c]
+      const auto upcoming = [&](const auto& of) {  // next expert's rows of `of`, to fetch ahead
+        return in_place && next >= 0 ? upcoming_rows(of.middleRows(next * model, model)) : detail::Upcoming{};
+      };
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index rows, int) {
         for (Index i = first; i < first + rows; ++i) {
           if (!everyone && !in_place) gathered.row(i) = grad_output.row(tokens[ids[i]]);
@@ -171,7 +184,7 @@ class ExpertProjections {
         }
         if (in_place)
           row_kernel_transposed(weight, rows, grad_output.data(), model, token_rows + first,
-                                grad_unscaled.data() + first * head_dim, head_dim, nullptr, false);
+                                grad_unscaled.data() + first * head_dim, head_dim, nullptr, false, upcoming(weights));
         else
           gemm<Scalar>(expert_compute, grad_rows.middleRows(first, rows), Transpose::no, weight, Transpose::no,
                        grad_unscaled.middleRows(first, rows));
@@ -183,7 +196,7 @@ class ExpertProjections {
       auto expert_grad = weight_grad.middleRows(e * model, model);  // [d_model, d_h]
       if (in_place)
         outer_in_place(expert_compute, count, grad_output.data(), model, token_rows, scaled.data(), head_dim, nullptr,
-                       expert_grad);
+                       expert_grad, upcoming(weight_grad));
       else
         gemm<Scalar>(expert_compute, grad_rows, Transpose::yes, scaled, Transpose::no, expert_grad, true);
     });
@@ -199,7 +212,7 @@ class ExpertProjections {
     const bool parallel = experts_in_parallel(compute, plan, model * head_dim, Pass::backward);
     prepare(compute, parallel, static_cast<Index>(tokens.size()), model);
     for_each_expert_dynamically(compute, plan, parallel, [&](Index e, const Index* ids, Index count, int thread,
-                                                          const Compute& expert_compute) {
+                                                          const Compute& expert_compute, Index next) {
       Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
       const auto weight = weights.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
       const bool everyone = count == input.rows();  // every token chose e: inputs already in token order
@@ -211,11 +224,14 @@ class ExpertProjections {
       const ConstMatrixRef<Scalar> inputs = everyone ? ConstMatrixRef<Scalar>(input) : gathered;
       auto grad_inputs = rows_of(scratch.wide_result, copied, model);                   // [c, d_model]
       const Index* token_rows = in_place ? token_rows_of(scratch, tokens, ids, count) : nullptr;  // [c]
+      const auto upcoming = [&](const auto& of) {  // next expert's rows of `of`, to fetch ahead
+        return in_place && next >= 0 ? upcoming_rows(of.middleRows(next * head_dim, head_dim)) : detail::Upcoming{};
+      };
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index rows, int) {
         if (in_place) {
           row_kernel_transposed(weight, rows, grad_queries.data(), head_dim, ids + first,
                                 parallel ? by_assignment_.data() : grad_input.data(), model,
-                                (parallel ? ids : token_rows) + first, !parallel);
+                                (parallel ? ids : token_rows) + first, !parallel, upcoming(weights));
           return;
         }
         for (Index i = first; i < first + rows; ++i) {
@@ -229,7 +245,7 @@ class ExpertProjections {
       auto expert_grad = weight_grad.middleRows(e * head_dim, head_dim);  // [d_h, d_model]
       if (in_place)
         outer_in_place(expert_compute, count, grad_queries.data(), head_dim, ids, input.data(), model, token_rows,
-                       expert_grad);
+                       expert_grad, upcoming(weight_grad));
       else
         gemm<Scalar>(expert_compute, grad_rows, Transpose::yes, inputs, Transpose::no, expert_grad, true);
     });
@@ -249,10 +265,20 @@ class ExpertProjections {
   // For i < m: row c_rows[i] of c (+)= row a_rows[i] of a times M, M [k, n] an expert's weight as
   // it lies (float only: row_kernels_take).
   static void row_kernel_transposed(const ConstMatrixRef<Scalar>& m, Index rows, const Scalar* a, Index lda,
-                                    const Index* a_rows, Scalar* c, Index ldc, const Index* c_rows, bool accumulate) {
+                                    const Index* a_rows, Scalar* c, Index ldc, const Index* c_rows, bool accumulate,
+                                    const detail::Upcoming& upcoming) {
     if constexpr (std::is_same_v<Scalar, float>)
       detail::row_kernel(rows, a, lda, a_rows, detail::PanelView::transposed(m.data(), m.rows(), m.cols(), m.outerStride()),
-                         c, ldc, c_rows, accumulate);
+                         c, ldc, c_rows, accumulate, upcoming);
+  }
+
+  // A block of rows of a float matrix as lines to fetch ahead (nothing for double).
+  template <typename Rows>
+  static detail::Upcoming upcoming_rows(const Rows& rows) {
+    if constexpr (std::is_same_v<Scalar, float>)
+      return detail::Upcoming::of(rows.data(), rows.rows(), rows.cols(), rows.outerStride());
+    else
+      return {};
   }
 
   // weight_grad [n, k] += G^T X over an expert's m rows, G's rows g_rows of g and X's rows x_rows
@@ -260,18 +286,21 @@ class ExpertProjections {
   // columns where there are several (each copies only its own slices of X's rows), else ranges of
   // rows; each element sums its rows in order, so any thread count gives the same gradient.
   static void outer_in_place(const Compute& compute, Index m, const Scalar* g, Index ldg, const Index* g_rows,
-                             const Scalar* x, Index ldx, const Index* x_rows, MatrixRef<Scalar> weight_grad) {
+                             const Scalar* x, Index ldx, const Index* x_rows, MatrixRef<Scalar> weight_grad,
+                             const detail::Upcoming& upcoming) {
     if constexpr (std::is_same_v<Scalar, float>) {
       const Index n = weight_grad.rows(), k = weight_grad.cols(), ldw = weight_grad.outerStride();
       const Index panels = (k + detail::kPanelWidth - 1) / detail::kPanelWidth;
       if (panels > 1) {
         parallel_ranges(compute, panels, 1, [&](Index first, Index count, int) {
           const Index column = first * detail::kPanelWidth, width = std::min(k - column, count * detail::kPanelWidth);
-          detail::outer_kernel(m, g, ldg, g_rows, x + column, ldx, x_rows, n, width, weight_grad.data() + column, ldw);
+          detail::outer_kernel(m, g, ldg, g_rows, x + column, ldx, x_rows, n, width, weight_grad.data() + column, ldw,
+                               upcoming.share(first, panels, count));
         });
       } else {
         parallel_ranges(compute, n, 12, [&](Index first, Index rows, int) {
-          detail::outer_kernel(m, g + first, ldg, g_rows, x, ldx, x_rows, rows, k, weight_grad.data() + first * ldw, ldw);
+          detail::outer_kernel(m, g + first, ldg, g_rows, x, ldx, x_rows, rows, k, weight_grad.data() + first * ldw, ldw,
+                               upcoming.share(first, n, rows));
         });
       }
     }
@@ -332,26 +361,33 @@ class ExpertProjections {
     return !split;
   }
 
-  // visit(expert, ids, count, thread, expert_compute) for every expert with assignments. In
-  // parallel, each expert is a part that the first free thread takes, the busiest experts first (so
-  // the last to finish are small), and multiplies on expert_compute = compute.serial(). For work
-  // whose experts write disjoint outputs, which thread runs an expert changes nothing: `thread`
-  // only picks scratch.
+  // visit(expert, ids, count, thread, expert_compute, next) for every expert with assignments;
+  // next is the expert the thread likely visits next (-1: none), whose weights it may fetch ahead.
+  // In parallel, each expert is a part that the first free thread takes, the busiest experts first
+  // (so the last to finish are small), and multiplies on expert_compute = compute.serial(). For
+  // work whose experts write disjoint outputs, which thread runs an expert changes nothing:
+  // `thread` only picks scratch.
   template <typename Visit>
   static void for_each_expert_dynamically(const Compute& compute, const DispatchPlan& plan, bool parallel,
                                           Visit&& visit) {
+    std::vector<Index> busy;  // experts with assignments, in expert order or (parallel) most first
+    for (Index e = 0; e < plan.num_experts; ++e)
+      if (plan.count(e) > 0) busy.push_back(e);
+    const Index parts = static_cast<Index>(busy.size());
     if (!parallel) {
-      plan.for_each_expert([&](Index e, const Index* ids, Index count) { visit(e, ids, count, 0, compute); });
+      for (Index part = 0; part < parts; ++part) {
+        const Index e = busy[static_cast<std::size_t>(part)];
+        visit(e, plan.order.data() + plan.offsets[e], plan.count(e), 0, compute,
+              part + 1 < parts ? busy[static_cast<std::size_t>(part + 1)] : Index{-1});
+      }
       return;
     }
-    std::vector<Index> busiest_first;  // experts with assignments, most first (ties in expert order)
-    for (Index e = 0; e < plan.num_experts; ++e)
-      if (plan.count(e) > 0) busiest_first.push_back(e);
-    std::stable_sort(busiest_first.begin(), busiest_first.end(),
-                     [&](Index a, Index b) { return plan.count(a) > plan.count(b); });
-    compute.pool().run(static_cast<Index>(busiest_first.size()), [&](Index part, int thread) {
-      const Index e = busiest_first[static_cast<std::size_t>(part)];
-      visit(e, plan.order.data() + plan.offsets[e], plan.count(e), thread, compute.serial());
+    std::stable_sort(busy.begin(), busy.end(), [&](Index a, Index b) { return plan.count(a) > plan.count(b); });
+    const Index stride = compute.threads();  // a guess at the part this thread takes next
+    compute.pool().run(parts, [&](Index part, int thread) {
+      const Index e = busy[static_cast<std::size_t>(part)];
+      visit(e, plan.order.data() + plan.offsets[e], plan.count(e), thread, compute.serial(),
+            part + stride < parts ? busy[static_cast<std::size_t>(part + stride)] : Index{-1});
     });
   }
 

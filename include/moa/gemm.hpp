@@ -534,14 +534,29 @@ std::shared_ptr<const PanelWeight> packed_weight(const Compute& compute, const C
   }
 }
 
+// What to fetch into L2 while a product runs when `next` (a layer's weight W [n, k]) is the weight
+// packed_weight gives next: in inference its kept packed copy (packed now if its version is new),
+// else W itself, which packing reads. `keep` holds the packed copy while it is fetched.
+template <typename Scalar>
+Upcoming upcoming_weight(const Compute& compute, const ConstMatrixRef<Scalar>& next, std::uint64_t weight_version,
+                         std::shared_ptr<const PanelWeight>& keep) {
+  if constexpr (std::is_same_v<Scalar, float>) {
+    if (weight_version == 0) return Upcoming::of(next.data(), next.rows(), next.cols(), next.outerStride());
+    keep = compute.panels().get(next.data(), next.rows(), next.cols(), next.outerStride(), weight_version);
+    return Upcoming::of(keep->panels.data(), 1, static_cast<Index>(keep->panels.size()), 0);
+  } else {
+    return {};
+  }
+}
+
 // Lists of rows times a packed weight W [n, k], in place: for i < m, row c_rows[i] of c (+)= row
-// a_rows[i] of a times W^T (a null list: rows in order), by moa's row kernel. Only where
-// rows_times_weight_serves; the layers check the rows, this cannot.
+// a_rows[i] of a times W^T (a null list: rows in order), by moa's row kernel, fetching `upcoming`
+// into L2 meanwhile. Only where rows_times_weight_serves; the layers check the rows, this cannot.
 template <typename Scalar>
 void rows_times_weight(const PanelWeight& weight, Index m, const Scalar* a, Index lda, const Index* a_rows, Scalar* c,
-                       Index ldc, const Index* c_rows, bool accumulate) {
+                       Index ldc, const Index* c_rows, bool accumulate, const Upcoming& upcoming = {}) {
   if constexpr (std::is_same_v<Scalar, float>) {
-    if (m > 0) row_kernel(m, a, lda, a_rows, PanelView::packed(weight), c, ldc, c_rows, accumulate);
+    if (m > 0) row_kernel(m, a, lda, a_rows, PanelView::packed(weight), c, ldc, c_rows, accumulate, upcoming);
   } else {
     throw Error("moa::detail::rows_times_weight: the row kernel takes float only");
   }

@@ -11,7 +11,8 @@
 // weight's version changes; in training each expert's weight is packed into scratch as it is used
 // (16 x 16 blocks transposed in registers: a few µs, against the gathers' copies). The backward's
 // products take W itself, read as it lies (PanelView::transposed), and outer_kernel sums the weight
-// gradients over the same scattered rows.
+// gradients over the same scattered rows. Each kernel can fetch the next expert's weight (or
+// gradient) into L2 while it runs (Upcoming): with 64 experts, every weight comes from L3.
 //
 // Layout: W [n, k] (the layer's [out, in]) as panels of 64 of its rows, each panel k-major:
 // element (kk, j) of panel p is W[64 p + j][kk], so one k step of a panel is 64 contiguous floats,
@@ -93,7 +94,31 @@ struct PanelView {
   Index step(Index p) const { return row_step == 0 ? panel_width(p) : row_step; }
 };
 
+// Memory a product fetches into L2 as it runs, a share of its cache lines before each tile: the
+// weight its thread multiplies next (the next expert's). With many experts each weight comes from
+// L3 once per pass, and would otherwise be waited for while nothing else runs.
+struct Upcoming {
+  const char* data = nullptr;
+  Index lines = 0;  // 64-byte lines from data
+
+  // A matrix [rows, cols] (rows ld apart), when it lies in one piece; otherwise nothing.
+  static Upcoming of(const float* m, Index rows, Index cols, Index ld) {
+    if (m == nullptr || (ld != cols && rows > 1)) return {};
+    return {reinterpret_cast<const char*>(m), (rows * cols + 15) / 16};
+  }
+
+  // Shares [part, part + count) of `parts` equal shares (the last ones may be short or empty).
+  Upcoming share(Index part, Index parts, Index count = 1) const {
+    const Index per_part = (lines + parts - 1) / std::max<Index>(parts, 1), first = std::min(lines, part * per_part);
+    return {data + 64 * first, std::min(lines, first + count * per_part) - first};
+  }
+};
+
 #if MOA_ROW_KERNEL_X86
+inline void fetch_into_l2(const Upcoming& lines) {
+  for (Index line = 0; line < lines.lines; ++line) _mm_prefetch(lines.data + 64 * line, _MM_HINT_T1);
+}
+
 // The lanes a two-source permute takes in one round of transpose_16x16: for row i (high: row
 // i + s), lanes p without bit s from row i, with it from row i + s (16 + lane).
 constexpr std::array<int, 16> block_swap_lanes(int s, bool high) {
@@ -215,29 +240,27 @@ __attribute__((target("avx512f"))) inline void row_tile(const float* const* a_ro
     }
 }
 
-// Rows [0, m) times one depth block of a panel. Meanwhile `next_lines` cache lines from `next` (the
-// block after this one) are fetched into L2, a few before each tile: with many experts, each
-// weight comes from memory once per call, and the first tile of a block would wait on it (wide64's
-// forward: 7.2-8.0 -> 6.5-7.6 ms).
+// Rows [0, m) times one depth block of a panel. Meanwhile the cache lines of `next` (the block
+// after this one) and of `upcoming` (a share of the next weight's) are fetched into L2, a few
+// before each tile: with many experts, each weight comes from memory once per call, and the first
+// tile of a block would wait on it (wide64's forward: 7.2-8.0 -> 6.5-7.6 ms).
 template <int V>
 __attribute__((target("avx512f"))) inline void row_panel(Index m, const float* const* a_row, const float* panel,
                                                          Index step, Index k, float* const* c_row, bool accumulate,
-                                                         const char* next, Index next_lines) {
-  Index i = 0;
+                                                         const Upcoming& next, const Upcoming& upcoming) {
   const Index tiles = (m + 5) / 6;
-  const Index per_tile = (next_lines + tiles - 1) / std::max<Index>(tiles, 1);
-  for (; i + 6 <= m; i += 6) {
-    for (Index line = (i / 6) * per_tile; line < std::min(next_lines, (i / 6 + 1) * per_tile); ++line)
-      _mm_prefetch(next + 64 * line, _MM_HINT_T1);
-    row_tile<6, V>(a_row + i, panel, step, k, c_row + i, accumulate);
-  }
-  switch (m - i) {
-    case 5: row_tile<5, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
-    case 4: row_tile<4, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
-    case 3: row_tile<3, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
-    case 2: row_tile<2, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
-    case 1: row_tile<1, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
-    default: break;
+  for (Index tile = 0; tile < tiles; ++tile) {
+    fetch_into_l2(next.share(tile, tiles));
+    fetch_into_l2(upcoming.share(tile, tiles));
+    const Index i = 6 * tile;
+    switch (std::min<Index>(6, m - i)) {
+      case 6: row_tile<6, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
+      case 5: row_tile<5, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
+      case 4: row_tile<4, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
+      case 3: row_tile<3, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
+      case 2: row_tile<2, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
+      default: row_tile<1, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
+    }
   }
 }
 
@@ -277,10 +300,13 @@ __attribute__((target("avx512f"))) inline void outer_tile(Index m, const float* 
 }
 
 // Rows [0, n) of w's panel (rows ldw apart) += G^T X: G's m rows g_row, X [m, 16 V] (rows xs apart).
+// upcoming's lines go into L2 meanwhile, a share before each tile.
 template <int V>
 __attribute__((target("avx512f"))) inline void outer_panel(Index m, const float* const* g_row, Index n, const float* x,
-                                                           Index xs, float* w, Index ldw) {
+                                                           Index xs, float* w, Index ldw, const Upcoming& upcoming) {
+  const Index tiles = (n + 5) / 6;
   for (Index j0 = 0; j0 < n; j0 += 6) {
+    fetch_into_l2(upcoming.share(j0 / 6, tiles));
     float* w_row[6];
     const Index tile = std::min<Index>(6, n - j0);
     for (Index r = 0; r < tile; ++r) w_row[r] = w + (j0 + r) * ldw;
@@ -300,9 +326,9 @@ __attribute__((target("avx512f"))) inline void outer_panel(Index m, const float*
 // For i < m: row c_rows[i] of c (+)= row a_rows[i] of a times W^T, W read through `weight`
 // (row_kernel_serves(weight.n)). a: rows of weight.k floats with stride lda; c: rows of weight.n
 // floats with stride ldc; a null row list means rows 0, 1, ... in order. Rows of c may repeat
-// when accumulating (each adds in turn).
+// when accumulating (each adds in turn). `upcoming` is fetched into L2 meanwhile.
 inline void row_kernel(Index m, const float* a, Index lda, const Index* a_rows, const PanelView& weight, float* c,
-                       Index ldc, const Index* c_rows, bool accumulate) {
+                       Index ldc, const Index* c_rows, bool accumulate, const Upcoming& upcoming = {}) {
 #if MOA_ROW_KERNEL_X86
   constexpr Index kBlock = 96;  // rows whose pointers are found at once
   // The depth of a panel read in one pass over the rows: 128 x 64 floats (32 KB) stay in the L1
@@ -311,6 +337,10 @@ inline void row_kernel(Index m, const float* a, Index lda, const Index* a_rows, 
   const float* a_row[kBlock];
   float* c_row[kBlock];
   alignas(64) float local[kDepthBlock * kPanelWidth];  // a block of a weight read as it lies
+  // upcoming's lines in equal shares over the passes of row_panel.
+  const Index panels = (weight.n + kPanelWidth - 1) / kPanelWidth, depth_blocks = (weight.k + kDepthBlock - 1) / kDepthBlock;
+  const Index passes = (m + kBlock - 1) / kBlock * panels * depth_blocks;
+  Index pass = 0;
   for (Index first = 0; first < m; first += kBlock) {
     const Index rows = std::min(kBlock, m - first);
     for (Index i = 0; i < rows; ++i) {
@@ -341,32 +371,34 @@ inline void row_kernel(Index m, const float* a, Index lda, const Index* a_rows, 
           panel = local;
           read_step = width;
         }
-        const Index next_lines =
-            weight.end ? std::min<Index>(weight.end - next, kDepthBlock * kPanelWidth) / 16 : 0;
-        const char* ahead = reinterpret_cast<const char*>(next);
+        const Upcoming ahead{reinterpret_cast<const char*>(next),
+                             weight.end ? std::min<Index>(weight.end - next, kDepthBlock * kPanelWidth) / 16 : 0};
+        const Upcoming share = upcoming.share(pass++, passes);
         const float* a_block[kBlock];
         for (Index i = 0; i < rows; ++i) a_block[i] = a_row[i] + k0;
         const bool add = accumulate || k0 > 0;
         switch (width / 16) {
-          case 4: row_panel<4>(rows, a_block, panel, read_step, depth, c_panel, add, ahead, next_lines); break;
-          case 3: row_panel<3>(rows, a_block, panel, read_step, depth, c_panel, add, ahead, next_lines); break;
-          case 2: row_panel<2>(rows, a_block, panel, read_step, depth, c_panel, add, ahead, next_lines); break;
-          default: row_panel<1>(rows, a_block, panel, read_step, depth, c_panel, add, ahead, next_lines); break;
+          case 4: row_panel<4>(rows, a_block, panel, read_step, depth, c_panel, add, ahead, share); break;
+          case 3: row_panel<3>(rows, a_block, panel, read_step, depth, c_panel, add, ahead, share); break;
+          case 2: row_panel<2>(rows, a_block, panel, read_step, depth, c_panel, add, ahead, share); break;
+          default: row_panel<1>(rows, a_block, panel, read_step, depth, c_panel, add, ahead, share); break;
         }
       }
     }
   }
 #else
-  (void)m, (void)a, (void)lda, (void)a_rows, (void)weight, (void)c, (void)ldc, (void)c_rows, (void)accumulate;
+  (void)m, (void)a, (void)lda, (void)a_rows, (void)weight, (void)c, (void)ldc, (void)c_rows, (void)accumulate,
+      (void)upcoming;
 #endif
 }
 
 // The weight gradient of an expert's rows, in place: w [n, k] (rows ldw apart) += G^T X, where
 // row i of G [m, n] is row g_rows[i] of g (stride ldg) and row i of X [m, k] is row x_rows[i] of x
 // (stride ldx); null lists mean rows in order. k a multiple of 16 (row_kernel_serves(k)). Each
-// element sums over the rows in order, whatever range of w's rows a call is given.
+// element sums over the rows in order, whatever range of w's rows a call is given. `upcoming` is
+// fetched into L2 meanwhile.
 inline void outer_kernel(Index m, const float* g, Index ldg, const Index* g_rows, const float* x, Index ldx,
-                         const Index* x_rows, Index n, Index k, float* w, Index ldw) {
+                         const Index* x_rows, Index n, Index k, float* w, Index ldw, const Upcoming& upcoming = {}) {
 #if MOA_ROW_KERNEL_X86
   // A pass takes kBlock rows. X's rows are read in place when they lie one panel wide and in order;
   // otherwise a panel of their slices is copied together first, since rows of a layer's width
@@ -376,6 +408,8 @@ inline void outer_kernel(Index m, const float* g, Index ldg, const Index* g_rows
   const float* g_row[kBlock];
   const float* x_row[kBlock];
   const bool x_in_place = x_rows == nullptr && ldx == k && k <= kPanelWidth;
+  const Index passes = (m + kBlock - 1) / kBlock * ((k + kPanelWidth - 1) / kPanelWidth);
+  Index pass = 0;
   for (Index first = 0; first < m; first += kBlock) {
     const Index rows = std::min(kBlock, m - first);
     for (Index i = 0; i < rows; ++i) {
@@ -397,16 +431,18 @@ inline void outer_kernel(Index m, const float* g, Index ldg, const Index* g_rows
         step = width;
       }
       float* w_panel = w + p * kPanelWidth;
+      const Upcoming share = upcoming.share(pass++, passes);
       switch (width / 16) {
-        case 4: outer_panel<4>(rows, g_row, n, panel, step, w_panel, ldw); break;
-        case 3: outer_panel<3>(rows, g_row, n, panel, step, w_panel, ldw); break;
-        case 2: outer_panel<2>(rows, g_row, n, panel, step, w_panel, ldw); break;
-        default: outer_panel<1>(rows, g_row, n, panel, step, w_panel, ldw); break;
+        case 4: outer_panel<4>(rows, g_row, n, panel, step, w_panel, ldw, share); break;
+        case 3: outer_panel<3>(rows, g_row, n, panel, step, w_panel, ldw, share); break;
+        case 2: outer_panel<2>(rows, g_row, n, panel, step, w_panel, ldw, share); break;
+        default: outer_panel<1>(rows, g_row, n, panel, step, w_panel, ldw, share); break;
       }
     }
   }
 #else
-  (void)m, (void)g, (void)ldg, (void)g_rows, (void)x, (void)ldx, (void)x_rows, (void)n, (void)k, (void)w, (void)ldw;
+  (void)m, (void)g, (void)ldg, (void)g_rows, (void)x, (void)ldx, (void)x_rows, (void)n, (void)k, (void)w, (void)ldw,
+      (void)upcoming;
 #endif
 }
 
