@@ -253,6 +253,13 @@ __attribute__((target("avx512f"))) inline void row_panel(Index m, const float* c
     fetch_into_l2(next.share(tile, tiles));
     fetch_into_l2(upcoming.share(tile, tiles));
     const Index i = 6 * tile;
+    // The next tile's rows, which lie scattered (no hardware prefetcher follows them): its slices
+    // of a, and of c when they are read too.
+    for (Index r = i + 6; r < std::min(m, i + 12); ++r) {
+      for (Index kk = 0; kk < k; kk += 16) _mm_prefetch(reinterpret_cast<const char*>(a_row[r] + kk), _MM_HINT_T1);
+      if (accumulate)
+        for (Index v = 0; v < V; ++v) _mm_prefetch(reinterpret_cast<const char*>(c_row[r] + 16 * v), _MM_HINT_T0);
+    }
     switch (std::min<Index>(6, m - i)) {
       case 6: row_tile<6, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
       case 5: row_tile<5, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
