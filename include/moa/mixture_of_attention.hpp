@@ -33,6 +33,7 @@
 #include "moa/kv_cache.hpp"
 #include "moa/parameter.hpp"
 #include "moa/random.hpp"
+#include "moa/reusable.hpp"
 #include "moa/router.hpp"
 #include "moa/tensor.hpp"
 #include "moa/top_k.hpp"
@@ -125,10 +126,10 @@ class MixtureOfAttention {
     check_not_causal_expert_choice(causal, "MixtureOfAttention::infer");
     check_spans(causal, "MixtureOfAttention::infer");
     const Routing routing = router.route(query, query_batch);
-    ForwardPass pass;
-    pass.for_backward = false;
+    const auto pass = inference_.lease();
+    pass->for_backward = false;
     return run_forward(query, query_batch, key_value, key_batch, causal, routing, product_precision(*compute_, false),
-                       pass);
+                       *pass);
   }
 
  private:
@@ -553,6 +554,7 @@ class MixtureOfAttention {
   Matrix<Scalar> query_;          // [B*Tq, d_model]
   Matrix<Scalar> key_value_;      // [B*Tk, d_model], empty for self-attention (query_ is both)
   ForwardPass pass_;  // the last forward's, for backward
+  detail::Reusable<ForwardPass> inference_;  // infer's buffers, kept for the next call
   Matrix<Scalar> grad_attended_, grad_queries_, grad_keys_, grad_values_;
   Matrix<Scalar> grouped_grad_, grouped_grad_queries_;  // with spans: [A, d_h] in by_expert order
   std::vector<Matrix<Scalar>> grad_scores_;  // one score-gradient workspace per thread

@@ -42,6 +42,7 @@
 #include "moa/kv_cache.hpp"
 #include "moa/parameter.hpp"
 #include "moa/random.hpp"
+#include "moa/reusable.hpp"
 #include "moa/router.hpp"
 #include "moa/softmax.hpp"
 #include "moa/tensor.hpp"
@@ -154,10 +155,10 @@ class MixtureOfHeads {
     Gating gating;
     gating.routing = router.route(query, query_batch);
     group_gates(query, gating);
-    ForwardPass pass;
-    pass.for_backward = false;
+    const auto pass = inference_.lease();
+    pass->for_backward = false;
     return run_forward(query, query_batch, key_value, key_batch, causal, gating, product_precision(*compute_, false),
-                       pass);
+                       *pass);
   }
 
   // grad_output: [B*Tq, d_model]. Accumulates every parameter gradient (the aux loss's included)
@@ -497,6 +498,7 @@ class MixtureOfHeads {
   Matrix<Scalar> key_value_;  // [B*Tk, d_model], empty for self-attention (query_ is both)
   Gating gating_;             // the last forward's
   ForwardPass pass_;          // the last forward's, for backward
+  detail::Reusable<ForwardPass> inference_;  // infer's buffers, kept for the next call
   std::vector<Matrix<Scalar>> grad_scores_;  // one score-gradient workspace per thread
 };
 

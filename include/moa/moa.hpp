@@ -13,6 +13,7 @@
 #include "moa/error.hpp"
 #include "moa/tensor.hpp"
 #include "moa/thread_pool.hpp"
+#include "moa/reusable.hpp"
 #include "moa/gemm.hpp"
 #include "moa/bfloat16.hpp"
 #include "moa/parameter.hpp"

@@ -18,6 +18,7 @@
 #include "moa/kv_cache.hpp"
 #include "moa/parameter.hpp"
 #include "moa/random.hpp"
+#include "moa/reusable.hpp"
 #include "moa/tensor.hpp"
 
 #include <cmath>
@@ -93,9 +94,9 @@ class MultiHeadAttention {
                        const SequenceBatch& key_batch, bool causal) const {
     detail::validate_attention_batches("MultiHeadAttention::infer", model_dim(), query.rows(), query.cols(), query_batch,
                                        key_value.rows(), key_value.cols(), key_batch, causal);
-    ForwardPass pass;
-    pass.for_backward = false;
-    return run_forward(query, query_batch, key_value, key_batch, causal, product_precision(*compute_, false), pass);
+    const auto pass = inference_.lease();
+    pass->for_backward = false;
+    return run_forward(query, query_batch, key_value, key_batch, causal, product_precision(*compute_, false), *pass);
   }
 
   // grad_output: [B*Tq, d_model]. Accumulates every parameter gradient and returns the gradients
@@ -280,6 +281,7 @@ class MultiHeadAttention {
   Matrix<Scalar> key_value_;      // [B*Tk, d_model]
   std::vector<Matrix<Scalar>> grad_scores_;  // one score-gradient workspace per thread
   ForwardPass pass_;  // the last forward's, for backward
+  detail::Reusable<ForwardPass> inference_;  // infer's buffers, kept for the next call
 };
 
 static_assert(is_attention_v<MultiHeadAttention<float>> && is_attention_v<MultiHeadAttention<double>>,
