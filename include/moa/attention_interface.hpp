@@ -119,14 +119,29 @@ constexpr bool has_attention_interface() {
 
 // The backward of the key and value projections K = Z Wk^T, V = Z Wv^T that every attention kind
 // has (one head for MoA, h for MHA and MoH): grad_keys, grad_values: [rows, width]. Accumulates both
-// weight gradients and returns the gradient of Z: [rows, d_model].
+// weight gradients and adds the gradient of Z into grad_key_value: [rows, d_model] (a self-attention
+// layer's query gradient: no second matrix to allocate, fault in and add).
+template <typename Scalar>
+void key_value_backward_into(const Compute& compute, const Matrix<Scalar>& grad_keys, const Matrix<Scalar>& grad_values,
+                             const Matrix<Scalar>& key_value, Parameter<Scalar>& k_proj, Parameter<Scalar>& v_proj,
+                             Matrix<Scalar>& grad_key_value) {
+  MOA_CHECK(grad_key_value.rows() == key_value.rows() && grad_key_value.cols() == key_value.cols(),
+            "moa::key_value_backward_into", "grad_key_value is ", detail::shape_of(grad_key_value),
+            " for key_value of ", detail::shape_of(key_value));
+  gemm<Scalar>(compute, grad_keys, Transpose::yes, key_value, Transpose::no, k_proj.grad, true);
+  gemm<Scalar>(compute, grad_values, Transpose::yes, key_value, Transpose::no, v_proj.grad, true);
+  gemm<Scalar>(compute, grad_keys, Transpose::no, k_proj.value, Transpose::no, grad_key_value, true);
+  gemm<Scalar>(compute, grad_values, Transpose::no, v_proj.value, Transpose::no, grad_key_value, true);
+}
+
+// As key_value_backward_into, returning the gradient of Z: [rows, d_model].
 template <typename Scalar>
 Matrix<Scalar> key_value_backward(const Compute& compute, const Matrix<Scalar>& grad_keys,
                                   const Matrix<Scalar>& grad_values, const Matrix<Scalar>& key_value,
                                   Parameter<Scalar>& k_proj, Parameter<Scalar>& v_proj) {
+  Matrix<Scalar> grad_key_value(key_value.rows(), key_value.cols());  // [rows, d_model]
   gemm<Scalar>(compute, grad_keys, Transpose::yes, key_value, Transpose::no, k_proj.grad, true);
   gemm<Scalar>(compute, grad_values, Transpose::yes, key_value, Transpose::no, v_proj.grad, true);
-  Matrix<Scalar> grad_key_value(key_value.rows(), key_value.cols());  // [rows, d_model]
   gemm<Scalar>(compute, grad_keys, Transpose::no, k_proj.value, Transpose::no, grad_key_value);
   gemm<Scalar>(compute, grad_values, Transpose::no, v_proj.value, Transpose::no, grad_key_value, true);
   return grad_key_value;

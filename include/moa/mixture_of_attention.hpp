@@ -253,7 +253,11 @@ class MixtureOfAttention {
  public:
   // grad_output: [B*Tq, d_model]. Accumulates every parameter gradient (the aux loss's included)
   // and returns the gradients of both inputs.
-  AttentionGradients<Scalar> backward(const Matrix<Scalar>& grad_output) {
+  AttentionGradients<Scalar> backward(const Matrix<Scalar>& grad_output) { return backward_impl(grad_output, false); }
+
+ private:
+  // one_input: the key and value side's input gradient is added into the query side's (forward_self).
+  AttentionGradients<Scalar> backward_impl(const Matrix<Scalar>& grad_output, bool one_input) {
     const Index head_dim = config_.head_dim, model = model_dim();
     MOA_CHECK(grad_output.rows() == query_.rows() && grad_output.cols() == model, "MixtureOfAttention::backward",
               "grad_output has shape ", detail::shape_of(grad_output), ", expected ", detail::shape_of(query_),
@@ -316,15 +320,16 @@ class MixtureOfAttention {
     pass_.projections.backward_in(*compute_, grad_queries, query_, tokens, pass_.plan, q_proj.value, q_proj.grad,
                                   grads.query);
     // The shared key and value heads.
-    grads.key_value = key_value_backward<Scalar>(*compute_, grad_keys, grad_values,
-                                                 self_attention_ ? query_ : key_value_, k_proj, v_proj);
+    if (one_input)  // backward_self: the input's gradient is the sum of both sides'
+      key_value_backward_into<Scalar>(*compute_, grad_keys, grad_values, self_attention_ ? query_ : key_value_, k_proj, v_proj, grads.query);
+    else
+      grads.key_value = key_value_backward<Scalar>(*compute_, grad_keys, grad_values, self_attention_ ? query_ : key_value_, k_proj, v_proj);
     return grads;
   }
 
-  Matrix<Scalar> backward_self(const Matrix<Scalar>& grad_output) {
-    AttentionGradients<Scalar> grads = backward(grad_output);
-    return detail::parallel_add(*compute_, grads.key_value, std::move(grads.query));
-  }
+ public:
+  // The gradient of the one input of forward_self (both sides' summed).
+  Matrix<Scalar> backward_self(const Matrix<Scalar>& grad_output) { return backward_impl(grad_output, true).query; }
 
   // alpha * L_a + beta * L_z of the last forward (0 without routed tokens).
   Scalar aux_loss() const { return router.aux_loss(); }

@@ -163,7 +163,11 @@ class MixtureOfHeads {
 
   // grad_output: [B*Tq, d_model]. Accumulates every parameter gradient (the aux loss's included)
   // and returns the gradients of both inputs.
-  AttentionGradients<Scalar> backward(const Matrix<Scalar>& grad_output) {
+  AttentionGradients<Scalar> backward(const Matrix<Scalar>& grad_output) { return backward_impl(grad_output, false); }
+
+ private:
+  // one_input: the key and value side's input gradient is added into the query side's (forward_self).
+  AttentionGradients<Scalar> backward_impl(const Matrix<Scalar>& grad_output, bool one_input) {
     const Index head_dim = config_.head_dim, heads = num_heads(), model = model_dim();
     MOA_CHECK(grad_output.rows() == query_.rows() && grad_output.cols() == model, "MixtureOfHeads::backward",
               "grad_output has shape ", detail::shape_of(grad_output), ", expected ", detail::shape_of(query_),
@@ -202,15 +206,16 @@ class MixtureOfHeads {
                                   q_proj.grad, grads.query);
     backward_gates(grad_gates, grads.query);
     // Every head's keys and values.
-    grads.key_value = key_value_backward<Scalar>(*compute_, grad_keys, grad_values,
-                                                 self_attention_ ? query_ : key_value_, k_proj, v_proj);
+    if (one_input)  // backward_self: the input's gradient is the sum of both sides'
+      key_value_backward_into<Scalar>(*compute_, grad_keys, grad_values, self_attention_ ? query_ : key_value_, k_proj, v_proj, grads.query);
+    else
+      grads.key_value = key_value_backward<Scalar>(*compute_, grad_keys, grad_values, self_attention_ ? query_ : key_value_, k_proj, v_proj);
     return grads;
   }
 
-  Matrix<Scalar> backward_self(const Matrix<Scalar>& grad_output) {
-    AttentionGradients<Scalar> grads = backward(grad_output);
-    return detail::parallel_add(*compute_, grads.key_value, std::move(grads.query));
-  }
+ public:
+  // The gradient of the one input of forward_self (both sides' summed).
+  Matrix<Scalar> backward_self(const Matrix<Scalar>& grad_output) { return backward_impl(grad_output, true).query; }
 
   // The routed heads' load-balance (and z) loss of the last forward.
   Scalar aux_loss() const { return router.aux_loss(); }

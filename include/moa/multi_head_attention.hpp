@@ -101,7 +101,11 @@ class MultiHeadAttention {
 
   // grad_output: [B*Tq, d_model]. Accumulates every parameter gradient and returns the gradients
   // of both inputs.
-  AttentionGradients<Scalar> backward(const Matrix<Scalar>& grad_output) {
+  AttentionGradients<Scalar> backward(const Matrix<Scalar>& grad_output) { return backward_impl(grad_output, false); }
+
+ private:
+  // one_input: the key and value side's input gradient is added into the query side's (forward_self).
+  AttentionGradients<Scalar> backward_impl(const Matrix<Scalar>& grad_output, bool one_input) {
     MOA_CHECK(grad_output.rows() == query_.rows() && grad_output.cols() == model_dim(), "MultiHeadAttention::backward",
               "grad_output has shape ", detail::shape_of(grad_output), ", expected ", detail::shape_of(query_),
               " (as the last forward)");
@@ -133,14 +137,16 @@ class MultiHeadAttention {
     AttentionGradients<Scalar> grads;
     grads.query.resize(query_.rows(), model_dim());  // [B*Tq, d_model]
     gemm<Scalar>(*compute_, grad_queries, Transpose::no, q_proj.value, Transpose::no, grads.query);
-    grads.key_value = key_value_backward<Scalar>(*compute_, grad_keys, grad_values, key_value_, k_proj, v_proj);
+    if (one_input)  // backward_self: the input's gradient is the sum of both sides'
+      key_value_backward_into<Scalar>(*compute_, grad_keys, grad_values, key_value_, k_proj, v_proj, grads.query);
+    else
+      grads.key_value = key_value_backward<Scalar>(*compute_, grad_keys, grad_values, key_value_, k_proj, v_proj);
     return grads;
   }
 
-  Matrix<Scalar> backward_self(const Matrix<Scalar>& grad_output) {
-    AttentionGradients<Scalar> grads = backward(grad_output);
-    return detail::parallel_add(*compute_, grads.key_value, std::move(grads.query));
-  }
+ public:
+  // The gradient of the one input of forward_self (both sides' summed).
+  Matrix<Scalar> backward_self(const Matrix<Scalar>& grad_output) { return backward_impl(grad_output, true).query; }
 
   Scalar aux_loss() const { return Scalar(0); }
   double last_forward_flops() const { return pass_.flops; }
