@@ -73,11 +73,11 @@ class ExpertProjections {
       const Index* token_rows = in_place ? token_rows_of(scratch, tokens, ids, count) : nullptr;        // [c]
       const auto packed = in_place ? detail::packed_weight<Scalar>(expert_compute, weight, weights_version, scratch.packed)
                                    : nullptr;
-      std::shared_ptr<const detail::PanelWeight> kept_next;
+      std::shared_ptr<const detail::PanelWeight> kept_next;  // the next expert's packed weight, fetched ahead
       const detail::Upcoming upcoming =
-          in_place && next >= 0 ? detail::upcoming_weight<Scalar>(expert_compute, weights.middleRows(next * head_dim, head_dim),
-                                                                  weights_version, kept_next)
-                                : detail::Upcoming{};
+          in_place && fetches_ahead(next, count)
+              ? detail::upcoming_weight<Scalar>(expert_compute, weights.middleRows(next * head_dim, head_dim), weights_version, kept_next)
+              : detail::Upcoming{};
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index rows, int) {
         if (in_place) {
           detail::rows_times_weight<Scalar>(*packed, rows, input.data(), input.cols(), token_rows + first,
@@ -124,11 +124,11 @@ class ExpertProjections {
       const Index* target_rows = !in_place ? nullptr : parallel ? ids : token_rows_of(scratch, tokens, ids, count);  // [c]
       const auto packed = in_place ? detail::packed_weight<Scalar>(expert_compute, weight, weights_version, scratch.packed)
                                    : nullptr;
-      std::shared_ptr<const detail::PanelWeight> kept_next;
+      std::shared_ptr<const detail::PanelWeight> kept_next;  // the next expert's packed weight, fetched ahead
       const detail::Upcoming upcoming =
-          in_place && next >= 0 ? detail::upcoming_weight<Scalar>(expert_compute, weights.middleRows(next * model, model),
-                                                                  weights_version, kept_next)
-                                : detail::Upcoming{};
+          in_place && fetches_ahead(next, count)
+              ? detail::upcoming_weight<Scalar>(expert_compute, weights.middleRows(next * model, model), weights_version, kept_next)
+              : detail::Upcoming{};
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index slice, int) {
         for (Index i = first; i < first + slice; ++i) scaled.row(i) = gates[ids[i]] * attended.row(ids[i]);
         if (everyone) {
@@ -175,7 +175,7 @@ class ExpertProjections {
       auto grad_unscaled = rows_of(scratch.narrow_result, count, head_dim);  // [c, d_h] d(gate * a)
       const Index* token_rows = in_place ? token_rows_of(scratch, tokens, ids, count) : nullptr;  // [c]
       const auto upcoming = [&](const auto& of) {  // next expert's rows of `of`, to fetch ahead
-        return in_place && next >= 0 ? upcoming_rows(of.middleRows(next * model, model)) : detail::Upcoming{};
+        return in_place && fetches_ahead(next, count) ? upcoming_rows(of.middleRows(next * model, model)) : detail::Upcoming{};
       };
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index rows, int) {
         for (Index i = first; i < first + rows; ++i) {
@@ -225,7 +225,7 @@ class ExpertProjections {
       auto grad_inputs = rows_of(scratch.wide_result, copied, model);                   // [c, d_model]
       const Index* token_rows = in_place ? token_rows_of(scratch, tokens, ids, count) : nullptr;  // [c]
       const auto upcoming = [&](const auto& of) {  // next expert's rows of `of`, to fetch ahead
-        return in_place && next >= 0 ? upcoming_rows(of.middleRows(next * head_dim, head_dim)) : detail::Upcoming{};
+        return in_place && fetches_ahead(next, count) ? upcoming_rows(of.middleRows(next * head_dim, head_dim)) : detail::Upcoming{};
       };
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index rows, int) {
         if (in_place) {
@@ -255,6 +255,11 @@ class ExpertProjections {
  private:
   // Rows of one expert handed to a thread at a time.
   static constexpr Index kRowGrain = 32;
+
+  // Whether an expert of `count` rows fetches the next expert's weights ahead (row_kernel's
+  // Upcoming): with a few rows (decoding steps) its own weight streams from memory already.
+  static bool fetches_ahead(Index next, Index count) { return next >= 0 && count >= kFetchAheadRows; }
+  static constexpr Index kFetchAheadRows = 16;
 
   // Whether the backward's row kernels serve an expert of these widths: float on an AVX-512 CPU,
   // both widths multiples of 16.
