@@ -99,7 +99,8 @@ TEST_CASE("row kernel: lists of rows times a weight read as it lies (a backward'
   }
 }
 
-TEST_CASE("Upcoming: a matrix in one piece is its lines, and shares split them without gap or overlap", "[row_kernel]") {
+TEST_CASE("Upcoming: a matrix in one piece is its lines, and shares split them without gap or overlap",
+          "[row_kernel]") {
   using moa::detail::Upcoming;
   const std::vector<float> buffer(1000);
   const Upcoming whole = Upcoming::of(buffer.data(), 10, 100, 100);

@@ -76,7 +76,8 @@ class ExpertProjections {
       std::shared_ptr<const detail::PanelWeight> kept_next;  // the next expert's packed weight, fetched ahead
       const detail::Upcoming upcoming =
           in_place && fetches_ahead(next, count)
-              ? detail::upcoming_weight<Scalar>(expert_compute, weights.middleRows(next * head_dim, head_dim), weights_version, kept_next)
+              ? detail::upcoming_weight<Scalar>(expert_compute, weights.middleRows(next * head_dim, head_dim),
+                                                weights_version, kept_next)
               : detail::Upcoming{};
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index rows, int) {
         if (in_place) {
@@ -127,7 +128,8 @@ class ExpertProjections {
       std::shared_ptr<const detail::PanelWeight> kept_next;  // the next expert's packed weight, fetched ahead
       const detail::Upcoming upcoming =
           in_place && fetches_ahead(next, count)
-              ? detail::upcoming_weight<Scalar>(expert_compute, weights.middleRows(next * model, model), weights_version, kept_next)
+              ? detail::upcoming_weight<Scalar>(expert_compute, weights.middleRows(next * model, model),
+                                                weights_version, kept_next)
               : detail::Upcoming{};
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index slice, int) {
         for (Index i = first; i < first + slice; ++i) scaled.row(i) = gates[ids[i]] * attended.row(ids[i]);
@@ -175,7 +177,8 @@ class ExpertProjections {
       auto grad_unscaled = rows_of(scratch.narrow_result, count, head_dim);  // [c, d_h] d(gate * a)
       const Index* token_rows = in_place ? token_rows_of(scratch, tokens, ids, count) : nullptr;  // [c]
       const auto upcoming = [&](const auto& of) {  // next expert's rows of `of`, to fetch ahead
-        return in_place && fetches_ahead(next, count) ? upcoming_rows(of.middleRows(next * model, model)) : detail::Upcoming{};
+        if (!in_place || !fetches_ahead(next, count)) return detail::Upcoming{};
+        return upcoming_rows(of.middleRows(next * model, model));
       };
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index rows, int) {
         for (Index i = first; i < first + rows; ++i) {
@@ -225,7 +228,8 @@ class ExpertProjections {
       auto grad_inputs = rows_of(scratch.wide_result, copied, model);                   // [c, d_model]
       const Index* token_rows = in_place ? token_rows_of(scratch, tokens, ids, count) : nullptr;  // [c]
       const auto upcoming = [&](const auto& of) {  // next expert's rows of `of`, to fetch ahead
-        return in_place && fetches_ahead(next, count) ? upcoming_rows(of.middleRows(next * head_dim, head_dim)) : detail::Upcoming{};
+        if (!in_place || !fetches_ahead(next, count)) return detail::Upcoming{};
+        return upcoming_rows(of.middleRows(next * head_dim, head_dim));
       };
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index rows, int) {
         if (in_place) {
@@ -304,8 +308,8 @@ class ExpertProjections {
         });
       } else {
         parallel_ranges(compute, n, 12, [&](Index first, Index rows, int) {
-          detail::outer_kernel(m, g + first, ldg, g_rows, x, ldx, x_rows, rows, k, weight_grad.data() + first * ldw, ldw,
-                               upcoming.share(first, n, rows));
+          detail::outer_kernel(m, g + first, ldg, g_rows, x, ldx, x_rows, rows, k, weight_grad.data() + first * ldw,
+                               ldw, upcoming.share(first, n, rows));
         });
       }
     }

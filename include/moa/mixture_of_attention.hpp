@@ -320,10 +320,11 @@ class MixtureOfAttention {
     pass_.projections.backward_in(*compute_, grad_queries, query_, tokens, pass_.plan, q_proj.value, q_proj.grad,
                                   grads.query);
     // The shared key and value heads.
+    const Matrix<Scalar>& key_value = self_attention_ ? query_ : key_value_;  // [B*Tk, d_model]
     if (one_input)  // backward_self: the input's gradient is the sum of both sides'
-      key_value_backward_into<Scalar>(*compute_, grad_keys, grad_values, self_attention_ ? query_ : key_value_, k_proj, v_proj, grads.query);
+      key_value_backward_into<Scalar>(*compute_, grad_keys, grad_values, key_value, k_proj, v_proj, grads.query);
     else
-      grads.key_value = key_value_backward<Scalar>(*compute_, grad_keys, grad_values, self_attention_ ? query_ : key_value_, k_proj, v_proj);
+      grads.key_value = key_value_backward<Scalar>(*compute_, grad_keys, grad_values, key_value, k_proj, v_proj);
     return grads;
   }
 

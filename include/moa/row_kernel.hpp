@@ -350,8 +350,8 @@ inline void row_kernel(Index m, const float* a, Index lda, const Index* a_rows, 
   float* c_row[kBlock];
   alignas(64) float local[kDepthBlock * kPanelWidth];  // a block of a weight read as it lies
   // upcoming's lines in equal shares over the passes of row_panel.
-  const Index panels = (weight.n + kPanelWidth - 1) / kPanelWidth, depth_blocks = (weight.k + kDepthBlock - 1) / kDepthBlock;
-  const Index passes = (m + kBlock - 1) / kBlock * panels * depth_blocks;
+  const Index panels = (weight.n + kPanelWidth - 1) / kPanelWidth;
+  const Index passes = (m + kBlock - 1) / kBlock * panels * ((weight.k + kDepthBlock - 1) / kDepthBlock);
   Index pass = 0;
   for (Index first = 0; first < m; first += kBlock) {
     const Index rows = std::min(kBlock, m - first);
