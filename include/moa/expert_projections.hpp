@@ -71,14 +71,10 @@ class ExpertProjections {
       auto projected = rows_of(scratch.narrow_result, in_place ? 0 : count, head_dim);      // [c, d_h]
       if (rounded_input) scratch.rounded_rows.resize(static_cast<std::size_t>(gathered * input.cols()));  // [c, d_model]
       const Index* token_rows = in_place ? token_rows_of(scratch, tokens, ids, count) : nullptr;        // [c]
-      const auto packed = in_place ? detail::packed_weight<Scalar>(expert_compute, weight, weights_version, scratch.packed)
-                                   : nullptr;
-      std::shared_ptr<const detail::PanelWeight> kept_next;  // the next expert's packed weight, fetched ahead
+      const auto packed = in_place ? packed_expert(expert_compute, weight, weights_version, scratch) : nullptr;
       const detail::Upcoming upcoming =
-          in_place && fetches_ahead(next, count)
-              ? detail::upcoming_weight<Scalar>(expert_compute, weights.middleRows(next * head_dim, head_dim),
-                                                weights_version, kept_next)
-              : detail::Upcoming{};
+          in_place ? next_block(expert_compute, weights, head_dim, next, count, weights_version, scratch)
+                   : detail::Upcoming{};
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index rows, int) {
         if (in_place) {
           detail::rows_times_weight<Scalar>(*packed, rows, input.data(), input.cols(), token_rows + first,
@@ -123,14 +119,10 @@ class ExpertProjections {
       auto scaled = rows_of(scratch.scaled, count, head_dim);                               // [c, d_h] gate * a
       auto projected = rows_of(scratch.wide_result, everyone || in_place ? 0 : count, model);  // [c, d_model]
       const Index* target_rows = !in_place ? nullptr : parallel ? ids : token_rows_of(scratch, tokens, ids, count);  // [c]
-      const auto packed = in_place ? detail::packed_weight<Scalar>(expert_compute, weight, weights_version, scratch.packed)
-                                   : nullptr;
-      std::shared_ptr<const detail::PanelWeight> kept_next;  // the next expert's packed weight, fetched ahead
+      const auto packed = in_place ? packed_expert(expert_compute, weight, weights_version, scratch) : nullptr;
       const detail::Upcoming upcoming =
-          in_place && fetches_ahead(next, count)
-              ? detail::upcoming_weight<Scalar>(expert_compute, weights.middleRows(next * model, model),
-                                                weights_version, kept_next)
-              : detail::Upcoming{};
+          in_place ? next_block(expert_compute, weights, model, next, count, weights_version, scratch)
+                   : detail::Upcoming{};
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index slice, int) {
         for (Index i = first; i < first + slice; ++i) scaled.row(i) = gates[ids[i]] * attended.row(ids[i]);
         if (everyone) {
@@ -176,9 +168,8 @@ class ExpertProjections {
       auto scaled = rows_of(scratch.scaled, count, head_dim);                // [c, d_h] gate * a
       auto grad_unscaled = rows_of(scratch.narrow_result, count, head_dim);  // [c, d_h] d(gate * a)
       const Index* token_rows = in_place ? token_rows_of(scratch, tokens, ids, count) : nullptr;  // [c]
-      const auto upcoming = [&](const auto& of) {  // next expert's rows of `of`, to fetch ahead
-        if (!in_place || !fetches_ahead(next, count)) return detail::Upcoming{};
-        return upcoming_rows(of.middleRows(next * model, model));
+      const auto upcoming = [&](const ConstMatrixRef<Scalar>& of) {  // the next expert's block of `of`
+        return in_place ? next_block(expert_compute, of, model, next, count, 0, scratch) : detail::Upcoming{};
       };
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index rows, int) {
         for (Index i = first; i < first + rows; ++i) {
@@ -227,9 +218,8 @@ class ExpertProjections {
       const ConstMatrixRef<Scalar> inputs = everyone ? ConstMatrixRef<Scalar>(input) : gathered;
       auto grad_inputs = rows_of(scratch.wide_result, copied, model);                   // [c, d_model]
       const Index* token_rows = in_place ? token_rows_of(scratch, tokens, ids, count) : nullptr;  // [c]
-      const auto upcoming = [&](const auto& of) {  // next expert's rows of `of`, to fetch ahead
-        if (!in_place || !fetches_ahead(next, count)) return detail::Upcoming{};
-        return upcoming_rows(of.middleRows(next * head_dim, head_dim));
+      const auto upcoming = [&](const ConstMatrixRef<Scalar>& of) {  // the next expert's block of `of`
+        return in_place ? next_block(expert_compute, of, head_dim, next, count, 0, scratch) : detail::Upcoming{};
       };
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index rows, int) {
         if (in_place) {
@@ -281,15 +271,6 @@ class ExpertProjections {
                          c, ldc, c_rows, accumulate, upcoming);
   }
 
-  // A block of rows of a float matrix as lines to fetch ahead (nothing for double).
-  template <typename Rows>
-  static detail::Upcoming upcoming_rows(const Rows& rows) {
-    if constexpr (std::is_same_v<Scalar, float>)
-      return detail::Upcoming::of(rows.data(), rows.rows(), rows.cols(), rows.outerStride());
-    else
-      return {};
-  }
-
   // weight_grad [n, k] += G^T X over an expert's m rows, G's rows g_rows of g and X's rows x_rows
   // of x (null: in order), in place (float only: row_kernels_take). The threads take panels of 64
   // columns where there are several (each copies only its own slices of X's rows), else ranges of
@@ -324,7 +305,31 @@ class ExpertProjections {
     std::vector<std::uint16_t> rounded_rows;    // [c, d_model] gathered rows of a rounded input
     std::vector<Index> token_rows;              // [c] the token row of each of an expert's assignments
     detail::PanelWeight packed;                 // an expert's weight packed for the row kernel (training)
+    std::shared_ptr<const detail::PanelWeight> handed_on;  // the next expert's kept packed weight (inference)
+    const Scalar* handed_on_of = nullptr;                   // the weight it is of
   };
+
+  // Expert e's weight (a block of rows of the experts' weights) packed for the row kernel: the copy
+  // next_block handed on when it fetched it ahead for this expert, else packed_weight's.
+  static std::shared_ptr<const detail::PanelWeight> packed_expert(const Compute& compute,
+                                                                  const ConstMatrixRef<Scalar>& weight,
+                                                                  std::uint64_t version, Scratch& scratch) {
+    if (version != 0 && scratch.handed_on && scratch.handed_on_of == weight.data() && scratch.handed_on->version == version)
+      return std::move(scratch.handed_on);
+    return detail::packed_weight<Scalar>(compute, weight, version, scratch.packed);
+  }
+
+  // What an expert of `count` rows fetches into L2 while its row kernels run (nothing unless
+  // fetches_ahead): the next expert's rows of `of` (its block of `block` rows: a weight, or a weight
+  // gradient), or with a version (inference) that weight's kept packed copy, which is handed on in
+  // the scratch to packed_expert (one lookup in the store per expert, not two).
+  static detail::Upcoming next_block(const Compute& compute, const ConstMatrixRef<Scalar>& of, Index block, Index next,
+                                     Index count, std::uint64_t version, Scratch& scratch) {
+    if (!fetches_ahead(next, count)) return {};
+    const auto rows = of.middleRows(next * block, block);
+    if (version != 0) scratch.handed_on_of = rows.data();
+    return detail::upcoming_weight<Scalar>(compute, rows, version, scratch.handed_on);
+  }
 
   // projected = rows [first, first + count) of an expert's rows of a rounded input times weight^T,
   // in bf16: gathered as bfloat16 (half the bytes of floats) into gathered's same rows [c, d_model],
