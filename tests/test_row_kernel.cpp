@@ -99,7 +99,7 @@ TEST_CASE("row kernel: lists of rows times a weight read as it lies (a backward'
   }
 }
 
-TEST_CASE("Upcoming: a matrix in one piece is its lines, and shares split them without gap or overlap",
+TEST_CASE("Upcoming: a matrix in one piece is its lines; shares, and the lines beyond a count, split them without gap or overlap",
           "[row_kernel]") {
   using moa::detail::Upcoming;
   const std::vector<float> buffer(1000);
@@ -124,6 +124,12 @@ TEST_CASE("Upcoming: a matrix in one piece is its lines, and shares split them w
       // A range of shares is the shares it spans.
       const Upcoming range = upcoming.share(1, parts, 2);
       REQUIRE(range.lines == upcoming.share(1, parts).lines + upcoming.share(2, parts).lines);
+    }
+    // What a tile fetches as it runs, and the rest before it: the whole, once.
+    for (const Index count : {0, 1, 5, 64, 3000}) {
+      const Upcoming upcoming{whole.data, lines}, rest = upcoming.beyond(count);
+      REQUIRE(rest.lines == std::max<Index>(0, lines - count));
+      if (rest.lines > 0) REQUIRE(rest.data == upcoming.data + 64 * count);
     }
   }
 }
