@@ -94,7 +94,7 @@ struct PanelView {
   Index step(Index p) const { return row_step == 0 ? panel_width(p) : row_step; }
 };
 
-// Memory a product fetches into L2 as it runs, a share of its cache lines before each tile: the
+// Memory a product fetches into L2 as it runs, a share of its cache lines with each tile: the
 // weight its thread multiplies next (the next expert's). With many experts each weight comes from
 // L3 once per pass, and would otherwise be waited for while nothing else runs.
 struct Upcoming {
@@ -254,7 +254,7 @@ __attribute__((target("avx512f"))) inline void row_tile(const float* const* a_ro
 
 // Rows [0, m) times one depth block of a panel. Meanwhile the cache lines of `next` (the block
 // after this one) and of `upcoming` (a share of the next weight's) are fetched into L2, a few
-// before each tile: with many experts, each weight comes from memory once per call, and the first
+// with each whole tile: with many experts, each weight comes from memory once per call, and the first
 // tile of a block would wait on it (wide64's forward: 7.2-8.0 -> 6.5-7.6 ms).
 template <int V>
 __attribute__((target("avx512f"))) inline void row_panel(Index m, const float* const* a_row, const float* panel,
@@ -330,7 +330,7 @@ __attribute__((target("avx512f"))) inline void outer_tile(Index m, const float* 
 }
 
 // Rows [0, n) of w's panel (rows ldw apart) += G^T X: G's m rows g_row, X [m, 16 V] (rows xs apart).
-// upcoming's lines go into L2 meanwhile, a share before each tile.
+// upcoming's lines go into L2 meanwhile, a share with each tile.
 template <int V>
 __attribute__((target("avx512f"))) inline void outer_panel(Index m, const float* const* g_row, Index n, const float* x,
                                                            Index xs, float* w, Index ldw, const Upcoming& upcoming) {
