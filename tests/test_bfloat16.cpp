@@ -53,31 +53,45 @@ TEST_CASE("bfloat16: rounding an array (SIMD where built) equals rounding each v
 
 TEST_CASE("gemm_bfloat16_weight: the product with each block of the rounded weight", "[bf16][gemm]") {
   moa::Rng rng(4);
-  for (const Index block_rows : {3, 16, 64, 70}) {
-    for (const Index in : {1, 17, 64}) {
-      const MatrixF weight = random_matrix<float>(3 * block_rows, in, rng);  // 3 blocks
-      const moa::BFloat16Weight rounded(weight, block_rows);
-      REQUIRE(rounded.blocks() == 3);
-      for (const Index m : {1, 2, 3, 4, 5, 9}) {
-        for (const bool accumulate : {false, true}) {
-          INFO("block_rows " << block_rows << " in " << in << " m " << m << " accumulate " << accumulate);
-          const MatrixF a_storage = random_matrix<float>(m, in + 3, rng);
-          const auto a = a_storage.leftCols(in);  // a leading dimension wider than the row
-          MatrixF c = random_matrix<float>(m, block_rows, rng);
-          const MatrixD before = c.cast<double>();
-          moa::gemm_bfloat16_weight(a, rounded, 1, c, accumulate);
-          // The same product in double with the weight rounded as the kernel reads it.
-          MatrixD expected = accumulate ? before : MatrixD::Zero(m, block_rows);
-          for (Index i = 0; i < m; ++i)
-            for (Index j = 0; j < block_rows; ++j)
-              for (Index l = 0; l < in; ++l)
-                expected(i, j) += static_cast<double>(a(i, l)) *
-                                  moa::bfloat16_to_float(moa::round_to_bfloat16(weight(block_rows + j, l)));
-          REQUIRE(relative_error(c.cast<double>(), expected) < 1e-5);
-          // Rounding the weight is the only rounding: against the float weight, bf16's 2^-9.
-          if (!accumulate) {
-            const MatrixD exact = a.cast<double>() * weight.middleRows(block_rows, block_rows).cast<double>().transpose();
-            REQUIRE(relative_error(c.cast<double>(), exact) < 1e-2);
+  const auto bf16 = [](float x) { return static_cast<double>(moa::bfloat16_to_float(moa::round_to_bfloat16(x))); };
+  // Both kernels where the CPU has AVX512-BF16's dot products (the public function takes those),
+  // the float one elsewhere.
+  std::vector<bool> kernels{false};
+  if (moa::detail::bfloat16_dot_products_available()) kernels.push_back(true);
+  for (const bool dot_products : kernels) {
+    for (const Index block_rows : {3, 16, 64, 70, 80}) {
+      for (const Index in : {1, 2, 17, 64, 1030}) {  // 1030: three chunks of rounded rows, the last odd
+        const MatrixF weight = random_matrix<float>(3 * block_rows, in, rng);  // 3 blocks
+        const moa::BFloat16Weight rounded(weight, block_rows);
+        REQUIRE(rounded.blocks() == 3);
+        for (const Index m : {1, 2, 3, 4, 5, 9}) {
+          for (const bool accumulate : {false, true}) {
+            INFO("dot products " << dot_products << " block_rows " << block_rows << " in " << in << " m " << m
+                                 << " accumulate " << accumulate);
+            const MatrixF a_storage = random_matrix<float>(m, in + 3, rng);
+            const auto a = a_storage.leftCols(in);  // a leading dimension wider than the row
+            MatrixF c = random_matrix<float>(m, block_rows, rng);
+            const MatrixD before = c.cast<double>();
+            if (dot_products == moa::detail::bfloat16_dot_products_available()) {
+              moa::gemm_bfloat16_weight(a, rounded, 1, c, accumulate);
+            } else {
+              if (!accumulate) c.setZero();
+              moa::detail::few_rows_times_bfloat16_pairs(m, block_rows, in, a.data(), a.outerStride(), rounded.block(1),
+                                                         c.data(), c.outerStride(), dot_products);
+            }
+            // The same product in double with the weight rounded as the kernel reads it, and the
+            // rows too where the kernel takes dot products of bfloat16 pairs.
+            MatrixD expected = accumulate ? before : MatrixD::Zero(m, block_rows);
+            for (Index i = 0; i < m; ++i)
+              for (Index j = 0; j < block_rows; ++j)
+                for (Index l = 0; l < in; ++l)
+                  expected(i, j) += (dot_products ? bf16(a(i, l)) : a(i, l)) * bf16(weight(block_rows + j, l));
+            REQUIRE(relative_error(c.cast<double>(), expected) < 1e-5);
+            // Against the float weight and rows: bf16's 2^-9 for each rounded operand.
+            if (!accumulate) {
+              const MatrixD exact = a.cast<double>() * weight.middleRows(block_rows, block_rows).cast<double>().transpose();
+              REQUIRE(relative_error(c.cast<double>(), exact) < 1e-2);
+            }
           }
         }
       }

@@ -2,8 +2,10 @@
 //
 // A decoding step multiplies a few rows by each weight it touches, so its time is the time to
 // stream the weights (MoA's chosen experts: megabytes per step). Rounded to bfloat16 once for a
-// whole decoding, a weight is half the bytes; the rows stay float and the sums are float, so the
-// only rounding is that of the weight itself (relative 2^-9).
+// whole decoding, a weight is half the bytes. The sums are float. Where the CPU has AVX512-BF16,
+// the rows are rounded too and multiplied by its dot products of bfloat16 pairs, one instruction
+// for 32 multiply-adds (as oneDNN's bf16 products round a layer's input); elsewhere the rows stay
+// float, and the only rounding is the weight's (relative 2^-9).
 #pragma once
 
 #include "moa/error.hpp"
@@ -40,8 +42,11 @@ inline float bfloat16_to_float(std::uint16_t x) {
 
 // A layer's weight W [out, in] rounded to bfloat16 for products x W^T with few rows x. Its rows
 // are cut into blocks of block_rows (MoA: one expert's projection each; one block for a dense
-// layer), and each block is stored transposed, [in, block_rows], so a product streams it row by
-// row into accumulators (no horizontal sums).
+// layer), and each block is stored transposed with pairs of inputs interleaved,
+// [ceil(in / 2), block_rows, 2] (element (l, j) at ((l / 2) * block_rows + j) * 2 + l % 2; an odd
+// in is padded with a zero input): a product streams it pair row by pair row into accumulators (no
+// horizontal sums), and each 32-bit lane holds the two numbers that one AVX512-BF16 dot product
+// takes.
 class BFloat16Weight {
  public:
   BFloat16Weight() = default;
@@ -49,23 +54,25 @@ class BFloat16Weight {
       : blocks_(block_rows > 0 ? weight.rows() / block_rows : 0), block_rows_(block_rows), in_(weight.cols()) {
     MOA_CHECK(block_rows > 0 && weight.rows() % block_rows == 0, "BFloat16Weight", "the weight's ", weight.rows(),
               " rows do not split into blocks of ", block_rows);
-    data_.resize(static_cast<std::size_t>(weight.rows() * in_));
+    data_.assign(static_cast<std::size_t>(blocks_ * block_size()), 0);
     for (Index block = 0; block < blocks_; ++block)
       for (Index r = 0; r < block_rows_; ++r)
         for (Index c = 0; c < in_; ++c)
-          data_[static_cast<std::size_t>((block * in_ + c) * block_rows_ + r)] =
+          data_[static_cast<std::size_t>(block * block_size() + ((c / 2) * block_rows_ + r) * 2 + c % 2)] =
               round_to_bfloat16(weight(block * block_rows_ + r, c));
   }
 
   Index blocks() const { return blocks_; }
   Index block_rows() const { return block_rows_; }
   Index in_features() const { return in_; }
-  // Block b transposed: [in, block_rows], row-major.
-  const std::uint16_t* block(Index b) const { return data_.data() + b * in_ * block_rows_; }
+  // Block b transposed with pairs of inputs interleaved: [ceil(in / 2), block_rows, 2].
+  const std::uint16_t* block(Index b) const { return data_.data() + b * block_size(); }
 
  private:
+  Index block_size() const { return (in_ + 1) / 2 * block_rows_ * 2; }
+
   Index blocks_ = 0, block_rows_ = 0, in_ = 0;
-  std::vector<std::uint16_t> data_;  // [blocks, in, block_rows]
+  std::vector<std::uint16_t> data_;  // [blocks, ceil(in / 2), block_rows, 2]
 };
 
 // True where the build's vector unit widens bfloat16 in registers (AVX2, AVX-512): only there do
@@ -135,6 +142,7 @@ inline void few_rows_times_bfloat16(Index m, Index n, Index k, const float* a, I
   }
 }
 
+
 }  // namespace detail
 
 // A matrix rounded to bfloat16 (a decoding cache's keys or values): rows x cols, row stride
@@ -194,6 +202,162 @@ inline void round_to_bfloat16(const float* source, Index count, std::uint16_t* t
 #if defined(__GNUC__)
 #pragma GCC diagnostic pop
 #endif
+
+// Whether this CPU has AVX512-BF16's dot products of bfloat16 pairs (vdpbf16ps), checked at run
+// time: the build needs no -mavx512bf16.
+inline bool bfloat16_dot_products_available() {
+#if MOA_ROW_KERNEL_X86
+  static const bool available = __builtin_cpu_supports("avx512bf16");
+  return available;
+#else
+  return false;
+#endif
+}
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"  // see dot_block in moa/gemm.hpp
+#endif
+// `width` interleaved pairs of a rounded weight as two packets of floats: the pairs' first numbers
+// (input 2p of each column), then their second (input 2p + 1). Only a shift and a mask apart.
+template <typename Packet, Index width>
+void load_bfloat16_pairs(const std::uint16_t* source, Packet& first, Packet& second) {
+#if defined(__AVX512F__)
+  if constexpr (width == 16) {
+    const __m512i pairs = _mm512_loadu_si512(source);
+    first = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+    second = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    return;
+  }
+#endif
+#if defined(__AVX2__)
+  if constexpr (width == 8) {
+    const __m256i pairs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(source));
+    first = _mm256_castsi256_ps(_mm256_slli_epi32(pairs, 16));
+    second = _mm256_castsi256_ps(_mm256_and_si256(pairs, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+    return;
+  }
+#endif
+  alignas(64) float expanded[2][width];
+  for (Index lane = 0; lane < width; ++lane)
+    for (int half = 0; half < 2; ++half) expanded[half][lane] = bfloat16_to_float(source[2 * lane + half]);
+  first = Eigen::internal::pload<Packet>(expanded[0]);
+  second = Eigen::internal::pload<Packet>(expanded[1]);
+}
+
+// c[M, T*width] += a[M, k] b for T packets of columns of a rounded weight's block (pair rows of
+// stride ldb), the rows of a in float: the weight's is the only rounding.
+template <int M, int T>
+void pair_rows_tile(Index k, const float* a, Index lda, const std::uint16_t* b, Index ldb, float* c, Index ldc) {
+  using Packet = Eigen::internal::packet_traits<float>::type;
+  constexpr Index width = Eigen::internal::packet_traits<float>::size;
+  Packet sums[M][T];
+  for (int i = 0; i < M; ++i)
+    for (int t = 0; t < T; ++t) sums[i][t] = Eigen::internal::pset1<Packet>(0.0f);
+  for (Index p = 0; 2 * p < k; ++p) {
+    Packet first[T], second[T];
+    for (int t = 0; t < T; ++t) load_bfloat16_pairs<Packet, width>(b + p * ldb + 2 * width * t, first[t], second[t]);
+    for (int i = 0; i < M; ++i) {
+      const Packet x0 = Eigen::internal::pset1<Packet>(a[i * lda + 2 * p]);
+      const Packet x1 = Eigen::internal::pset1<Packet>(2 * p + 1 < k ? a[i * lda + 2 * p + 1] : 0.0f);
+      for (int t = 0; t < T; ++t)
+        sums[i][t] = Eigen::internal::pmadd(x1, second[t], Eigen::internal::pmadd(x0, first[t], sums[i][t]));
+    }
+  }
+  for (int i = 0; i < M; ++i)
+    for (int t = 0; t < T; ++t)
+      Eigen::internal::pstoreu(c + i * ldc + t * width,
+                               Eigen::internal::padd(Eigen::internal::ploadu<Packet>(c + i * ldc + t * width), sums[i][t]));
+}
+
+#if MOA_ROW_KERNEL_X86
+// The same with AVX512-BF16 dot products, for rows of a already rounded to bfloat16 (pairs of
+// inputs, row stride lda in bfloat16 numbers): one instruction takes a whole pair row of 16
+// columns, where widening the weight to floats takes three per 8 multiply-adds.
+template <int M, int T>
+__attribute__((target("avx512f,avx512bf16"))) inline void dot_pairs_tile(Index pairs, const std::uint16_t* a, Index lda,
+                                                                          const std::uint16_t* b, Index ldb, float* c,
+                                                                          Index ldc) {
+  __m512 sums[M][T];
+  MOA_UNROLL for (int i = 0; i < M; ++i) MOA_UNROLL for (int t = 0; t < T; ++t) sums[i][t] = _mm512_setzero_ps();
+  for (Index p = 0; p < pairs; ++p) {
+    __m512bh weights[T];
+    MOA_UNROLL for (int t = 0; t < T; ++t) weights[t] = (__m512bh)_mm512_loadu_si512(b + p * ldb + 32 * t);
+    MOA_UNROLL for (int i = 0; i < M; ++i) {
+      std::uint32_t pair;
+      std::memcpy(&pair, a + i * lda + 2 * p, sizeof pair);
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      MOA_UNROLL for (int t = 0; t < T; ++t) sums[i][t] = _mm512_dpbf16_ps(sums[i][t], weights[t], x);
+    }
+  }
+  MOA_UNROLL for (int i = 0; i < M; ++i) MOA_UNROLL for (int t = 0; t < T; ++t)
+    _mm512_storeu_ps(c + i * ldc + 16 * t, _mm512_add_ps(_mm512_loadu_ps(c + i * ldc + 16 * t), sums[i][t]));
+}
+#endif
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+
+// c[M, n] += a[M, k] b for b a rounded weight's block [ceil(k / 2), n, 2] (see BFloat16Weight),
+// streamed once. With dot_products (the CPU has AVX512-BF16), the rows are rounded to bfloat16
+// too, in chunks of kDotChunk inputs, and the products are its dot products.
+template <int M>
+void pair_rows_times(Index n, Index k, const float* a, Index lda, const std::uint16_t* b, float* c, Index ldc,
+                     bool dot_products) {
+  const Index ldb = 2 * n;
+  // Columns no packet covers: one sum at a time over the rows as the tiles read them.
+  const auto remaining_columns = [&](Index from, Index k_first, Index k_count, const auto& value) {
+    for (Index i = 0; i < M; ++i)
+      for (Index j = from; j < n; ++j) {
+        float sum = 0;
+        for (Index l = k_first; l < k_first + k_count; ++l) sum += value(i, l) * bfloat16_to_float(b[((l / 2) * n + j) * 2 + l % 2]);
+        c[i * ldc + j] += sum;
+      }
+  };
+#if MOA_ROW_KERNEL_X86
+  if (dot_products) {
+    constexpr Index kDotChunk = 512;
+    std::uint16_t rounded[M][kDotChunk];  // [M, chunk]: a's rows, an odd chunk's last pair padded with 0
+    for (Index k_first = 0; k_first < k; k_first += kDotChunk) {
+      const Index count = std::min(kDotChunk, k - k_first), pairs = (count + 1) / 2;
+      for (int i = 0; i < M; ++i) {
+        round_to_bfloat16(a + i * lda + k_first, count, rounded[i]);
+        if (count % 2 != 0) rounded[i][count] = 0;  // kDotChunk is even: count is below it
+      }
+      const std::uint16_t* block = b + (k_first / 2) * ldb;
+      Index j = 0;
+      for (; j + 64 <= n; j += 64) dot_pairs_tile<M, 4>(pairs, rounded[0], kDotChunk, block + 2 * j, ldb, c + j, ldc);
+      for (; j + 16 <= n; j += 16) dot_pairs_tile<M, 1>(pairs, rounded[0], kDotChunk, block + 2 * j, ldb, c + j, ldc);
+      remaining_columns(j, k_first, count, [&](Index i, Index l) { return bfloat16_to_float(rounded[i][l - k_first]); });
+    }
+    return;
+  }
+#else
+  static_cast<void>(dot_products);
+#endif
+  constexpr Index width = Eigen::internal::packet_traits<float>::size;
+  constexpr int tile = width >= 16 ? 4 : 2;  // accumulators that fit the register file with M = 4
+  Index j = 0;
+  for (; j + tile * width <= n; j += tile * width) pair_rows_tile<M, tile>(k, a, lda, b + 2 * j, ldb, c + j, ldc);
+  for (; j + width <= n; j += width) pair_rows_tile<M, 1>(k, a, lda, b + 2 * j, ldb, c + j, ldc);
+  remaining_columns(j, 0, k, [&](Index i, Index l) { return a[i * lda + l]; });
+}
+
+// c[m, n] += a[m, k] b for b a rounded weight's block: the rows of a four at a time. dot_products
+// only where bfloat16_dot_products_available().
+inline void few_rows_times_bfloat16_pairs(Index m, Index n, Index k, const float* a, Index lda, const std::uint16_t* b,
+                                          float* c, Index ldc, bool dot_products) {
+  for (Index i = 0; i < m; i += 4) {
+    const float* rows = a + i * lda;
+    float* out = c + i * ldc;
+    switch (std::min<Index>(4, m - i)) {
+      case 1: pair_rows_times<1>(n, k, rows, lda, b, out, ldc, dot_products); break;
+      case 2: pair_rows_times<2>(n, k, rows, lda, b, out, ldc, dot_products); break;
+      case 3: pair_rows_times<3>(n, k, rows, lda, b, out, ldc, dot_products); break;
+      default: pair_rows_times<4>(n, k, rows, lda, b, out, ldc, dot_products); break;
+    }
+  }
+}
 
 }  // namespace detail
 
@@ -302,7 +466,8 @@ inline void gemm_bfloat16_weight(const ConstMatrixRef<float>& a, const BFloat16W
             "moa::gemm_bfloat16_weight", "a is [", m, ", ", a.cols(), "] and c [", c.rows(), ", ", c.cols(),
             "] for block ", block, " of a weight of ", weight.blocks(), " blocks [", n, ", ", k, "]");
   if (!accumulate) c.setZero();
-  detail::few_rows_times_bfloat16(m, n, k, a.data(), a.outerStride(), weight.block(block), n, c.data(), c.outerStride());
+  detail::few_rows_times_bfloat16_pairs(m, n, k, a.data(), a.outerStride(), weight.block(block), c.data(), c.outerStride(),
+                                        detail::bfloat16_dot_products_available());
 }
 
 // Up to this many rows, a product streams a rounded weight; above, gemm() with the float one.
