@@ -7,12 +7,13 @@ using namespace moa_test;
 
 namespace {
 
-// Rows a_rows of `a` times W^T, into rows c_rows of `c`, in double.
+// Rows a_rows of `a` times W^T (times scales[i] when given), into rows c_rows of `c`, in double.
 void naive_rows_product(const MatrixF& a, const std::vector<Index>& a_rows, const MatrixF& weight, MatrixD& c,
-                        const std::vector<Index>& c_rows, bool accumulate) {
+                        const std::vector<Index>& c_rows, bool accumulate, const std::vector<float>& scales = {}) {
   for (std::size_t i = 0; i < a_rows.size(); ++i) {
     const Index source = a_rows[i], target = c_rows[i];
-    const Eigen::RowVectorXd product = a.row(source).cast<double>() * weight.cast<double>().transpose();
+    const double scale = scales.empty() ? 1.0 : static_cast<double>(scales[i]);
+    const Eigen::RowVectorXd product = scale * a.row(source).cast<double>() * weight.cast<double>().transpose();
     if (accumulate) c.row(target) += product;
     else c.row(target) = product;
   }
@@ -35,7 +36,10 @@ TEST_CASE("row kernel: lists of rows times a packed weight equal a naive product
       for (const Index m : {0, 1, 5, 6, 7, 13, 100, 200}) {
         for (const bool lists : {false, true}) {
           for (const bool accumulate : {false, true}) {
-            INFO("n " << n << ", k " << k << ", m " << m << ", row lists " << lists << ", accumulate " << accumulate);
+            // Scaled rows (MoA's gates) with row lists, accumulating or not.
+            const bool scaled = lists && (m % 2 == 1 || accumulate);
+            INFO("n " << n << ", k " << k << ", m " << m << ", row lists " << lists << ", accumulate " << accumulate
+                      << ", scaled " << scaled);
             const MatrixF weight = random_matrix<float>(n, k, rng);   // [n, k]
             const MatrixF a = random_matrix<float>(m + 9, k, rng);    // [m + 9, k]: more rows than the list reads
             MatrixF c = random_matrix<float>(m + 5, n, rng);          // [m + 5, n]
@@ -47,14 +51,16 @@ TEST_CASE("row kernel: lists of rows times a packed weight equal a naive product
                                           : m - 1 - i);
             }
             if (!lists) std::iota(a_rows.begin(), a_rows.end(), Index{0}), std::iota(c_rows.begin(), c_rows.end(), Index{0});
+            std::vector<float> scales;  // [m] when scaled
+            for (Index i = 0; scaled && i < m; ++i) scales.push_back(static_cast<float>(rng.uniform(-2.0, 2.0)));
             MatrixD expected = c.cast<double>();
-            naive_rows_product(a, a_rows, weight, expected, c_rows, accumulate);
+            naive_rows_product(a, a_rows, weight, expected, c_rows, accumulate, scales);
             // Each weight a new version: a new matrix may take a freed one's place.
             const auto packed = store.get(weight.data(), n, k, k, ++version);
             // Fetching another weight ahead meanwhile (the next expert's) changes nothing.
             moa::detail::row_kernel(m, a.data(), k, lists ? a_rows.data() : nullptr, moa::detail::PanelView::packed(*packed), c.data(), n,
                                     lists ? c_rows.data() : nullptr, accumulate,
-                                    moa::detail::Upcoming::of(weight.data(), n, k, k));
+                                    moa::detail::Upcoming::of(weight.data(), n, k, k), scaled ? scales.data() : nullptr);
             REQUIRE(relative_error(c.cast<double>(), expected) < 1e-6);
           }
         }

@@ -116,24 +116,29 @@ class ExpertProjections {
       const bool everyone = !parallel && count == rows;  // every token chose e: accumulate in place
       // Otherwise the row kernel adds into the token rows (or writes the assignments' rows) in place.
       const bool in_place = !everyone && detail::rows_times_weight_serves<Scalar>(precision, model);
-      auto scaled = rows_of(scratch.scaled, count, head_dim);                               // [c, d_h] gate * a
+      // The row kernel reads the attended rows in place and scales each product by its gate.
+      auto scaled = rows_of(scratch.scaled, in_place ? 0 : count, head_dim);                // [c, d_h] gate * a
       auto projected = rows_of(scratch.wide_result, everyone || in_place ? 0 : count, model);  // [c, d_model]
       const Index* target_rows = !in_place ? nullptr : parallel ? ids : token_rows_of(scratch, tokens, ids, count);  // [c]
       const auto packed = in_place ? packed_expert(expert_compute, weight, weights_version, scratch) : nullptr;
       const detail::Upcoming upcoming =
           in_place ? next_block(expert_compute, weights, model, next, count, weights_version, scratch)
                    : detail::Upcoming{};
+      if (in_place) {
+        scratch.gates.resize(static_cast<std::size_t>(count));  // [c]
+        for (Index i = 0; i < count; ++i) scratch.gates[static_cast<std::size_t>(i)] = gates[ids[i]];
+      }
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index slice, int) {
+        if (in_place) {
+          detail::rows_times_weight<Scalar>(*packed, slice, attended.data(), head_dim, ids + first,
+                                            parallel ? by_assignment_.data() : output.data(), model,
+                                            target_rows + first, !parallel, upcoming, scratch.gates.data() + first);
+          return;
+        }
         for (Index i = first; i < first + slice; ++i) scaled.row(i) = gates[ids[i]] * attended.row(ids[i]);
         if (everyone) {
           weight_product<Scalar>(expert_compute, scaled.middleRows(first, slice), weight, rounded, e,
                                  output.middleRows(first, slice), true, precision, weights_version);
-          return;
-        }
-        if (in_place) {
-          detail::rows_times_weight<Scalar>(*packed, slice, scaled.data() + first * head_dim, head_dim, nullptr,
-                                            parallel ? by_assignment_.data() : output.data(), model,
-                                            target_rows + first, !parallel, upcoming);
           return;
         }
         weight_product<Scalar>(expert_compute, scaled.middleRows(first, slice), weight, rounded, e,
@@ -302,6 +307,7 @@ class ExpertProjections {
     Matrix<Scalar> wide_rows, wide_result;      // [c, d_model] gathered rows, per-expert results
     Matrix<Scalar> narrow_rows, narrow_result;  // [c, d_h]
     Matrix<Scalar> scaled;                      // [c, d_h] gate * attended
+    std::vector<Scalar> gates;                  // [c] the gate of each of an expert's assignments
     std::vector<std::uint16_t> rounded_rows;    // [c, d_model] gathered rows of a rounded input
     std::vector<Index> token_rows;              // [c] the token row of each of an expert's assignments
     detail::PanelWeight packed;                 // an expert's weight packed for the row kernel (training)

@@ -550,13 +550,15 @@ Upcoming upcoming_weight(const Compute& compute, const ConstMatrixRef<Scalar>& n
 }
 
 // Lists of rows times a packed weight W [n, k], in place: for i < m, row c_rows[i] of c (+)= row
-// a_rows[i] of a times W^T (a null list: rows in order), by moa's row kernel, fetching `upcoming`
-// into L2 meanwhile. Only where rows_times_weight_serves; the layers check the rows, this cannot.
+// a_rows[i] of a times W^T (a null list: rows in order), times scales[i] where scales is not null,
+// by moa's row kernel, fetching `upcoming` into L2 meanwhile. Only where rows_times_weight_serves;
+// the layers check the rows, this cannot.
 template <typename Scalar>
 void rows_times_weight(const PanelWeight& weight, Index m, const Scalar* a, Index lda, const Index* a_rows, Scalar* c,
-                       Index ldc, const Index* c_rows, bool accumulate, const Upcoming& upcoming = {}) {
+                       Index ldc, const Index* c_rows, bool accumulate, const Upcoming& upcoming = {},
+                       const Scalar* scales = nullptr) {
   if constexpr (std::is_same_v<Scalar, float>) {
-    if (m > 0) row_kernel(m, a, lda, a_rows, PanelView::packed(weight), c, ldc, c_rows, accumulate, upcoming);
+    if (m > 0) row_kernel(m, a, lda, a_rows, PanelView::packed(weight), c, ldc, c_rows, accumulate, upcoming, scales);
   } else {
     throw Error("moa::detail::rows_times_weight: the row kernel takes float only");
   }

@@ -222,8 +222,8 @@ class PanelStore {
 
 #if MOA_ROW_KERNEL_X86
 
-// Rows [0, R) of a tile: c_row[r][0, 16 V) (+)= sum over kk of a_row[r][kk] panel[kk][0, 16 V).
-// Each row is stored (or loaded, added and stored) before the next, so two rows of a tile that
+// Rows [0, R) of a tile: c_row[r][0, 16 V) (+)= scale[r] sum over kk of a_row[r][kk] panel[kk][0,
+// 16 V) (a null scale: 1). Each row is stored (or loaded, added and stored) before the next, so two rows of a tile that
 // name the same row of c both land. The lines of `first` and `second` (up to k of each) are
 // fetched into L2 one per step: issued all at once before the tile, 50-80 fetches filled the
 // queue of misses, and the tile's own loads waited behind them (E = 64's projections, one thread:
@@ -231,7 +231,8 @@ class PanelStore {
 template <int R, int V>
 __attribute__((target("avx512f"))) inline void row_tile(const float* const* a_row, const float* panel, Index step,
                                                         Index k, float* const* c_row, bool accumulate,
-                                                        const Upcoming& first = {}, const Upcoming& second = {}) {
+                                                        const float* scale, const Upcoming& first = {},
+                                                        const Upcoming& second = {}) {
   __m512 sum[R][V];
   MOA_UNROLL for (int r = 0; r < R; ++r)
     MOA_UNROLL for (int v = 0; v < V; ++v) sum[r][v] = _mm512_setzero_ps();
@@ -245,6 +246,11 @@ __attribute__((target("avx512f"))) inline void row_tile(const float* const* a_ro
       MOA_UNROLL for (int v = 0; v < V; ++v) sum[r][v] = _mm512_fmadd_ps(x, b[v], sum[r][v]);
     }
   }
+  if (scale != nullptr)
+    MOA_UNROLL for (int r = 0; r < R; ++r) {
+      const __m512 factor = _mm512_set1_ps(scale[r]);
+      MOA_UNROLL for (int v = 0; v < V; ++v) sum[r][v] = _mm512_mul_ps(sum[r][v], factor);
+    }
   MOA_UNROLL for (int r = 0; r < R; ++r)
     MOA_UNROLL for (int v = 0; v < V; ++v) {
       float* target = c_row[r] + 16 * v;
@@ -259,7 +265,8 @@ __attribute__((target("avx512f"))) inline void row_tile(const float* const* a_ro
 template <int V>
 __attribute__((target("avx512f"))) inline void row_panel(Index m, const float* const* a_row, const float* panel,
                                                          Index step, Index k, float* const* c_row, bool accumulate,
-                                                         const Upcoming& next, const Upcoming& upcoming) {
+                                                         const float* scale, const Upcoming& next,
+                                                         const Upcoming& upcoming) {
   // Fetches only before whole tiles: with fewer than 6 rows (decoding steps) the weight streams
   // from memory as it is read, and fetching the next block beside it made wide's decoding step 30%
   // slower.
@@ -280,13 +287,14 @@ __attribute__((target("avx512f"))) inline void row_panel(Index m, const float* c
       if (accumulate)
         for (Index v = 0; v < V; ++v) _mm_prefetch(reinterpret_cast<const char*>(c_row[r] + 16 * v), _MM_HINT_T0);
     }
+    const float* tile_scale = scale != nullptr ? scale + i : nullptr;
     switch (std::min<Index>(6, m - i)) {
-      case 6: row_tile<6, V>(a_row + i, panel, step, k, c_row + i, accumulate, first, second); break;
-      case 5: row_tile<5, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
-      case 4: row_tile<4, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
-      case 3: row_tile<3, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
-      case 2: row_tile<2, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
-      default: row_tile<1, V>(a_row + i, panel, step, k, c_row + i, accumulate); break;
+      case 6: row_tile<6, V>(a_row + i, panel, step, k, c_row + i, accumulate, tile_scale, first, second); break;
+      case 5: row_tile<5, V>(a_row + i, panel, step, k, c_row + i, accumulate, tile_scale); break;
+      case 4: row_tile<4, V>(a_row + i, panel, step, k, c_row + i, accumulate, tile_scale); break;
+      case 3: row_tile<3, V>(a_row + i, panel, step, k, c_row + i, accumulate, tile_scale); break;
+      case 2: row_tile<2, V>(a_row + i, panel, step, k, c_row + i, accumulate, tile_scale); break;
+      default: row_tile<1, V>(a_row + i, panel, step, k, c_row + i, accumulate, tile_scale); break;
     }
   }
 }
@@ -357,9 +365,12 @@ __attribute__((target("avx512f"))) inline void outer_panel(Index m, const float*
 // For i < m: row c_rows[i] of c (+)= row a_rows[i] of a times W^T, W read through `weight`
 // (row_kernel_serves(weight.n)). a: rows of weight.k floats with stride lda; c: rows of weight.n
 // floats with stride ldc; a null row list means rows 0, 1, ... in order. Rows of c may repeat
-// when accumulating (each adds in turn). `upcoming` is fetched into L2 meanwhile.
+// when accumulating (each adds in turn). `upcoming` is fetched into L2 meanwhile. With scales,
+// row i's product is multiplied by scales[i] before it is stored or added (MoA's gates: no scaled
+// copy of the rows first).
 inline void row_kernel(Index m, const float* a, Index lda, const Index* a_rows, const PanelView& weight, float* c,
-                       Index ldc, const Index* c_rows, bool accumulate, const Upcoming& upcoming = {}) {
+                       Index ldc, const Index* c_rows, bool accumulate, const Upcoming& upcoming = {},
+                       const float* scales = nullptr) {
 #if MOA_ROW_KERNEL_X86
   constexpr Index kBlock = 96;  // rows whose pointers are found at once
   // The depth of a panel read in one pass over the rows: 128 x 64 floats (32 KB) stay in the L1
@@ -408,18 +419,19 @@ inline void row_kernel(Index m, const float* a, Index lda, const Index* a_rows, 
         const float* a_block[kBlock];
         for (Index i = 0; i < rows; ++i) a_block[i] = a_row[i] + k0;
         const bool add = accumulate || k0 > 0;
+        const float* block_scales = scales != nullptr ? scales + first : nullptr;
         switch (width / 16) {
-          case 4: row_panel<4>(rows, a_block, panel, read_step, depth, c_panel, add, ahead, share); break;
-          case 3: row_panel<3>(rows, a_block, panel, read_step, depth, c_panel, add, ahead, share); break;
-          case 2: row_panel<2>(rows, a_block, panel, read_step, depth, c_panel, add, ahead, share); break;
-          default: row_panel<1>(rows, a_block, panel, read_step, depth, c_panel, add, ahead, share); break;
+          case 4: row_panel<4>(rows, a_block, panel, read_step, depth, c_panel, add, block_scales, ahead, share); break;
+          case 3: row_panel<3>(rows, a_block, panel, read_step, depth, c_panel, add, block_scales, ahead, share); break;
+          case 2: row_panel<2>(rows, a_block, panel, read_step, depth, c_panel, add, block_scales, ahead, share); break;
+          default: row_panel<1>(rows, a_block, panel, read_step, depth, c_panel, add, block_scales, ahead, share); break;
         }
       }
     }
   }
 #else
   (void)m, (void)a, (void)lda, (void)a_rows, (void)weight, (void)c, (void)ldc, (void)c_rows, (void)accumulate,
-      (void)upcoming;
+      (void)upcoming, (void)scales;
 #endif
 }
 
