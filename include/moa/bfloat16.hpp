@@ -272,8 +272,8 @@ void pair_rows_tile(Index k, const float* a, Index lda, const std::uint16_t* b, 
 
 #if MOA_ROW_KERNEL_X86
 // The same with AVX512-BF16 dot products, for rows of a already rounded to bfloat16 (pairs of
-// inputs, row stride lda in bfloat16 numbers): one instruction takes a whole pair row of 16
-// columns, where widening the weight to floats takes three per 8 multiply-adds.
+// inputs, row stride lda in bfloat16 numbers): one instruction takes a pair row of 16 columns, 32
+// multiply-adds, where widening the weight to floats takes three instructions for 16.
 template <int M, int T>
 __attribute__((target("avx512f,avx512bf16"))) inline void dot_pairs_tile(Index pairs, const std::uint16_t* a, Index lda,
                                                                           const std::uint16_t* b, Index ldb, float* c,
@@ -310,7 +310,8 @@ void pair_rows_times(Index n, Index k, const float* a, Index lda, const std::uin
     for (Index i = 0; i < M; ++i)
       for (Index j = from; j < n; ++j) {
         float sum = 0;
-        for (Index l = k_first; l < k_first + k_count; ++l) sum += value(i, l) * bfloat16_to_float(b[((l / 2) * n + j) * 2 + l % 2]);
+        for (Index l = k_first; l < k_first + k_count; ++l)
+          sum += value(i, l) * bfloat16_to_float(b[((l / 2) * n + j) * 2 + l % 2]);
         c[i * ldc + j] += sum;
       }
   };
@@ -328,7 +329,8 @@ void pair_rows_times(Index n, Index k, const float* a, Index lda, const std::uin
       Index j = 0;
       for (; j + 64 <= n; j += 64) dot_pairs_tile<M, 4>(pairs, rounded[0], kDotChunk, block + 2 * j, ldb, c + j, ldc);
       for (; j + 16 <= n; j += 16) dot_pairs_tile<M, 1>(pairs, rounded[0], kDotChunk, block + 2 * j, ldb, c + j, ldc);
-      remaining_columns(j, k_first, count, [&](Index i, Index l) { return bfloat16_to_float(rounded[i][l - k_first]); });
+      remaining_columns(j, k_first, count,
+                        [&](Index i, Index l) { return bfloat16_to_float(rounded[i][l - k_first]); });
     }
     return;
   }
@@ -466,8 +468,8 @@ inline void gemm_bfloat16_weight(const ConstMatrixRef<float>& a, const BFloat16W
             "moa::gemm_bfloat16_weight", "a is [", m, ", ", a.cols(), "] and c [", c.rows(), ", ", c.cols(),
             "] for block ", block, " of a weight of ", weight.blocks(), " blocks [", n, ", ", k, "]");
   if (!accumulate) c.setZero();
-  detail::few_rows_times_bfloat16_pairs(m, n, k, a.data(), a.outerStride(), weight.block(block), c.data(), c.outerStride(),
-                                        detail::bfloat16_dot_products_available());
+  detail::few_rows_times_bfloat16_pairs(m, n, k, a.data(), a.outerStride(), weight.block(block), c.data(),
+                                        c.outerStride(), detail::bfloat16_dot_products_available());
 }
 
 // Up to this many rows, a product streams a rounded weight; above, gemm() with the float one.
