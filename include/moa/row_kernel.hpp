@@ -223,8 +223,8 @@ class PanelStore {
 #if MOA_ROW_KERNEL_X86
 
 // Rows [0, R) of a tile: c_row[r][0, 16 V) (+)= scale[r] sum over kk of a_row[r][kk] panel[kk][0,
-// 16 V) (a null scale: 1). Each row is stored (or loaded, added and stored) before the next, so two rows of a tile that
-// name the same row of c both land. The lines of `first` and `second` (up to k of each) are
+// 16 V) (a null scale: 1). Each row is stored (or loaded, added and stored) before the next, so
+// two rows of a tile that name the same row of c both land. The lines of `first` and `second` (up to k of each) are
 // fetched into L2 one per step: issued all at once before the tile, 50-80 fetches filled the
 // queue of misses, and the tile's own loads waited behind them (E = 64's projections, one thread:
 // 1.94-2.00 -> 1.74-1.79 ms).
