@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""The README's benchmark table: moa_bench at one thread, two threads and bf16, medians of repetitions.
+"""The README's benchmark table: moa_bench at one thread, two threads and bf16, medians of rounds.
 
     python3 bench/benchmark_table.py [--moa-bench build/bench/bench/moa_bench] [--repetitions 3]
 
-Runs moa_bench three times (--threads=1, --threads=2, --precision=bf16) over the table's benchmarks,
-each with --benchmark_repetitions and aggregates only, and prints the table in Markdown: time,
-GFLOP/s, %best and tokens/s at one thread, then the 2-thread time (its speedup) and the bf16 time
-(its speedup). Not part of the tests.
+Runs moa_bench over the table's benchmarks with --threads=1, --threads=2 and --precision=bf16 in
+turn, and does so `--repetitions` rounds: the three runs alternate, so that on a shared host whose
+speed drifts over minutes each column samples the same stretches of time, and a speedup compares
+runs made minutes apart at most. Prints the table in Markdown: time, GFLOP/s, %best and tokens/s at
+one thread (the round with the median time), then the 2-thread time (its speedup) and the bf16 time
+(its speedup), medians over the rounds. Not part of the tests.
 """
 import argparse
 import json
@@ -39,20 +41,25 @@ ROWS += [("BM_MoADecode/wide_cache256", "MoA decode step, wide, 8 sequences, 256
          ("BM_AttentionKernel/noncausal", "attention kernel alone, not causal", False, False)]
 
 
-def run(moa_bench, flags, repetitions):
-    """Median of each benchmark: name -> (seconds, GFLOP/s, %best, tokens/s)."""
+def run(moa_bench, flags):
+    """One run of the table's benchmarks: name -> (seconds, GFLOP/s, %best, tokens/s)."""
     names = "|".join(name for name, _, _, _ in ROWS)
-    command = [moa_bench, *flags, f"--benchmark_filter=^({names})$", "--benchmark_format=json",
-               f"--benchmark_repetitions={repetitions}", "--benchmark_report_aggregates_only=true"]
+    command = [moa_bench, *flags, f"--benchmark_filter=^({names})$", "--benchmark_format=json"]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     result = {}
     for entry in json.loads(output)["benchmarks"]:
-        wanted = "iteration" if repetitions == 1 else "aggregate"
-        if entry.get("run_type") != wanted or (wanted == "aggregate" and entry.get("aggregate_name") != "median"):
-            continue
         scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[entry["time_unit"]]
         result[entry["run_name"]] = (entry["real_time"] * scale, entry.get("GFLOP/s", 0.0),
                                      entry.get("%best", 0.0), entry.get("tokens/s", 0.0))
+    return result
+
+
+def median_rounds(rounds):
+    """Per benchmark, the values of the round with the median time (the lower one of an even count)."""
+    result = {}
+    for name in rounds[0]:
+        measured = sorted((values for values in (one.get(name) for one in rounds) if values), key=lambda v: v[0])
+        result[name] = measured[(len(measured) - 1) // 2]
     return result
 
 
@@ -72,9 +79,9 @@ def main():
     if not os.access(arguments.moa_bench, os.X_OK):
         sys.exit(f"no moa_bench at {arguments.moa_bench}: build it with `cmake --workflow --preset bench`, "
                  "or pass --moa-bench")
-    one = run(arguments.moa_bench, ["--threads=1"], arguments.repetitions)
-    two = run(arguments.moa_bench, ["--threads=2"], arguments.repetitions)
-    bf16 = run(arguments.moa_bench, ["--precision=bf16"], arguments.repetitions)
+    configurations = (["--threads=1"], ["--threads=2"], ["--precision=bf16"])
+    rounds = [[run(arguments.moa_bench, flags) for flags in configurations] for _ in range(arguments.repetitions)]
+    one, two, bf16 = (median_rounds([measured[index] for measured in rounds]) for index in range(3))
     print("| benchmark | 1 thread | GFLOP/s | %best | tokens/s | 2 threads | bf16, 1 thread |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, label, show_two, show_bf16 in ROWS:
