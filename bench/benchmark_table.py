@@ -72,7 +72,8 @@ def duration(seconds):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--moa-bench", default="build/bench/bench/moa_bench", help="path of moa_bench")
-    parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--repetitions", type=int, default=3,
+                        help="rounds of the three runs; each value shown is the median round's (default 3)")
     arguments = parser.parse_args()
     if arguments.repetitions < 1:
         sys.exit(f"--repetitions must be at least 1, got {arguments.repetitions}")
