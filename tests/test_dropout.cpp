@@ -27,6 +27,23 @@ TEST_CASE("Dropout: the same seed gives the same mask", "[dropout]") {
   REQUIRE(dropout.forward(input, first) == dropout.forward(input, second));
 }
 
+TEST_CASE("Dropout: entry i is dropped when draw i of the stream gives uniform() < p", "[dropout]") {
+  // The mask tests the draws in integers; this is the definition it must agree with, at
+  // probabilities that are not multiples of 2^-53's powers of two and at tiny ones.
+  for (double probability : {0.1, 0.3, 0.5, 1.0 / 3.0, 0.999, 1e-17}) {
+    moa::Dropout<float> dropout(probability);
+    moa::Rng rng(123), reference(123);
+    const MatrixF input = MatrixF::Ones(37, 29);
+    const MatrixF output = dropout.forward(input, rng);
+    const float scale = static_cast<float>(1.0 / (1.0 - probability));
+    for (moa::Index i = 0; i < output.size(); ++i) {
+      const float expected = reference.uniform() < probability ? 0.0f : scale;
+      REQUIRE(output.data()[i] == expected);
+    }
+    REQUIRE(rng.state() == reference.state());  // the forward took one draw per entry
+  }
+}
+
 TEST_CASE("Dropout: bad input throws moa::Error", "[dropout][errors]") {
   REQUIRE_MOA_ERROR(moa::Dropout<float>(1.0), "Dropout: probability must be in [0, 1), got 1");
   REQUIRE_MOA_ERROR(moa::Dropout<float>(-0.1), "probability must be in [0, 1)");

@@ -35,6 +35,13 @@ TEST_CASE("Rng::discard skips draws: a copy advanced by i continues from draw i"
   REQUIRE(jumped.state() == serial.state());
 }
 
+TEST_CASE("Rng::peek(i) is draw i from here, and draws nothing", "[random]") {
+  moa::Rng serial(5), peeking(5);
+  for (std::uint64_t i = 0; i < 20; ++i) REQUIRE(peeking.peek(i) == serial.next_u64());
+  REQUIRE(peeking.state() == moa::Rng(5).state());
+  REQUIRE(peeking.next_u64() == moa::Rng(5).next_u64());
+}
+
 TEST_CASE("Rng: uniform, below and normal have the right moments", "[random]") {
   moa::Rng rng(7);
   const int draws = 200000;

@@ -18,16 +18,15 @@ class Rng {
  public:
   explicit Rng(std::uint64_t seed = 0) : state_(seed) {}
 
-  std::uint64_t next_u64() {
-    std::uint64_t z = (state_ += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-  }
+  std::uint64_t next_u64() { return mix(state_ += kIncrement); }
+
+  // Draw i of the stream from here (i = 0: what next_u64() returns next), without drawing: the
+  // draws of a stretch are independent of each other, so a loop over them vectorises.
+  std::uint64_t peek(std::uint64_t i) const { return mix(state_ + (i + 1) * kIncrement); }
 
   // Skips `count` draws in O(1) (SplitMix64's state advances by a constant per draw): a copy
   // advanced by i draws continues the stream from draw i, so parts of it can be drawn in parallel.
-  void discard(std::uint64_t count) { state_ += count * 0x9E3779B97F4A7C15ULL; }
+  void discard(std::uint64_t count) { state_ += count * kIncrement; }
 
   // Uniform in [0, 1) with 53 random bits.
   double uniform() { return static_cast<double>(next_u64() >> 11) * 0x1.0p-53; }
@@ -55,6 +54,13 @@ class Rng {
   void set_state(std::uint64_t state) { state_ = state; }
 
  private:
+  static constexpr std::uint64_t kIncrement = 0x9E3779B97F4A7C15ULL;
+  static std::uint64_t mix(std::uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+  }
+
   std::uint64_t state_;
 };
 
