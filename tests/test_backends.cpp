@@ -111,6 +111,36 @@ TEST_CASE("gemm: every backend and thread count equals a naive product", "[gemm]
   }
 }
 
+TEST_CASE("gemm: narrow products past the small-product size equal a naive product", "[gemm][backend]") {
+  // One packet of columns on AVX2 (8) and on AVX-512 (16), at any size, take the small-product
+  // kernel on AVX2 (a router's logits); the rest of the sizes go where they went.
+  moa::Rng rng(12);
+  for (const NamedCompute& named : float_computes()) {
+    for (const Index m : {203, 1030}) {
+      for (const Index n : {8, 16}) {
+        for (const Index k : {129, 256}) {
+          REQUIRE(static_cast<double>(m) * n * k >= moa::detail::kSmallKernelMacs);
+          for (const bool transpose_a : {false, true}) {
+            for (const bool transpose_b : {false, true}) {
+              INFO(named.name << ": m " << m << " n " << n << " k " << k << " transpose_a " << transpose_a
+                              << " transpose_b " << transpose_b);
+              const MatrixF a = random_matrix<float>(transpose_a ? k : m, transpose_a ? m : k, rng);
+              const MatrixF b = random_matrix<float>(transpose_b ? n : k, transpose_b ? k : n, rng);
+              const MatrixD a_op = transpose_a ? MatrixD(a.cast<double>().transpose()) : MatrixD(a.cast<double>());
+              const MatrixD b_op = transpose_b ? MatrixD(b.cast<double>().transpose()) : MatrixD(b.cast<double>());
+              const MatrixD expected = a_op * b_op;
+              MatrixF c = random_matrix<float>(m, n, rng);
+              moa::gemm<float>(*named.compute, a, transpose_a ? moa::Transpose::yes : moa::Transpose::no, b,
+                               transpose_b ? moa::Transpose::yes : moa::Transpose::no, c, false);
+              REQUIRE(relative_error(c.cast<double>(), expected) < 1e-5);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE("gemm: shapes are checked, k = 0 gives zeros", "[gemm][backend]") {
   const moa::Compute& compute = *moa::Compute::standard();
   MatrixF a = MatrixF::Ones(3, 4), b = MatrixF::Ones(5, 2), c(3, 2);
