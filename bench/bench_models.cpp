@@ -38,11 +38,11 @@ void run_translate_step(benchmark::State& state, const char* spec) {
   }
   model.set_training(true);
   auto step = [&] {
-    parameters.zero_grad();
+    moa::zero_grad(parameters, *moa_bench::compute());
     const moa_bench::MatrixF logits = model.forward(source, batch, target_input, batch, rng);
     benchmark::DoNotOptimize(loss.forward(logits, target_output) + model.aux_loss());
     model.backward(loss.backward());
-    moa::clip_grad_norm(parameters, 1.0);
+    moa::clip_grad_norm(parameters, 1.0, *moa_bench::compute());
     adam.step(1e-4);
   };
   step();  // untimed: creates the backend's kernels for these shapes

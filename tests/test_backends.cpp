@@ -674,6 +674,36 @@ TEST_CASE("Dropout, LayerNorm and Adam on two threads: the same numbers as on on
   for (std::size_t i = 0; i < list_one.size(); ++i) REQUIRE(list_two[i].value() == list_one[i].value());
 }
 
+TEST_CASE("grad_norm, clip_grad_norm and zero_grad on two threads: the same numbers as on one", "[backend][optimizer]") {
+  const auto two_threads = std::make_shared<moa::Compute>(std::make_shared<moa::EigenGemm>(), 2);
+  moa::Rng rng(22);
+  for (const bool packed : {true, false}) {
+    INFO("packed " << packed);
+    // Enough gradient entries to be split over the threads.
+    moa::Linear<float> layer(600, 300, true, rng);
+    if (packed) moa::pack_parameters(layer);
+    const auto list = moa::parameters_of(layer);
+    REQUIRE(list.numel() >= moa::detail::kParallelGradientEntries);
+    REQUIRE(list.contiguous() == packed);
+    std::vector<MatrixF> grads;
+    for (std::size_t i = 0; i < list.size(); ++i) {
+      grads.push_back(random_matrix<float>(list[i].grad().rows(), list[i].grad().cols(), rng));
+      list[i].grad() = grads.back();
+    }
+    double expected_squares = 0.0;
+    for (const MatrixF& grad : grads) expected_squares += static_cast<double>(grad.squaredNorm());
+    const double serial_norm = moa::grad_norm(list);
+    REQUIRE(serial_norm == std::sqrt(expected_squares));
+    REQUIRE(moa::grad_norm(list, *two_threads) == serial_norm);
+    // Clipping on two threads scales every gradient as clipping on one does.
+    REQUIRE(moa::clip_grad_norm(list, serial_norm / 4, *two_threads) == serial_norm);
+    const float scale = static_cast<float>(serial_norm / 4 / (serial_norm + 1e-6));
+    for (std::size_t i = 0; i < list.size(); ++i) REQUIRE(list[i].grad() == MatrixF(grads[i] * scale));
+    moa::zero_grad(list, *two_threads);
+    for (std::size_t i = 0; i < list.size(); ++i) REQUIRE(list[i].grad().isZero(0.0f));
+  }
+}
+
 TEST_CASE("Copies, sums and zeroing between layers: split over two threads, the same numbers as on one",
           "[backend]") {
   const auto two_threads = std::make_shared<moa::Compute>(std::make_shared<moa::EigenGemm>(), 2);

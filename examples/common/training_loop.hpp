@@ -160,10 +160,10 @@ class TrainingLoop {
       const auto step_start = std::chrono::steady_clock::now();
       const Batch& batch = batch_for_step(train, step);
       ++step;
-      parameters_.zero_grad();
+      zero_grad(parameters_, adam_.compute());  // on the optimizer's threads, as the update
       const StepReport report = train_share(batch, step, train_step);
-      const double norm = settings_.clip_norm > 0 ? clip_grad_norm(parameters_, settings_.clip_norm)
-                                                  : grad_norm(parameters_);
+      const double norm = settings_.clip_norm > 0 ? clip_grad_norm(parameters_, settings_.clip_norm, adam_.compute())
+                                                  : grad_norm(parameters_, adam_.compute());
       if (!std::isfinite(report.loss) || !std::isfinite(norm)) {
         const std::string what = "step " + std::to_string(step) + ": the loss is " + number_text(report.loss) +
                                  " and the gradient norm " + number_text(norm);

@@ -49,6 +49,7 @@ class Adam {
 
   // The threads an update runs on (every number alone: the same result on any number).
   void set_compute(ComputePtr compute) { compute_ = detail::checked_compute(std::move(compute), "Adam::set_compute"); }
+  const Compute& compute() const { return *compute_; }
 
   void step(double learning_rate) {
     MOA_CHECK(learning_rate >= 0.0 && std::isfinite(learning_rate), "Adam::step",
@@ -174,25 +175,64 @@ class InverseSqrtSchedule {
   double initial_lr_;
 };
 
-// The global L2 norm of every gradient; NaN or infinity when any gradient is not finite.
+namespace detail {
+// Below about this many gradient entries in all, a second thread costs more than it saves.
+constexpr Index kParallelGradientEntries = Index(1) << 16;
+
+// task(i) for every parameter i of the list, the parameters spread over the compute's threads
+// (each one whole on one thread) when there are enough entries to repay waking them.
+template <typename Scalar, typename Task>
+void for_each_parameter(const ParameterList<Scalar>& parameters, const Compute& compute, Task&& task) {
+  const Index count = static_cast<Index>(parameters.size());
+  if (compute.threads() == 1 || count < 2 || parameters.numel() < kParallelGradientEntries) {
+    for (Index i = 0; i < count; ++i) task(i);
+    return;
+  }
+  compute.pool().run(count, [&](Index i, int) { task(i); });
+}
+}  // namespace detail
+
+// The global L2 norm of every gradient; NaN or infinity when any gradient is not finite. Each
+// parameter's sum of squares is taken whole and the sums are added in list order, so the norm is
+// the same on any number of threads.
 template <typename Scalar>
-double grad_norm(const ParameterList<Scalar>& parameters) {
-  double squared = 0.0;
-  for (const auto& entry : parameters) squared += static_cast<double>(entry.grad().squaredNorm());
-  return std::sqrt(squared);
+double grad_norm(const ParameterList<Scalar>& parameters, const Compute& compute = *Compute::standard()) {
+  std::vector<double> squared(parameters.size());  // [parameters]
+  detail::for_each_parameter(parameters, compute, [&](Index i) {
+    squared[static_cast<std::size_t>(i)] = static_cast<double>(parameters[static_cast<std::size_t>(i)].grad().squaredNorm());
+  });
+  double total = 0.0;
+  for (double value : squared) total += value;
+  return std::sqrt(total);
 }
 
 // Scales all gradients by max_norm / (norm + 1e-6) when their global L2 norm exceeds max_norm, as
 // torch.nn.utils.clip_grad_norm_. Returns the norm before clipping (a non-finite norm clips nothing).
 template <typename Scalar>
-double clip_grad_norm(const ParameterList<Scalar>& parameters, double max_norm) {
+double clip_grad_norm(const ParameterList<Scalar>& parameters, double max_norm,
+                      const Compute& compute = *Compute::standard()) {
   MOA_CHECK(max_norm > 0.0, "clip_grad_norm", "max_norm must be positive, got ", max_norm);
-  const double norm = grad_norm(parameters);
+  const double norm = grad_norm(parameters, compute);
   if (norm > max_norm) {
     const Scalar scale = static_cast<Scalar>(max_norm / (norm + 1e-6));
-    for (const auto& entry : parameters) entry.grad() *= scale;
+    detail::for_each_parameter(parameters, compute,
+                               [&](Index i) { parameters[static_cast<std::size_t>(i)].grad() *= scale; });
   }
   return norm;
+}
+
+// parameters.zero_grad() on the compute's threads: a packed list's block in pieces, else each
+// parameter whole.
+template <typename Scalar>
+void zero_grad(const ParameterList<Scalar>& parameters, const Compute& compute) {
+  if (!parameters.contiguous()) {
+    detail::for_each_parameter(parameters, compute,
+                               [&](Index i) { parameters[static_cast<std::size_t>(i)].grad().setZero(); });
+    return;
+  }
+  auto grads = parameters.flat_grads();  // [1, flat size]
+  parallel_ranges(compute, grads.size(), detail::kParallelGradientEntries / 2,
+                  [&](Index first, Index count, int) { grads.middleCols(first, count).setZero(); });
 }
 
 }  // namespace moa
