@@ -112,8 +112,8 @@ TEST_CASE("gemm: every backend and thread count equals a naive product", "[gemm]
 }
 
 TEST_CASE("gemm: narrow products past the small-product size equal a naive product", "[gemm][backend]") {
-  // One packet of columns on AVX2 (8) and on AVX-512 (16), at any size, take the small-product
-  // kernel on AVX2 (a router's logits); the rest of the sizes go where they went.
+  // n = 8 is one AVX2 packet: such a product (a router's logits) takes the small-product kernel at
+  // any size there. n = 16 stays with oneDNN or Eigen's GEMM, as everywhere past that size.
   moa::Rng rng(12);
   for (const NamedCompute& named : float_computes()) {
     for (const Index m : {203, 1030}) {

@@ -29,7 +29,7 @@ TEST_CASE("Dropout: the same seed gives the same mask", "[dropout]") {
 
 TEST_CASE("Dropout: entry i is dropped when draw i of the stream gives uniform() < p", "[dropout]") {
   // The mask tests the draws in integers; this is the definition it must agree with, at
-  // probabilities that are not multiples of 2^-53's powers of two and at tiny ones.
+  // probabilities that are not multiples of 2^-53 (ceil rounds them up) and at a tiny one.
   for (double probability : {0.1, 0.3, 0.5, 1.0 / 3.0, 0.999, 1e-17}) {
     moa::Dropout<float> dropout(probability);
     moa::Rng rng(123), reference(123);
