@@ -277,6 +277,37 @@ void small_product_blocks(Index m, Index n, Index k, const Scalar* a, Index a_ro
     small_product_rows<Scalar, 1>(n, k, a + i * a_row, a_row, a_step, b, ldb, c + i * ldc, ldc, accumulate);
 }
 
+// target [k, n] (row-major) = b^T for b [n, k] (rows ldb apart). float blocks of a packet's width
+// square are transposed in registers, the edges element by element: attention's scores Q K^T take
+// K^T so, and copying its elements one by one took longer than the product (MHA's heads of 32 in
+// 16-token sequences: 16 x 16 x 32).
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"  // see reduce_packets
+#endif
+template <typename Scalar>
+void transpose_into(Index n, Index k, const Scalar* b, Index ldb, Scalar* target) {
+  using Packet = typename Eigen::internal::packet_traits<Scalar>::type;
+  constexpr int width = Eigen::internal::packet_traits<Scalar>::size;
+  Index blocked_n = 0, blocked_k = 0;
+  if constexpr (std::is_same_v<Scalar, float> && width > 1) {
+    blocked_n = n / width * width;
+    blocked_k = k / width * width;
+    for (Index j = 0; j < blocked_n; j += width)
+      for (Index p = 0; p < blocked_k; p += width) {
+        Eigen::internal::PacketBlock<Packet, width> block;
+        for (int r = 0; r < width; ++r) block.packet[r] = Eigen::internal::ploadu<Packet>(b + (j + r) * ldb + p);
+        Eigen::internal::ptranspose(block);
+        for (int r = 0; r < width; ++r) Eigen::internal::pstoreu(target + (p + r) * n + j, block.packet[r]);
+      }
+  }
+  for (Index p = 0; p < k; ++p)
+    for (Index j = p < blocked_k ? blocked_n : 0; j < n; ++j) target[p * n + j] = b[j * ldb + p];
+}
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+
 // c[m, n] (+)= op(a) op(b) for a small product (small_product_fits): rows a block at a time against
 // op(b) held row-major (a transposed b is first copied so), each element summed over k in order.
 template <typename Scalar>
@@ -285,8 +316,7 @@ void small_product(Transpose transpose_a, Transpose transpose_b, Index m, Index 
   thread_local std::vector<Scalar> transposed;  // [k, n] op(b) when b is transposed
   if (transpose_b == Transpose::yes) {
     transposed.resize(static_cast<std::size_t>(k * n));
-    for (Index j = 0; j < n; ++j)
-      for (Index p = 0; p < k; ++p) transposed[static_cast<std::size_t>(p * n + j)] = b[j * ldb + p];
+    transpose_into(n, k, b, ldb, transposed.data());
     b = transposed.data();
     ldb = n;
   }
