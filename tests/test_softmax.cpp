@@ -74,6 +74,28 @@ TEMPLATE_TEST_CASE("softmax_rows and log_softmax_rows never hide a NaN as a mask
   REQUIRE(moa::log_softmax_rows(masked).array().isNaN().all());
 }
 
+TEMPLATE_TEST_CASE("row_max: the largest value at every position and length, NaN wherever it is", "[softmax]", float,
+                   double) {
+  // Lengths below, at and past one packet and four (the scan's chains), each with a tail; the
+  // row starts one element in, so it is not aligned.
+  const TestType infinity = std::numeric_limits<TestType>::infinity();
+  REQUIRE(moa::detail::row_max<TestType>(nullptr, 0) == -infinity);
+  std::vector<TestType> storage(200);
+  for (moa::Index length = 1; length <= 150; ++length) {
+    TestType* row = storage.data() + 1;
+    for (moa::Index place = 0; place < length; ++place) {
+      for (moa::Index j = 0; j < length; ++j) row[j] = j % 5 == 0 ? -infinity : -TestType(1) - TestType(j % 7);
+      row[place] = TestType(3);
+      REQUIRE(moa::detail::row_max(row, length) == TestType(3));
+      row[place] = std::numeric_limits<TestType>::quiet_NaN();
+      REQUIRE(std::isnan(moa::detail::row_max(row, length)));
+      row[place] = -infinity;
+    }
+    for (moa::Index j = 0; j < length; ++j) row[j] = -infinity;
+    REQUIRE(moa::detail::row_max(row, length) == -infinity);
+  }
+}
+
 TEST_CASE("softmax_rows: masked entries are exactly 0 in double (Eigen's exp(-inf) is a denormal)", "[softmax]") {
   MatrixD logits(1, 20);  // wide enough for the vectorized path
   for (moa::Index j = 0; j < 20; ++j) logits(0, j) = j % 3 == 0 ? -kInfinity : 0.1 * static_cast<double>(j);

@@ -17,11 +17,41 @@ namespace moa {
 namespace detail {
 
 // The largest of a row's values; NaN if any is NaN, so that a NaN row is never taken for a fully
-// masked one (whose largest value is -inf).
+// masked one (whose largest value is -inf); -inf for an empty row. Packets all the way (the tail
+// through a copy padded with -inf), then the packet's lanes one by one: Eigen's maxCoeff<PropagateNaN> peeled an unaligned head and tail element by element and
+// reduced its packet through memory with a branch per lane, which on attention's short rows cost
+// more than the scan itself.
 template <typename Scalar>
 Scalar row_max(const Scalar* row, Index length) {
-  if (length == 0) return -std::numeric_limits<Scalar>::infinity();
-  return Eigen::Map<const Eigen::Array<Scalar, Eigen::Dynamic, 1>>(row, length).template maxCoeff<Eigen::PropagateNaN>();
+  namespace internal = Eigen::internal;
+  using Packet = typename internal::packet_traits<Scalar>::type;
+  constexpr Index kSize = internal::packet_traits<Scalar>::size;
+  constexpr Scalar kLowest = -std::numeric_limits<Scalar>::infinity();
+  const auto max_of = [](const Packet& a, const Packet& b) { return internal::pmax<Eigen::PropagateNaN>(a, b); };
+  Packet maxima = internal::pset1<Packet>(kLowest);
+  Index j = 0;
+  if (length >= 4 * kSize) {  // four chains: one would wait on each maximum's latency (a vocabulary's rows)
+    Packet more[3] = {maxima, maxima, maxima};
+    for (; j + 4 * kSize <= length; j += 4 * kSize) {
+      maxima = max_of(maxima, internal::ploadu<Packet>(row + j));
+      for (int c = 0; c < 3; ++c) more[c] = max_of(more[c], internal::ploadu<Packet>(row + j + (c + 1) * kSize));
+    }
+    maxima = max_of(max_of(maxima, more[0]), max_of(more[1], more[2]));
+  }
+  for (; j + kSize <= length; j += kSize) maxima = max_of(maxima, internal::ploadu<Packet>(row + j));
+  if (j < length) {
+    Scalar tail[kSize];  // [kSize] the last length - j values, padded with -inf
+    for (Index i = 0; i < kSize; ++i) tail[i] = j + i < length ? row[j + i] : kLowest;
+    maxima = max_of(maxima, internal::ploadu<Packet>(tail));
+  }
+  Scalar lanes[kSize];  // [kSize]
+  internal::pstoreu(lanes, maxima);
+  Scalar result = kLowest;
+  for (Index i = 0; i < kSize; ++i) {
+    if (std::isnan(lanes[i])) return lanes[i];
+    result = std::max(result, lanes[i]);
+  }
+  return result;
 }
 
 // values[j] = exp((values[j] - offset) * scale) for j < length, in place; returns their sum. Packets
