@@ -18,9 +18,10 @@ namespace detail {
 
 // The largest of a row's values; NaN if any is NaN, so that a NaN row is never taken for a fully
 // masked one (whose largest value is -inf); -inf for an empty row. Packets all the way (the tail
-// through a copy padded with -inf), then the packet's lanes one by one: Eigen's maxCoeff<PropagateNaN> peeled an unaligned head and tail element by element and
-// reduced its packet through memory with a branch per lane, which on attention's short rows cost
-// more than the scan itself.
+// through a copy padded with -inf), then the packet's lanes one by one: Eigen's
+// maxCoeff<PropagateNaN> peeled an unaligned head and tail element by element and reduced its
+// packet through memory with a branch per lane, which on attention's short rows cost more than the
+// scan itself.
 template <typename Scalar>
 Scalar row_max(const Scalar* row, Index length) {
   namespace internal = Eigen::internal;
