@@ -69,6 +69,56 @@ TEST_CASE("row kernel: lists of rows times a packed weight equal a naive product
   }
 }
 
+TEST_CASE("bf16 row kernel: lists of rounded rows times a weight packed in bfloat16 pairs equal a naive product",
+          "[gemm][row_kernel][bf16]") {
+  if (!moa::detail::bfloat16_dot_products_available() || !moa::detail::row_kernel_available()) {
+    WARN("this CPU has no AVX512-BF16: bf16 products gather their rows for the backend instead");
+    REQUIRE_FALSE(moa::detail::pair_row_kernel_serves(64, 64));
+    return;
+  }
+  REQUIRE_FALSE(moa::detail::pair_row_kernel_serves(64, 7));   // whole pairs only
+  REQUIRE_FALSE(moa::detail::pair_row_kernel_serves(40, 64));  // whole packets of columns
+  moa::Rng rng(19);
+  moa::detail::PanelStore store;
+  std::uint64_t version = 0;
+  // n: whole panels, a part panel of each width, several panels; k: below and above the depth block
+  // (128 pairs).
+  for (const Index n : {16, 48, 64, 80, 112, 512}) {
+    for (const Index k : {2, 6, 64, 258, 512}) {
+      for (const Index m : {0, 1, 5, 6, 7, 13, 100, 200}) {
+        for (const bool accumulate : {false, true}) {
+          const bool scaled = m % 2 == 1 || accumulate;
+          INFO("n " << n << ", k " << k << ", m " << m << ", accumulate " << accumulate << ", scaled " << scaled);
+          const MatrixF weight = random_matrix<float>(n, k, rng);  // [n, k]
+          const MatrixF a = random_matrix<float>(m + 9, k, rng);   // [m + 9, k]
+          moa::BFloat16Matrix rounded_a;
+          rounded_a.assign(*moa::Compute::standard(), a);
+          MatrixF c = random_matrix<float>(m + 5, n, rng);  // [m + 5, n]
+          std::vector<Index> a_rows, c_rows;                // [m] each; accumulating, rows of c may repeat
+          for (Index i = 0; i < m; ++i) {
+            a_rows.push_back(static_cast<Index>(rng.next_u64() % static_cast<std::uint64_t>(m + 9)));
+            c_rows.push_back(accumulate ? static_cast<Index>(rng.next_u64() % static_cast<std::uint64_t>(m + 5)) : m - 1 - i);
+          }
+          std::vector<float> scales;  // [m] when scaled
+          for (Index i = 0; scaled && i < m; ++i) scales.push_back(static_cast<float>(rng.uniform(-2.0, 2.0)));
+          // The naive product of the rounded numbers: the kernel's only rounding beyond them is its
+          // float sums'.
+          const MatrixF rounded_weight = weight.unaryExpr([](float x) { return moa::bfloat16_to_float(moa::round_to_bfloat16(x)); });
+          const MatrixF rounded_rows = a.unaryExpr([](float x) { return moa::bfloat16_to_float(moa::round_to_bfloat16(x)); });
+          MatrixD expected = c.cast<double>();
+          naive_rows_product(rounded_rows, a_rows, rounded_weight, expected, c_rows, accumulate, scales);
+          const auto packed = store.get(weight.data(), n, k, k, ++version, true);
+          REQUIRE(packed->panels.empty());
+          moa::detail::rows_times_weight(*packed, m, rounded_a.view().data, k, a_rows.data(), c.data(), n, c_rows.data(),
+                                         accumulate, moa::detail::Upcoming::of(weight.data(), n, k, k),
+                                         scaled ? scales.data() : nullptr);
+          REQUIRE(relative_error(c.cast<double>(), expected) < 1e-6);
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE("row kernel: lists of rows times a weight read as it lies (a backward's product) equal a naive product",
           "[gemm][row_kernel]") {
   if (!moa::detail::row_kernel_available()) {

@@ -8,6 +8,7 @@
 // float, and the only rounding is the weight's (relative 2^-9).
 #pragma once
 
+#include "moa/bfloat16_number.hpp"
 #include "moa/error.hpp"
 #include "moa/gemm.hpp"
 #include "moa/tensor.hpp"
@@ -24,21 +25,6 @@
 #include <vector>
 
 namespace moa {
-
-// x rounded to the nearest bfloat16 (ties to even): the upper 16 bits of a float. x is finite.
-inline std::uint16_t round_to_bfloat16(float x) {
-  std::uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return static_cast<std::uint16_t>(bits >> 16);
-}
-
-inline float bfloat16_to_float(std::uint16_t x) {
-  const std::uint32_t bits = static_cast<std::uint32_t>(x) << 16;
-  float value;
-  std::memcpy(&value, &bits, sizeof value);
-  return value;
-}
 
 // A layer's weight W [out, in] rounded to bfloat16 for products x W^T with few rows x. Its rows
 // are cut into blocks of block_rows (MoA: one expert's projection each; one block for a dense
@@ -202,17 +188,6 @@ inline void round_to_bfloat16(const float* source, Index count, std::uint16_t* t
 #if defined(__GNUC__)
 #pragma GCC diagnostic pop
 #endif
-
-// Whether this CPU has AVX512-BF16's dot products of bfloat16 pairs (vdpbf16ps), checked at run
-// time: the build needs no -mavx512bf16.
-inline bool bfloat16_dot_products_available() {
-#if MOA_ROW_KERNEL_X86
-  static const bool available = __builtin_cpu_supports("avx512bf16");
-  return available;
-#else
-  return false;
-#endif
-}
 
 #if defined(__GNUC__)
 #pragma GCC diagnostic push

@@ -62,20 +62,29 @@ class ExpertProjections {
       Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
       const auto weight = weights.middleRows(e * head_dim, head_dim);    // [d_h, d_model]
       const bool everyone = count == input.rows();  // every token chose e (so in token order): no gather
-      // The row kernel reads the tokens' rows in place and writes the assignments' rows (when
-      // every token chose e, the rows are in order already: the backend's product takes them).
+      // The row kernel reads the tokens' rows in place (bf16: the rounded ones) and writes the
+      // assignments' rows (when every token chose e, the rows are in order already: the backend's
+      // product takes them).
+      const bool pairs = rounded_input != nullptr && !everyone && detail::pair_row_kernel_serves(head_dim, input.cols());
       const bool in_place =
-          rounded_input == nullptr && !everyone && detail::rows_times_weight_serves<Scalar>(precision, head_dim);
+          pairs || (rounded_input == nullptr && !everyone && detail::rows_times_weight_serves<Scalar>(precision, head_dim));
       const Index gathered = everyone || in_place ? 0 : count;
       auto inputs = rows_of(scratch.wide_rows, rounded_input ? 0 : gathered, input.cols());  // [c, d_model]
       auto projected = rows_of(scratch.narrow_result, in_place ? 0 : count, head_dim);      // [c, d_h]
       if (rounded_input) scratch.rounded_rows.resize(static_cast<std::size_t>(gathered * input.cols()));  // [c, d_model]
       const Index* token_rows = in_place ? token_rows_of(scratch, tokens, ids, count) : nullptr;        // [c]
-      const auto packed = in_place ? packed_expert(expert_compute, weight, weights_version, scratch) : nullptr;
+      const auto packed = in_place ? packed_expert(expert_compute, weight, weights_version, scratch, pairs) : nullptr;
       const detail::Upcoming upcoming =
-          in_place ? next_block(expert_compute, weights, head_dim, next, count, weights_version, scratch)
+          in_place ? next_block(expert_compute, weights, head_dim, next, count, weights_version, scratch, pairs)
                    : detail::Upcoming{};
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index rows, int) {
+        if constexpr (std::is_same_v<Scalar, float>) {
+          if (pairs) {
+            detail::rows_times_weight(*packed, rows, rounded_input->view().data, input.cols(), token_rows + first,
+                                      queries.data(), head_dim, ids + first, false, upcoming);
+            return;
+          }
+        }
         if (in_place) {
           detail::rows_times_weight<Scalar>(*packed, rows, input.data(), input.cols(), token_rows + first,
                                             queries.data(), head_dim, ids + first, false, upcoming);
@@ -108,6 +117,12 @@ class ExpertProjections {
     // otherwise experts add into the token rows one after another.
     const bool parallel = experts_in_parallel(compute, plan, model * head_dim, Pass::forward);
     prepare(compute, parallel, static_cast<Index>(tokens.size()), model);
+    // bf16 (not decoding, whose steps stream the rounded weights): the row kernel's dot products of
+    // pairs read the attended rows rounded once.
+    const bool pairs = std::is_same_v<Scalar, float> && precision == Precision::bf16 && rounded == nullptr &&
+                       detail::pair_row_kernel_serves(model, head_dim);
+    if constexpr (std::is_same_v<Scalar, float>)
+      if (pairs) rounded_attended_.assign(compute, attended);  // [A, d_h]
     Matrix<Scalar> output = parallel ? Matrix<Scalar>(rows, model) : Matrix<Scalar>::Zero(rows, model);  // [N, d_model]
     for_each_expert_dynamically(compute, plan, parallel, [&](Index e, const Index* ids, Index count, int thread,
                                                           const Compute& expert_compute, Index next) {
@@ -115,20 +130,28 @@ class ExpertProjections {
       const auto weight = weights.middleRows(e * model, model);      // [d_model, d_h]
       const bool everyone = !parallel && count == rows;  // every token chose e: accumulate in place
       // Otherwise the row kernel adds into the token rows (or writes the assignments' rows) in place.
-      const bool in_place = !everyone && detail::rows_times_weight_serves<Scalar>(precision, model);
+      const bool in_place = !everyone && (pairs || detail::rows_times_weight_serves<Scalar>(precision, model));
       // The row kernel reads the attended rows in place and scales each product by its gate.
       auto scaled = rows_of(scratch.scaled, in_place ? 0 : count, head_dim);                // [c, d_h] gate * a
       auto projected = rows_of(scratch.wide_result, everyone || in_place ? 0 : count, model);  // [c, d_model]
       const Index* target_rows = !in_place ? nullptr : parallel ? ids : token_rows_of(scratch, tokens, ids, count);  // [c]
-      const auto packed = in_place ? packed_expert(expert_compute, weight, weights_version, scratch) : nullptr;
+      const auto packed = in_place ? packed_expert(expert_compute, weight, weights_version, scratch, pairs) : nullptr;
       const detail::Upcoming upcoming =
-          in_place ? next_block(expert_compute, weights, model, next, count, weights_version, scratch)
+          in_place ? next_block(expert_compute, weights, model, next, count, weights_version, scratch, pairs)
                    : detail::Upcoming{};
       if (in_place) {
         scratch.gates.resize(static_cast<std::size_t>(count));  // [c]
         for (Index i = 0; i < count; ++i) scratch.gates[static_cast<std::size_t>(i)] = gates[ids[i]];
       }
       parallel_ranges(expert_compute, count, kRowGrain, [&](Index first, Index slice, int) {
+        if constexpr (std::is_same_v<Scalar, float>) {
+          if (in_place && pairs) {
+            detail::rows_times_weight(*packed, slice, rounded_attended_.view().data, head_dim, ids + first,
+                                      parallel ? by_assignment_.data() : output.data(), model, target_rows + first,
+                                      !parallel, upcoming, scratch.gates.data() + first);
+            return;
+          }
+        }
         if (in_place) {
           detail::rows_times_weight<Scalar>(*packed, slice, attended.data(), head_dim, ids + first,
                                             parallel ? by_assignment_.data() : output.data(), model,
@@ -319,10 +342,11 @@ class ExpertProjections {
   // next_block handed on when it fetched it ahead for this expert, else packed_weight's.
   static std::shared_ptr<const detail::PanelWeight> packed_expert(const Compute& compute,
                                                                   const ConstMatrixRef<Scalar>& weight,
-                                                                  std::uint64_t version, Scratch& scratch) {
-    if (version != 0 && scratch.handed_on && scratch.handed_on_of == weight.data() && scratch.handed_on->version == version)
+                                                                  std::uint64_t version, Scratch& scratch, bool pairs) {
+    if (version != 0 && scratch.handed_on && scratch.handed_on_of == weight.data() &&
+        scratch.handed_on->version == version && scratch.handed_on->pairs.empty() != pairs)
       return std::move(scratch.handed_on);
-    return detail::packed_weight<Scalar>(compute, weight, version, scratch.packed);
+    return detail::packed_weight<Scalar>(compute, weight, version, scratch.packed, pairs);
   }
 
   // What an expert of `count` rows fetches into L2 while its row kernels run (nothing unless
@@ -330,11 +354,11 @@ class ExpertProjections {
   // gradient), or with a version (inference) that weight's kept packed copy, which is handed on in
   // the scratch to packed_expert (one lookup in the store per expert, not two).
   static detail::Upcoming next_block(const Compute& compute, const ConstMatrixRef<Scalar>& of, Index block, Index next,
-                                     Index count, std::uint64_t version, Scratch& scratch) {
+                                     Index count, std::uint64_t version, Scratch& scratch, bool pairs = false) {
     if (!fetches_ahead(next, count)) return {};
     const auto rows = of.middleRows(next * block, block);
     if (version != 0) scratch.handed_on_of = rows.data();
-    return detail::upcoming_weight<Scalar>(compute, rows, version, scratch.handed_on);
+    return detail::upcoming_weight<Scalar>(compute, rows, version, scratch.handed_on, pairs);
   }
 
   // projected = rows [first, first + count) of an expert's rows of a rounded input times weight^T,
@@ -468,6 +492,7 @@ class ExpertProjections {
 
   std::vector<Scratch> scratch_;  // one per thread
   Matrix<Scalar> by_assignment_;  // [A, d_model] each assignment's row of a sum into token rows
+  BFloat16Matrix rounded_attended_;  // bf16 project_out: [A, d_h] the attended rows rounded
   std::vector<Index> token_offsets_, token_assignments_;  // [N + 1], [A]: token t's assignments
 };
 

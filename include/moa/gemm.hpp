@@ -565,16 +565,19 @@ bool rows_times_weight_serves(Precision precision, Index n) {
   return std::is_same_v<Scalar, float> && precision == Precision::f32 && row_kernel_serves(n);
 }
 
-// A layer's weight W [n, k] packed for the row kernel (rows_times_weight_serves): with a version
-// (inference), the compute's kept copy of that version, packed once; without (training, whose
-// weights change every step), packed now into `scratch`, which the result then points to.
+// A layer's weight W [n, k] packed for the row kernel (rows_times_weight_serves), in floats or
+// (pairs: a bf16 product's, pair_row_kernel_serves) bfloat16 pairs: with a version (inference),
+// the compute's kept copy of that version, packed once; without (training, whose weights change
+// every step), packed now into `scratch`, which the result then points to.
 template <typename Scalar>
 std::shared_ptr<const PanelWeight> packed_weight(const Compute& compute, const ConstMatrixRef<Scalar>& weight,
-                                                 std::uint64_t weight_version, PanelWeight& scratch) {
+                                                 std::uint64_t weight_version, PanelWeight& scratch, bool pairs = false) {
   if constexpr (std::is_same_v<Scalar, float>) {
     if (weight_version != 0)
-      return compute.panels().get(weight.data(), weight.rows(), weight.cols(), weight.outerStride(), weight_version);
-    pack_weight(weight.data(), weight.rows(), weight.cols(), weight.outerStride(), scratch);
+      return compute.panels().get(weight.data(), weight.rows(), weight.cols(), weight.outerStride(), weight_version,
+                                  pairs);
+    if (pairs) pack_weight_pairs(weight.data(), weight.rows(), weight.cols(), weight.outerStride(), scratch);
+    else pack_weight(weight.data(), weight.rows(), weight.cols(), weight.outerStride(), scratch);
     return std::shared_ptr<const PanelWeight>(std::shared_ptr<const PanelWeight>(), &scratch);
   } else {
     throw Error("moa::detail::packed_weight: the row kernel takes float only");
@@ -586,10 +589,12 @@ std::shared_ptr<const PanelWeight> packed_weight(const Compute& compute, const C
 // else W itself, which packing reads. `keep` holds the packed copy while it is fetched.
 template <typename Scalar>
 Upcoming upcoming_weight(const Compute& compute, const ConstMatrixRef<Scalar>& next, std::uint64_t weight_version,
-                         std::shared_ptr<const PanelWeight>& keep) {
+                         std::shared_ptr<const PanelWeight>& keep, bool pairs = false) {
   if constexpr (std::is_same_v<Scalar, float>) {
     if (weight_version == 0) return Upcoming::of(next.data(), next.rows(), next.cols(), next.outerStride());
-    keep = compute.panels().get(next.data(), next.rows(), next.cols(), next.outerStride(), weight_version);
+    keep = compute.panels().get(next.data(), next.rows(), next.cols(), next.outerStride(), weight_version, pairs);
+    if (pairs)
+      return {reinterpret_cast<const char*>(keep->pairs.data()), static_cast<Index>(keep->pairs.size()) / 32};
     return Upcoming::of(keep->panels.data(), 1, static_cast<Index>(keep->panels.size()), 0);
   } else {
     return {};
@@ -609,6 +614,16 @@ void rows_times_weight(const PanelWeight& weight, Index m, const Scalar* a, Inde
   } else {
     throw Error("moa::detail::rows_times_weight: the row kernel takes float only");
   }
+}
+
+// The same for a bf16 product (pair_row_kernel_serves(W's n, k)): a's rows rounded to bfloat16
+// (lda in numbers), W packed in pairs (packed_weight with pairs), c in float.
+inline void rows_times_weight(const PanelWeight& weight, Index m, const std::uint16_t* a, Index lda,
+                              const Index* a_rows, float* c, Index ldc, const Index* c_rows, bool accumulate,
+                              const Upcoming& upcoming = {}, const float* scales = nullptr) {
+  if (m > 0)
+    row_kernel(m, a, lda, a_rows, PanelViewOf<std::uint16_t>::packed(weight), c, ldc, c_rows, accumulate, upcoming,
+               scales);
 }
 }  // namespace detail
 

@@ -12,6 +12,7 @@
 
 #include "moa/error.hpp"
 #include "moa/tensor.hpp"
+#include "moa/bfloat16_number.hpp"
 #include "moa/thread_pool.hpp"
 #include "moa/reusable.hpp"
 #include "moa/gemm.hpp"

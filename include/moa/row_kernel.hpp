@@ -19,6 +19,7 @@
 // four AVX-512 registers. A tile of up to 6 rows by one panel keeps 24 sums in registers.
 #pragma once
 
+#include "moa/bfloat16_number.hpp"
 #include "moa/tensor.hpp"
 
 #include <algorithm>
@@ -29,6 +30,7 @@
 #include <memory>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
@@ -64,35 +66,65 @@ inline bool row_kernel_available() {
 // Whether a product of m rows with a weight of n rows goes to the row kernel.
 inline bool row_kernel_serves(Index n) { return row_kernel_available() && n > 0 && n % kPanelGranule == 0; }
 
-// A weight W [n, k] packed into panels (see the header comment), for one version of W.
+// Whether this CPU has AVX512-BF16's dot products of bfloat16 pairs (vdpbf16ps), checked at run
+// time: the build needs no -mavx512bf16.
+inline bool bfloat16_dot_products_available() {
+#if MOA_ROW_KERNEL_X86
+  static const bool available = __builtin_cpu_supports("avx512bf16");
+  return available;
+#else
+  return false;
+#endif
+}
+
+// Whether a bf16 product (rows rounded to bfloat16) with a weight W [n, k] goes to the row kernel:
+// n as for float, k even (whole pairs), and the CPU's bf16 dot products.
+inline bool pair_row_kernel_serves(Index n, Index k) {
+  return row_kernel_serves(n) && k > 0 && k % 2 == 0 && bfloat16_dot_products_available();
+}
+
+// A weight W [n, k] packed into panels (see the header comment), for one version of W: in floats,
+// or (for bf16 products) rounded to bfloat16 with pairs of inputs interleaved, so that each 32-bit
+// lane of a step holds the two numbers one AVX512-BF16 dot product takes.
 struct PanelWeight {
   std::uint64_t version = 0;
   Index n = 0, k = 0;
-  std::vector<float> panels;  // [ceil(n / 64)] x [k, min(64, n - 64 p)]
+  std::vector<float> panels;         // [ceil(n / 64)] x [k, min(64, n - 64 p)]
+  std::vector<std::uint16_t> pairs;  // bf16: [ceil(n / 64)] x [k / 2, min(64, n - 64 p), 2]
 
   const float* panel(Index p) const { return panels.data() + p * kPanelWidth * k; }
   Index panel_width(Index p) const { return std::min(kPanelWidth, n - p * kPanelWidth); }
 };
 
 // How the kernel reads W [n, k]: panel p (columns 64 p .. of the product) at data + p * panel_step,
-// its step kk at + kk * row_step, min(64, n - 64 p) contiguous floats. A packed weight has
-// row_step 0 (each panel's own width); a matrix M [k, n] (row-major, leading dimension ld) is
-// W = M^T as it lies, with panel_step 64 and row_step ld: a backward's product with a weight.
-struct PanelView {
-  const float* data = nullptr;
-  Index n = 0, k = 0, panel_step = 0, row_step = 0;
-  const float* end = nullptr;  // the packed buffer's end (blocks ahead are prefetched), or null
+// its step kk at + kk * row_step, min(64, n - 64 p) columns of kLanes contiguous numbers each. A
+// packed weight has row_step 0 (each panel's own width); a float matrix M [k, n] (row-major,
+// leading dimension ld) is W = M^T as it lies, with panel_step 64 and row_step ld: a backward's
+// product with a weight. Element float: a step is one input; std::uint16_t (bfloat16): a pair.
+template <typename Element>
+struct PanelViewOf {
+  static constexpr Index kLanes = sizeof(float) / sizeof(Element);  // numbers per column and step
+  const Element* data = nullptr;
+  Index n = 0, k = 0, panel_step = 0, row_step = 0;  // k: steps (bf16: pairs of inputs)
+  const Element* end = nullptr;  // the packed buffer's end (blocks ahead are prefetched), or null
 
-  static PanelView packed(const PanelWeight& weight) {
-    return {weight.panels.data(), weight.n, weight.k, kPanelWidth * weight.k, 0,
-            weight.panels.data() + weight.panels.size()};
+  static PanelViewOf packed(const PanelWeight& weight) {
+    const auto& numbers = packed_numbers(weight);
+    return {numbers.data(), weight.n, weight.k / kLanes, kPanelWidth * weight.k, 0, numbers.data() + numbers.size()};
   }
-  static PanelView transposed(const float* m, Index k, Index n, Index ld) { return {m, n, k, kPanelWidth, ld, nullptr}; }
+  static PanelViewOf transposed(const float* m, Index k, Index n, Index ld) { return {m, n, k, kPanelWidth, ld, nullptr}; }
 
-  const float* panel(Index p) const { return data + p * panel_step; }
+  const Element* panel(Index p) const { return data + p * panel_step; }
   Index panel_width(Index p) const { return std::min(kPanelWidth, n - p * kPanelWidth); }
-  Index step(Index p) const { return row_step == 0 ? panel_width(p) : row_step; }
+  Index step(Index p) const { return row_step == 0 ? kLanes * panel_width(p) : row_step; }
+
+ private:
+  static const std::vector<Element>& packed_numbers(const PanelWeight& weight) {
+    if constexpr (std::is_same_v<Element, float>) return weight.panels;
+    else return weight.pairs;
+  }
 };
+using PanelView = PanelViewOf<float>;
 
 // Memory a product fetches into L2 as it runs, a share of its cache lines with each tile: the
 // weight its thread multiplies next (the next expert's). With many experts each weight comes from
@@ -185,24 +217,42 @@ inline void pack_weight(const float* weight, Index n, Index k, Index ld, PanelWe
   }
 }
 
-// Packed copies of weights, by place (pointer, shape, stride) and version. Thread-safe: experts
-// running on different threads fetch their own weights.
+// W [n, k] (rows ld apart, k even) rounded to bfloat16 and packed into `into`'s pairs (see
+// PanelWeight). Once per version of an inference weight, so element by element.
+inline void pack_weight_pairs(const float* weight, Index n, Index k, Index ld, PanelWeight& into) {
+  into.n = n;
+  into.k = k;
+  into.pairs.resize(static_cast<std::size_t>(n * k));
+  for (Index p = 0; p * kPanelWidth < n; ++p) {
+    const float* rows = weight + p * kPanelWidth * ld;
+    std::uint16_t* panel = into.pairs.data() + p * kPanelWidth * k;
+    const Index width = into.panel_width(p);
+    for (Index kk = 0; kk < k; ++kk)
+      for (Index j = 0; j < width; ++j) panel[((kk / 2) * width + j) * 2 + kk % 2] = round_to_bfloat16(rows[j * ld + kk]);
+  }
+}
+
+// Packed copies of weights, by place (pointer, shape, stride), kind (floats or bfloat16 pairs) and
+// version. Thread-safe: experts running on different threads fetch their own weights.
 class PanelStore {
  public:
-  std::shared_ptr<const PanelWeight> get(const float* weight, Index n, Index k, Index ld, std::uint64_t version) const {
-    const Key key{weight, n, k, ld};
+  std::shared_ptr<const PanelWeight> get(const float* weight, Index n, Index k, Index ld, std::uint64_t version,
+                                         bool pairs = false) const {
+    const Key key{weight, n, k, ld, pairs};
+    const std::size_t size = static_cast<std::size_t>(n * k) * (pairs ? sizeof(std::uint16_t) : sizeof(float));
     std::lock_guard<std::mutex> lock(mutex_);
     auto& slot = packed_[key];
     if (slot && slot->version == version) return slot;
-    if (slot) bytes_ -= slot->panels.size() * sizeof(float);
-    if (bytes_ + static_cast<std::size_t>(n * k) * sizeof(float) > kMaxBytes) {  // start afresh (copies in use live on)
+    if (slot) bytes_ -= size;
+    if (bytes_ + size > kMaxBytes) {  // start afresh (copies in use live on)
       packed_.clear();
       bytes_ = 0;
     }
     auto made = std::make_shared<PanelWeight>();
     made->version = version;
-    pack_weight(weight, n, k, ld, *made);
-    bytes_ += made->panels.size() * sizeof(float);
+    if (pairs) pack_weight_pairs(weight, n, k, ld, *made);
+    else pack_weight(weight, n, k, ld, *made);
+    bytes_ += size;
     packed_[key] = made;
     return made;
   }
@@ -213,7 +263,7 @@ class PanelStore {
   }
 
  private:
-  using Key = std::tuple<const float*, Index, Index, Index>;
+  using Key = std::tuple<const float*, Index, Index, Index, bool>;
   static constexpr std::size_t kMaxBytes = std::size_t{1} << 30;
   mutable std::mutex mutex_;
   mutable std::map<Key, std::shared_ptr<const PanelWeight>> packed_;
@@ -258,12 +308,55 @@ __attribute__((target("avx512f"))) inline void row_tile(const float* const* a_ro
     }
 }
 
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"  // see dot_block in moa/gemm.hpp
+#endif
+// The same for bf16 products: a_row's rows and the panel are bfloat16, a step is a pair of inputs
+// (k pairs), and each step of a column is one AVX512-BF16 dot product of two pairs, 32
+// multiply-adds per instruction where a float step has 16.
+template <int R, int V>
+__attribute__((target("avx512f,avx512bf16"))) inline void row_tile(const std::uint16_t* const* a_row,
+                                                                   const std::uint16_t* panel, Index step, Index k,
+                                                                   float* const* c_row, bool accumulate,
+                                                                   const float* scale, const Upcoming& first = {},
+                                                                   const Upcoming& second = {}) {
+  __m512 sum[R][V];
+  MOA_UNROLL for (int r = 0; r < R; ++r)
+    MOA_UNROLL for (int v = 0; v < V; ++v) sum[r][v] = _mm512_setzero_ps();
+  for (Index kk = 0; kk < k; ++kk) {
+    if (kk < first.lines) _mm_prefetch(first.data + 64 * kk, _MM_HINT_T1);
+    if (kk < second.lines) _mm_prefetch(second.data + 64 * kk, _MM_HINT_T1);
+    __m512bh b[V];
+    MOA_UNROLL for (int v = 0; v < V; ++v) b[v] = (__m512bh)_mm512_loadu_si512(panel + kk * step + 32 * v);
+    MOA_UNROLL for (int r = 0; r < R; ++r) {
+      std::uint32_t pair;
+      std::memcpy(&pair, a_row[r] + 2 * kk, sizeof pair);
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      MOA_UNROLL for (int v = 0; v < V; ++v) sum[r][v] = _mm512_dpbf16_ps(sum[r][v], b[v], x);
+    }
+  }
+  if (scale != nullptr)
+    MOA_UNROLL for (int r = 0; r < R; ++r) {
+      const __m512 factor = _mm512_set1_ps(scale[r]);
+      MOA_UNROLL for (int v = 0; v < V; ++v) sum[r][v] = _mm512_mul_ps(sum[r][v], factor);
+    }
+  MOA_UNROLL for (int r = 0; r < R; ++r)
+    MOA_UNROLL for (int v = 0; v < V; ++v) {
+      float* target = c_row[r] + 16 * v;
+      _mm512_storeu_ps(target, accumulate ? _mm512_add_ps(_mm512_loadu_ps(target), sum[r][v]) : sum[r][v]);
+    }
+}
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+
 // Rows [0, m) times one depth block of a panel. Meanwhile the cache lines of `next` (the block
 // after this one) and of `upcoming` (a share of the next weight's) are fetched into L2, a few
 // with each whole tile: with many experts, each weight comes from memory once per call, and the first
 // tile of a block would wait on it (wide64's forward: 7.2-8.0 -> 6.5-7.6 ms).
-template <int V>
-__attribute__((target("avx512f"))) inline void row_panel(Index m, const float* const* a_row, const float* panel,
+template <int V, typename Element>
+__attribute__((target("avx512f"))) inline void row_panel(Index m, const Element* const* a_row, const Element* panel,
                                                          Index step, Index k, float* const* c_row, bool accumulate,
                                                          const float* scale, const Upcoming& next,
                                                          const Upcoming& upcoming) {
@@ -283,7 +376,8 @@ __attribute__((target("avx512f"))) inline void row_panel(Index m, const float* c
     // The next tile's rows, which lie scattered (no hardware prefetcher follows them): its slices
     // of a, and of c when they are read too.
     for (Index r = i + 6; r < std::min(m, i + 12); ++r) {
-      for (Index kk = 0; kk < k; kk += 16) _mm_prefetch(reinterpret_cast<const char*>(a_row[r] + kk), _MM_HINT_T1);
+      for (Index byte = 0; byte < k * Index{sizeof(float)}; byte += 64)  // k steps of 4 bytes (a float or a pair)
+        _mm_prefetch(reinterpret_cast<const char*>(a_row[r]) + byte, _MM_HINT_T1);
       if (accumulate)
         for (Index v = 0; v < V; ++v) _mm_prefetch(reinterpret_cast<const char*>(c_row[r] + 16 * v), _MM_HINT_T0);
     }
@@ -367,18 +461,22 @@ __attribute__((target("avx512f"))) inline void outer_panel(Index m, const float*
 // floats with stride ldc; a null row list means rows 0, 1, ... in order. Rows of c may repeat
 // when accumulating (each adds in turn). `upcoming` is fetched into L2 meanwhile. With scales,
 // row i's product is multiplied by scales[i] before it is stored or added (MoA's gates: no scaled
-// copy of the rows first).
-inline void row_kernel(Index m, const float* a, Index lda, const Index* a_rows, const PanelView& weight, float* c,
-                       Index ldc, const Index* c_rows, bool accumulate, const Upcoming& upcoming = {},
-                       const float* scales = nullptr) {
+// copy of the rows first). Element std::uint16_t: a bf16 product (pair_row_kernel_serves), a's
+// rows and the packed weight in bfloat16 (lda in numbers, weight.k in pairs), the sums in float.
+template <typename Element>
+void row_kernel(Index m, const Element* a, Index lda, const Index* a_rows, const PanelViewOf<Element>& weight, float* c,
+                Index ldc, const Index* c_rows, bool accumulate, const Upcoming& upcoming = {},
+                const float* scales = nullptr) {
 #if MOA_ROW_KERNEL_X86
+  constexpr Index kLanes = PanelViewOf<Element>::kLanes;
   constexpr Index kBlock = 96;  // rows whose pointers are found at once
-  // The depth of a panel read in one pass over the rows: 128 x 64 floats (32 KB) stay in the L1
-  // cache; a whole panel of a query projection (512 deep, 128 KB) would come from L2 at every tile.
+  // The depth of a panel read in one pass over the rows: 128 steps x 64 columns (32 KB) stay in
+  // the L1 cache; a whole panel of a query projection (512 deep, 128 KB) would come from L2 at
+  // every tile.
   constexpr Index kDepthBlock = 128;
-  const float* a_row[kBlock];
+  const Element* a_row[kBlock];
   float* c_row[kBlock];
-  alignas(64) float local[kDepthBlock * kPanelWidth];  // a block of a weight read as it lies
+  alignas(64) float local[kDepthBlock * kPanelWidth];  // a block of a float weight read as it lies
   // upcoming's lines in equal shares over the passes of row_panel.
   const Index panels = (weight.n + kPanelWidth - 1) / kPanelWidth;
   const Index passes = (m + kBlock - 1) / kBlock * panels * ((weight.k + kDepthBlock - 1) / kDepthBlock);
@@ -395,29 +493,33 @@ inline void row_kernel(Index m, const float* a, Index lda, const Index* a_rows, 
       const Index width = weight.panel_width(p), step = weight.step(p);
       for (Index k0 = 0; k0 < weight.k; k0 += kDepthBlock) {
         const Index depth = std::min(kDepthBlock, weight.k - k0);
-        const float* panel = weight.panel(p) + k0 * step;
+        const Element* panel = weight.panel(p) + k0 * step;
         // A packed weight's next block (of this panel or the next one) is the memory after this one.
-        const float* next = panel + depth * step;
+        const Element* next = panel + depth * step;
         Index read_step = step;
-        if (step != width) {  // a weight as it lies: its block's rows, a layer's width apart, copied together
-          copy_rows(depth, width, panel, step, local);
-          // The next block (deeper in this panel, else the next panel) into L2 while this one runs.
-          const bool deeper = k0 + depth < weight.k;
-          if (deeper || (p + 1) * kPanelWidth < weight.n) {
-            const float* upcoming = deeper ? panel + depth * step : weight.panel(p + 1);
-            const Index upcoming_rows = deeper ? std::min(kDepthBlock, weight.k - k0 - depth) : std::min(kDepthBlock, weight.k);
-            for (Index kk = 0; kk < upcoming_rows; ++kk)
-              for (Index j = 0; j < weight.panel_width(deeper ? p : p + 1); j += 16)
-                _mm_prefetch(reinterpret_cast<const char*>(upcoming + kk * step + j), _MM_HINT_T1);
+        if constexpr (std::is_same_v<Element, float>) {
+          if (step != width) {  // a weight as it lies: its block's rows, a layer's width apart, copied together
+            copy_rows(depth, width, panel, step, local);
+            // The next block (deeper in this panel, else the next panel) into L2 while this one runs.
+            const bool deeper = k0 + depth < weight.k;
+            if (deeper || (p + 1) * kPanelWidth < weight.n) {
+              const float* upcoming = deeper ? panel + depth * step : weight.panel(p + 1);
+              const Index upcoming_rows = deeper ? std::min(kDepthBlock, weight.k - k0 - depth) : std::min(kDepthBlock, weight.k);
+              for (Index kk = 0; kk < upcoming_rows; ++kk)
+                for (Index j = 0; j < weight.panel_width(deeper ? p : p + 1); j += 16)
+                  _mm_prefetch(reinterpret_cast<const char*>(upcoming + kk * step + j), _MM_HINT_T1);
+            }
+            panel = local;
+            read_step = width;
           }
-          panel = local;
-          read_step = width;
         }
         const Upcoming ahead{reinterpret_cast<const char*>(next),
-                             weight.end ? std::min<Index>(weight.end - next, kDepthBlock * kPanelWidth) / 16 : 0};
+                             weight.end ? std::min<Index>(weight.end - next, kDepthBlock * kPanelWidth * kLanes) /
+                                              (16 * kLanes)
+                                        : 0};
         const Upcoming share = upcoming.share(pass++, passes);
-        const float* a_block[kBlock];
-        for (Index i = 0; i < rows; ++i) a_block[i] = a_row[i] + k0;
+        const Element* a_block[kBlock];
+        for (Index i = 0; i < rows; ++i) a_block[i] = a_row[i] + kLanes * k0;
         const bool add = accumulate || k0 > 0;
         const float* block_scales = scales != nullptr ? scales + first : nullptr;
         switch (width / 16) {
