@@ -457,7 +457,7 @@ TEST_CASE("bfloat16 inference: evaluation forwards within 1e-2 of f32 where the 
   // input) and cross-attention (two), experts that gather their rows and experts every token chose.
   struct Case {
     const char* name;
-    bool cross, causal, every_expert;
+    bool cross, causal, every_expert, experts_as_parts = false;
   };
   const auto check = [&](auto& layer, const Case& test, const moa::SequenceBatch& batch) {
     const auto key_batch = moa::SequenceBatch::padded(36, {30, 36, 11});
@@ -490,12 +490,15 @@ TEST_CASE("bfloat16 inference: evaluation forwards within 1e-2 of f32 where the 
   };
   for (const Case& test : {Case{"causal self-attention", false, true, false}, Case{"self-attention", false, false, false},
                            Case{"cross-attention", true, false, false},
-                           Case{"every token to every expert", false, false, true}}) {
+                           Case{"every token to every expert", false, false, true},
+                           Case{"experts as parts of their own on 2 threads", false, true, false, true}}) {
     INFO(test.name);
-    auto config = backend_moa_config();
+    auto config = test.experts_as_parts ? parallel_experts_config() : backend_moa_config();
     if (test.every_expert) config.top_k = config.num_experts;
     // Padding rows are not routed; without them an expert every token chose reads the input in place.
-    const auto batch = test.every_expert ? moa::SequenceBatch::full(3, 40) : moa::SequenceBatch::padded(40, {40, 23, 37});
+    const auto batch = test.every_expert       ? moa::SequenceBatch::full(3, 40)
+                       : test.experts_as_parts ? kParallelBatch
+                                               : moa::SequenceBatch::padded(40, {40, 23, 37});
     moa::Rng rng(21);
     {
       INFO("MixtureOfAttention");

@@ -117,18 +117,25 @@ class ExpertProjections {
     // otherwise experts add into the token rows one after another.
     const bool parallel = experts_in_parallel(compute, plan, model * head_dim, Pass::forward);
     prepare(compute, parallel, static_cast<Index>(tokens.size()), model);
+    // An expert every token chose (rows in token order) accumulates into the output in place.
+    const auto every_token_chose = [&](Index e) { return !parallel && plan.count(e) == rows; };
     // bf16 (not decoding, whose steps stream the rounded weights): the row kernel's dot products of
-    // pairs read the attended rows rounded once.
-    const bool pairs = std::is_same_v<Scalar, float> && precision == Precision::bf16 && rounded == nullptr &&
-                       detail::pair_row_kernel_serves(model, head_dim);
-    if constexpr (std::is_same_v<Scalar, float>)
+    // pairs read the attended rows, rounded once, for the experts that not every token chose.
+    bool pairs = std::is_same_v<Scalar, float> && precision == Precision::bf16 && rounded == nullptr &&
+                 detail::pair_row_kernel_serves(model, head_dim);
+    if constexpr (std::is_same_v<Scalar, float>) {
+      bool some_in_place = false;
+      for (Index e = 0; e < plan.num_experts; ++e)
+        some_in_place = some_in_place || (plan.count(e) > 0 && !every_token_chose(e));
+      pairs = pairs && some_in_place;
       if (pairs) rounded_attended_.assign(compute, attended);  // [A, d_h]
+    }
     Matrix<Scalar> output = parallel ? Matrix<Scalar>(rows, model) : Matrix<Scalar>::Zero(rows, model);  // [N, d_model]
     for_each_expert_dynamically(compute, plan, parallel, [&](Index e, const Index* ids, Index count, int thread,
                                                           const Compute& expert_compute, Index next) {
       Scratch& scratch = scratch_[static_cast<std::size_t>(thread)];
       const auto weight = weights.middleRows(e * model, model);      // [d_model, d_h]
-      const bool everyone = !parallel && count == rows;  // every token chose e: accumulate in place
+      const bool everyone = every_token_chose(e);
       // Otherwise the row kernel adds into the token rows (or writes the assignments' rows) in place.
       const bool in_place = !everyone && (pairs || detail::rows_times_weight_serves<Scalar>(precision, model));
       // The row kernel reads the attended rows in place and scales each product by its gate.

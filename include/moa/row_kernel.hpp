@@ -17,6 +17,12 @@
 // Layout: W [n, k] (the layer's [out, in]) as panels of 64 of its rows, each panel k-major:
 // element (kk, j) of panel p is W[64 p + j][kk], so one k step of a panel is 64 contiguous floats,
 // four AVX-512 registers. A tile of up to 6 rows by one panel keeps 24 sums in registers.
+//
+// bf16 inference (AVX512-BF16): the rows come rounded to bfloat16 and the weight is packed rounded,
+// pairs of inputs interleaved, so that a step is a pair and each 32-bit lane holds the two numbers
+// one dot-product instruction takes: the same tiles, 32 multiply-adds per instruction, the sums in
+// float. Zen 4, wide's bf16 forward: 6.1-6.3 ms with rows gathered for oneDNN's bf16 products
+// and their results added into the token rows; 5.2-5.3 ms with this kernel (185-200 GFLOP/s).
 #pragma once
 
 #include "moa/bfloat16_number.hpp"
