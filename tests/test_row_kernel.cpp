@@ -76,6 +76,8 @@ TEST_CASE("bf16 row kernel: lists of rounded rows times a weight packed in bfloa
     REQUIRE_FALSE(moa::detail::pair_row_kernel_serves(64, 64));
     return;
   }
+  // With AMX the layers leave bf16 products to the backend's tile products; the kernel is tested.
+  REQUIRE(moa::detail::pair_row_kernel_serves(64, 64) == !moa::detail::amx_bfloat16_available());
   REQUIRE_FALSE(moa::detail::pair_row_kernel_serves(64, 7));   // whole pairs only
   REQUIRE_FALSE(moa::detail::pair_row_kernel_serves(40, 64));  // whole packets of columns
   moa::Rng rng(19);
