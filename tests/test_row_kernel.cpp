@@ -19,6 +19,29 @@ void naive_rows_product(const MatrixF& a, const std::vector<Index>& a_rows, cons
   }
 }
 
+// A product's m rows: rows of a (of a_extent) and of c (of c_extent) to use, and scales (MoA's
+// gates) when scaled. With lists, a's rows are drawn at random, and c's too when accumulating
+// (rows may repeat: each adds in turn), else distinct and reversed; without, rows in order.
+struct RowLists {
+  std::vector<Index> a_rows, c_rows;  // [m] each
+  std::vector<float> scales;          // [m] when scaled, else empty
+};
+RowLists random_row_lists(Index m, Index a_extent, Index c_extent, bool lists, bool accumulate, bool scaled,
+                          moa::Rng& rng) {
+  RowLists made;
+  for (Index i = 0; i < m; ++i) {
+    made.a_rows.push_back(static_cast<Index>(rng.next_u64() % static_cast<std::uint64_t>(a_extent)));
+    made.c_rows.push_back(accumulate ? static_cast<Index>(rng.next_u64() % static_cast<std::uint64_t>(c_extent))
+                                     : m - 1 - i);
+  }
+  if (!lists) {
+    std::iota(made.a_rows.begin(), made.a_rows.end(), Index{0});
+    std::iota(made.c_rows.begin(), made.c_rows.end(), Index{0});
+  }
+  for (Index i = 0; scaled && i < m; ++i) made.scales.push_back(static_cast<float>(rng.uniform(-2.0, 2.0)));
+  return made;
+}
+
 }  // namespace
 
 TEST_CASE("row kernel: lists of rows times a packed weight equal a naive product, in place", "[gemm][row_kernel]") {
@@ -43,16 +66,7 @@ TEST_CASE("row kernel: lists of rows times a packed weight equal a naive product
             const MatrixF weight = random_matrix<float>(n, k, rng);   // [n, k]
             const MatrixF a = random_matrix<float>(m + 9, k, rng);    // [m + 9, k]: more rows than the list reads
             MatrixF c = random_matrix<float>(m + 5, n, rng);          // [m + 5, n]
-            std::vector<Index> a_rows, c_rows;                        // [m] each
-            for (Index i = 0; i < m; ++i) {
-              a_rows.push_back(static_cast<Index>(rng.next_u64() % static_cast<std::uint64_t>(m + 9)));
-              // Accumulating, rows may repeat (each adds in turn); else distinct rows, reversed.
-              c_rows.push_back(accumulate ? static_cast<Index>(rng.next_u64() % static_cast<std::uint64_t>(m + 5))
-                                          : m - 1 - i);
-            }
-            if (!lists) std::iota(a_rows.begin(), a_rows.end(), Index{0}), std::iota(c_rows.begin(), c_rows.end(), Index{0});
-            std::vector<float> scales;  // [m] when scaled
-            for (Index i = 0; scaled && i < m; ++i) scales.push_back(static_cast<float>(rng.uniform(-2.0, 2.0)));
+            const auto [a_rows, c_rows, scales] = random_row_lists(m, m + 9, m + 5, lists, accumulate, scaled, rng);
             MatrixD expected = c.cast<double>();
             naive_rows_product(a, a_rows, weight, expected, c_rows, accumulate, scales);
             // Each weight a new version: a new matrix may take a freed one's place.
@@ -96,13 +110,7 @@ TEST_CASE("bf16 row kernel: lists of rounded rows times a weight packed in bfloa
           moa::BFloat16Matrix rounded_a;
           rounded_a.assign(*moa::Compute::standard(), a);
           MatrixF c = random_matrix<float>(m + 5, n, rng);  // [m + 5, n]
-          std::vector<Index> a_rows, c_rows;                // [m] each; accumulating, rows of c may repeat
-          for (Index i = 0; i < m; ++i) {
-            a_rows.push_back(static_cast<Index>(rng.next_u64() % static_cast<std::uint64_t>(m + 9)));
-            c_rows.push_back(accumulate ? static_cast<Index>(rng.next_u64() % static_cast<std::uint64_t>(m + 5)) : m - 1 - i);
-          }
-          std::vector<float> scales;  // [m] when scaled
-          for (Index i = 0; scaled && i < m; ++i) scales.push_back(static_cast<float>(rng.uniform(-2.0, 2.0)));
+          const auto [a_rows, c_rows, scales] = random_row_lists(m, m + 9, m + 5, true, accumulate, scaled, rng);
           // The naive product of the rounded numbers: the kernel's only rounding beyond them is its
           // float sums'.
           const MatrixF rounded_weight = weight.unaryExpr([](float x) { return moa::bfloat16_to_float(moa::round_to_bfloat16(x)); });

@@ -294,12 +294,30 @@ class PanelStore {
 
 #if MOA_ROW_KERNEL_X86
 
+// The end of a tile: rows [0, R) of its sums, times scale[r] (a null scale: 1), stored into (or
+// added to) c_row[r][0, 16 V). Each row is stored (or loaded, added and stored) before the next, so
+// two rows of a tile that name the same row of c both land. Inlined always, so the sums stay in
+// registers.
+template <int R, int V>
+__attribute__((target("avx512f"), always_inline)) inline void store_tile(__m512 (&sum)[R][V], float* const* c_row,
+                                                                         bool accumulate, const float* scale) {
+  if (scale != nullptr)
+    MOA_UNROLL for (int r = 0; r < R; ++r) {
+      const __m512 factor = _mm512_set1_ps(scale[r]);
+      MOA_UNROLL for (int v = 0; v < V; ++v) sum[r][v] = _mm512_mul_ps(sum[r][v], factor);
+    }
+  MOA_UNROLL for (int r = 0; r < R; ++r)
+    MOA_UNROLL for (int v = 0; v < V; ++v) {
+      float* target = c_row[r] + 16 * v;
+      _mm512_storeu_ps(target, accumulate ? _mm512_add_ps(_mm512_loadu_ps(target), sum[r][v]) : sum[r][v]);
+    }
+}
+
 // Rows [0, R) of a tile: c_row[r][0, 16 V) (+)= scale[r] sum over kk of a_row[r][kk] panel[kk][0,
-// 16 V) (a null scale: 1). Each row is stored (or loaded, added and stored) before the next, so
-// two rows of a tile that name the same row of c both land. The lines of `first` and `second` (up to k of each) are
-// fetched into L2 one per step: issued all at once before the tile, 50-80 fetches filled the
-// queue of misses, and the tile's own loads waited behind them (E = 64's projections, one thread:
-// 1.94-2.00 -> 1.74-1.79 ms).
+// 16 V) (a null scale: 1; stored as store_tile says). The lines of `first` and `second` (up to k
+// of each) are fetched into L2 one per step: issued all at once before the tile, 50-80 fetches
+// filled the queue of misses, and the tile's own loads waited behind them (E = 64's projections,
+// one thread: 1.94-2.00 -> 1.74-1.79 ms).
 template <int R, int V>
 __attribute__((target("avx512f"))) inline void row_tile(const float* const* a_row, const float* panel, Index step,
                                                         Index k, float* const* c_row, bool accumulate,
@@ -318,16 +336,7 @@ __attribute__((target("avx512f"))) inline void row_tile(const float* const* a_ro
       MOA_UNROLL for (int v = 0; v < V; ++v) sum[r][v] = _mm512_fmadd_ps(x, b[v], sum[r][v]);
     }
   }
-  if (scale != nullptr)
-    MOA_UNROLL for (int r = 0; r < R; ++r) {
-      const __m512 factor = _mm512_set1_ps(scale[r]);
-      MOA_UNROLL for (int v = 0; v < V; ++v) sum[r][v] = _mm512_mul_ps(sum[r][v], factor);
-    }
-  MOA_UNROLL for (int r = 0; r < R; ++r)
-    MOA_UNROLL for (int v = 0; v < V; ++v) {
-      float* target = c_row[r] + 16 * v;
-      _mm512_storeu_ps(target, accumulate ? _mm512_add_ps(_mm512_loadu_ps(target), sum[r][v]) : sum[r][v]);
-    }
+  store_tile<R, V>(sum, c_row, accumulate, scale);
 }
 
 #if defined(__GNUC__)
@@ -358,16 +367,7 @@ __attribute__((target("avx512f,avx512bf16"))) inline void row_tile(const std::ui
       MOA_UNROLL for (int v = 0; v < V; ++v) sum[r][v] = _mm512_dpbf16_ps(sum[r][v], b[v], x);
     }
   }
-  if (scale != nullptr)
-    MOA_UNROLL for (int r = 0; r < R; ++r) {
-      const __m512 factor = _mm512_set1_ps(scale[r]);
-      MOA_UNROLL for (int v = 0; v < V; ++v) sum[r][v] = _mm512_mul_ps(sum[r][v], factor);
-    }
-  MOA_UNROLL for (int r = 0; r < R; ++r)
-    MOA_UNROLL for (int v = 0; v < V; ++v) {
-      float* target = c_row[r] + 16 * v;
-      _mm512_storeu_ps(target, accumulate ? _mm512_add_ps(_mm512_loadu_ps(target), sum[r][v]) : sum[r][v]);
-    }
+  store_tile<R, V>(sum, c_row, accumulate, scale);
 }
 #if defined(__GNUC__)
 #pragma GCC diagnostic pop
