@@ -30,6 +30,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(_OPENMP)
+#include <omp.h>  // only in programs compiled with OpenMP: see OneOpenMPThread
+#endif
+
 namespace moa {
 
 enum class Transpose { no, yes };
@@ -329,6 +333,27 @@ void small_product(Transpose transpose_a, Transpose transpose_b, Index m, Index 
     small_product_blocks<Scalar, 4>(m, n, k, a, a_row, a_step, b, ldb, c, ldc, accumulate);
 }
 
+// Eigen parallelizes a matrix product with OpenMP when the program is compiled with -fopenmp, on
+// omp_get_max_threads() threads. moa's threads are the Compute's, so a product here runs on the
+// calling thread alone: else every thread of moa's pool started an OpenMP team of its own (a
+// translate training step on 2 threads, [64, 24] batches, took 1.5 s instead of 65 ms).
+class OneOpenMPThread {
+#if defined(_OPENMP)
+ public:
+  OneOpenMPThread() {
+    if (previous_ != 1) omp_set_num_threads(1);
+  }
+  ~OneOpenMPThread() {
+    if (previous_ != 1) omp_set_num_threads(previous_);
+  }
+  OneOpenMPThread(const OneOpenMPThread&) = delete;
+  OneOpenMPThread& operator=(const OneOpenMPThread&) = delete;
+
+ private:
+  int previous_ = omp_get_max_threads();
+#endif
+};
+
 // The product with Eigen on raw row-major storage.
 template <typename Scalar>
 void eigen_gemm(Transpose transpose_a, Transpose transpose_b, Index m, Index n, Index k, const Scalar* a, Index lda,
@@ -388,6 +413,7 @@ void eigen_gemm(Transpose transpose_a, Transpose transpose_b, Index m, Index n, 
     }
     return;
   }
+  [[maybe_unused]] const OneOpenMPThread one_thread;
   if (transpose_a == Transpose::no) {
     if (transpose_b == Transpose::no) c_map.noalias() += a_map * b_map;
     else c_map.noalias() += a_map * b_map.transpose();
