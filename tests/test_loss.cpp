@@ -38,6 +38,9 @@ TEST_CASE("CrossEntropyLoss: a NaN logit gives a NaN loss and gradient, never 0"
   const MatrixD grad = loss.backward();
   REQUIRE(grad.row(0).allFinite());
   REQUIRE(std::isnan(grad(1, 0)));
+  // A row of -inf logits is no distribution: NaN too, not a loss of 0.
+  logits.row(1).setConstant(-std::numeric_limits<double>::infinity());
+  REQUIRE(std::isnan(loss.forward(logits, {0, 1})));
 }
 
 TEST_CASE("CrossEntropyLoss: gradient check with smoothing and an ignored row", "[loss][gradient]") {

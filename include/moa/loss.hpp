@@ -42,26 +42,37 @@ class CrossEntropyLoss {
                 ") and is not the ignore index ", ignore_index_);
     }
     targets_ = targets;
-    log_probabilities_.resize(logits.rows(), logits.cols());                  // [N, V]
-    ColumnVector<Scalar> row_sums = ColumnVector<Scalar>::Zero(logits.rows());  // [N] sum_j log p[j]
+    const Index classes = logits.cols();
+    // Each counted row once from memory: its largest logit, then exp(logit - max) into
+    // exponentials_ with their sum Z. The loss needs only log Z; backward scales the exponentials
+    // by 1 / Z (so the vocabulary's exp is taken once, and nothing else is written). Ignored rows
+    // (padding) are skipped.
+    exponentials_.resize(logits.rows(), classes);  // [N, V] exp(logit - row max)
+    inverse_sums_.resize(logits.rows());           // [N] 1 / Z, 0 on ignored rows
+    ColumnVector<Scalar> nll(logits.rows()), smooth(logits.rows());  // [N] each, summed in row order below
     parallel_ranges(*compute_, logits.rows(), 64, [&](Index first, Index rows, int) {
       for (Index i = first; i < first + rows; ++i) {
-        log_probabilities_.row(i) = logits.row(i);
-        detail::log_softmax_row_inplace(log_probabilities_.row(i).data(), log_probabilities_.cols());
-        if (targets_[i] != ignore_index_) row_sums(i) = log_probabilities_.row(i).sum();
+        if (targets_[i] == ignore_index_) {
+          inverse_sums_(i) = Scalar(0);
+          continue;
+        }
+        const Scalar* row = logits.row(i).data();
+        const Scalar max_value = detail::row_max(row, classes);
+        const Scalar total = detail::exp_shifted(row, exponentials_.row(i).data(), classes, max_value, Scalar(1));
+        const Scalar log_sum = max_value + std::log(total);  // log-sum-exp: log p[j] = logit[j] - log_sum
+        inverse_sums_(i) = Scalar(1) / total;
+        nll(i) = log_sum - row[targets_[i]];
+        smooth(i) = log_sum - logits.row(i).sum() / static_cast<Scalar>(classes);  // -mean_j log p[j]
       }
     });
     const Scalar smoothing = static_cast<Scalar>(label_smoothing_);
-    const Scalar classes = static_cast<Scalar>(logits.cols());
     Scalar total = 0;
     Scalar total_nll = 0;
     counted_ = 0;
     for (Index i = 0; i < logits.rows(); ++i) {
       if (targets_[i] == ignore_index_) continue;
-      const Scalar nll = -log_probabilities_(i, targets_[i]);
-      const Scalar smooth = -row_sums(i) / classes;
-      total += (Scalar(1) - smoothing) * nll + smoothing * smooth;
-      total_nll += nll;
+      total += (Scalar(1) - smoothing) * nll(i) + smoothing * smooth(i);
+      total_nll += nll(i);
       ++counted_;
     }
     nll_ = counted_ > 0 ? total_nll / static_cast<Scalar>(counted_) : Scalar(0);
@@ -70,17 +81,17 @@ class CrossEntropyLoss {
 
   // grad_logits: [N, V] = grad_loss * (softmax - smoothed target) / counted, zero on ignored rows.
   Matrix<Scalar> backward(Scalar grad_loss = Scalar(1)) const {
-    Matrix<Scalar> grad_logits(log_probabilities_.rows(), log_probabilities_.cols());  // [N, V]
+    Matrix<Scalar> grad_logits(exponentials_.rows(), exponentials_.cols());  // [N, V]
     const Scalar smoothing = static_cast<Scalar>(label_smoothing_);
-    const Scalar uniform = smoothing / static_cast<Scalar>(log_probabilities_.cols());
     const Scalar scale = counted_ > 0 ? grad_loss / static_cast<Scalar>(counted_) : Scalar(0);
+    const Scalar uniform = smoothing / static_cast<Scalar>(exponentials_.cols()) * scale;
     parallel_ranges(*compute_, grad_logits.rows(), 64, [&](Index first, Index rows, int) {
       for (Index i = first; i < first + rows; ++i) {
         if (targets_[i] == ignore_index_) {
           grad_logits.row(i).setZero();
           continue;
         }
-        grad_logits.row(i) = (log_probabilities_.row(i).array().exp() - uniform) * scale;
+        grad_logits.row(i).array() = exponentials_.row(i).array() * (inverse_sums_(i) * scale) - uniform;
         grad_logits(i, targets_[i]) -= (Scalar(1) - smoothing) * scale;
       }
     });
@@ -95,8 +106,9 @@ class CrossEntropyLoss {
   double label_smoothing_;
   Index ignore_index_;
   ComputePtr compute_ = Compute::standard();
-  TokenIds targets_;                 // N
-  Matrix<Scalar> log_probabilities_;  // [N, V]
+  TokenIds targets_;                   // N
+  Matrix<Scalar> exponentials_;        // [N, V] exp(logit - row max); rows of ignored targets unset
+  ColumnVector<Scalar> inverse_sums_;  // [N] 1 / the row's sum of exponentials_
   Index counted_ = 0;
   Scalar nll_ = 0;
 };

@@ -55,37 +55,43 @@ Scalar row_max(const Scalar* row, Index length) {
   return result;
 }
 
-// values[j] = exp((values[j] - offset) * scale) for j < length, in place; returns their sum. Packets
-// all the way, the tail through a padded copy: no element takes the scalar exp (the attention rows
-// are short, so Eigen's scalar head and tail were a fifth of their softmax), and the result does
-// not depend on where the row starts in memory.
+// target[j] = exp((source[j] - offset) * scale) for j < length (target may be source); returns
+// their sum. Packets all the way, the tail through a padded copy: no element takes the scalar exp
+// (the attention rows are short, so Eigen's scalar head and tail were a fifth of their softmax),
+// and the result does not depend on where the row starts in memory.
 template <typename Scalar>
-Scalar exp_shifted_inplace(Scalar* values, Index length, Scalar offset, Scalar scale) {
+Scalar exp_shifted(const Scalar* source, Scalar* target, Index length, Scalar offset, Scalar scale) {
   namespace internal = Eigen::internal;
   using Packet = typename internal::packet_traits<Scalar>::type;
   constexpr Index kSize = internal::packet_traits<Scalar>::size;
   const Packet packet_offset = internal::pset1<Packet>(offset), packet_scale = internal::pset1<Packet>(scale);
-  const auto exp_of = [&](const Scalar* source) {
-    return internal::pexp(internal::pmul(internal::psub(internal::ploadu<Packet>(source), packet_offset), packet_scale));
+  const auto exp_of = [&](const Scalar* values) {
+    return internal::pexp(internal::pmul(internal::psub(internal::ploadu<Packet>(values), packet_offset), packet_scale));
   };
   Packet sums = internal::pset1<Packet>(Scalar(0));
   Index j = 0;
   for (; j + kSize <= length; j += kSize) {
-    const Packet exponentials = exp_of(values + j);
-    internal::pstoreu(values + j, exponentials);
+    const Packet exponentials = exp_of(source + j);
+    internal::pstoreu(target + j, exponentials);
     sums = internal::padd(sums, exponentials);
   }
   Scalar total = internal::predux(sums);
   if (j < length) {
     Scalar tail[kSize];  // [kSize] the last length - j values, padded with the offset
-    for (Index i = 0; i < kSize; ++i) tail[i] = j + i < length ? values[j + i] : offset;
+    for (Index i = 0; i < kSize; ++i) tail[i] = j + i < length ? source[j + i] : offset;
     internal::pstoreu(tail, exp_of(tail));
     for (Index i = 0; j + i < length; ++i) {
-      values[j + i] = tail[i];
+      target[j + i] = tail[i];
       total += tail[i];
     }
   }
   return total;
+}
+
+// exp_shifted in place: values[j] = exp((values[j] - offset) * scale).
+template <typename Scalar>
+Scalar exp_shifted_inplace(Scalar* values, Index length, Scalar offset, Scalar scale) {
+  return exp_shifted(values, values, length, offset, scale);
 }
 
 // In-place softmax of one row of `length` values; entries equal to -inf count as masked and get
