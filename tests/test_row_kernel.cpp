@@ -358,7 +358,7 @@ TEST_CASE("row kernel in the layers: inference (packed copies kept) equals the e
 TEST_CASE("row kernel with experts as parts on 2 threads: inference equals the evaluation forward",
           "[moa][row_kernel]") {
   // 182 tokens x 4 of 8 experts, about 91 rows each: on 2 threads each expert is a part of its own,
-  // and its outputs go to per-assignment rows summed token by token afterwards.
+  // and its outputs are added into the token rows by columns, a panel per thread.
   moa::MixtureOfAttentionConfig config;
   config.model_dim = 128;
   config.num_experts = 8;
@@ -422,6 +422,80 @@ TEST_CASE("row kernels in the backward: float MoA and MoH gradients match double
       moa::init_normal(moh_reference.router.weight, rng, 0.0, 0.5);
       moa::MixtureOfHeads<float> moh_layer(moh_config, rng);
       check(moh_layer, moh_reference);
+    }
+  }
+}
+
+TEST_CASE("experts as parts on 2 threads: sums into token rows by columns equal one thread's, per assignment match",
+          "[moa][row_kernel][threads]") {
+  // 200 tokens x 4 of 8 experts, about 100 rows each: experts run as parts of their own on 2
+  // threads. d_model 128 (two panels) splits evenly, and each thread adds every expert into its
+  // panel of the token rows: the same sums as one thread, bit for bit. 192 (three panels) does not:
+  // per-assignment rows, summed token by token afterwards, match to rounding.
+  const Index tokens_count = 200, experts = 8, top_k = 4, head_dim = 32;
+  moa::Rng rng(23);
+  std::vector<Index> expert_of, tokens;  // [A] each
+  for (Index t = 0; t < tokens_count; ++t) {
+    std::vector<Index> order(static_cast<std::size_t>(experts));
+    std::iota(order.begin(), order.end(), Index{0});
+    for (Index i = experts - 1; i > 0; --i)
+      std::swap(order[static_cast<std::size_t>(i)],
+                order[static_cast<std::size_t>(rng.next_u64() % static_cast<std::uint64_t>(i + 1))]);
+    for (Index slot = 0; slot < top_k; ++slot) {
+      expert_of.push_back(order[static_cast<std::size_t>(slot)]);
+      tokens.push_back(t);
+    }
+  }
+  const auto plan = moa::DispatchPlan::build(expert_of, experts, top_k);
+  const Index assignments = static_cast<Index>(tokens.size());
+  for (const Index model : {128, 192}) {
+    INFO("d_model " << model);
+    const MatrixF attended = random_matrix<float>(assignments, head_dim, rng);          // [A, d_h]
+    const MatrixF out_weights = random_matrix<float>(experts * model, head_dim, rng);   // [E*d_model, d_h]
+    const MatrixF in_weights = random_matrix<float>(experts * head_dim, model, rng);    // [E*d_h, d_model]
+    const MatrixF grad_queries = random_matrix<float>(assignments, head_dim, rng);      // [A, d_h]
+    const MatrixF input = random_matrix<float>(tokens_count, model, rng);               // [N, d_model]
+    const MatrixF grad_input_before = random_matrix<float>(tokens_count, model, rng);   // [N, d_model]
+    const MatrixF weight_grad_before = random_matrix<float>(experts * head_dim, model, rng);
+    std::vector<float> gates(static_cast<std::size_t>(assignments));
+    for (float& gate : gates) gate = static_cast<float>(rng.uniform(0.0, 1.0));
+
+    // The sums in double.
+    MatrixD expected_output = MatrixD::Zero(tokens_count, model);
+    MatrixD expected_grad_input = grad_input_before.cast<double>();
+    MatrixD expected_weight_grad = weight_grad_before.cast<double>();
+    for (Index a = 0; a < assignments; ++a) {
+      const Index e = expert_of[static_cast<std::size_t>(a)], t = tokens[static_cast<std::size_t>(a)];
+      expected_output.row(t) += static_cast<double>(gates[static_cast<std::size_t>(a)]) * attended.row(a).cast<double>() *
+                                out_weights.middleRows(e * model, model).cast<double>().transpose();
+      expected_grad_input.row(t) += grad_queries.row(a).cast<double>() * in_weights.middleRows(e * head_dim, head_dim).cast<double>();
+      expected_weight_grad.middleRows(e * head_dim, head_dim) +=
+          grad_queries.row(a).cast<double>().transpose() * input.row(t).cast<double>();
+    }
+
+    std::vector<MatrixF> outputs, grad_inputs, weight_grads;
+    for (const int threads : {1, 2}) {
+      const moa::Compute compute(std::make_shared<moa::EigenGemm>(), threads);
+      moa::ExpertProjections<float> projections;
+      outputs.push_back(projections.project_out(compute, attended, gates.data(), tokens, plan, out_weights,
+                                                tokens_count, moa::Precision::f32));
+      MatrixF grad_input = grad_input_before, weight_grad = weight_grad_before;
+      projections.backward_in(compute, grad_queries, input, tokens, plan, in_weights, weight_grad, grad_input);
+      grad_inputs.push_back(grad_input);
+      weight_grads.push_back(weight_grad);
+    }
+    for (std::size_t run = 0; run < 2; ++run) {
+      INFO("threads " << run + 1);
+      REQUIRE(relative_error(outputs[run].cast<double>(), expected_output) < 1e-5);
+      REQUIRE(relative_error(grad_inputs[run].cast<double>(), expected_grad_input) < 1e-5);
+      REQUIRE(relative_error(weight_grads[run].cast<double>(), expected_weight_grad) < 1e-5);
+    }
+    if (model == 128 && moa::detail::row_kernel_available()) {
+      REQUIRE(outputs[1] == outputs[0]);
+      REQUIRE(grad_inputs[1] == grad_inputs[0]);
+      REQUIRE(weight_grads[1] == weight_grads[0]);
+    } else {
+      REQUIRE(outputs[1] != outputs[0]);  // summed by assignment: another order of additions
     }
   }
 }
