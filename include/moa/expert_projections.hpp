@@ -134,7 +134,7 @@ class ExpertProjections {
     }
     if (by_columns(compute, parallel, model, pairs || detail::rows_times_weight_serves<Scalar>(precision, model))) {
       Matrix<Scalar> output(rows, model);  // [N, d_model]
-      const Index first_expert = first_busy(plan);
+      const Index first_expert = busy_experts(plan).front();  // by_columns: some expert is busy
       for_each_expert_by_columns(compute, plan, model, [&](Index e, const Index* ids, Index count, Index next,
                                                          Index column, Index width, Scratch& scratch,
                                                          const Compute& serial) {
@@ -469,11 +469,12 @@ class ExpertProjections {
     return parallel && in_place && panels % compute.threads() == 0;
   }
 
-  // The first expert with assignments (num_experts if none).
-  static Index first_busy(const DispatchPlan& plan) {
-    Index e = 0;
-    while (e < plan.num_experts && plan.count(e) == 0) ++e;
-    return e;
+  // The experts with assignments, in expert order.
+  static std::vector<Index> busy_experts(const DispatchPlan& plan) {
+    std::vector<Index> busy;
+    for (Index e = 0; e < plan.num_experts; ++e)
+      if (plan.count(e) > 0) busy.push_back(e);
+    return busy;
   }
 
   // visit(expert, ids, count, next, column, width, scratch, serial) on each thread for its columns
@@ -481,9 +482,7 @@ class ExpertProjections {
   // next: the expert after it (-1: none). serial: the compute a thread multiplies on.
   template <typename Visit>
   void for_each_expert_by_columns(const Compute& compute, const DispatchPlan& plan, Index model, Visit&& visit) {
-    std::vector<Index> busy;  // experts with assignments, in expert order
-    for (Index e = 0; e < plan.num_experts; ++e)
-      if (plan.count(e) > 0) busy.push_back(e);
+    const std::vector<Index> busy = busy_experts(plan);
     const Index panels = (model + detail::kPanelWidth - 1) / detail::kPanelWidth, parts = static_cast<Index>(busy.size());
     scratch_.resize(static_cast<std::size_t>(compute.threads()));
     parallel_ranges(compute, panels, panels / compute.threads(), [&](Index first, Index count, int thread) {
@@ -506,9 +505,7 @@ class ExpertProjections {
   template <typename Visit>
   static void for_each_expert_dynamically(const Compute& compute, const DispatchPlan& plan, bool parallel,
                                           Visit&& visit) {
-    std::vector<Index> busy;  // experts with assignments, in expert order or (parallel) most first
-    for (Index e = 0; e < plan.num_experts; ++e)
-      if (plan.count(e) > 0) busy.push_back(e);
+    std::vector<Index> busy = busy_experts(plan);  // (parallel) sorted below, most first
     const Index parts = static_cast<Index>(busy.size());
     if (!parallel) {
       for (Index part = 0; part < parts; ++part) {
